@@ -1,0 +1,498 @@
+"""Stage 04: train P2-DPO, calibrated DPO with dynamic deficiency weighting, in a plain PyTorch loop.
+
+Paper: P2-DPO (ICLR 2026), the training objective; SPEC.md "Stage 04". Summed response log-probs (EOS included),
+fp32 loss arithmetic, beta = 0.1; log pi_ref of every term comes from stage 03 (no reference model in memory):
+  DPO(w, l | c) = -log sigmoid(beta * [(log pi(y_w|c) - log pi_ref(y_w|c)) - (log pi(y_l|c) - log pi_ref(y_l|c))])
+  Delta pi(y)   = log pi(y | I_aug, P_enh) - log pi(y | I_deg, P)
+  L_calib       = -log sigmoid(beta * [Delta pi_theta(y_w) - Delta pi_ref(y_w)])   (--calib-ref lose: pi_ref(y_l))
+  L_focus       = DPO_focus(c = I, P) + lambda_calib * L_calib          L_rob = DPO_rob(c = I_noise, P)
+  alpha         = alpha_max * tanh((r - 1) / tau),  r = CLIPScore(P, I_crop) / CLIPScore(P, I)
+  w_focus       = w_base + alpha, w_rob = w_base - alpha   (no CLIP score, --no-ddw: w_base; one branch: 1.0 on it)
+  L_total       = mean over lines of (w_focus * L_focus + w_rob * L_rob)
+
+Input   train.jsonl (stage 03; paths relative to its folder): "image", "prompt", "prompt_enh", "images": {"crop",
+        "deg", "noise", ["aug": stitched I_aug, else I_aug = (image, crop)]}, "focus" / "robust": {"chosen",
+        "rejected"} | null, "ref": {"focus_w", "focus_l", "calib_{aug,deg}_{w,l}", "robust_w", "robust_l"}, "clip":
+        {"crop", "image"} | null, "keep": {"focus", "robust"}. A branch is used if its pair is non-null and kept.
+Output  <out>/: the LoRA-merged model + processor (save_pretrained), metrics.jsonl (a row per step), args.json,
+        checkpoint.pt (trainable weights + optimizer state, for --resume).
+Shapes: B lines in a micro-batch, R rows of a forward (2B: chosen + rejected), T tokens, n response tokens, V vocab.
+
+  python 04_train_calibrated_dpo.py --model world/model --data runs/train.jsonl --out runs/p2dpo   # toy world, CPU
+  python 04_train_calibrated_dpo.py --model llava-hf/llava-1.5-7b-hf --batch-size 4 --grad-checkpointing  # 1 GPU
+  torchrun --nproc_per_node=8 04_train_calibrated_dpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --batch-size 2
+Choices left open by the paper: a global batch's loss is divided by its line count, so the number of processes does
+not matter (DDP for LoRA, FSDP for --lora-rank 0); dropout is seeded by (seed, step, rank); warm-up starts at lr > 0.
+"""
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import time
+import zlib
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local folder or the user's own cache: never download
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint.state_dict as dcp_sd
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from tqdm import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+TERMS = ("focus_w", "focus_l", "aug", "deg", "robust_w", "robust_l")  # aug, deg: y_w under (I_aug, P_enh), (I_deg, P)
+STATS = ("loss", "dpo_focus", "calib", "acc_focus", "margin_focus", "delta_pi_w", "w_focus", "dpo_robust",
+         "acc_robust", "margin_robust")  # logged each step, each a mean over the lines that have the term
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="world/model", help="base model folder or a name in your own HF cache")
+    p.add_argument("--data", default="runs/train.jsonl", help="train.jsonl from stage 03")
+    p.add_argument("--out", default="runs/p2dpo", help="output folder: merged model, metrics, checkpoint")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO temperature (paper; DPO's usual 0.1)")
+    p.add_argument("--lambda-calib", type=float, default=0.3, help="weight of L_calib inside L_focus (paper: 0.3)")
+    p.add_argument("--calib-ref", choices=("win", "lose"), default="win", help="Delta pi_ref on y_w or y_l (authors)")
+    p.add_argument("--w-base", type=float, default=0.5, help="DDW base weight of each branch (paper: 0.5)")
+    p.add_argument("--alpha-max", type=float, default=0.2, help="DDW largest shift of the weights (paper: 0.2)")
+    p.add_argument("--tau", type=float, default=0.1, help="DDW temperature of tanh((r - 1) / tau) (paper: 0.1)")
+    for name, what in (("focus", "the focus branch (DPO_focus + L_calib)"), ("robust", "the robustness branch"),
+                       ("calib", "L_calib (also skips its two forwards)"), ("ddw", "DDW: static w_base / w_base")):
+        p.add_argument(f"--no-{name}", action="store_true", help=f"ablation (paper's table): without {what}")
+    p.add_argument("--lora-rank", type=int, default=32, help="LoRA rank r (authors: 32); 0 = full fine-tuning")
+    p.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha, scale alpha / r (authors: 32)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (authors: 0.05)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW peak learning rate (authors: 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (authors: 0.05)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up share, then cosine (authors: 3%%)")
+    p.add_argument("--epochs", type=int, default=4, help="passes over the data (authors: 4)")
+    p.add_argument("--effective-batch", type=int, default=16, help="lines per optimizer step, all processes (16)")
+    p.add_argument("--batch-size", type=int, default=4, help="lines per micro-step per process")
+    p.add_argument("--grad-accum", type=int, default=0, help="micro-steps per update (0: derived from the above)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (HF/TRL default)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    p.add_argument("--save-every", type=int, default=50, help="write checkpoint.pt every N optimizer steps")
+    p.add_argument("--stop-after", type=int, default=0, help="end after N steps, schedule unchanged (then --resume)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    p.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order and dropout")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N lines of --data")
+    return p.parse_args(argv)
+
+
+# ---- shared: jsonl ----
+def read_jsonl(path, on_error=None):
+    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings are fine).
+
+    A line that is not a JSON object raises ValueError naming the file and line, or,
+    when on_error is given, is reported as on_error(line_number, message) and skipped.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as e:
+                message = f"{path}:{n}: bad JSON line ({e})"
+                if on_error is None:
+                    raise ValueError(message) from None
+                on_error(n, message)
+                continue
+            rows.append((n, row))
+    return rows
+
+
+def append_jsonl(f, row):
+    """Write one row and flush, so a crash or Ctrl-C loses at most the line being written."""
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+# ---- end shared ----
+
+
+# ---- shared: images ----
+def load_image(path):
+    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency is
+    composited on white (what a viewer shows). Raises OSError/ValueError naming the file when unreadable."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, not clip
+            a = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray(np.round(a * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
+
+
+def add_noise(image, sigma, seed, key):
+    """I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) from a generator seeded by
+    (seed, key), so the same image gets the same noise in every stage and process. Returns 8-bit RGB."""
+    if sigma == 0:
+        return image.copy()
+    rng = np.random.default_rng([seed, zlib.crc32(str(key).encode("utf-8"))])
+    x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    x = np.clip(x + sigma * rng.standard_normal(x.shape, dtype=np.float32), 0.0, 1.0)
+    return Image.fromarray(np.round(x * 255.0).astype(np.uint8))
+# ---- end shared ----
+
+
+# ---- shared: model ----
+def load_model(path, device, attn_implementation=None):
+    """(model, processor) from a local folder or a name in the user's own Hugging Face cache (offline).
+    bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device).eval(), processor
+
+
+def chat_prompt(processor, prompt, n_images=1):
+    """The model's own chat template around one user turn (n_images images, then the text), ready for the answer."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+@torch.no_grad()
+def generate_greedy(model, processor, texts, images, max_new_tokens):
+    """Greedy answers for a batch (left padded; each row stops at EOS). texts: B chat prompts; images: flat list,
+    in the order their image tokens appear."""
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    inputs = inputs.to(model.device, dtype=model.dtype)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=processor.tokenizer.pad_token_id)  # (B, T + new)
+    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+# ---- end shared ----
+
+
+# ---- shared: logprobs ----
+def build_batch(processor, prompts, responses, images):
+    """(inputs, response_mask (R, T) bool) scoring R (chat prompt with images, response) rows. prompts, responses:
+    R strings; images: R lists of PIL images in prompt order (a repeated image is listed again: pixel_values and
+    image_grid_thw follow row order). A response is tokenized alone + EOS and appended at the id level, as generation
+    made it; rows are left padded, so a response is its row's last tokens."""
+    assert len(prompts) == len(responses) == len(images), (len(prompts), len(responses), len(images))
+    tok = processor.tokenizer
+    texts = [chat_prompt(processor, p, len(imgs)) for p, imgs in zip(prompts, images)]
+    enc = processor(text=texts, images=[im for imgs in images for im in imgs], padding=True, return_tensors="pt")
+    resp = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
+    real = enc["attention_mask"].bool()  # (R, Tp): the prompt tokens; padding is redone below
+    T = max(int(m.sum()) + len(r) for m, r in zip(real, resp))
+    inputs = dict(enc)  # pixel_values, image_grid_thw: as the processor made them
+    for k in [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == real.shape]:  # ids, mask, mm types
+        tails = resp if k == "input_ids" else [[int(k == "attention_mask")] * len(r) for r in resp]  # mm type 0: text
+        rows = [torch.cat([v[m], torch.tensor(t, dtype=v.dtype)]) for v, m, t in zip(enc[k], real, tails)]
+        pad = tok.pad_token_id if k == "input_ids" else 0
+        inputs[k] = torch.stack([F.pad(row, (T - len(row), 0), value=pad) for row in rows])  # (R, T)
+    return inputs, torch.arange(T) >= T - torch.tensor([len(r) for r in resp])[:, None]  # (R, T)
+
+
+def response_logprobs(model, inputs, response_mask):
+    """Summed log pi(y | prompt, images) over each row's response tokens (EOS included), log-softmax in fp32.
+    inputs, response_mask: from build_batch (moved to the model here). Returns (logp (R,) fp32, ntok (R,))."""
+    p = next(model.parameters())
+    inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device) for k, v in inputs.items()}
+    n = int(response_mask.sum(1).max())
+    logits = model(**inputs, use_cache=False, logits_to_keep=n + 1).logits  # (R, n + 1, V): only what is scored
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (R, n, V): position t predicts token t + 1
+    logp = logp.gather(-1, inputs["input_ids"][:, -n:, None]).squeeze(-1)  # (R, n)
+    mask = response_mask[:, -n:].to(p.device)
+    return torch.where(mask, logp, 0.0).sum(1), mask.sum(1)
+# ---- end shared ----
+
+
+def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta):
+    """DPO(w, l | c) = -log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)]) on summed log-probs, in fp32.
+    pi_w, pi_l, ref_w, ref_l: (B,). Returns (losses, chosen_rewards, rejected_rewards), each (B,)."""
+    pi_w, pi_l, ref_w, ref_l = (torch.as_tensor(x, dtype=torch.float32) for x in (pi_w, pi_l, ref_w, ref_l))
+    pi_logratios, ref_logratios = pi_w - pi_l, ref_w - ref_l
+    losses = -F.logsigmoid(beta * (pi_logratios - ref_logratios))  # logsigmoid: a finite gradient at any gap
+    return losses, beta * (pi_w - ref_w).detach(), beta * (pi_l - ref_l).detach()
+
+
+def calibration_loss(pi_aug_w, pi_deg_w, ref_aug, ref_deg, beta):
+    """L_calib = -log sigmoid(beta * [Delta pi_theta(y_w) - Delta pi_ref]), Delta pi(y) = log pi(y | I_aug, P_enh) -
+    log pi(y | I_deg, P). pi_*: (B,) policy on y_w; ref_*: (B,) reference on y_w or y_l (--calib-ref). Returns (B,)."""
+    delta_pi, delta_ref = (torch.as_tensor(a, dtype=torch.float32) - torch.as_tensor(b, dtype=torch.float32)
+                           for a, b in ((pi_aug_w, pi_deg_w), (ref_aug, ref_deg)))
+    return -F.logsigmoid(beta * (delta_pi - delta_ref))
+
+
+def ddw_weights(clip_crop, clip_image, w_base, alpha_max, tau):
+    """alpha = alpha_max * tanh((r - 1) / tau), r = CLIPScore(P, I_crop) / CLIPScore(P, I); w = w_base +- alpha.
+    clip_crop, clip_image: (B,), NaN: no score (NaN out); the 1e-6 keeps r finite (1 when both are 0). -> 2 x (B,)"""
+    clip_crop, clip_image = (torch.as_tensor(x, dtype=torch.float32) for x in (clip_crop, clip_image))
+    alpha = alpha_max * torch.tanh(((clip_crop + 1e-6) / (clip_image + 1e-6) - 1) / tau)
+    return w_base + alpha, w_base - alpha
+
+
+def p2dpo_loss(pi, ref, has_focus, has_robust, clip_crop, clip_image, beta=0.1, lambda_calib=0.3, w_base=0.5,
+               alpha_max=0.2, tau=0.1, ddw=True):
+    """Per line: w_focus * (DPO_focus + lambda_calib * L_calib) + w_robust * DPO_rob (the caller takes the mean).
+
+    pi, ref: dicts over TERMS of (B,) summed log-probs: focus_w, focus_l (c = I, P); aug, deg (y_w under (I_aug,
+    P_enh), (I_deg, P); ref on y_w or y_l); robust_w, robust_l (c = I_noise, P); 0 where a line lacks the branch.
+    has_focus, has_robust: (B,) bool. clip_crop, clip_image: (B,), NaN without a score. Weights: DDW for a line with
+    both branches and a score; w_base each without a score or with ddw=False; 1.0 on a one-branch line's branch.
+    Returns (losses (B,), diagnostics: dict of (B,) tensors)."""
+    dpo_f, chosen_f, rejected_f = dpo_loss(pi["focus_w"], pi["focus_l"], ref["focus_w"], ref["focus_l"], beta)
+    calib = calibration_loss(pi["aug"], pi["deg"], ref["aug"], ref["deg"], beta)
+    dpo_r, chosen_r, rejected_r = dpo_loss(pi["robust_w"], pi["robust_l"], ref["robust_w"], ref["robust_l"], beta)
+    w_focus, w_robust = ddw_weights(clip_crop, clip_image, w_base, alpha_max, tau)
+    scored = torch.isfinite(w_focus) & ddw
+    w_focus = torch.where(has_robust, torch.where(scored, w_focus, w_base), 1.0) * has_focus
+    w_robust = torch.where(has_focus, torch.where(scored, w_robust, w_base), 1.0) * has_robust
+    l_focus = torch.where(has_focus, dpo_f + lambda_calib * calib, 0.0)  # where, not *: a lacking branch adds 0
+    losses = w_focus * l_focus + w_robust * torch.where(has_robust, dpo_r, 0.0)
+    return losses, dict(dpo_focus=dpo_f, calib=calib, dpo_robust=dpo_r, w_focus=w_focus,
+                        acc_focus=(chosen_f > rejected_f).float(), margin_focus=chosen_f - rejected_f,
+                        acc_robust=(chosen_r > rejected_r).float(), margin_robust=chosen_r - rejected_r,
+                        delta_pi_w=(torch.as_tensor(pi["aug"]) - torch.as_tensor(pi["deg"])).detach().float())
+
+
+class LoRALinear(nn.Module):
+    """h = W x + (alpha / r) * B A dropout(x) (Hu et al. 2021). B starts at 0: training starts at the reference.
+    A and B are fp32 even under a bf16 base: autocast computes in bf16, AdamW updates fp32 weights."""
+    def __init__(self, base, r, alpha, dropout):
+        super().__init__()
+        self.base, self.scale, self.dropout = base, alpha / r, nn.Dropout(dropout)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as in the LoRA reference code
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+
+def add_lora(model, r, alpha, dropout):
+    """Wrap every nn.Linear of the language model in LoRALinear (not lm_head, the vision tower or the projector)."""
+    lm = model.model.language_model
+    for name, module in list(lm.named_modules()):
+        if isinstance(module, nn.Linear):
+            lm.set_submodule(name, LoRALinear(module, r, alpha, dropout))
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """W <- W + (alpha / r) B A, summed in fp32, stored in W's dtype; the plain nn.Linear goes back in its place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            w = module.base.weight
+            w.copy_(w.float() + module.scale * (module.lora_B.float() @ module.lora_A.float()))
+            model.set_submodule(name, module.base)
+
+
+def parse_line(row, root, args):
+    """One train.jsonl row -> a training example; ValueError (or KeyError) says why the line cannot be used."""
+    keep, ref, images, clip = (row.get(k) or {} for k in ("keep", "ref", "images", "clip"))
+    use = {b: not getattr(args, f"no_{b}") and bool(row.get(b)) and bool(keep.get(b)) for b in ("focus", "robust")}
+    if not any(use.values()):
+        raise ValueError("no usable branch (pairs null, dropped by stage 03's keep flags, or switched off)")
+    calib, side, need, paths = use["focus"] and not args.no_calib, args.calib_ref[0], {}, {}  # term->ref, role->file
+    if use["focus"]:
+        need.update(focus_w="focus_w", focus_l="focus_l"), paths.update(image=row["image"])
+    if calib:
+        need.update(aug=f"calib_aug_{side}", deg=f"calib_deg_{side}")
+        aug = {"aug": images["aug"]} if images.get("aug") else {"crop": images.get("crop")}  # I_aug: 1 or 2 images
+        paths.update(deg=images.get("deg"), **aug)
+    if use["robust"]:
+        need.update(robust_w="robust_w", robust_l="robust_l"), paths.update(noise=images.get("noise"))
+    paths = {role: os.path.join(root, p) if isinstance(p, str) else "" for role, p in paths.items()}  # abs. stays
+    contexts = {"image": [paths.get("image")], "deg": [paths.get("deg")], "noise": [paths.get("noise")],
+                "aug": [paths["aug"]] if "aug" in paths else [paths.get("image"), paths.get("crop")]}
+    lack = [f"ref {k}" for k in need.values() if not (isinstance(ref.get(k), (int, float)) and math.isfinite(ref[k]))]
+    lack += [f"{role} image {p}" for role, p in paths.items() if not os.path.isfile(p)]
+    if lack:
+        raise ValueError(f"a usable branch lacks {', '.join(lack)}")
+    return {"prompt": row["prompt"], "prompt_enh": row["prompt_enh"] if calib else None, "images": contexts,
+            **{b: (row[b]["chosen"], row[b]["rejected"]) if use[b] else None for b in ("focus", "robust")},
+            "ref": {term: float(ref[need[term]]) if term in need else 0.0 for term in TERMS},
+            "clip": [float(c) if isinstance(c, (int, float)) else math.nan for c in map(clip.get, ("crop", "image"))]}
+
+
+def policy_logps(model, processor, exs, calib, ctx):
+    """Summed log pi_theta of every term of a micro-batch: one forward per context, chosen and rejected rows in one
+    forward where they share it. exs: B examples. Returns a dict over TERMS of (B,) fp32, 0 where a line lacks it."""
+    focus, robust = ([i for i, ex in enumerate(exs) if ex[b]] for b in ("focus", "robust"))
+    contexts = [("focus", focus, ("focus_w", "focus_l"), "prompt", "image"),  # (I, P)
+                ("robust", robust, ("robust_w", "robust_l"), "prompt", "noise"),  # (I_noise, P)
+                ("focus", focus if calib else [], ("aug",), "prompt_enh", "aug"),  # (I_aug, P_enh), y_w only
+                ("focus", focus if calib else [], ("deg",), "prompt", "deg")]  # (I_deg, P), y_w only
+    image, out = functools.lru_cache(maxsize=None)(load_image), {}  # decode each file once per micro-batch
+    for branch, idx, keys, prompt, context in (c for c in contexts if c[1]):
+        rows = [(exs[i][prompt], exs[i][branch][j], [image(p) for p in exs[i]["images"][context]])
+                for j in range(len(keys)) for i in idx]  # all chosen rows, then all rejected rows
+        with ctx:
+            logp, _ = response_logprobs(model, *build_batch(processor, *map(list, zip(*rows))))  # (len(keys) * |idx|,)
+        full = logp.new_zeros(len(keys), len(exs))  # (len(keys), B)
+        full[:, idx] = logp.view(len(keys), len(idx))
+        out.update(zip(keys, full))
+    return {k: out[k] if k in out else logp.new_zeros(len(exs)) for k in TERMS}
+
+
+def micro_step(model, processor, mb, args, ctx):
+    """Micro-batch of (example, weight) -> (losses (B,), weight (B,), sums (2 * len(STATS),): each STATS entry's
+    weighted sum, then the count it is a mean over; dummy lines (weight 0) count nowhere)."""
+    exs = [ex for ex, _ in mb]
+    pi = policy_logps(model, processor, exs, not args.no_calib, ctx)
+    tensor = functools.partial(torch.tensor, device=pi["focus_w"].device)
+    ref, weight = {k: tensor([ex["ref"][k] for ex in exs]) for k in TERMS}, tensor([w for _, w in mb])
+    clip = tensor([ex["clip"] for ex in exs])  # (B, 2): CLIPScore of the crop, of the image
+    has_f, has_r = (tensor([ex[b] is not None for ex in exs]) for b in ("focus", "robust"))
+    losses, d = p2dpo_loss(pi, ref, has_f, has_r, clip[:, 0], clip[:, 1], args.beta, 0.0 if args.no_calib else
+                           args.lambda_calib, args.w_base, args.alpha_max, args.tau, not args.no_ddw)
+    f, r, c = weight * has_f, weight * has_r, weight * has_f * (not args.no_calib)  # c: calib, Delta pi logged
+    masks = [weight, f, c, f, f, c, f, r, r, r]  # in the order of STATS
+    sums = [torch.where(m > 0, v.detach(), 0.0).sum() for v, m in zip([losses] + [d[k] for k in STATS[1:]], masks)]
+    return losses, weight, torch.stack(sums + [m.sum() for m in masks])
+
+
+def micro_batches(lines, batch, rank, world, batch_size, accum):
+    """This rank's share of one global batch (line indices) as up to `accum` micro-batches of (example, weight).
+    Every rank computes every share, so where another rank's micro-batch runs a branch this one lacks, one line of
+    it is added with weight 0: all ranks then make the same forward and collective calls (DDP, FSDP)."""
+    shares, out = [batch[r::world] for r in range(world)], []
+    for j in range(accum):
+        chunks = [[lines[i] for i in s[j * batch_size:(j + 1) * batch_size]] for s in shares]
+        mine = [(ex, 1.0) for ex in chunks[rank]]
+        for b in ("focus", "robust"):
+            if any(ex[b] for c in chunks for ex in c) and not any(ex[b] for ex, _ in mine):
+                mine.append((next(lines[i] for i in batch if lines[i][b]), 0.0))
+        out += [mine] if mine else []
+    return out
+
+
+# ---- plumbing: what trains, and the data-parallel wrapper ----
+def prepare(model, args, world, device):
+    """Freeze all but LoRA (or the language model + lm_head with --lora-rank 0); wrap for data parallelism."""
+    model.requires_grad_(False)
+    if args.lora_rank > 0:
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    else:  # fp32 master weights (load_model gives bf16 on CUDA), computed under autocast
+        for part in (model.model.language_model, model.lm_head):
+            part.float().requires_grad_(True)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if world > 1 and args.lora_rank > 0:  # (response_logprobs moves inputs to the model's device)
+        return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    if world > 1:  # FSDP units: each decoder layer, then the rest of the model
+        mesh = init_device_mesh(device.type, (world,))
+        for module in (*model.model.language_model.layers, model):
+            fully_shard(module, mesh=mesh)
+    return model
+# ---- end plumbing ----
+
+
+def main():
+    args = parse_args()
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device("cuda", local) if args.device == "cuda" else torch.device(args.device)  # torchrun: a GPU each
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    say = tqdm.write if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)  # the same LoRA init on every rank
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    root, lines, skipped = os.path.dirname(os.path.abspath(args.data)), [], []  # each skipped line: file:line, why
+    for n, row in read_jsonl(args.data, on_error=lambda n, message: skipped.append(message))[:args.limit]:
+        try:
+            lines.append(parse_line(row, root, args))
+        except (KeyError, TypeError, ValueError) as e:
+            skipped.append(f"{args.data}:{n}: skipped: {type(e).__name__}: {e}")
+    for message in skipped:
+        say(message)
+    if not lines:
+        raise SystemExit(f"no usable line in {args.data}: every line was skipped (reasons above)")
+    accum = args.grad_accum or max(1, round(args.effective_batch / (args.batch_size * world)))
+    per_step = args.batch_size * accum * world  # lines per optimizer step: the global batch
+    steps_per_epoch = math.ceil(len(lines) / per_step)
+    total, start = args.epochs * steps_per_epoch, 0
+    warmup = math.ceil(args.warmup_ratio * total)
+    ckpt, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
+    model, processor = load_model(args.model, device)
+    raw, model = model, prepare(model, args, world, device)  # raw: the unwrapped module, for state and saving
+    params = [p for p in raw.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    full = lambda frozen=False: dcp_sd.StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False,
+                                                        ignore_frozen_params=not frozen)  # unsharded, on rank 0
+    if args.resume:
+        ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+        dcp_sd.set_state_dict(raw, optimizer, model_state_dict=ck["model"], optim_state_dict=ck["optim"],
+                              options=full())
+        start = ck["step"]
+    if rank == 0:  # args.json; metrics.jsonl, less the rows a resumed run logged after its checkpoint
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(dict(vars(args), grad_accum=accum, world_size=world, global_batch=per_step, total_steps=total,
+                           lines=len(lines), skipped=len(skipped)), f, indent=2)
+        kept = [r for _, r in read_jsonl(metrics_path) if r["step"] <= start] if start else []
+        metrics = open(metrics_path, "w")
+        metrics.writelines(json.dumps(r) + "\n" for r in kept)
+    say(f"{len(lines)} lines, {total} steps of {per_step} ({args.batch_size} x {accum} accumulation x {world} ranks)")
+    for step in tqdm(range(start, total), initial=start, total=total, disable=rank != 0, desc="p2dpo"):
+        t0, (epoch, k) = time.time(), divmod(step, steps_per_epoch)
+        order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+        batch = order[k * per_step:(k + 1) * per_step]
+        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # dropout masks: the same after --resume
+        lr = args.lr * ((step + 1) / (warmup + 1) if step < warmup else  # linear warm-up (lr > 0 at step 1), cosine
+                        0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+        optimizer.param_groups[0]["lr"] = lr  # (one group)
+        mbs, sums = micro_batches(lines, batch, rank, world, args.batch_size, accum), 0
+        for j, mb in enumerate(mbs):  # DDP all-reduces in the last backward only
+            last = j == len(mbs) - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+            with contextlib.nullcontext() if last else model.no_sync():
+                losses, weight, s = micro_step(model, processor, mb, args, ctx)
+                ((losses * weight).sum() * world / len(batch)).backward()  # ranks are averaged: sum / len(batch)
+            sums = sums + s
+        if world > 1:
+            dist.all_reduce(sums)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP
+        log = {k: float(v / c) if c > 0 else None for k, v, c in zip(STATS, sums[:len(STATS)], sums[len(STATS):])}
+        if not (math.isfinite(log["loss"]) and math.isfinite(grad_norm)):
+            raise SystemExit(f"non-finite loss ({log['loss']}) or grad norm ({grad_norm}) at step {step + 1}: stopped "
+                             f"before the update; {ckpt} keeps the last good state (check the ref log-probs, --lr)")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log = dict(step=step + 1, epoch=epoch, **log, grad_norm=grad_norm, lr=lr,
+                   examples_per_s=len(batch) / (time.time() - t0))
+        if rank == 0:
+            append_jsonl(metrics, log)
+            say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
+        if (step + 1) % args.save_every == 0 or step + 1 == args.stop_after:
+            model_sd, optim_sd = dcp_sd.get_state_dict(raw, optimizer, options=full())
+            if rank == 0:  # write, then rename: a crash mid-write never leaves a broken checkpoint
+                torch.save({"step": step + 1, "model": model_sd, "optim": optim_sd}, ckpt + ".tmp")
+                os.replace(ckpt + ".tmp", ckpt)
+        if step + 1 == args.stop_after:
+            say(f"stopped after step {step + 1} (--stop-after); continue with --resume")
+            break
+    else:
+        merge_lora(raw)  # (full fine-tuning: nothing to merge); saved in the dtype load_model gives: bf16 on CUDA
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        state = dcp_sd.get_model_state_dict(raw, options=full(frozen=True))
+        if rank == 0:
+            raw.save_pretrained(args.out, state_dict={k: v.to(dtype) if v.is_floating_point() else v
+                                                      for k, v in state.items()})
+            processor.save_pretrained(args.out)
+            say(f"wrote {args.out} (a model folder for AutoModelForImageTextToText, LoRA merged)")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
