@@ -15,9 +15,9 @@ Recipe (a from-scratch tiny LLaVA trained end to end stays at chance): (1) pre-t
 alone with a linear head classifying each patch (background or the class covering it); (2) freeze it, start
 the projector from that head mapped onto the class words' embeddings, and train projector + language model on
 multi-turn conversations (yes/no, open colour/shape questions, descriptions) about fresh scenes every step.
-A sanity gate on the validation split refuses to save a chance-level model.
-Known limitation (measured here): with these defaults the yes/no answers on held-out images have stayed at
-chance through 1200 SFT steps (descriptions do use the image), so the gate stops the full build; see README.
+A sanity gate on the validation split refuses to save a chance-level model. Measured (README): POPE random
+accuracy 0.814 clean, 0.556 at sigma 0.3; CHAIR_i 0.51. Training takes ~12 min on a busy 2-core CPU, so the
+default build copies assets/toy_model (this script's own output for these settings); --retrain trains it.
 
 Writes (paths inside JSONL files are relative to that file's folder):
   images/*.png            train_*, val_*, test_* canvases
@@ -31,7 +31,7 @@ Writes (paths inside JSONL files are relative to that file's folder):
   world.json              settings, classes, prompts (enhanced-prompt template, crop_base) for later stages
 Shapes in comments: B batch, T tokens, N image patches, C classes, V vocabulary.
 
-  python 00_toy_world.py                       # full world: about 7 min on a 2-core CPU
+  python 00_toy_world.py                       # full world: 2 min with the committed model (--retrain: ~12 min)
   python 00_toy_world.py --tiny --out /tmp/w   # seconds: for tests (model not trained to quality)
   (CPU only by design: the world is small enough that a GPU buys nothing.)
 """
@@ -75,10 +75,22 @@ SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 PAD, EOS, IMAGE = 0, 3, 4
 
 
+SHIPPED = Path(__file__).resolve().parent / "assets" / "toy_model"  # base model committed with the code
+
+
+def shipped_settings():
+    """The settings the committed base model was trained with (None when there is none)."""
+    path = SHIPPED / "toy_settings.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="world", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seeds the world, the data and both models")
+    p.add_argument("--retrain", action="store_true",
+                   help="train the tiny LLaVA even when assets/toy_model was made with these same settings "
+                        "(it is a copy of world/model from such a run, committed so the default build is fast)")
     p.add_argument("--tiny", action="store_true", help="a few images and steps, for tests: runs in seconds, no quality gate")
     p.add_argument("--canvas", type=int, default=128, help="canvas side in pixels (images on disk, crops are cut from it)")
     p.add_argument("--view", type=int, default=64, help="model input side: the processor resizes the canvas to it")
@@ -95,14 +107,15 @@ def parse_args(argv=None):
     p.add_argument("--d-model", type=int, default=64, help="width of the vision tower and the language model")
     p.add_argument("--layers", type=int, default=3, help="layers of the vision tower and of the language model")
     p.add_argument("--vision-steps", type=int, default=400, help="vision-tower pre-training steps (batch 64)")
-    p.add_argument("--sft-steps", type=int, default=1200, help="projector + LM training steps (batch 32)")
+    p.add_argument("--sft-steps", type=int, default=2000, help="projector + LM training steps (batch 32)")
     p.add_argument("--projector-init", choices=["words", "random"], default="words",
                    help="words: start the projector from the vision head, mapped onto the class words' embeddings; "
                         "random: LLaVA's default (stays at chance for 1000+ steps here)")
-    p.add_argument("--lr", type=float, default=2e-3, help="SFT learning rate (warmup 100, cosine)")
+    p.add_argument("--lr", type=float, default=5e-4,
+                   help="SFT learning rate (warmup 100, cosine); at 2e-3 yes/no stayed at chance for 1200 steps")
     p.add_argument("--suffix-share", type=float, default=0.5,
                    help="share of first-turn short questions that carry LLaVA's suffix (see sft_conversation)")
-    p.add_argument("--suffix-from", type=int, default=500,
+    p.add_argument("--suffix-from", type=int, default=0,
                    help="SFT step from which first turns carry the suffix (before: none; see sft_conversation)")
     p.add_argument("--eval-every", type=int, default=200, help="SFT steps between quick val/random checks")
     p.add_argument("--two-image-share", type=float, default=0.2, help="share of SFT conversations with a zoom crop")
@@ -585,6 +598,7 @@ def main(argv=None):
     # ---- training data: views, zoom crops, conversations, CLIP pairs ----
     processor = build_processor(args.view, args.patch)
     processor.tokenizer.padding_side = "left"  # batched decoding appends on the right
+    processor.save_pretrained(out / "model")  # before any use: a used tokenizer also saves its padding state
     views, crops, crop_boxes, label_maps, clip_images, clip_captions = [], [], [], [], [], []
     for scene in scenes["pool"]:  # vision pre-training and CLIP pairs; SFT draws fresh scenes every step
         image, labels = render(scene, args.canvas)
@@ -610,23 +624,35 @@ def main(argv=None):
     ctx = mp.get_context("spawn")
     clip_job = ctx.Process(target=train_clip, args=(out / "clip", pairs_path, args.view, args.clip_steps, args.seed))
     clip_job.start()
-    model = build_llava(len(processor.tokenizer), args)
-    head = pretrain_vision(model, pixels, targets, args.vision_steps, args.seed)
-    if args.projector_init == "words":
-        align_projector(model, head, processor.tokenizer)
-    val_questions = [r for _, r in enumerate(map(json.loads, open(out / "val" / "pope" / "random.jsonl")))]
+    val_questions = [json.loads(line) for line in open(out / "val" / "pope" / "random.jsonl")]
     val_view = {r["image"]: rendered[Path(r["image"]).stem] for r in val_questions}
-    log = train_sft(model, processor, popularity, themes, val_questions, val_view, args)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "retrain", "eval_every", "min_val_acc")}
+    if not args.retrain and shipped_settings() == settings:  # the committed base model was made by these settings
+        from transformers import LlavaForConditionalGeneration
+        shutil.copytree(SHIPPED, out / "model", dirs_exist_ok=True)
+        processor.save_pretrained(out / "model")  # the one this script builds, so it always matches the code
+        model = LlavaForConditionalGeneration.from_pretrained(out / "model").eval()
+        acc, yes_ratio = yes_no_accuracy(model, processor, val_questions, val_view)
+        log = [{"shipped": str(SHIPPED), "val_acc": round(acc, 4), "val_yes_ratio": round(yes_ratio, 4)}]
+        print(f"base model: {SHIPPED} (made by this script with these settings; --retrain rebuilds it)")
+    else:
+        model = build_llava(len(processor.tokenizer), args)
+        head = pretrain_vision(model, pixels, targets, args.vision_steps, args.seed)
+        if args.projector_init == "words":
+            align_projector(model, head, processor.tokenizer)
+        log = train_sft(model, processor, popularity, themes, val_questions, val_view, args)
+        acc = log[-1]["val_acc"]
+        if acc < args.min_val_acc:
+            clip_job.join()
+            raise SystemExit(f"sanity gate: val/random yes/no accuracy {acc:.3f} < {args.min_val_acc}: the model did "
+                             f"not learn to look at the image (try more --sft-steps or another --seed); nothing saved "
+                             f"to {out}/model")
+        model.save_pretrained(out / "model")
+        (out / "model" / "toy_settings.json").write_text(json.dumps(settings, indent=1))
     clip_job.join()
     pairs_path.unlink()
     if clip_job.exitcode != 0:
         raise SystemExit(f"CLIP training failed (exit code {clip_job.exitcode}); see the traceback above")
-    acc = log[-1]["val_acc"]
-    if acc < args.min_val_acc:
-        raise SystemExit(f"sanity gate: val/random yes/no accuracy {acc:.3f} < {args.min_val_acc}: the model did not "
-                         f"learn to look at the image (try more --sft-steps or another --seed); nothing saved to {out}/model")
-    model.save_pretrained(out / "model")
-    processor.save_pretrained(out / "model")
 
     world = {"seed": args.seed, "args": vars(args), "classes": CLASSES, "colours": list(COLOURS), "shapes": SHAPES,
              "prompts": {**PROMPTS, "suffix": SUFFIX}, "canvas": args.canvas, "view": args.view,
