@@ -537,7 +537,7 @@ def train_clip(out_dir, pairs_path, view, steps, seed):
         opt.step()
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "open_clip_model.safetensors"))
-    return float(loss)
+    return loss.item()
 
 
 def clip_caption(objects):
