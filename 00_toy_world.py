@@ -617,11 +617,6 @@ def main(argv=None):
                   and o["box"][2] <= box[2] and o["box"][3] <= box[3]]
         clip_images += [np.asarray(image), np.asarray(crops[-1])]
         clip_captions += [clip_caption(scene["objects"]), clip_caption(inside or [obj])]
-    n = len(views)
-    pixels = pixel_values(processor, views + crops)  # rows 0..n-1 views, n..2n-1 crops
-    full = [0, 0, args.canvas, args.canvas]
-    targets = patch_targets(label_maps + label_maps, [full] * n + crop_boxes, args.view, args.patch)
-    print(f"vision pre-training data: {n} views + {n} zoom crops ({time.time() - t0:.1f}s)")
     pairs_path = out / "clip_pairs.pt"
     torch.save({"images": [torch.from_numpy(a.copy()) for a in clip_images], "captions": clip_captions}, pairs_path)
 
@@ -641,6 +636,11 @@ def main(argv=None):
         log = [{"shipped": str(SHIPPED), "val_acc": round(acc, 4), "val_yes_ratio": round(yes_ratio, 4)}]
         print(f"base model: {SHIPPED} (made by this script with these settings; --retrain rebuilds it)")
     else:
+        n = len(views)
+        pixels = pixel_values(processor, views + crops)  # rows 0..n-1 views, n..2n-1 crops
+        full = [0, 0, args.canvas, args.canvas]
+        targets = patch_targets(label_maps + label_maps, [full] * n + crop_boxes, args.view, args.patch)
+        print(f"vision pre-training data: {n} views + {n} zoom crops ({time.time() - t0:.1f}s)")
         model = build_llava(len(processor.tokenizer), args)
         head = pretrain_vision(model, pixels, targets, args.vision_steps, args.seed)
         if args.projector_init == "words":
@@ -649,9 +649,10 @@ def main(argv=None):
         acc = log[-1]["val_acc"]
         if acc < args.min_val_acc:
             clip_job.join()
+            pairs_path.unlink()
             raise SystemExit(f"sanity gate: val/random yes/no accuracy {acc:.3f} < {args.min_val_acc}: the model did "
-                             f"not learn to look at the image (try more --sft-steps or another --seed); nothing saved "
-                             f"to {out}/model")
+                             f"not learn to look at the image (try more --sft-steps or another --seed); no weights "
+                             f"saved to {out}/model")
         model.save_pretrained(out / "model")
         (out / "model" / "toy_settings.json").write_text(json.dumps(settings, indent=1))
     clip_job.join()
