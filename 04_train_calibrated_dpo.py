@@ -32,6 +32,7 @@ import math
 import os
 import time
 import zlib
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local folder or the user's own cache: never download
 import numpy as np
@@ -116,6 +117,18 @@ def append_jsonl(f, row):
     """Write one row and flush, so a crash or Ctrl-C loses at most the line being written."""
     f.write(json.dumps(row) + "\n")
     f.flush()
+
+def continue_jsonl(path):
+    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash (appends must start
+    on a fresh line). Any other bad line is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+    return [row for _, row in read_jsonl(path)]
 # ---- end shared ----
 
 

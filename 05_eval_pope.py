@@ -99,6 +99,18 @@ def append_jsonl(f, row):
     """Write one row and flush, so a crash or Ctrl-C loses at most the line being written."""
     f.write(json.dumps(row) + "\n")
     f.flush()
+
+def continue_jsonl(path):
+    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash (appends must start
+    on a fresh line). Any other bad line is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+    return [row for _, row in read_jsonl(path)]
 # ---- end shared ----
 
 
@@ -292,17 +304,6 @@ def read_truth(describe, truth=None):
     classes = json.loads(world.read_text())["classes"] if world.is_file() else set().union(*objects.values())
     return objects, {c.lower() for c in classes}
 
-
-def continue_jsonl(path):
-    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash (appends must start
-    on a fresh line). Any other bad line is an error."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-    return [row for _, row in read_jsonl(path)]
 # ---- end plumbing ----
 
 
