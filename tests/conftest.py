@@ -34,8 +34,10 @@ def _word_tokenizer(special, extra_special, eos, pad, bos=None):
                                    extra_special_tokens=extra_special, model_input_names=["input_ids", "attention_mask"]), vocab
 
 
-def make_tiny_llava(path, image_size=32, patch_size=8, seed=0):
-    """A random LLaVA-1.5-shaped model (CLIP tower with CLS, 'default' feature strategy) and its processor."""
+def make_tiny_llava(path, image_size=32, patch_size=8, seed=0, hidden=32, layers=2, heads=2, vision_hidden=32,
+                    vision_layers=2):
+    """A random LLaVA-1.5-shaped model (CLIP tower with CLS, 'default' feature strategy) and its processor.
+    The sizes default to a 0.1M-parameter model for tests; benchmarks ask for larger ones."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
     tok, vocab = _word_tokenizer(["<pad>", "<unk>", "<s>", "</s>", "<image>"], {"image_token": "<image>"},
@@ -51,10 +53,12 @@ def make_tiny_llava(path, image_size=32, patch_size=8, seed=0):
         tokenizer=tok, patch_size=patch_size, vision_feature_select_strategy="default",
         num_additional_image_tokens=1, chat_template=template)
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vision_config=CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                       num_hidden_layers=vision_layers, num_attention_heads=heads,
                                        image_size=image_size, patch_size=patch_size),
-        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                max_position_embeddings=512,
                                 pad_token_id=0, bos_token_id=2, eos_token_id=3),
         image_token_id=4, vision_feature_layer=-1, vision_feature_select_strategy="default", pad_token_id=0)
     torch.manual_seed(seed)

@@ -1,0 +1,190 @@
+"""Benchmark: one P2-DPO training step (04) with reference log-probs read from stage 03 vs a live reference model.
+
+TRL's DPOTrainer keeps a frozen copy of the model in memory by default and runs it on every batch. Stage 03 scores
+every reference term once, before training, so 04 never holds a reference model. This script measures what that
+buys, side by side in one run, on the same model, the same micro-batch and the same machine:
+  precomputed  policy forwards + backward on the six terms (focus w/l, calibration aug/deg, robust w/l) + AdamW
+  live_ref     the same step plus the reference model's no-grad forwards on the same six terms
+Each variant runs in its own subprocess (so peak memory is its own), alternated `--rounds` times; step time is the
+median over steps (the first, warm-up, step excluded) and the best round. Peak memory: torch.cuda's peak allocation
+on a GPU; on a CPU the peak resident set (VmHWM, reset after a warm-up that imports every lazily loaded module) less
+the resident set at that reset.
+Targets (issue 6): precomputed / live_ref peak memory <= 0.6 and step time <= 0.75; exits 1 when one is missed.
+
+  python bench/bench_train_step.py                        # toy model + a 35M random LLaVA, CPU, about 3 minutes
+  python bench/bench_train_step.py --models llava35m --device cuda --batch-size 8
+"""
+import argparse
+import contextlib
+import ctypes
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+TARGETS = {"memory": 0.6, "time": 0.75}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["toy", "llava35m"],
+                   help="toy: world/model (run 00_toy_world.py first); llava35m: a random 35M-parameter LLaVA config")
+    p.add_argument("--batch-size", type=int, default=4, help="lines per micro-batch (each line: six scored rows)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per round (after one warm-up step)")
+    p.add_argument("--rounds", type=int, default=2, help="alternations of the two variants (machines are noisy)")
+    p.add_argument("--lora-rank", type=int, default=32, help="as 04: LoRA r 32 (0: full fine-tuning)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="as 04's flag: recompute activations in backward")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (tiny models: 1 is fastest)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--worker", nargs=2, metavar=("MODEL_DIR", "VARIANT"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def load_stage04():
+    spec = importlib.util.spec_from_file_location("stage04", ROOT / "04_train_calibrated_dpo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_examples(folder, n, image_size, seed=0):
+    """n training examples in the form 04's parse_line returns, on random images; responses of 12-20 words."""
+    rng = np.random.default_rng(seed)
+    words = "there is a red circle and a blue square in the image yes no green triangle".split()
+    paths = {}
+    for role in ("image", "crop", "deg", "noise"):
+        paths[role] = folder / f"{role}.png"
+        Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)).save(paths[role])
+    say = lambda: " ".join(rng.choice(words, int(rng.integers(12, 21))))  # noqa: E731
+    ex = lambda: {"prompt": "describe the image .", "prompt_enh": "answer the question mainly based on the first "  # noqa: E731
+                  "image , answer this question : describe the image .",
+                  "images": {"image": [str(paths["image"])], "deg": [str(paths["deg"])],
+                             "noise": [str(paths["noise"])], "aug": [str(paths["image"]), str(paths["crop"])]},
+                  "focus": (say(), say()), "robust": (say(), say()),
+                  "ref": {k: -30.0 for k in ("focus_w", "focus_l", "aug", "deg", "robust_w", "robust_l")},
+                  "clip": [1.2, 1.0]}
+    return [ex() for _ in range(n)]
+
+
+def worker(model_dir, variant, args):
+    """One variant's steps in this process; prints a JSON line {"step_s", "peak_mb"}."""
+    torch.set_num_threads(args.threads)
+    s04 = load_stage04()
+    targs = s04.parse_args(["--lora-rank", str(args.lora_rank)] + ["--grad-checkpointing"] * args.grad_checkpointing)
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        exs = make_examples(Path(tmp), args.batch_size, 64)
+        if device.type == "cpu":  # import every lazily loaded module before the baseline, then reset the peak
+            warm, processor = s04.load_model(model_dir, device)
+            with torch.no_grad():
+                s04.policy_logps(warm, processor, exs, True, contextlib.nullcontext())
+            del warm
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed pages back, so the baseline is what is live
+            rss0 = status_mb("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak resident set (VmHWM) to now
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        torch.manual_seed(0)
+        model, processor = s04.load_model(model_dir, device)
+        model = s04.prepare(model, targs, 1, device)
+        ref = s04.load_model(model_dir, device)[0].requires_grad_(False) if variant == "live_ref" else None
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=targs.lr, weight_decay=targs.weight_decay)
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+        times = []
+        for _ in range(args.steps + 1):
+            t0 = time.perf_counter()
+            if ref is not None:  # what a live reference costs: its forwards on every term of the batch
+                with torch.no_grad():
+                    logps = s04.policy_logps(ref, processor, exs, True, ctx)
+                for i, ex in enumerate(exs):
+                    ex["ref"] = {k: float(v[i]) for k, v in logps.items()}
+            losses, weight, _ = s04.micro_step(model, processor, [(ex, 1.0) for ex in exs], targs, ctx)
+            (losses * weight).mean().backward()
+            torch.nn.utils.clip_grad_norm_(params, targs.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else status_mb("VmHWM") - rss0)
+    print(json.dumps({"step_s": statistics.median(times[1:]), "peak_mb": peak,
+                      "params_m": sum(p.numel() for p in model.parameters()) / 1e6}))
+
+
+def status_mb(field):
+    """VmRSS (resident now) or VmHWM (peak resident since the last reset) of this process, in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def build_model(name, folder):
+    if name == "toy":
+        path = ROOT / "world" / "model"
+        if not path.is_dir():
+            raise SystemExit(f"{path} not found: run `python 00_toy_world.py` first")
+        return path
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_tiny_llava  # the tests' random LLaVA builder, at a size where costs mean something
+    return make_tiny_llava(folder / name, image_size=64, patch_size=8, hidden=640, layers=8, heads=8,
+                           vision_hidden=256, vision_layers=4)
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        return worker(*args.worker, args)
+    results, failed = {}, False
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            model_dir = build_model(name, Path(tmp))
+            runs = {"precomputed": [], "live_ref": []}
+            for _ in range(args.rounds):
+                for variant in runs:
+                    cmd = [sys.executable, __file__, "--worker", str(model_dir), variant,
+                           *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                             if k in ("batch_size", "steps", "lora_rank", "device", "threads")],
+                           *["--grad-checkpointing"] * args.grad_checkpointing]
+                    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=
+                                                                                       str(args.threads)))
+                    if proc.returncode != 0:
+                        raise SystemExit(f"{name} {variant} failed:\n{proc.stderr[-3000:]}")
+                    runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            best = {v: {"step_s": min(r["step_s"] for r in rs), "peak_mb": min(r["peak_mb"] for r in rs)}
+                    for v, rs in runs.items()}
+            ratio = {"time": best["precomputed"]["step_s"] / best["live_ref"]["step_s"],
+                     "memory": best["precomputed"]["peak_mb"] / best["live_ref"]["peak_mb"]}
+            results[name] = {"params_m": runs["precomputed"][0]["params_m"], **best, "ratio": ratio}
+            failed |= any(ratio[k] > TARGETS[k] for k in TARGETS)
+    print(f"device {args.device}, batch {args.batch_size} lines (6 scored rows each), LoRA r {args.lora_rank}, "
+          f"gradient checkpointing {'on' if args.grad_checkpointing else 'off'}, "
+          f"{args.threads} thread(s), best of {args.rounds} rounds x median of {args.steps} steps")
+    print(f"{'model':<10} {'params':>7} {'step s (pre / live)':>21} {'ratio':>6} {'peak MB (pre / live)':>21} "
+          f"{'ratio':>6}")
+    for name, r in results.items():
+        pre, live = r["precomputed"], r["live_ref"]
+        print(f"{name:<10} {r['params_m']:6.1f}M {pre['step_s']:9.3f} / {live['step_s']:<9.3f} {r['ratio']['time']:6.2f}"
+              f" {pre['peak_mb']:9.0f} / {live['peak_mb']:<9.0f} {r['ratio']['memory']:6.2f}")
+    print(f"targets: time ratio <= {TARGETS['time']}, memory ratio <= {TARGETS['memory']}: "
+          + ("MISSED" if failed else "met"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
