@@ -505,7 +505,9 @@ def train_sft(model, processor, popularity, themes, val_questions, val_view, arg
 def train_clip(out_dir, pairs_path, view, steps, seed):
     """A tiny open_clip model, trained contrastively on (image or crop, caption) pairs. Runs in its own
     process beside the LLaVA training (one thread each is fastest on a 2-core machine)."""
+    import logging
     import open_clip
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that the model it builds here has no weights yet
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     cfg = {"embed_dim": 64, "vision_cfg": {"image_size": view, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
