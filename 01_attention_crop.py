@@ -1,0 +1,636 @@
+"""Stage 01: where the model looks when it answers: attention map A = A_tok (x) A_img and an adaptive crop -> bbox.
+
+Paper: P2-DPO (ICLR 2026), perception-focused pairs; SPEC.md "Stage 01". y = the model's own greedy answer to (I, P);
+one forward over (I, P, y) on the chosen layers L, heads averaged A_bar = (1/H) sum_h A_h:
+  A_tok = A_bar[answer, prompt text]   (T_y x T_p)      A_img = A_bar[prompt text, image]   (T_p x N)
+  A_dir = A_bar[answer, image]         (T_y x N)        A = mean over answer rows of (A_tok @ A_img + A_dir)   (N,)
+  averaged over L, reshaped to the model's patch grid (h, w), normalised to sum 1.
+  --method grad_att (authors' code, ViCrop-style): A = mean_h A_h[last prompt position, image]
+      * ReLU(d log p(top-1 next token) / d A_h[last prompt position, image]), on (I, P) alone.
+Grid -> pixels: each patch's mass is spread evenly over the original pixels it saw, replaying the processor's
+  geometry (pad to square, resize, centre crop: a side cut away by the crop gets no attention; Qwen2.5-VL's
+  smart resize stretches the whole image onto the grid).
+Adaptive crop (authors' algorithm): for r in (1, 1.2, ..., 2) a square window of side r * crop_base px (clamped to
+  the image); S(x, y) = attention mass in the window; score_r = (max S - mean of S at the 4 windows one patch away)
+  / window area; the best (r, position) is the bbox. If the r = 1 window covers the whole image: bbox = the image,
+  "crop": "full" (no focus pair can be made from it).
+
+Input   {"id", "image", "prompt"} JSONL (image paths relative to the file).
+Output  crops.jsonl: input fields ("image" rewritten relative to the output file) + "answer", "bbox": [x1, y1, x2,
+        y2] (int px, x2/y2 exclusive), "grid": [h, w], "attn": [[...]] (h x w, sums to 1, 4 decimals), "method",
+        "crop": "full" | "window"; <out>.args.json; <out>.errors.jsonl (file:line: why, per skipped line).
+Shapes: B rows in a batch, T tokens, H heads, N image tokens, (h, w) patch grid, (Y, X) image pixels.
+
+  python 01_attention_crop.py                                   # toy world on CPU: world/model on world/instances.jsonl
+  python 01_attention_crop.py --model llava-hf/llava-1.5-7b-hf --data my/instances.jsonl --out runs/crops.jsonl
+  torchrun --nproc_per_node=8 01_attention_crop.py --model Qwen/Qwen2.5-VL-7B-Instruct --data my/instances.jsonl
+Memory: the model runs with eager attention, which makes each layer's (B, H, T, T) weights and drops them after the
+  layer. A forward hook on each chosen layer's self-attention reduces them at once (heads averaged, then the (B, T)
+  relevance of every key position; grad_att: the last prompt row and a hook on its gradient), so one layer's weights
+  live at a time. output_attentions=True would keep every layer (a 7B model's stack does not fit).
+Choices where SPEC is silent: answer positions are y's tokens without the EOS that closes them; an empty answer
+  uses that EOS position (the model's decision to stop). Prompt text = every non-padding prompt token that is not an
+  image token (chat template included). Layers are averaged before normalising. A grad_att map that ReLU zeroes
+  everywhere becomes uniform. Ties of S (plateaus, common where the map is 0) go to the tied position nearest their
+  mean, so a lone blob sits mid-window. crop_base default: world.json's "crop_base" beside --data (toy world), else
+  the processor's fixed input size (336 for LLaVA-1.5), else 336 (Qwen2.5-VL: dynamic size; 336 = 12 merged
+  28-px patches, the window LLaVA-1.5 uses, so both families crop alike).
+Toy world default layer 0 (measured on its 400 instances, CPU): the queried object lies inside the bbox for 43% of
+  "what shape is the <colour> object ?" (layer 1: 39%, layer 2: 1%; a random window of the same size: 9%) and for
+  55% of right answers vs 33% of wrong ones (layer 1: 39% vs 41%: its map does not follow the answer).
+"""
+import argparse
+import contextlib
+import functools
+import json
+import os
+import re
+import zlib
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local folder or the user's own cache: never download
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+RESULT_ARGS = ("model", "method", "layers", "crop_base", "ratios", "max_new_tokens")  # resuming needs these equal
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="world/model", help="model folder or a name in your own HF cache")
+    p.add_argument("--data", default="world/instances.jsonl", help="instances JSONL: id, image, prompt")
+    p.add_argument("--out", default="runs/crops.jsonl", help="output JSONL (a rerun into it resumes)")
+    p.add_argument("--method", choices=("attention", "grad_att"), default="attention",
+                   help="attention: the paper's A_tok (x) A_img; grad_att: the authors' code (ViCrop-style)")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="decoder layers, averaged (default: the middle one, num_hidden_layers // 2 (SPEC); authors' "
+                        "code: 14 of LLaVA-1.5-7B's 32); toy world (world.json beside --data): 0, measured best there "
+                        "(module docstring)")
+    p.add_argument("--crop-base", type=int, default=None,
+                   help="window side at r = 1, px (default: world.json's crop_base beside --data, else the "
+                        "processor's input size: 336 for LLaVA-1.5; 336 for Qwen2.5-VL's dynamic size)")
+    p.add_argument("--ratios", type=float, nargs="+", default=[1.0, 1.2, 1.4, 1.6, 1.8, 2.0],
+                   help="window sides as multiples of crop_base (authors: 1 1.2 1.4 1.6 1.8 2)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap, greedy (SPEC: 32)")
+    p.add_argument("--viz", default=None, help="folder for one PNG per instance: image, heat map, bbox")
+    p.add_argument("--seed", type=int, default=0, help="global seed (decoding is greedy: nothing here is random)")
+    p.add_argument("--batch-size", type=int, default=8, help="instances per forward")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N lines of --data")
+    return p.parse_args(argv)
+
+
+# ---- shared: jsonl ----
+def read_jsonl(path, on_error=None):
+    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings are fine).
+
+    A line that is not a JSON object raises ValueError naming the file and line, or,
+    when on_error is given, is reported as on_error(line_number, message) and skipped.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as e:
+                message = f"{path}:{n}: bad JSON line ({e})"
+                if on_error is None:
+                    raise ValueError(message) from None
+                on_error(n, message)
+                continue
+            rows.append((n, row))
+    return rows
+
+
+def append_jsonl(f, row):
+    """Write one row and flush, so a crash or Ctrl-C loses at most the line being written."""
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+
+def continue_jsonl(path):
+    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash (appends must start
+    on a fresh line). Any other bad line is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+    return [row for _, row in read_jsonl(path)]
+# ---- end shared ----
+
+
+# ---- shared: images ----
+def load_image(path):
+    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency is
+    composited on white (what a viewer shows). Raises OSError/ValueError naming the file when unreadable."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, not clip
+            a = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray(np.round(a * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
+
+
+def add_noise(image, sigma, seed, key):
+    """I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) from a generator seeded by
+    (seed, key), so the same image gets the same noise in every stage and process. Returns 8-bit RGB."""
+    if sigma == 0:
+        return image.copy()
+    rng = np.random.default_rng([seed, zlib.crc32(str(key).encode("utf-8"))])
+    x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    x = np.clip(x + sigma * rng.standard_normal(x.shape, dtype=np.float32), 0.0, 1.0)
+    return Image.fromarray(np.round(x * 255.0).astype(np.uint8))
+# ---- end shared ----
+
+
+# ---- shared: model ----
+def load_model(path, device, attn_implementation=None):
+    """(model, processor) from a local folder or a name in the user's own Hugging Face cache (offline).
+    bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device).eval(), processor
+
+
+def chat_prompt(processor, prompt, n_images=1):
+    """The model's own chat template around one user turn (n_images images, then the text), ready for the answer."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+@torch.no_grad()
+def generate_greedy(model, processor, texts, images, max_new_tokens):
+    """Greedy answers for a batch (left padded; each row stops at EOS). texts: B chat prompts; images: flat list,
+    in the order their image tokens appear."""
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    inputs = inputs.to(model.device, dtype=model.dtype)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=processor.tokenizer.pad_token_id)  # (B, T + new)
+    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+# ---- end shared ----
+
+
+# ---- shared: logprobs ----
+def build_batch(processor, prompts, responses, images):
+    """(inputs, response_mask (R, T) bool) scoring R (chat prompt with images, response) rows. prompts, responses:
+    R strings; images: R lists of PIL images in prompt order (a repeated image is listed again: pixel_values and
+    image_grid_thw follow row order). A response is tokenized alone + EOS and appended at the id level, as generation
+    made it; rows are left padded, so a response is its row's last tokens."""
+    assert len(prompts) == len(responses) == len(images), (len(prompts), len(responses), len(images))
+    tok = processor.tokenizer
+    texts = [chat_prompt(processor, p, len(imgs)) for p, imgs in zip(prompts, images)]
+    enc = processor(text=texts, images=[im for imgs in images for im in imgs], padding=True, return_tensors="pt")
+    resp = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
+    real = enc["attention_mask"].bool()  # (R, Tp): the prompt tokens; padding is redone below
+    T = max(int(m.sum()) + len(r) for m, r in zip(real, resp))
+    inputs = dict(enc)  # pixel_values, image_grid_thw: as the processor made them
+    for k in [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == real.shape]:  # ids, mask, mm types
+        tails = resp if k == "input_ids" else [[int(k == "attention_mask")] * len(r) for r in resp]  # mm type 0: text
+        rows = [torch.cat([v[m], torch.tensor(t, dtype=v.dtype)]) for v, m, t in zip(enc[k], real, tails)]
+        pad = tok.pad_token_id if k == "input_ids" else 0
+        inputs[k] = torch.stack([F.pad(row, (T - len(row), 0), value=pad) for row in rows])  # (R, T)
+    return inputs, torch.arange(T) >= T - torch.tensor([len(r) for r in resp])[:, None]  # (R, T)
+
+
+def response_logprobs(model, inputs, response_mask):
+    """Summed log pi(y | prompt, images) over each row's response tokens (EOS included), log-softmax in fp32.
+    inputs, response_mask: from build_batch (moved to the model here). Returns (logp (R,) fp32, ntok (R,))."""
+    p = next(model.parameters())
+    inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device) for k, v in inputs.items()}
+    n = int(response_mask.sum(1).max())
+    logits = model(**inputs, use_cache=False, logits_to_keep=n + 1).logits  # (R, n + 1, V): only what is scored
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (R, n, V): position t predicts token t + 1
+    logp = logp.gather(-1, inputs["input_ids"][:, -n:, None]).squeeze(-1)  # (R, n)
+    mask = response_mask[:, -n:].to(p.device)
+    return torch.where(mask, logp, 0.0).sum(1), mask.sum(1)
+# ---- end shared ----
+
+
+# ---- shared: stage ----
+def dist_setup(device):
+    """(rank, world, device). torchrun is detected from WORLD_SIZE: a process group on gloo (CPU) or nccl (CUDA,
+    one GPU per local rank). One process: (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world, device
+
+
+def read_instances(path, fields, limit=None):
+    """(rows, errors) from an input JSONL (the first `limit` non-blank lines). A row needs "id" and every name in
+    `fields` non-empty; its "image" (when in fields) must be a file, relative to the JSONL's folder unless absolute.
+    Good rows get "_file", "_line" and, with an image, "_image" (a Path). A bad line becomes an error
+    {"file", "line", "id", "error"} and the others go on."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path}: input file not found")
+    lines = []
+    read = read_jsonl(path, on_error=lambda n, message: lines.append((n, message)))
+    lines = sorted(lines + read, key=lambda x: x[0])[:limit]
+    rows, errors, seen = [], [], {}
+    for n, row in lines:
+        if isinstance(row, str):  # read_jsonl's message for a line that is not a JSON object
+            errors.append({"file": str(path), "line": n, "id": None, "error": row})
+            continue
+        problem = None
+        for field in ("id", *fields):
+            value = row.get(field)
+            if value is None:
+                problem = f"missing field '{field}'"
+            elif isinstance(value, str) and not value.strip():
+                problem = f"empty field '{field}'"
+            if problem:
+                break
+        if problem is None and str(row["id"]) in seen:
+            problem = f"id {row['id']!r} repeats line {seen[str(row['id'])]}"
+        if problem is None and "image" in fields:
+            row["_image"] = path.parent / str(row["image"])
+            if not row["_image"].is_file():
+                problem = f"image not found: {row['_image']}"
+        if problem:
+            errors.append({"file": str(path), "line": n, "id": row.get("id"), "error": f"{path}:{n}: {problem}"})
+            continue
+        seen[str(row["id"])] = n
+        rows.append({**row, "_file": str(path), "_line": n})
+    return rows, errors
+
+
+def relpath_for(out, path):
+    """A path as written inside the JSONL `out`: relative to out's folder (SPEC: paths are relative to the file)."""
+    return os.path.relpath(Path(path).resolve(), Path(out).resolve().parent)
+
+
+def save_args(args, out, result_args):
+    """Write <out>.args.json. If `out` already holds lines made with other `result_args`, refuse to mix them."""
+    path = Path(out).with_suffix(".args.json")
+    path.parent.mkdir(parents=True, exist_ok=True)  # the first stage run makes runs/
+    old = json.loads(path.read_text()) if path.is_file() and Path(out).is_file() else {}
+    for k in result_args:
+        if k in old and old[k] != vars(args)[k]:
+            raise SystemExit(f"{out} holds lines made with {k}={old[k]!r}, not {vars(args)[k]!r}: "
+                             f"use another --out or delete it")
+    path.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, indent=1))
+
+
+def run_rows(rows, errors, work, out, batch_size, rank=0, world=1, desc="rows"):
+    """Resumable, sharded driver of a stage: returns the output rows (rank 0; None elsewhere) in input order.
+
+    Ids already in `out` (or in a rank's part file left by a crash) are skipped; rank r takes the rest's
+    rows[r::world], calls work(batch) -> [output dict | error message] (one per row) and appends each output line
+    as it comes (to `out` itself with one process, else to `<out>.rank<r>`). Rank 0 then merges the parts into `out`
+    by id, in input order, so the result does not depend on the number of processes, and writes this run's bad
+    lines to `<out>.errors.jsonl`. Exits non-zero when no line of the input gave an output."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = sorted(out.parent.glob(f"{out.name}.rank*"))
+    done = {str(r["id"]) for p in [out, *parts] for r in continue_jsonl(p)}
+    if world > 1:
+        dist.barrier()  # every rank has read what is done before any rank appends to its part
+    n_read = len(errors)  # the input's bad lines: every rank found the same ones
+    mine = [r for r in rows if str(r["id"]) not in done][rank::world]
+    part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
+    with open(part, "a", encoding="utf-8") as f, tqdm(total=len(mine), desc=desc, disable=rank != 0) as bar:
+        for i in range(0, len(mine), batch_size):
+            batch = mine[i:i + batch_size]
+            results = work(batch)
+            assert len(results) == len(batch), f"work returned {len(results)} results for {len(batch)} rows"
+            for row, result in zip(batch, results):
+                if isinstance(result, str):
+                    errors.append({"file": row["_file"], "line": row["_line"], "id": row["id"],
+                                   "error": f"{row['_file']}:{row['_line']}: {result}"})
+                else:
+                    append_jsonl(f, {k: v for k, v in result.items() if not k.startswith("_")})
+            bar.update(len(batch))
+    if world > 1:  # every rank's errors and finished part file reach rank 0
+        gathered = [None] * world
+        dist.all_gather_object(gathered, errors if rank == 0 else errors[n_read:])
+        errors = [e for es in gathered for e in es]
+    if rank != 0:
+        return None
+    order = {str(r["id"]): i for i, r in enumerate(rows)}
+    merged = {}
+    for p in [out, *sorted(out.parent.glob(f"{out.name}.rank*"))]:
+        for r in continue_jsonl(p):
+            merged.setdefault(str(r["id"]), r)
+    result = sorted(merged.values(), key=lambda r: order.get(str(r["id"]), len(order)))
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in result:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, out)  # atomic: a crash here leaves the old file and the parts, and a rerun merges again
+    for p in out.parent.glob(f"{out.name}.rank*"):
+        p.unlink()
+    err_path = out.with_suffix(".errors.jsonl")
+    with open(err_path, "w", encoding="utf-8") as f:
+        for e in sorted(errors, key=lambda e: e["line"]):
+            f.write(json.dumps(e) + "\n")
+    for e in errors[:10]:
+        print(e["error"])
+    n_out = sum(str(r["id"]) in order for r in result)
+    print(f"{out}: {n_out} of {len(rows) + n_read} input lines written; "
+          f"{len(errors)} skipped" + (f" (see {err_path})" if errors else ""))
+    if n_out == 0 and errors:
+        raise SystemExit(f"every line failed: nothing written to {out}")
+    return [r for r in result if str(r["id"]) in order]
+# ---- end shared ----
+
+
+def relevance(A_bar, ans, txt, img):
+    """A = mean over answer rows i of (sum_{k in txt} A_bar[i, k] A_bar[k, j] + A_bar[i, j]) for image columns j:
+    A_tok @ A_img + A_dir, averaged over answer tokens (the mean commutes with the product, so it is taken first).
+    A_bar: (B, T, T) head-averaged attention (rows: queries); ans, txt, img: (B, T) bool position masks.
+    Returns (B, T): the relevance of each key position, 0 outside img."""
+    a = torch.einsum("bi,bij->bj", ans.float() / ans.sum(1, keepdim=True).clamp(min=1), A_bar)  # (B, T) mean answer row
+    return (torch.einsum("bk,bkj->bj", a * txt, A_bar) + a) * img  # (B, T): through the prompt text, plus direct
+
+
+def grad_att(att, grad):
+    """ViCrop's map: mean over heads of A_h * ReLU(dlog p(top-1) / dA_h). att, grad: (B, H, T) rows of the last
+    prompt position. Returns (B, T)."""
+    return (att * F.relu(grad)).mean(1)
+
+
+def decoder_layers(model):
+    """The language model's decoder layers (LLaVA and Qwen2.5-VL in transformers 5: model.model.language_model)."""
+    return model.model.language_model.layers
+
+
+@contextlib.contextmanager
+def tap_attention(model, layers, keep):
+    """Forward hooks on the chosen layers' self-attention: each call's (B, H, T, T) weights (eager attention returns
+    them) go through keep(weights) at once and only its result is kept. Yields that list, in layer order."""
+    kept, handles = [], []
+
+    def hook(module, args, out):
+        assert out[1] is not None, "no attention weights: load the model with attn_implementation='eager'"
+        kept.append(keep(out[1]))
+    for i in layers:
+        handles.append(decoder_layers(model)[i].self_attn.register_forward_hook(hook))
+    try:
+        yield kept
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def relevance_map(model, inputs, ans, txt, img, layers):
+    """Paper's A for a batch: (B, T) relevance of each position, averaged over layers. Only the head mean's (B, T)
+    reduction of each chosen layer is kept (see the docstring's Memory)."""
+    keep = lambda w: relevance(w.mean(1, dtype=torch.float32), ans, txt, img)  # noqa: E731  (B, H, T, T) -> (B, T)
+    with torch.no_grad(), tap_attention(model, layers, keep) as kept:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    return torch.stack(kept).mean(0)  # (B, T)
+
+
+def grad_att_map(model, inputs, layers):
+    """Authors' A for a batch of (I, P): (B, T), averaged over layers. Autograd starts at the first chosen layer's
+    input (a leaf made by a pre-hook; the weights are frozen), so only the chosen layers and those above are
+    differentiated; each chosen layer keeps its last-row weights and, from a tensor hook, their gradient."""
+    leaf, grads = [], []
+
+    def make_leaf(module, args, kwargs):
+        h = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
+        leaf.append(h)
+        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+    def keep(w):  # (B, H, T, T) -> (B, H, T): the last prompt position's row
+        w.register_hook(lambda g: grads.append(g[:, :, -1].float()))
+        return w[:, :, -1].detach().float()
+    first = decoder_layers(model)[min(layers)].register_forward_pre_hook(make_leaf, with_kwargs=True)
+    try:
+        with torch.enable_grad(), tap_attention(model, layers, keep) as att:
+            logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()  # (B, V)
+            logp = torch.log_softmax(logits, -1).max(-1).values  # (B,): log p(top-1 next token); rows independent
+            torch.autograd.grad(logp.sum(), leaf)
+    finally:
+        first.remove()
+    return torch.stack([grad_att(a, g) for a, g in zip(att, grads[::-1])]).mean(0)  # backward runs top layer first
+
+
+def attention_maps(model, processor, prompts, answers, images, layers, method):
+    """Normalised patch-grid maps, one (h, w) float array per row, and whether each grid stretches over its whole
+    image (Qwen2.5-VL) rather than following a CLIP-style resize / crop. prompts, answers: B strings; images: B."""
+    if method == "attention":  # (I, P, y): y appended after the prompt as ids, + EOS, rows left padded
+        inputs, resp = build_batch(processor, prompts, answers, [[im] for im in images])
+    else:  # (I, P): the last position predicts the first answer token
+        inputs = processor(text=[chat_prompt(processor, p) for p in prompts], images=images, padding=True,
+                           return_tensors="pt")
+        resp = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    p = next(model.parameters())
+    inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device) for k, v in inputs.items()}
+    resp = resp.to(p.device)
+    img = inputs["input_ids"] == model.config.image_token_id  # (B, T)
+    txt = inputs["attention_mask"].bool() & ~img & ~resp  # (B, T): prompt text, chat template included
+    ans = resp.clone()
+    ans[:, -1] &= resp.sum(1) == 1  # without the closing EOS, unless the answer is empty (then only EOS)
+    rel = relevance_map(model, inputs, ans, txt, img, layers) if method == "attention" else \
+        grad_att_map(model, inputs, layers)  # (B, T)
+    if "image_grid_thw" in inputs:  # Qwen2.5-VL: (t, H, W) patches per image, merged m x m into one token
+        m = model.config.vision_config.spatial_merge_size
+        grids = [(int(hh) // m, int(ww) // m) for t, hh, ww in inputs["image_grid_thw"].tolist()]
+    else:  # LLaVA: the (Y, X) input the tower saw, in patches
+        patch = model.config.vision_config.patch_size
+        grids = [tuple(s // patch for s in inputs["pixel_values"].shape[-2:])] * len(prompts)
+    maps = []
+    for b, (h, w) in enumerate(grids):
+        v = rel[b][img[b]].double().cpu().numpy()  # (N,)
+        v = v[1:] if v.size == h * w + 1 else v  # "full" feature strategy: the first image token is CLS
+        assert v.size == h * w, f"row {b}: {v.size} image tokens for a {h}x{w} grid"
+        maps.append((v / v.sum() if v.sum() > 0 else np.full(v.size, 1.0 / v.size)).reshape(h, w))
+    return maps, "image_grid_thw" in inputs
+
+
+def pixel_cells(image_processor, image_size, grid, stretch):
+    """Which grid cell saw each original pixel, replaying the processor's geometry. image_size: (X, Y) px; grid:
+    (h, w). Returns (cols (X,), rows (Y,)) int, -1 where the pixel was cut away, and the cell size in original px.
+    stretch: the image is resized onto the whole grid (Qwen2.5-VL). Else CLIP-style: [pad to square (do_pad),]
+    resize (shortest_edge, or height x width), [centre crop]; pixel centres land on the model's input frame."""
+    get = lambda d, k: d.get(k) if isinstance(d, dict) else getattr(d, k, None)  # noqa: E731  dict or SizeDict
+    X, Y = image_size
+    frame = resized = padded = (X, Y)  # stretch: the whole image onto the grid
+    pad = offset = (0, 0)
+    if not stretch:
+        ip = image_processor
+        if getattr(ip, "do_pad", False) and hasattr(ip, "pad_to_square"):  # LLaVA's pad_to_square: image centred
+            padded = (max(X, Y),) * 2
+            pad = ((padded[0] - X) // 2, (padded[1] - Y) // 2)
+        (X1, Y1), short = padded, get(ip.size, "shortest_edge")
+        if not getattr(ip, "do_resize", True):
+            resized = padded
+        elif short:  # transformers' get_resize_output_image_size: the long side truncated to int
+            resized = (short, int(short * Y1 / X1)) if X1 <= Y1 else (int(short * X1 / Y1), short)
+        elif get(ip.size, "height") and get(ip.size, "width"):
+            resized = (get(ip.size, "width"), get(ip.size, "height"))
+        else:
+            raise NotImplementedError(f"{type(ip).__name__}: size {ip.size} (neither shortest_edge nor height/width)")
+        frame = resized
+        if getattr(ip, "do_center_crop", False):  # offset < 0: a crop larger than the image pads it
+            frame = (get(ip.crop_size, "width"), get(ip.crop_size, "height"))
+            offset = tuple(int((r - f) / 2.0) if f <= r else -((f - r) // 2) for r, f in zip(resized, frame))
+    cells, size = [], []
+    for n, p, n1, r, o, f, g in zip((X, Y), pad, padded, resized, offset, frame, (grid[1], grid[0])):
+        u = (np.arange(n) + 0.5 + p) * r / n1 - o  # (n,): pixel centres on the model's input frame
+        cells.append(np.where((u >= 0) & (u < f), np.floor(u * g / f), -1).astype(np.int64))
+        size.append(f / g * n1 / r)  # one cell in original px
+    return cells[0], cells[1], float(np.mean(size))
+
+
+def pixel_heat(grid_map, cols, rows):
+    """(Y, X) attention mass per original pixel: each cell's mass spread evenly over the pixels it saw (cut-away
+    pixels 0; a cell that saw only padding loses its mass); renormalised to sum 1. grid_map: (h, w)."""
+    h, w = grid_map.shape
+    n_rows, n_cols = np.bincount(rows[rows >= 0], minlength=h), np.bincount(cols[cols >= 0], minlength=w)
+    density = grid_map / np.maximum(np.outer(n_rows, n_cols), 1)  # (h, w): mass per pixel of each cell
+    heat = density[np.ix_(rows.clip(0), cols.clip(0))] * np.outer(rows >= 0, cols >= 0)  # (Y, X)
+    return heat / heat.sum() if heat.sum() > 0 else heat
+
+
+def adaptive_crop(attn, image_size, crop_base, ratios, step=1.0):
+    """Authors' multi-ratio window search. For each r: side = round(r * crop_base) px, clamped to the image (a
+    ratio whose window covers the whole image is skipped; at the smallest r, 1, the answer is the image, "full");
+    S = the attention mass of every window position (integral image, stride 1 px);
+    score_r = (max S - mean of S at the windows shifted by `step` px left / right / up / down, where they fit)
+    / window area. attn: (Y, X) mass per original pixel (pixel_heat); image_size: (X, Y); step: one grid cell in
+    original px (the authors slide on the grid, so their neighbours are one cell away).
+    Returns ([x1, y1, x2, y2] ints, x2/y2 exclusive, "full" | "window", r)."""
+    X, Y = image_size
+    assert attn.shape == (Y, X), f"attention map {attn.shape} for an image of {X}x{Y} (X, Y)"
+    if round(min(ratios) * crop_base) >= max(X, Y):  # SPEC: even the r = 1 window covers the whole image
+        return [0, 0, X, Y], "full", min(ratios)
+    I = np.zeros((Y + 1, X + 1))
+    I[1:, 1:] = attn.astype(np.float64).cumsum(0).cumsum(1)  # (Y + 1, X + 1): I[y, x] = mass of attn[:y, :x]
+    best = None
+    for r in ratios:
+        w, h = min(round(r * crop_base), X), min(round(r * crop_base), Y)
+        if w == X and h == Y:
+            continue
+        S = I[h:, w:] - I[:-h, w:] - I[h:, :-w] + I[:-h, :-w]  # (Y - h + 1, X - w + 1): S[y, x], window at (x, y)
+        ys, xs = np.nonzero(S >= S.max() - 1e-6 * abs(S.max()))  # the maximum, with its float-noise ties
+        k = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)  # tie nearest the ties' mean
+        y, x, s = int(ys[k]), int(xs[k]), max(1, round(step))
+        nbrs = {(y, min(x + s, S.shape[1] - 1)), (y, max(x - s, 0)), (min(y + s, S.shape[0] - 1), x),
+                (max(y - s, 0), x)} - {(y, x)}
+        score = (S[y, x] - np.mean([S[p] for p in nbrs])) / (w * h)
+        if best is None or score > best[0]:
+            best = (score, [x, y, x + w, y + h], r)
+    return best[1], "window", best[2]
+
+
+def toy_world(data):
+    """The toy world's settings (world.json beside --data), or {} for any other data."""
+    path = Path(data).parent / "world.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def input_side(processor):
+    """The processor's fixed input side (LLaVA-1.5: the 336 crop), else 336 (dynamic resolution: Qwen2.5-VL)."""
+    ip = processor.image_processor
+    size = ip.crop_size if getattr(ip, "do_center_crop", False) else getattr(ip, "size", None)
+    side = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
+    return int(side) if side else 336
+
+
+def save_viz(path, image, heat, bbox, caption):
+    """PNG: the image with the bbox | the heat map over the image with the bbox; the caption below."""
+    k = max(1, 256 // max(image.size))  # small images are scaled up, pixels kept sharp
+    a = ((heat - heat.min()) / max(heat.max() - heat.min(), 1e-12))[..., None]  # (Y, X, 1) in [0, 1]
+    over = np.asarray(image, np.float32) * (1 - 0.7 * a) + np.array([255, 40, 0], np.float32) * 0.7 * a
+    panels = [im.resize((image.width * k, image.height * k), Image.NEAREST)
+              for im in (image, Image.fromarray(over.round().astype(np.uint8)))]
+    canvas = Image.new("RGB", (2 * panels[0].width + 8, panels[0].height + 28), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, panel in enumerate(panels):
+        x0 = i * (panel.width + 8)
+        canvas.paste(panel, (x0, 0))
+        draw.rectangle([x0 + bbox[0] * k, bbox[1] * k, x0 + bbox[2] * k - 1, bbox[3] * k - 1], outline=(0, 220, 0),
+                       width=2)
+    draw.text((4, panels[0].height + 6), caption[:120], fill="black")
+    canvas.save(path)
+
+
+def crop_batch(model, processor, args, batch):
+    """run_rows' work: B input rows -> B output rows (or an error message for a row whose image is unreadable)."""
+    images, results = {}, [None] * len(batch)
+    for i, row in enumerate(batch):
+        try:
+            images[i] = load_image(row["_image"])
+        except (OSError, ValueError) as e:
+            results[i] = f"unreadable image {row['_image']}: {e}"
+    idx = list(images)
+    if not idx:
+        return results
+    prompts, imgs = [batch[i]["prompt"] for i in idx], [images[i] for i in idx]
+    answers = generate_greedy(model, processor, [chat_prompt(processor, p) for p in prompts], imgs,
+                              args.max_new_tokens)
+    maps, stretch = attention_maps(model, processor, prompts, answers, imgs, args.layers, args.method)
+    for i, answer, grid_map in zip(idx, answers, maps):
+        row, image = batch[i], images[i]
+        cols, rows, cell = pixel_cells(processor.image_processor, image.size, grid_map.shape, stretch)
+        heat = pixel_heat(grid_map, cols, rows)  # (Y, X)
+        bbox, crop, _ = adaptive_crop(heat, image.size, args.crop_base, args.ratios, step=cell)
+        results[i] = {**row, "image": relpath_for(args.out, row["_image"]), "answer": answer, "bbox": bbox,
+                      "grid": list(grid_map.shape), "attn": np.round(grid_map, 4).tolist(), "method": args.method,
+                      "crop": crop}
+        if args.viz:
+            name = re.sub(r"[^A-Za-z0-9._-]", "_", str(row["id"]))
+            save_viz(Path(args.viz) / f"{name}.png", image, heat, bbox, f"{row['prompt']} -> {answer}")
+    return results
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    rank, world, device = dist_setup(args.device)
+    rows, errors = read_instances(args.data, ("image", "prompt"), args.limit)
+    if not rows:  # nothing to do (every line bad: run_rows lists them and exits non-zero) before loading a model
+        return run_rows(rows, errors, None, args.out, args.batch_size, rank, world)
+    model, processor = load_model(args.model, device, attn_implementation="eager")  # eager: attention weights
+    model.requires_grad_(False)  # grad_att differentiates activations only
+    n_layers, toy = len(decoder_layers(model)), toy_world(args.data)
+    args.layers = sorted(set(args.layers)) if args.layers else [0 if toy else n_layers // 2]
+    if not all(0 <= i < n_layers for i in args.layers):
+        raise SystemExit(f"--layers {args.layers}: the model has layers 0 to {n_layers - 1}")
+    args.crop_base = args.crop_base or int(toy.get("crop_base", 0)) or input_side(processor)
+    if args.viz:
+        os.makedirs(args.viz, exist_ok=True)
+    problem = [None]
+    if rank == 0:  # a refusal must stop every rank, not leave the others waiting at run_rows' barrier
+        try:
+            save_args(args, args.out, RESULT_ARGS)
+        except SystemExit as e:
+            problem = [str(e)]
+    if world > 1:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise SystemExit(problem[0])
+    run_rows(rows, errors, functools.partial(crop_batch, model, processor, args), args.out, args.batch_size,
+             rank, world, desc="crops")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
