@@ -1,0 +1,571 @@
+"""Stage 02: on-policy preference pairs, focus (zoomed vs degraded view) and robustness (contrastive amplification).
+
+Paper: P2-DPO (ICLR 2026), vision-grounded preference data; SPEC.md "Stage 02". M is the reference (base) model;
+every response is decoded with temperature 0.2, top-p 0.9, at most 256 new tokens (authors' settings):
+  I_crop  = I.crop(bbox)                I_deg = I with the bbox rectangle filled by I's mean RGB colour
+  I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) seeded by (seed, id), sigma 0.2
+  I_aug   = (I, I_crop) as two images, with P_enh = "Answer the question mainly based on the first image, refer to the
+            cropping details of the second image if necessary, answer this question: {P}" (authors' code);
+            --combine stitch: one canvas, I left and I_crop resized to I's height right, P_enh adapted
+  focus   : y_w = M(I_aug, P_enh),  y_l = M(I_deg, P)
+  robust  : y_l = M(I_noise, P),  y_init = M(I, P) (stored),  y_w = contrastive amplification, expert EP = (I, P),
+            amateur AT = (I_noise, P), both fed the tokens chosen so far:
+            logits_CA = (1 + lambda_ca) * logits_EP - lambda_ca * logits_AT  on V_head, -inf elsewhere,
+            V_head = {v : p_EP(v) >= beta_head * max_u p_EP(u)};  lambda_ca 0.1, beta_head 0.1 (authors'),
+            VCD's lambda_ca 1.0, beta_head 0.1 is the documented alternative
+  A pair whose two responses are equal is null (the line is kept); a crop flagged "full" by stage 01 gets no focus
+  pair. Decoding is one hand-written token-by-token loop with a KV cache, batched over instances; for contrastive
+  amplification expert and amateur are one forward of 2B rows, so the second model call shares the weight reads.
+
+Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt", "bbox": [x1, y1, x2, y2] (int pixels,
+        x2, y2 exclusive), optional "crop": "full"; every other field is copied.
+Output  pairs.jsonl: input fields ("image" made relative to the output file) + "images": {"crop", "deg", "noise",
+        ["aug": only with --combine stitch]} (PNGs in <out stem>_images/, relative to the output file), "prompt_enh",
+        "focus": {"chosen", "rejected"} | null, "robust": {"chosen", "rejected", "init"} | null, "gen": {decoding
+        settings}; <out>.errors.jsonl (bad lines), <out>.args.json. A rerun into the same --out resumes.
+Shapes: B instances, R rows of a forward (2B with contrastive amplification: experts, then amateurs), T tokens,
+        V vocabulary.
+
+  python 02_make_pairs.py                                             # toy world on CPU (world/model, runs/crops.jsonl)
+  python 02_make_pairs.py --model llava-hf/llava-1.5-7b-hf --data runs/crops.jsonl                   # one GPU
+  torchrun --nproc_per_node=8 02_make_pairs.py --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/crops.jsonl
+Choices left open by the paper: each response has its own torch.Generator seeded by crc32 of "seed/id/role" and
+draws one uniform per step (inverse CDF over the sorted nucleus), so a response does not depend on batch size,
+order or process count (nor do its draws on the device); temperature and top-p act on logits_CA; the amateur reads the tokens chosen by
+contrastive amplification (as in VCD); two responses are "equal" when their stripped texts are; I_deg's colour is
+the rounded mean over the whole image; a "full" crop still gets its images written, only its focus decoding is
+skipped; --combine auto takes two images where the processor accepts them, else stitch; image placeholder tokens
+are never generated (a response holding one could not be scored with its image later); image files are named by
+the id (characters outside [A-Za-z0-9._-] become "_", and an id so changed, or with capitals, gets its crc32
+appended, so no two ids share a file, even on a case-insensitive disk).
+"""
+import argparse
+import json
+import os
+import re
+import zlib
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local folder or the user's own cache: never download
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
+
+ENH_TEMPLATE = ("Answer the question mainly based on the first image, refer to the cropping details of the second "
+                "image if necessary, answer this question: {question}")  # P_enh, the authors' code
+STITCH_TEMPLATE = ("Answer the question mainly based on the left part of the image, the right part shows a zoomed "
+                   "detail of it, refer to the zoomed detail if necessary, answer this question: {question}")
+RESULT_ARGS = ("model", "combine", "enh_template", "sigma", "lambda_ca", "beta_head", "temperature", "top_p",
+               "max_new_tokens", "seed")  # a resumed --out must have been made with the same values
+GEN_ARGS = ("temperature", "top_p", "max_new_tokens", "lambda_ca", "beta_head", "combine", "sigma", "seed")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="world/model", help="reference (base) model folder or a name in your HF cache")
+    p.add_argument("--data", default="runs/crops.jsonl", help="crops.jsonl from stage 01 (id, image, prompt, bbox)")
+    p.add_argument("--out", default="runs/pairs.jsonl", help="output JSONL; images go to <out stem>_images/")
+    p.add_argument("--combine", choices=("auto", "multi", "stitch"), default="auto",
+                   help="I_aug as two images (multi, authors') or one stitched canvas; auto: multi if the processor "
+                        "takes two images")
+    p.add_argument("--enh-template", default=None,
+                   help="P_enh with {question} (default: the authors' sentence, or its stitched adaptation)")
+    p.add_argument("--sigma", type=float, default=0.2, help="I_noise std in [0, 1] pixel units (paper: 0.2)")
+    p.add_argument("--lambda-ca", type=float, default=0.1,
+                   help="contrastive amplification strength (authors: 0.1; VCD: 1.0)")
+    p.add_argument("--beta-head", type=float, default=0.1, help="V_head cut-off, share of max p_EP (authors, VCD: 0.1)")
+    p.add_argument("--temperature", type=float, default=0.2, help="sampling temperature (authors: 0.2); 0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (authors: 0.9)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="response length cap (authors: 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image noise and of every response's sampler")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="instances per step (a plain forward holds up to 4 rows each, a contrastive one 2)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N lines of --data")
+    return p.parse_args(argv)
+
+
+# ---- shared: jsonl ----
+def read_jsonl(path, on_error=None):
+    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings are fine).
+
+    A line that is not a JSON object raises ValueError naming the file and line, or,
+    when on_error is given, is reported as on_error(line_number, message) and skipped.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as e:
+                message = f"{path}:{n}: bad JSON line ({e})"
+                if on_error is None:
+                    raise ValueError(message) from None
+                on_error(n, message)
+                continue
+            rows.append((n, row))
+    return rows
+
+
+def append_jsonl(f, row):
+    """Write one row and flush, so a crash or Ctrl-C loses at most the line being written."""
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+
+def continue_jsonl(path):
+    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash (appends must start
+    on a fresh line). Any other bad line is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+    return [row for _, row in read_jsonl(path)]
+# ---- end shared ----
+
+# ---- shared: images ----
+def load_image(path):
+    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency is
+    composited on white (what a viewer shows). Raises OSError/ValueError naming the file when unreadable."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, not clip
+            a = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray(np.round(a * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
+
+
+def add_noise(image, sigma, seed, key):
+    """I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) from a generator seeded by
+    (seed, key), so the same image gets the same noise in every stage and process. Returns 8-bit RGB."""
+    if sigma == 0:
+        return image.copy()
+    rng = np.random.default_rng([seed, zlib.crc32(str(key).encode("utf-8"))])
+    x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    x = np.clip(x + sigma * rng.standard_normal(x.shape, dtype=np.float32), 0.0, 1.0)
+    return Image.fromarray(np.round(x * 255.0).astype(np.uint8))
+# ---- end shared ----
+
+# ---- shared: model ----
+def load_model(path, device, attn_implementation=None):
+    """(model, processor) from a local folder or a name in the user's own Hugging Face cache (offline).
+    bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device).eval(), processor
+
+
+def chat_prompt(processor, prompt, n_images=1):
+    """The model's own chat template around one user turn (n_images images, then the text), ready for the answer."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+@torch.no_grad()
+def generate_greedy(model, processor, texts, images, max_new_tokens):
+    """Greedy answers for a batch (left padded; each row stops at EOS). texts: B chat prompts; images: flat list,
+    in the order their image tokens appear."""
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    inputs = inputs.to(model.device, dtype=model.dtype)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=processor.tokenizer.pad_token_id)  # (B, T + new)
+    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+# ---- end shared ----
+
+
+# ---- shared: stage ----
+def dist_setup(device):
+    """(rank, world, device). torchrun is detected from WORLD_SIZE: a process group on gloo (CPU) or nccl (CUDA,
+    one GPU per local rank). One process: (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world, device
+
+
+def read_instances(path, fields, limit=None):
+    """(rows, errors) from an input JSONL (the first `limit` non-blank lines). A row needs "id" and every name in
+    `fields` non-empty; its "image" (when in fields) must be a file, relative to the JSONL's folder unless absolute.
+    Good rows get "_file", "_line" and, with an image, "_image" (a Path). A bad line becomes an error
+    {"file", "line", "id", "error"} and the others go on."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path}: input file not found")
+    lines = []
+    read = read_jsonl(path, on_error=lambda n, message: lines.append((n, message)))
+    lines = sorted(lines + read, key=lambda x: x[0])[:limit]
+    rows, errors, seen = [], [], {}
+    for n, row in lines:
+        if isinstance(row, str):  # read_jsonl's message for a line that is not a JSON object
+            errors.append({"file": str(path), "line": n, "id": None, "error": row})
+            continue
+        problem = None
+        for field in ("id", *fields):
+            value = row.get(field)
+            if value is None:
+                problem = f"missing field '{field}'"
+            elif isinstance(value, str) and not value.strip():
+                problem = f"empty field '{field}'"
+            if problem:
+                break
+        if problem is None and str(row["id"]) in seen:
+            problem = f"id {row['id']!r} repeats line {seen[str(row['id'])]}"
+        if problem is None and "image" in fields:
+            row["_image"] = path.parent / str(row["image"])
+            if not row["_image"].is_file():
+                problem = f"image not found: {row['_image']}"
+        if problem:
+            errors.append({"file": str(path), "line": n, "id": row.get("id"), "error": f"{path}:{n}: {problem}"})
+            continue
+        seen[str(row["id"])] = n
+        rows.append({**row, "_file": str(path), "_line": n})
+    return rows, errors
+
+
+def relpath_for(out, path):
+    """A path as written inside the JSONL `out`: relative to out's folder (SPEC: paths are relative to the file)."""
+    return os.path.relpath(Path(path).resolve(), Path(out).resolve().parent)
+
+
+def save_args(args, out, result_args):
+    """Write <out>.args.json. If `out` already holds lines made with other `result_args`, refuse to mix them."""
+    path = Path(out).with_suffix(".args.json")
+    path.parent.mkdir(parents=True, exist_ok=True)  # the first stage run makes runs/
+    old = json.loads(path.read_text()) if path.is_file() and Path(out).is_file() else {}
+    for k in result_args:
+        if k in old and old[k] != vars(args)[k]:
+            raise SystemExit(f"{out} holds lines made with {k}={old[k]!r}, not {vars(args)[k]!r}: "
+                             f"use another --out or delete it")
+    path.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, indent=1))
+
+
+def run_rows(rows, errors, work, out, batch_size, rank=0, world=1, desc="rows"):
+    """Resumable, sharded driver of a stage: returns the output rows (rank 0; None elsewhere) in input order.
+
+    Ids already in `out` (or in a rank's part file left by a crash) are skipped; rank r takes the rest's
+    rows[r::world], calls work(batch) -> [output dict | error message] (one per row) and appends each output line
+    as it comes (to `out` itself with one process, else to `<out>.rank<r>`). Rank 0 then merges the parts into `out`
+    by id, in input order, so the result does not depend on the number of processes, and writes this run's bad
+    lines to `<out>.errors.jsonl`. Exits non-zero when no line of the input gave an output."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = sorted(out.parent.glob(f"{out.name}.rank*"))
+    done = {str(r["id"]) for p in [out, *parts] for r in continue_jsonl(p)}
+    if world > 1:
+        dist.barrier()  # every rank has read what is done before any rank appends to its part
+    n_read = len(errors)  # the input's bad lines: every rank found the same ones
+    mine = [r for r in rows if str(r["id"]) not in done][rank::world]
+    part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
+    with open(part, "a", encoding="utf-8") as f, tqdm(total=len(mine), desc=desc, disable=rank != 0) as bar:
+        for i in range(0, len(mine), batch_size):
+            batch = mine[i:i + batch_size]
+            results = work(batch)
+            assert len(results) == len(batch), f"work returned {len(results)} results for {len(batch)} rows"
+            for row, result in zip(batch, results):
+                if isinstance(result, str):
+                    errors.append({"file": row["_file"], "line": row["_line"], "id": row["id"],
+                                   "error": f"{row['_file']}:{row['_line']}: {result}"})
+                else:
+                    append_jsonl(f, {k: v for k, v in result.items() if not k.startswith("_")})
+            bar.update(len(batch))
+    if world > 1:  # every rank's errors and finished part file reach rank 0
+        gathered = [None] * world
+        dist.all_gather_object(gathered, errors if rank == 0 else errors[n_read:])
+        errors = [e for es in gathered for e in es]
+    if rank != 0:
+        return None
+    order = {str(r["id"]): i for i, r in enumerate(rows)}
+    merged = {}
+    for p in [out, *sorted(out.parent.glob(f"{out.name}.rank*"))]:
+        for r in continue_jsonl(p):
+            merged.setdefault(str(r["id"]), r)
+    result = sorted(merged.values(), key=lambda r: order.get(str(r["id"]), len(order)))
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in result:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, out)  # atomic: a crash here leaves the old file and the parts, and a rerun merges again
+    for p in out.parent.glob(f"{out.name}.rank*"):
+        p.unlink()
+    err_path = out.with_suffix(".errors.jsonl")
+    with open(err_path, "w", encoding="utf-8") as f:
+        for e in sorted(errors, key=lambda e: e["line"]):
+            f.write(json.dumps(e) + "\n")
+    for e in errors[:10]:
+        print(e["error"])
+    n_out = sum(str(r["id"]) in order for r in result)
+    print(f"{out}: {n_out} of {len(rows) + n_read} input lines written; "
+          f"{len(errors)} skipped" + (f" (see {err_path})" if errors else ""))
+    if n_out == 0 and errors:
+        raise SystemExit(f"every line failed: nothing written to {out}")
+    return [r for r in result if str(r["id"]) in order]
+# ---- end shared ----
+
+
+def check_bbox(bbox, size):
+    """None if bbox = [x1, y1, x2, y2] is 4 ints with 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H, else the problem."""
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(type(v) is int for v in bbox)):
+        return f"bbox must be 4 integers [x1, y1, x2, y2], got {bbox!r}"
+    (x1, y1, x2, y2), (w, h) = bbox, size
+    if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+        return f"bbox {bbox} is not a box inside the {w}x{h} image (0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H)"
+    return None
+
+
+def degraded_image(image, bbox):
+    """I_deg = I with the bbox rectangle filled by I's mean RGB colour: the region the model attended to is gone."""
+    colour = tuple(int(c) for c in np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(0).round())
+    out = image.copy()
+    out.paste(colour, tuple(bbox))  # fills [x1, x2) x [y1, y2), the pixels I.crop(bbox) cuts
+    return out
+
+
+def stitched_image(image, crop):
+    """One canvas for models without multi-image input: I on the left, I_crop resized to I's height on the right."""
+    w, h = image.size
+    crop = crop.resize((max(1, round(crop.width * h / crop.height)), h), Image.BICUBIC)
+    canvas = Image.new("RGB", (w + crop.width, h))
+    canvas.paste(image, (0, 0))
+    canvas.paste(crop, (w, 0))
+    return canvas
+
+
+def derived_images(image, bbox, sigma, seed, key, combine):
+    """{"crop", "deg", "noise"[, "aug" when stitched]}: the views every pair is built from (deterministic)."""
+    crop = image.crop(tuple(bbox))
+    views = {"crop": crop, "deg": degraded_image(image, bbox), "noise": add_noise(image, sigma, seed, key)}
+    if combine == "stitch":
+        views["aug"] = stitched_image(image, crop)
+    return views
+
+
+def contrastive_logits(logits_ep, logits_at, lambda_ca, beta_head):
+    """logits_CA = (1 + lambda_ca) * logits_EP - lambda_ca * logits_AT on V_head = {v : p_EP(v) >= beta_head *
+    max_u p_EP(u)}, -inf elsewhere. The head keeps the amplification from promoting tokens the expert itself finds
+    implausible. logits_ep, logits_at: (B, V) next-token logits of the expert (I, P) and the amateur (I_noise, P) on
+    the same prefix. Returns (B, V) fp32; with lambda_ca = 0 its argmax is the expert's."""
+    logits_ep, logits_at = logits_ep.float(), logits_at.float()
+    p_ep = torch.softmax(logits_ep, -1)  # (B, V)
+    head = p_ep >= beta_head * p_ep.max(-1, keepdim=True).values  # (B, V) V_head
+    return ((1 + lambda_ca) * logits_ep - lambda_ca * logits_at).masked_fill(~head, float("-inf"))
+
+
+def next_token(logits, uniforms, temperature, top_p):
+    """y_t ~ softmax(logits / temperature) on the top-p nucleus (the most likely tokens until their mass reaches
+    top_p), drawn by inverse CDF of one uniform per row; temperature 0 = argmax. logits: (B, V); uniforms: (B,) in
+    [0, 1). Returns (B,) token ids. A row depends only on its own logits and uniform, not on the batch."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)  # (B, V)
+    p, order = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
+    p = torch.where(p.cumsum(-1) - p < top_p, p, 0.0)  # keep a token while the mass before it is below top_p
+    cdf = p.cumsum(-1)  # (B, V), unnormalised
+    j = torch.searchsorted(cdf, (uniforms.to(cdf) * cdf[:, -1])[:, None], right=True)  # (B, 1)
+    j = torch.minimum(j, (p > 0).sum(-1, keepdim=True) - 1)  # rounding at u -> 1 stays inside the nucleus
+    return order.gather(-1, j).squeeze(-1)
+
+
+def response_generator(seed, key, role):
+    """The sampler of one response: a CPU generator seeded by (seed, id, role), whatever batch or device it is in."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{key}/{role}".encode("utf-8")))
+
+
+@torch.no_grad()
+def decode(model, inputs, generators, eos_ids, max_new_tokens, temperature=0.2, top_p=0.9, lambda_ca=None,
+           beta_head=0.1, use_cache=True, stop_at_eos=True, suppress_ids=()):
+    """Token-by-token decoding of a left-padded batch; each row stops at its first EOS. lambda_ca=None: plain decoding
+    of the R = B rows. Else contrastive amplification: rows [0, B) are the experts (I, P) and rows [B, 2B) their
+    amateurs (I_noise, P), one forward of 2B rows per token; both halves are fed the token chosen from logits_CA.
+    inputs: processor output (input_ids, attention_mask (R, T), pixel_values, ...); generators: B torch.Generators;
+    use_cache=False recomputes the whole sequence every step (the reference the cache is tested against);
+    stop_at_eos=False decodes max_new_tokens for timing; suppress_ids are never generated (image placeholders: a
+    response that contained one could not be fed back with its image). Returns B lists of new token ids, EOS
+    excluded."""
+    dev = model.device
+    inputs = {k: v.to(dev, model.dtype) if v.is_floating_point() else v.to(dev) for k, v in inputs.items()}
+    ids, mask, mm = inputs.pop("input_ids"), inputs.pop("attention_mask"), inputs.pop("mm_token_type_ids", None)
+    B = ids.shape[0] // 2 if lambda_ca is not None else ids.shape[0]
+    assert len(generators) == B, f"{len(generators)} generators for {B} rows"
+    if lambda_ca is not None:
+        assert torch.equal(ids[:B], ids[B:]), "expert and amateur rows must hold the same prompt and image sizes"
+    mrope = hasattr(model.model, "rope_deltas")  # Qwen-VL: 3-D positions from the image grids + per-row deltas
+    cache = DynamicCache(config=model.config) if use_cache else None
+    eos = torch.tensor(sorted(eos_ids), device=dev)
+    new, done = ids.new_zeros(B, 0), torch.zeros(B, dtype=torch.bool, device=dev)  # (B, t), (B,)
+    for step in range(max_new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (R, T + t): left padding does not shift the text
+        if step == 0 or not use_cache:  # prefill; without the cache, every step is one
+            if mrope:
+                model.model.rope_deltas = None  # else the deltas of the previous batch are reused
+            if mm is not None:  # image/text token types, 0 (text) for the tokens generated so far
+                inputs["mm_token_type_ids"] = torch.nn.functional.pad(mm, (0, ids.shape[1] - mm.shape[1]))
+            out = model(input_ids=ids, attention_mask=mask, position_ids=None if mrope else positions, cache=cache,
+                        use_cache=use_cache, logits_to_keep=1, **inputs)
+            deltas = model.model.rope_deltas if mrope else None  # (R, 1)
+        else:
+            pos = positions[:, -1:]  # (R, 1)
+            pos = pos[None].expand(3, -1, -1) + deltas if mrope else pos  # (3, R, 1) for M-RoPE
+            out = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                        logits_to_keep=1)
+        logits = out.logits[:, -1].float()  # (R, V)
+        logits[:B, list(suppress_ids)] = float("-inf")  # the experts' (p_EP = 0: outside V_head as well)
+        if lambda_ca is not None:
+            logits = contrastive_logits(logits[:B], logits[B:], lambda_ca, beta_head)  # (B, V)
+        uniforms = torch.cat([torch.rand(1, generator=g) for g in generators])  # (B,) one draw per row per step
+        token = next_token(logits, uniforms, temperature, top_p)  # (B,)
+        token = torch.where(done, eos[0], token)  # a finished row only repeats EOS (trimmed below)
+        new, done = torch.cat([new, token[:, None]], 1), done | torch.isin(token, eos)
+        token = token.repeat(ids.shape[0] // B)  # (R,): the amateurs read the same response
+        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        if stop_at_eos and bool(done.all()):
+            break
+    rows = new.tolist()
+    return [row[:next((i for i, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
+
+
+# ---- plumbing: prompts, images on disk, one batch of instances ----
+def eos_token_ids(model, processor):
+    """Every id that ends a response: the generation config's (an int or a list) and the tokenizer's EOS."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    return eos | {processor.tokenizer.eos_token_id} - {None}
+
+
+def placeholder_ids(processor):
+    """Ids of the image and video placeholder tokens, which a response must never contain."""
+    tokens = [getattr(processor, name, None) for name in ("image_token", "video_token")]
+    return sorted({processor.tokenizer.convert_tokens_to_ids(t) for t in tokens if isinstance(t, str)})
+
+
+def resolve_combine(processor, combine):
+    """auto -> multi when the processor takes a two-image prompt, else stitch (SPEC: multi where accepted)."""
+    if combine != "auto":
+        return combine
+    try:
+        img = Image.new("RGB", (32, 32))
+        processor(text=[chat_prompt(processor, "x", 2)], images=[img, img], return_tensors="pt")
+        return "multi"
+    except Exception:  # noqa: BLE001 (any refusal of two images means one canvas)
+        return "stitch"
+
+
+def file_stem(key):
+    """A file name for an id: unsafe characters become "_", and a changed or capitalised id gets its crc32."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(key))[:100].lstrip(".") or "_"
+    return safe if safe == str(key) and safe == safe.lower() else f"{safe}-{zlib.crc32(str(key).encode()):08x}"
+
+
+def respond(model, processor, jobs, args, contrastive=False):
+    """Texts for jobs [(id, role, prompt, images[, amateur images])], decoded in one batch (contrastive: 2B rows)."""
+    if not jobs:
+        return []
+    texts = [chat_prompt(processor, prompt, len(images)) for _, _, prompt, images, *_ in jobs]
+    images = [im for job in jobs for im in job[3]]
+    if contrastive:
+        texts, images = texts + texts, images + [im for job in jobs for im in job[4]]
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    generators = [response_generator(args.seed, key, role) for key, role, *_ in jobs]
+    ids = decode(model, dict(inputs), generators, eos_token_ids(model, processor), args.max_new_tokens,
+                 args.temperature, args.top_p, args.lambda_ca if contrastive else None, args.beta_head,
+                 suppress_ids=placeholder_ids(processor))
+    return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+
+
+def make_work(model, processor, args):
+    """work(batch) for run_rows: derived images to disk, the five responses of each instance, its output line."""
+    out = Path(args.out)
+    folder = out.parent / f"{out.stem}_images"
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = {k: vars(args)[k] for k in GEN_ARGS}
+
+    def work(batch):
+        results, plain, contrast = [None] * len(batch), [], []
+        for i, row in enumerate(batch):
+            try:
+                image = load_image(row["_image"])
+            except (OSError, ValueError) as e:
+                results[i] = f"unreadable image {row['_image']}: {e}"
+                continue
+            problem = check_bbox(row["bbox"], image.size)
+            if problem:
+                results[i] = problem
+                continue
+            key, prompt = str(row["id"]), str(row["prompt"])
+            views = derived_images(image, row["bbox"], args.sigma, args.seed, key, args.combine)
+            paths = {name: folder / f"{file_stem(key)}.{name}.png" for name in views}
+            for name, view in views.items():
+                view.save(paths[name], format="PNG")
+            prompt_enh = args.enh_template.format(question=prompt)
+            if row.get("crop") != "full":  # a whole-image "crop" adds no detail: no focus pair
+                aug = [views["aug"]] if "aug" in views else [image, views["crop"]]
+                plain += [(i, key, "focus_w", prompt_enh, aug), (i, key, "focus_l", prompt, [views["deg"]])]
+            plain += [(i, key, "robust_l", prompt, [views["noise"]]), (i, key, "init", prompt, [image])]
+            contrast.append((i, key, "robust_w", prompt, [image], [views["noise"]]))
+            results[i] = {**row, "image": relpath_for(out, row["_image"]),
+                          "images": {name: relpath_for(out, p) for name, p in paths.items()},
+                          "prompt_enh": prompt_enh, "focus": None, "robust": None, "gen": gen}
+        said = {}  # (row index, role) -> response
+        for jobs, contrastive in ((plain, False), (contrast, True)):
+            texts = respond(model, processor, [job[1:] for job in jobs], args, contrastive)
+            said.update({(job[0], job[2]): text for job, text in zip(jobs, texts)})
+        for i, result in enumerate(results):
+            if isinstance(result, str):
+                continue
+            if (i, "focus_w") in said and said[i, "focus_w"] != said[i, "focus_l"]:
+                result["focus"] = {"chosen": said[i, "focus_w"], "rejected": said[i, "focus_l"]}
+            if said[i, "robust_w"] != said[i, "robust_l"]:
+                result["robust"] = {"chosen": said[i, "robust_w"], "rejected": said[i, "robust_l"],
+                                    "init": said[i, "init"]}
+        return results
+
+    return work
+# ---- end plumbing ----
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    rank, world, device = dist_setup(args.device)
+    if Path(args.model).exists():  # a local folder: a resume compares where it is, not how it was spelled
+        args.model = str(Path(args.model).resolve())
+    rows, errors = read_instances(args.data, ("image", "prompt", "bbox"), args.limit)
+    model, processor = load_model(args.model, device)
+    args.combine = resolve_combine(processor, args.combine)
+    args.enh_template = args.enh_template or (ENH_TEMPLATE if args.combine == "multi" else STITCH_TEMPLATE)
+    if "{question}" not in args.enh_template:
+        raise SystemExit(f"--enh-template needs a {{question}} placeholder: {args.enh_template!r}")
+    if rank == 0:
+        save_args(args, args.out, RESULT_ARGS)
+    result = run_rows(rows, errors, make_work(model, processor, args), args.out, args.batch_size, rank, world,
+                      desc="pairs")
+    if rank == 0:
+        focus, robust = (sum(r[b] is not None for r in result) for b in ("focus", "robust"))
+        print(f"{len(result)} lines: {focus} focus pairs, {robust} robustness pairs "
+              f"(null: the two responses were equal, or the crop was the full image)")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
