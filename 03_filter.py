@@ -1,0 +1,639 @@
+"""Stage 03: reference log-probs for every loss term, the DDW CLIP gain ratio, the PPL + margin filter, the IPS report.
+
+Paper: P2-DPO (ICLR 2026), data filtering, dynamic deficiency weighting and implicit preference strength; SPEC.md
+"Stage 03". pi_ref is the base model, frozen, in eval mode; log pi_ref(y | c) is summed over the response tokens and
+EOS (prompt and image tokens masked), log-softmax in fp32, so that stage 04 never holds a reference model:
+  ref.focus_w, ref.focus_l           = log pi_ref(y | I, P)                     the DPO_focus context
+  ref.calib_aug_w, ref.calib_deg_w   = log pi_ref(y_w | I_aug, P_enh), log pi_ref(y_w | I_deg, P)    L_calib (_l: y_l)
+  ref.robust_w, ref.robust_l         = log pi_ref(y | I_noise, P)               the DPO_rob context
+  PPL(y) = exp(-log pi_ref(y | c) / n(y))         c: the branch's DPO context; n(y): response tokens + EOS ("ntok")
+  M      = log pi_ref(y_w | c) / n(y_w) - log pi_ref(y_l | c) / n(y_l)
+  a branch is kept iff PPL(y_w) < max_ppl, PPL(y_l) < max_ppl, margin_low <= M <= margin_high   (authors: 2.5,
+           [-0.174, 0.208]); a line that keeps no branch goes to <out>.dropped.jsonl, not to <out>
+  CLIPScore(t, i) = 2.5 * max(cos(E_t(t), E_i(i)), 0)  (Hessel et al. 2021);  r = CLIPScore(P, I_crop) / CLIPScore(P, I)
+  IPS    = log pi_ref(y_w | c) - log pi_ref(y_l | c)  (summed), per branch: mean, std, share < 0; all and kept pairs
+
+Input   pairs.jsonl (stage 02; paths relative to its folder): "id", "image", "prompt", "prompt_enh", "images": {"crop",
+        "deg", "noise", ["aug": a stitched I_aug; else I_aug = (image, crop), two images]}, "focus" / "robust":
+        {"chosen", "rejected", ...} | null.  --score-only: any preference JSONL {"id", "image", "prompt" (or
+        "question"), "chosen", "rejected"}, one pair a line, scored under (I, P) as the branch "pair".
+Output  <out> (train.jsonl), the lines that keep a branch: the input fields (paths rewritten relative to <out>) +
+        "ref" and "ntok" (the keys above; null where the pair is null), "ppl": {"focus_w", "focus_l", "robust_w",
+        "robust_l"}, "margin": {"focus", "robust"}, "clip": {"crop", "image", "ratio"} | null (no focus pair, --clip
+        none), "keep": {"focus", "robust"}, "why": {branch: [reasons it is dropped]};
+        <out>.dropped.jsonl: the other lines, the same fields;  <out>.report.json: counts per branch and reason, IPS,
+        PPL, margin and CLIP-ratio summaries;  <out>.errors.jsonl: bad input lines;  <out>.args.json;
+        <out>.scores: every scored line before the filter (JSONL, the resume checkpoint: a rerun scores only new ids
+        and re-applies the filter, so other thresholds need no model). --score-only writes no <out> nor dropped.
+Shapes: R scoring rows in a forward (up to 8 a line), B lines, D CLIP embedding width.
+
+  python 03_filter.py --model world/model --clip world/clip --data runs/pairs.jsonl --out runs/train.jsonl  # toy, CPU
+  python 03_filter.py --model llava-hf/llava-1.5-7b-hf --clip ViT-L-14 --data runs/pairs.jsonl --batch-size 32  # 1 GPU
+  torchrun --nproc_per_node=8 03_filter.py --model Qwen/Qwen2.5-VL-7B-Instruct --clip ViT-L-14 --data runs/pairs.jsonl
+Choices the paper leaves open: the token mean divides by n(y), EOS included (the tokens the loss sums); the PPL bound
+is strict, the margin band inclusive; CLIPScore's text is P as written (P is a question, so no "A photo depicts"
+prefix), cut to the CLIP context; r is null when CLIPScore(P, I) = 0; a line with both pairs null is dropped with
+the reason "no pair"; the report counts every check a pair fails (one pair can fail several); std is the population
+std; --clip defaults to the toy world's CLIP (SPEC's command line), a real run names an open_clip model.
+"""
+import argparse
+import functools
+import itertools
+import json
+import math
+import os
+import zlib
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models and CLIP weights come from local folders or your cache
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+TERMS = {  # ref key -> (branch, response, prompt field, context): every log pi_ref that stage 04's loss reads
+    "focus_w": ("focus", "chosen", "prompt", "image"), "focus_l": ("focus", "rejected", "prompt", "image"),
+    "calib_aug_w": ("focus", "chosen", "prompt_enh", "aug"), "calib_deg_w": ("focus", "chosen", "prompt", "deg"),
+    "calib_aug_l": ("focus", "rejected", "prompt_enh", "aug"), "calib_deg_l": ("focus", "rejected", "prompt", "deg"),
+    "robust_w": ("robust", "chosen", "prompt", "noise"), "robust_l": ("robust", "rejected", "prompt", "noise")}
+PAIR_TERMS = {"pair_w": ("pair", "chosen", "prompt", "image"), "pair_l": ("pair", "rejected", "prompt", "image")}
+DPO_TERMS = {"focus": ("focus_w", "focus_l"), "robust": ("robust_w", "robust_l"), "pair": ("pair_w", "pair_l")}
+REASONS = ("no pair", "ppl chosen", "ppl rejected", "margin low", "margin high")
+SCORE_ARGS = ("model", "clip", "clip_pretrained", "score_only")  # change the scores: a rerun into <out> must match
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="world/model", help="reference model: the base model folder or a name in your "
+                   "own HF cache (the model stage 04 trains)")
+    p.add_argument("--clip", default="world/clip", help="open_clip model for DDW: a folder in open_clip's local-dir "
+                   "format (the toy world's world/clip), a model name such as ViT-L-14 (SPEC), or none (no score)")
+    p.add_argument("--clip-pretrained", default="openai", help="weights of a named --clip: an open_clip tag already in "
+                   "your cache or a file (SPEC: openai); never downloaded")
+    p.add_argument("--data", default="runs/pairs.jsonl", help="pairs.jsonl from stage 02 (or, with --score-only, "
+                   "any preference JSONL)")
+    p.add_argument("--out", default="runs/train.jsonl", help="train.jsonl for stage 04; the other files are named "
+                   "after it (.dropped.jsonl, .report.json, .scores, .errors.jsonl, .args.json)")
+    p.add_argument("--max-ppl", type=float, default=2.5, help="keep a pair when PPL(y_w), PPL(y_l) < this (authors)")
+    p.add_argument("--margin-low", type=float, default=-0.174, help="keep a pair when M >= this (authors)")
+    p.add_argument("--margin-high", type=float, default=0.208, help="keep a pair when M <= this (authors)")
+    p.add_argument("--score-only", action="store_true", help="score a preference JSONL (chosen / rejected, prompt or "
+                   "question, image) and write the IPS report only: on- vs off-policy pairs (paper)")
+    p.add_argument("--seed", type=int, default=0, help="global seed (scoring is deterministic; kept for the chain)")
+    p.add_argument("--batch-size", type=int, default=16, help="scoring rows per forward (a line has up to 8), and "
+                   "lines per step of the resumable loop")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N lines of --data")
+    return p.parse_args(argv)
+
+
+# ---- shared: jsonl ----
+def read_jsonl(path, on_error=None):
+    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings are fine).
+
+    A line that is not a JSON object raises ValueError naming the file and line, or,
+    when on_error is given, is reported as on_error(line_number, message) and skipped.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as e:
+                message = f"{path}:{n}: bad JSON line ({e})"
+                if on_error is None:
+                    raise ValueError(message) from None
+                on_error(n, message)
+                continue
+            rows.append((n, row))
+    return rows
+
+
+def append_jsonl(f, row):
+    """Write one row and flush, so a crash or Ctrl-C loses at most the line being written."""
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+
+def continue_jsonl(path):
+    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash (appends must start
+    on a fresh line). Any other bad line is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+    return [row for _, row in read_jsonl(path)]
+# ---- end shared ----
+
+
+# ---- shared: images ----
+def load_image(path):
+    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency is
+    composited on white (what a viewer shows). Raises OSError/ValueError naming the file when unreadable."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, not clip
+            a = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray(np.round(a * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
+
+
+def add_noise(image, sigma, seed, key):
+    """I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) from a generator seeded by
+    (seed, key), so the same image gets the same noise in every stage and process. Returns 8-bit RGB."""
+    if sigma == 0:
+        return image.copy()
+    rng = np.random.default_rng([seed, zlib.crc32(str(key).encode("utf-8"))])
+    x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    x = np.clip(x + sigma * rng.standard_normal(x.shape, dtype=np.float32), 0.0, 1.0)
+    return Image.fromarray(np.round(x * 255.0).astype(np.uint8))
+# ---- end shared ----
+
+
+# ---- shared: model ----
+def load_model(path, device, attn_implementation=None):
+    """(model, processor) from a local folder or a name in the user's own Hugging Face cache (offline).
+    bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device).eval(), processor
+
+
+def chat_prompt(processor, prompt, n_images=1):
+    """The model's own chat template around one user turn (n_images images, then the text), ready for the answer."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+@torch.no_grad()
+def generate_greedy(model, processor, texts, images, max_new_tokens):
+    """Greedy answers for a batch (left padded; each row stops at EOS). texts: B chat prompts; images: flat list,
+    in the order their image tokens appear."""
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    inputs = inputs.to(model.device, dtype=model.dtype)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=processor.tokenizer.pad_token_id)  # (B, T + new)
+    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+# ---- end shared ----
+
+
+# ---- shared: logprobs ----
+def build_batch(processor, prompts, responses, images):
+    """(inputs, response_mask (R, T) bool) scoring R (chat prompt with images, response) rows. prompts, responses:
+    R strings; images: R lists of PIL images in prompt order (a repeated image is listed again: pixel_values and
+    image_grid_thw follow row order). A response is tokenized alone + EOS and appended at the id level, as generation
+    made it; rows are left padded, so a response is its row's last tokens."""
+    assert len(prompts) == len(responses) == len(images), (len(prompts), len(responses), len(images))
+    tok = processor.tokenizer
+    texts = [chat_prompt(processor, p, len(imgs)) for p, imgs in zip(prompts, images)]
+    enc = processor(text=texts, images=[im for imgs in images for im in imgs], padding=True, return_tensors="pt")
+    resp = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
+    real = enc["attention_mask"].bool()  # (R, Tp): the prompt tokens; padding is redone below
+    T = max(int(m.sum()) + len(r) for m, r in zip(real, resp))
+    inputs = dict(enc)  # pixel_values, image_grid_thw: as the processor made them
+    for k in [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == real.shape]:  # ids, mask, mm types
+        tails = resp if k == "input_ids" else [[int(k == "attention_mask")] * len(r) for r in resp]  # mm type 0: text
+        rows = [torch.cat([v[m], torch.tensor(t, dtype=v.dtype)]) for v, m, t in zip(enc[k], real, tails)]
+        pad = tok.pad_token_id if k == "input_ids" else 0
+        inputs[k] = torch.stack([F.pad(row, (T - len(row), 0), value=pad) for row in rows])  # (R, T)
+    return inputs, torch.arange(T) >= T - torch.tensor([len(r) for r in resp])[:, None]  # (R, T)
+
+
+def response_logprobs(model, inputs, response_mask):
+    """Summed log pi(y | prompt, images) over each row's response tokens (EOS included), log-softmax in fp32.
+    inputs, response_mask: from build_batch (moved to the model here). Returns (logp (R,) fp32, ntok (R,))."""
+    p = next(model.parameters())
+    inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device) for k, v in inputs.items()}
+    n = int(response_mask.sum(1).max())
+    logits = model(**inputs, use_cache=False, logits_to_keep=n + 1).logits  # (R, n + 1, V): only what is scored
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (R, n, V): position t predicts token t + 1
+    logp = logp.gather(-1, inputs["input_ids"][:, -n:, None]).squeeze(-1)  # (R, n)
+    mask = response_mask[:, -n:].to(p.device)
+    return torch.where(mask, logp, 0.0).sum(1), mask.sum(1)
+# ---- end shared ----
+
+
+# ---- shared: stage ----
+def dist_setup(device):
+    """(rank, world, device). torchrun is detected from WORLD_SIZE: a process group on gloo (CPU) or nccl (CUDA,
+    one GPU per local rank). One process: (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world, device
+
+
+def read_instances(path, fields, limit=None):
+    """(rows, errors) from an input JSONL (the first `limit` non-blank lines). A row needs "id" and every name in
+    `fields` non-empty; its "image" (when in fields) must be a file, relative to the JSONL's folder unless absolute.
+    Good rows get "_file", "_line" and, with an image, "_image" (a Path). A bad line becomes an error
+    {"file", "line", "id", "error"} and the others go on."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path}: input file not found")
+    lines = []
+    read = read_jsonl(path, on_error=lambda n, message: lines.append((n, message)))
+    lines = sorted(lines + read, key=lambda x: x[0])[:limit]
+    rows, errors, seen = [], [], {}
+    for n, row in lines:
+        if isinstance(row, str):  # read_jsonl's message for a line that is not a JSON object
+            errors.append({"file": str(path), "line": n, "id": None, "error": row})
+            continue
+        problem = None
+        for field in ("id", *fields):
+            value = row.get(field)
+            if value is None:
+                problem = f"missing field '{field}'"
+            elif isinstance(value, str) and not value.strip():
+                problem = f"empty field '{field}'"
+            if problem:
+                break
+        if problem is None and str(row["id"]) in seen:
+            problem = f"id {row['id']!r} repeats line {seen[str(row['id'])]}"
+        if problem is None and "image" in fields:
+            row["_image"] = path.parent / str(row["image"])
+            if not row["_image"].is_file():
+                problem = f"image not found: {row['_image']}"
+        if problem:
+            errors.append({"file": str(path), "line": n, "id": row.get("id"), "error": f"{path}:{n}: {problem}"})
+            continue
+        seen[str(row["id"])] = n
+        rows.append({**row, "_file": str(path), "_line": n})
+    return rows, errors
+
+
+def relpath_for(out, path):
+    """A path as written inside the JSONL `out`: relative to out's folder (SPEC: paths are relative to the file)."""
+    return os.path.relpath(Path(path).resolve(), Path(out).resolve().parent)
+
+
+def save_args(args, out, result_args):
+    """Write <out>.args.json. If `out` already holds lines made with other `result_args`, refuse to mix them."""
+    path = Path(out).with_suffix(".args.json")
+    path.parent.mkdir(parents=True, exist_ok=True)  # the first stage run makes runs/
+    old = json.loads(path.read_text()) if path.is_file() and Path(out).is_file() else {}
+    for k in result_args:
+        if k in old and old[k] != vars(args)[k]:
+            raise SystemExit(f"{out} holds lines made with {k}={old[k]!r}, not {vars(args)[k]!r}: "
+                             f"use another --out or delete it")
+    path.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, indent=1))
+
+
+def run_rows(rows, errors, work, out, batch_size, rank=0, world=1, desc="rows"):
+    """Resumable, sharded driver of a stage: returns the output rows (rank 0; None elsewhere) in input order.
+
+    Ids already in `out` (or in a rank's part file left by a crash) are skipped; rank r takes the rest's
+    rows[r::world], calls work(batch) -> [output dict | error message] (one per row) and appends each output line
+    as it comes (to `out` itself with one process, else to `<out>.rank<r>`). Rank 0 then merges the parts into `out`
+    by id, in input order, so the result does not depend on the number of processes, and writes this run's bad
+    lines to `<out>.errors.jsonl`. Exits non-zero when no line of the input gave an output."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = sorted(out.parent.glob(f"{out.name}.rank*"))
+    done = {str(r["id"]) for p in [out, *parts] for r in continue_jsonl(p)}
+    if world > 1:
+        dist.barrier()  # every rank has read what is done before any rank appends to its part
+    n_read = len(errors)  # the input's bad lines: every rank found the same ones
+    mine = [r for r in rows if str(r["id"]) not in done][rank::world]
+    part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
+    with open(part, "a", encoding="utf-8") as f, tqdm(total=len(mine), desc=desc, disable=rank != 0) as bar:
+        for i in range(0, len(mine), batch_size):
+            batch = mine[i:i + batch_size]
+            results = work(batch)
+            assert len(results) == len(batch), f"work returned {len(results)} results for {len(batch)} rows"
+            for row, result in zip(batch, results):
+                if isinstance(result, str):
+                    errors.append({"file": row["_file"], "line": row["_line"], "id": row["id"],
+                                   "error": f"{row['_file']}:{row['_line']}: {result}"})
+                else:
+                    append_jsonl(f, {k: v for k, v in result.items() if not k.startswith("_")})
+            bar.update(len(batch))
+    if world > 1:  # every rank's errors and finished part file reach rank 0
+        gathered = [None] * world
+        dist.all_gather_object(gathered, errors if rank == 0 else errors[n_read:])
+        errors = [e for es in gathered for e in es]
+    if rank != 0:
+        return None
+    order = {str(r["id"]): i for i, r in enumerate(rows)}
+    merged = {}
+    for p in [out, *sorted(out.parent.glob(f"{out.name}.rank*"))]:
+        for r in continue_jsonl(p):
+            merged.setdefault(str(r["id"]), r)
+    result = sorted(merged.values(), key=lambda r: order.get(str(r["id"]), len(order)))
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in result:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, out)  # atomic: a crash here leaves the old file and the parts, and a rerun merges again
+    for p in out.parent.glob(f"{out.name}.rank*"):
+        p.unlink()
+    err_path = out.with_suffix(".errors.jsonl")
+    with open(err_path, "w", encoding="utf-8") as f:
+        for e in sorted(errors, key=lambda e: e["line"]):
+            f.write(json.dumps(e) + "\n")
+    for e in errors[:10]:
+        print(e["error"])
+    n_out = sum(str(r["id"]) in order for r in result)
+    print(f"{out}: {n_out} of {len(rows) + n_read} input lines written; "
+          f"{len(errors)} skipped" + (f" (see {err_path})" if errors else ""))
+    if n_out == 0 and errors:
+        raise SystemExit(f"every line failed: nothing written to {out}")
+    return [r for r in result if str(r["id"]) in order]
+# ---- end shared ----
+
+
+def perplexity(logp, ntok):
+    """PPL(y) = exp(-log pi_ref(y | c) / n(y)). logp: the summed log-prob; ntok: n(y), EOS included. -> float."""
+    try:
+        return math.exp(-logp / ntok)
+    except OverflowError:  # a mean log-prob below -709: out of any PPL bound
+        return math.inf
+
+
+def mean_margin(logp_w, ntok_w, logp_l, ntok_l):
+    """M = log pi_ref(y_w | c) / n(y_w) - log pi_ref(y_l | c) / n(y_l): per-token means, hence the narrow band."""
+    return logp_w / ntok_w - logp_l / ntok_l
+
+
+def filter_reasons(ppl_w, ppl_l, margin, max_ppl, margin_low, margin_high):
+    """Why a pair is dropped ([] = kept): it needs PPL(y_w) < max_ppl, PPL(y_l) < max_ppl and margin_low <= M <=
+    margin_high. Every failed check is listed; a NaN fails the checks it is in."""
+    checks = (("ppl chosen", ppl_w < max_ppl), ("ppl rejected", ppl_l < max_ppl),
+              ("margin low", margin >= margin_low), ("margin high", margin <= margin_high))
+    return [reason for reason, ok in checks if not ok]
+
+
+def implicit_preference_strength(ref_w, ref_l):
+    """IPS = log pi_ref(y_w | c) - log pi_ref(y_l | c), summed log-probs under the DPO context. (n,), (n,) -> (n,)."""
+    return np.asarray(ref_w, dtype=np.float64) - np.asarray(ref_l, dtype=np.float64)
+
+
+def summary(values):
+    """n, mean, std (population), min, median, max and share < 0 of a 1-D sequence; None fields when it is empty."""
+    x = np.asarray(values, dtype=np.float64)  # (n,)
+    if not len(x):
+        return {"n": 0, **dict.fromkeys(("mean", "std", "min", "median", "max", "negative"))}
+    return {"n": len(x), "mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()),
+            "median": float(np.median(x)), "max": float(x.max()), "negative": float((x < 0).mean())}
+
+
+def clip_score(text_features, image_features):
+    """CLIPScore(t, i) = 2.5 * max(cos(E_t(t), E_i(i)), 0) (Hessel et al. 2021). (B, D), (B, D) -> (B,) fp32."""
+    return 2.5 * F.cosine_similarity(text_features.float(), image_features.float(), dim=-1).clamp(min=0.0)
+
+
+def gain_ratio(clip_crop, clip_image):
+    """r = CLIPScore(P, I_crop) / CLIPScore(P, I): above 1 when the crop fits the prompt better than the whole image
+    (DDW then leans to the focus branch). None when CLIPScore(P, I) = 0 (stage 04 reads the two scores anyway)."""
+    return clip_crop / clip_image if clip_image > 0 else None
+
+
+@torch.inference_mode()
+def clip_scores(clip, prompts, images, crops):
+    """[{"crop", "image", "ratio"}] for B (P, I, I_crop): CLIPScore(P, I_crop), CLIPScore(P, I) and r."""
+    model, preprocess, tokenizer = clip
+    device = next(model.parameters()).device
+    text = model.encode_text(tokenizer(prompts).to(device))  # (B, D); the tokenizer cuts P to the CLIP context
+    vision = model.encode_image(torch.stack([preprocess(im) for im in images + crops]).to(device))  # (2B, D)
+    full, crop = clip_score(text, vision[:len(images)]).tolist(), clip_score(text, vision[len(images):]).tolist()
+    return [{"crop": c, "image": i, "ratio": gain_ratio(c, i)} for c, i in zip(crop, full)]
+
+
+def load_clip(name, pretrained, device):
+    """(model, preprocess, tokenizer) of an open_clip model, or None for "none". name: a folder in open_clip's
+    local-dir format (open_clip_config.json + weights, as 00 writes world/clip) or an open_clip model name whose
+    `pretrained` weights (a tag or a file) are already on this machine: nothing is downloaded."""
+    if name == "none":
+        return None
+    import open_clip  # here: it imports torchvision, which --clip none does without
+    kw = {}
+    if os.path.isdir(name):
+        name = f"local-dir:{name}"
+    else:
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if cfg.get("url") and not cfg.get("hf_hub"):  # open_clip would fetch this tag from its URL: use the cache
+            pretrained = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
+        kw = dict(pretrained=pretrained, force_quick_gelu=bool(cfg.get("quick_gelu")))  # openai weights: QuickGELU
+    try:
+        model, preprocess = open_clip.create_model_from_pretrained(name, device=device, **kw)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise SystemExit(f"cannot load CLIP {name} ({kw.get('pretrained', 'folder')}) from local files: {e}\n"
+                         f"nothing is downloaded: pass a folder, a cached tag or a weights file, or --clip none")
+    return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+def read_line(row, score_only):
+    """The prompts, pairs and context images of one input row, each image file decoded once; ValueError says why
+    the line cannot be scored. Image paths are relative to the row's JSONL unless absolute."""
+    root, images = Path(row["_file"]).parent, row["images"] if isinstance(row.get("images"), dict) else {}
+    prompt = (row.get("prompt") or row.get("question")) if score_only else row.get("prompt")
+    pairs = {"pair": row} if score_only else {b: row.get(b) for b in ("focus", "robust") if row.get(b)}
+    for b, pair in pairs.items():  # an empty response is a response (EOS alone), not an error
+        if not (isinstance(pair, dict) and all(isinstance(pair.get(k), str) for k in ("chosen", "rejected"))):
+            raise ValueError("the line needs text fields 'chosen' and 'rejected'" if score_only else
+                             f"'{b}' needs text fields 'chosen' and 'rejected' (or is null)")
+    if not (isinstance(prompt, str) and prompt.strip()):
+        raise ValueError("missing or empty 'prompt'" + (" (or 'question')" if score_only else ""))
+    roles = {"image": row["image"]}
+    if "focus" in pairs:
+        if not (isinstance(row.get("prompt_enh"), str) and row["prompt_enh"].strip()):
+            raise ValueError("a focus pair needs 'prompt_enh'")
+        roles.update({k: images.get(k) for k in ("crop", "deg", *(["aug"] if images.get("aug") else []))})
+    if "robust" in pairs:
+        roles["noise"] = images.get("noise")
+    pil = {}
+    for role, p in roles.items():
+        if not (isinstance(p, str) and p):
+            raise ValueError(f"missing images.{role}")
+        path = root / p  # an absolute p stays absolute
+        if not path.is_file():
+            raise ValueError(f"image not found: {path}")
+        try:
+            pil[role] = load_image(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"unreadable image {path}: {e}")
+    contexts = {"image": [pil["image"]], "deg": [pil.get("deg")], "noise": [pil.get("noise")],
+                "aug": [pil["aug"]] if "aug" in pil else [pil["image"], pil.get("crop")]}  # I_aug: 1 or 2 images
+    return {"prompt": prompt, "prompt_enh": row.get("prompt_enh"), "pairs": pairs, "contexts": contexts, "pil": pil}
+
+
+def scoring_rows(line, terms):
+    """[(term, prompt, response, context images, context)]: one row per term whose branch has a pair in the line."""
+    return [(term, line[prompt], line["pairs"][branch][side], line["contexts"][context], context)
+            for term, (branch, side, prompt, context) in terms.items() if branch in line["pairs"]]
+
+
+@torch.inference_mode()
+def score_rows(model, processor, rows, batch_size):
+    """Summed log pi_ref(y | c) and n(y) of (prompt, response, images, context) rows, through the shared block that
+    stage 04 also uses. Rows of one context share forwards (same image count, little padding), batch_size rows at
+    most; rows of several lines mix. Returns ([logp], [ntok]) in row order."""
+    logp, ntok = [None] * len(rows), [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: rows[i][3])  # stable: input order within a context
+    for _, group in itertools.groupby(order, key=lambda i: rows[i][3]):
+        group = list(group)
+        for k in range(0, len(group), batch_size):
+            chunk = group[k:k + batch_size]
+            inputs, mask = build_batch(processor, *([rows[i][j] for i in chunk] for j in range(3)))  # (R, T)
+            lp, n = response_logprobs(model, inputs, mask)  # (R,), (R,)
+            for i, a, b in zip(chunk, lp.tolist(), n.tolist()):
+                logp[i], ntok[i] = a, int(b)
+    return logp, ntok
+
+
+def score_batch(batch, args, reference, clip, out):
+    """run_rows' work: each input row -> its scored line (input fields, paths relative to `out`, + "ref", "ntok",
+    "ppl", "margin", "clip") or the reason it cannot be scored. reference(), clip(): the models, loaded on first use."""
+    terms = PAIR_TERMS if args.score_only else TERMS
+    branches = tuple(dict.fromkeys(branch for branch, *_ in terms.values()))
+    results, lines = [None] * len(batch), {}
+    for i, row in enumerate(batch):
+        try:
+            lines[i] = read_line(row, args.score_only)
+        except ValueError as e:
+            results[i] = str(e)
+    rows = [(i, r) for i, line in lines.items() for r in scoring_rows(line, terms)]
+    scores = {i: {} for i in lines}  # line -> term -> (logp, ntok)
+    if rows:
+        logp, ntok = score_rows(*reference(), [r[1:] for _, r in rows], args.batch_size)
+        for (i, r), a, n in zip(rows, logp, ntok):
+            scores[i][r[0]] = (a, n)
+    focus = [i for i, line in lines.items() if "focus" in line["pairs"]] if args.clip != "none" else []
+    pil = lambda role: [lines[i]["pil"][role] for i in focus]  # noqa: E731
+    ddw = dict(zip(focus, clip_scores(clip(), [lines[i]["prompt"] for i in focus], pil("image"), pil("crop")))
+               if focus else ())
+    for i, line in lines.items():
+        row, s, root = batch[i], scores[i], Path(batch[i]["_file"]).parent
+        ppl, margin = {}, {}
+        for b in branches:
+            w, l = DPO_TERMS[b]
+            ppl[w], ppl[l] = (perplexity(*s[w]), perplexity(*s[l])) if w in s else (None, None)
+            margin[b] = mean_margin(*s[w], *s[l]) if w in s else None
+        if isinstance(row.get("images"), dict):  # paths in a JSONL are relative to it: now to `out`
+            row = {**row, "images": {k: relpath_for(out, root / v) if isinstance(v, str) and v else v
+                                     for k, v in row["images"].items()}}
+        results[i] = {**row, "image": relpath_for(out, row["_image"]), "ppl": ppl, "margin": margin,
+                      "ref": {t: s[t][0] if t in s else None for t in terms},
+                      "ntok": {t: s[t][1] if t in s else None for t in terms}, "clip": ddw.get(i)}
+    return results
+
+
+def apply_filter(line, branches, max_ppl, margin_low, margin_high):
+    """A scored line + "keep": {branch: bool} and "why": {branch: [reasons]} under this run's thresholds."""
+    why = {}
+    for b in branches:
+        w, l = DPO_TERMS[b]
+        why[b] = ["no pair"] if line["margin"].get(b) is None else filter_reasons(
+            line["ppl"][w], line["ppl"][l], line["margin"][b], max_ppl, margin_low, margin_high)
+    return {**line, "keep": {b: not r for b, r in why.items()}, "why": why}
+
+
+def filter_report(lines, branches, args):
+    """Counts kept / dropped per branch and reason, IPS over all pairs and over kept ones, PPL, margin and r."""
+    report = {"lines": len(lines), "written": sum(any(x["keep"].values()) for x in lines),
+              "thresholds": {k: vars(args)[k] for k in ("max_ppl", "margin_low", "margin_high")}, "branches": {}}
+    for b in branches:
+        w, l = DPO_TERMS[b]
+        pairs = [x for x in lines if x["margin"].get(b) is not None]
+        kept = [x for x in pairs if x["keep"][b]]
+        ips = lambda xs: summary(implicit_preference_strength([x["ref"][w] for x in xs], [x["ref"][l] for x in xs]))
+        report["branches"][b] = {
+            "pairs": len(pairs), "kept": len(kept), "dropped": len(lines) - len(kept),
+            "reasons": {r: sum(r in x["why"][b] for x in lines) for r in REASONS},  # a pair can fail several checks
+            "ips_all": ips(pairs), "ips_kept": ips(kept), "margin": summary([x["margin"][b] for x in pairs]),
+            "ppl_chosen": summary([x["ppl"][w] for x in pairs]), "ppl_rejected": summary([x["ppl"][l] for x in pairs])}
+    ratios = [x["clip"]["ratio"] for x in lines if x.get("clip") and x["clip"]["ratio"] is not None]
+    report["clip_ratio"] = {**summary(ratios), "above_1": float(np.mean(np.array(ratios) > 1)) if ratios else None}
+    return report
+
+
+# ---- plumbing: writing and printing ----
+def write_jsonl(path, lines):
+    """Write a whole JSONL file atomically (a crash leaves the old file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(x) + "\n" for x in lines)
+    os.replace(tmp, path)
+
+
+def print_report(report):
+    num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    t = report["thresholds"]
+    print(f"filter: PPL < {t['max_ppl']:g} (chosen and rejected), {t['margin_low']:g} <= M <= {t['margin_high']:g}")
+    for b, r in report["branches"].items():
+        print(f"{b}: {r['pairs']} pairs, {r['kept']} kept, {r['dropped']} dropped of {report['lines']} lines ("
+              + ", ".join(f"{k} {v}" for k, v in r["reasons"].items()) + "; a pair can fail several checks)")
+        for name, key in (("IPS all ", "ips_all"), ("IPS kept", "ips_kept"), ("margin  ", "margin")):
+            s = r[key]
+            print(f"  {name} n {s['n']:4d}  mean {num(s['mean'])}  std {num(s['std'])}  min {num(s['min'])}  "
+                  f"median {num(s['median'])}  max {num(s['max'])}  share < 0 {num(s['negative'])}")
+    s = report["clip_ratio"]
+    print(f"CLIP ratio r: n {s['n']}  mean {num(s['mean'])}  std {num(s['std'])}  min {num(s['min'])}  "
+          f"max {num(s['max'])}  share > 1 {num(s['above_1'])}")
+
+
+def write_outputs(scored, args, out):
+    """Filter the scored lines (this run's thresholds), write <out>, .dropped.jsonl and .report.json; print the
+    report. Returns the number of lines written to <out>."""
+    branches = ("pair",) if args.score_only else ("focus", "robust")
+    lines = [apply_filter(x, branches, args.max_ppl, args.margin_low, args.margin_high) for x in scored]
+    report = filter_report(lines, branches, args)
+    if not args.score_only:
+        write_jsonl(out, [x for x in lines if any(x["keep"].values())])
+        write_jsonl(out.with_suffix(".dropped.jsonl"), [x for x in lines if not any(x["keep"].values())])
+    out.with_suffix(".report.json").write_text(json.dumps(report, indent=1))
+    print_report(report)
+    if not args.score_only:
+        print(f"{out}: {report['written']} lines keep a branch; {len(lines) - report['written']} in "
+              f"{out.with_suffix('.dropped.jsonl')}; report in {out.with_suffix('.report.json')}")
+    return report["written"]
+# ---- end plumbing ----
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for k in ("model", "clip"):  # a local folder: a resume compares where it is, not how it was spelled
+        if os.path.isdir(vars(args)[k]):
+            setattr(args, k, str(Path(vars(args)[k]).resolve()))
+    rank, world, device = dist_setup(args.device)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    scores = out.with_suffix(".scores")  # run_rows names its side files after it: <out>.errors.jsonl, .args.json
+    rows, errors = read_instances(args.data, ("image",) if args.score_only else ("image", "prompt"), args.limit)
+    if rank == 0:
+        save_args(args, scores, SCORE_ARGS)
+    reference = functools.lru_cache(maxsize=1)(lambda: load_model(args.model, device))  # not needed on a rerun
+    clip = functools.lru_cache(maxsize=1)(lambda: load_clip(args.clip, args.clip_pretrained, device))
+    scored = run_rows(rows, errors, lambda batch: score_batch(batch, args, reference, clip, scores), scores,
+                      args.batch_size, rank, world, desc="03 scoring")
+    written = write_outputs(scored, args, out) if rank == 0 else 1
+    if world > 1:
+        dist.destroy_process_group()
+    if not written and not args.score_only:
+        raise SystemExit(f"no line keeps a branch: {out} is empty (see the report; the thresholds are --max-ppl, "
+                         f"--margin-low, --margin-high)")
+
+
+if __name__ == "__main__":
+    main()
