@@ -11,14 +11,13 @@ on a GPU; on a CPU the peak resident set (VmHWM, reset after a warm-up that impo
 the resident set at that reset.
 Targets (issue 6): precomputed / live_ref peak memory <= 0.6 and step time <= 0.75; exits 1 when one is missed.
 
-  python bench/bench_train_step.py                        # toy model + a 35M random LLaVA, CPU, about 3 minutes
+  python bench/bench_train_step.py                        # toy model + a 36M random LLaVA, CPU, about 3 minutes
   python bench/bench_train_step.py --models llava35m --device cuda --batch-size 8
 """
 import argparse
 import contextlib
 import ctypes
 import gc
-import importlib.util
 import json
 import os
 import statistics
@@ -28,19 +27,20 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+from common import MODELS, build_model, load_stage  # noqa: E402
 
 TARGETS = {"memory": 0.6, "time": 0.75}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=["toy", "llava35m"],
-                   help="toy: world/model (run 00_toy_world.py first); llava35m: a random 35M-parameter LLaVA config")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS,
+                   help="toy: world/model (run 00_toy_world.py first); llava35m: a random 36M-parameter LLaVA config")
     p.add_argument("--batch-size", type=int, default=4, help="lines per micro-batch (each line: six scored rows)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (after one warm-up step)")
     p.add_argument("--rounds", type=int, default=2, help="alternations of the two variants (machines are noisy)")
@@ -51,13 +51,6 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--worker", nargs=2, metavar=("MODEL_DIR", "VARIANT"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def load_stage04():
-    spec = importlib.util.spec_from_file_location("stage04", ROOT / "04_train_calibrated_dpo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_examples(folder, n, image_size, seed=0):
@@ -82,7 +75,7 @@ def make_examples(folder, n, image_size, seed=0):
 def worker(model_dir, variant, args):
     """One variant's steps in this process; prints a JSON line {"step_s", "peak_mb"}."""
     torch.set_num_threads(args.threads)
-    s04 = load_stage04()
+    s04 = load_stage("04_train_calibrated_dpo.py")
     targs = s04.parse_args(["--lora-rank", str(args.lora_rank)] + ["--grad-checkpointing"] * args.grad_checkpointing)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,18 +123,6 @@ def status_mb(field):
     """VmRSS (resident now) or VmHWM (peak resident since the last reset) of this process, in MiB."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-
-def build_model(name, folder):
-    if name == "toy":
-        path = ROOT / "world" / "model"
-        if not path.is_dir():
-            raise SystemExit(f"{path} not found: run `python 00_toy_world.py` first")
-        return path
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_tiny_llava  # the tests' random LLaVA builder, at a size where costs mean something
-    return make_tiny_llava(folder / name, image_size=64, patch_size=8, hidden=640, layers=8, heads=8,
-                           vision_hidden=256, vision_layers=4)
 
 
 def main():
