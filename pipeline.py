@@ -1,0 +1,186 @@
+"""The whole P2-DPO pipeline on the toy world, 00 -> 05, ending with base vs P2-DPO; --ablations for the paper's table.
+
+Runs each stage as its own script, exactly as a user would type it, and hands the JSONL files on:
+  00 world/ -> 01 runs/crops.jsonl -> 02 runs/seed<S>/pairs.jsonl -> 03 runs/seed<S>/train.jsonl
+     -> 04 runs/seed<S>/<variant>/ -> 05 runs/seed<S>/eval_<variant>/ (and runs/eval_base/ for the base model)
+Every stage resumes, so a second run only redoes what is missing (04 counts as done when its model folder is saved).
+Stage 01 is greedy, so its crops do not depend on the seed; 02 (sampling), 03 and 04 run once per seed.
+The held-out POPE files (world/pope) are only ever evaluated; tuning used world/val (--split val).
+
+Variants (the paper's ablation table): full, no_focus, no_robust, no_calib, no_ddw (04's --no-* switches).
+Output: <runs>/results.md (main command) or <runs>/ablations.md (--ablations): tables of POPE accuracy / F1 /
+yes-ratio per split and mean at each sigma, and CHAIR on descriptions, mean +- std over seeds.
+
+  python pipeline.py                                  # 00 -> 05, seed 0: base vs P2-DPO, about 6 minutes on 2 CPU cores
+  python pipeline.py --ablations                      # + the four ablations, seeds 0 1 2 (README: time)
+  python pipeline.py --split val --runs runs/tune     # the same on the validation split, for tuning
+"""
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VARIANTS = {"full": [], "no_focus": ["--no-focus"], "no_robust": ["--no-robust"], "no_calib": ["--no-calib"],
+            "no_ddw": ["--no-ddw"]}
+PAPER_F1 = {"base": 85.10, "full": 87.44, "no_focus": 85.84, "no_robust": 85.27, "no_calib": 86.17, "no_ddw": 86.68}
+# Toy-world settings of the stages, each a flag of that stage; why each differs from SPEC's default is said here.
+PAIR_FLAGS = ""
+FILTER_FLAGS = ""
+TRAIN_FLAGS = "--lr 2e-4"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--world", default="world", help="toy world folder (built by 00_toy_world.py when missing)")
+    p.add_argument("--runs", default="runs", help="folder for every stage's output")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="evaluate on the held-out world/pope (test) or on world/val (val: for tuning)")
+    p.add_argument("--ablations", action="store_true", help="also train --no-focus, --no-robust, --no-calib, "
+                   "--no-ddw (the paper's ablation table); default seeds become 0 1 2")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of stages 02-04 (default: 0; with "
+                   "--ablations: 0 1 2)")
+    p.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.2], help="POPE noise levels (paper: 0, 0.2)")
+    p.add_argument("--pair-flags", default=PAIR_FLAGS, help="extra flags for 02_make_pairs.py")
+    p.add_argument("--filter-flags", default=FILTER_FLAGS, help="extra flags for 03_filter.py")
+    p.add_argument("--train-flags", default=TRAIN_FLAGS, help="extra flags for 04_train_calibrated_dpo.py")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="trainings / evaluations run side by side (tiny models use one thread each)")
+    return p.parse_args(argv)
+
+
+# ---- plumbing: running the stages ----
+def command(script, *args):
+    return [sys.executable, str(ROOT / script), *map(str, args)]
+
+
+def run(cmd, log, what):
+    run_many([(cmd, log, what)], 1)
+
+
+def run_many(jobs, n):
+    """Run (cmd, log, what) jobs, n at a time, each to the end; the first failure stops them all."""
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < n:
+            cmd, log, what = pending.pop(0)
+            with open(log, "w") as f:
+                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=ENV)
+            running.append((proc, cmd, log, what, time.time()))
+        time.sleep(0.2)
+        for job in [job for job in running if job[0].poll() is not None]:
+            running.remove(job)
+            proc, cmd, log, what, t0 = job
+            if proc.returncode != 0:
+                for other in running:
+                    other[0].kill()
+                raise SystemExit(f"{what} failed (exit {proc.returncode}): {shlex.join(cmd)}\n--- {log} ---\n"
+                                 f"{Path(log).read_text()[-3000:]}")
+            print(f"  {what}: {time.time() - t0:.0f}s", flush=True)
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+# ---- end plumbing ----
+
+
+def evaluation(model, out, args, questions, describe):
+    return (command("05_eval_pope.py", "--model", model, "--questions", questions, "--describe", describe,
+                    "--noise-sigma", *args.sigmas, "--out", out), f"{out}.log", f"05 {Path(out).name}")
+
+
+def pope_row(metrics):
+    """{sigma: {split or "mean": {accuracy, f1, yes_ratio}}, "chair": {sigma: {...}}} from a metrics.json."""
+    out = {s: {**per_split, "mean": metrics["mean"][s]} for s, per_split in metrics["pope"].items()}
+    return out, metrics.get("chair", {})
+
+
+def mean_std(values):
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt(values, digits=3):
+    m, s = mean_std(values)
+    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if len(values) > 1 else "")
+
+
+def results_table(results, sigmas, splits):
+    """Markdown: a row per variant and sigma, POPE per split and mean, then CHAIR. results: {variant: [metrics]}."""
+    lines = []
+    for s in sigmas:
+        lines += [f"\n**sigma {s}** (POPE accuracy / F1 / yes-ratio; mean over the {len(splits)} splits)\n",
+                  "| model | " + " | ".join(f"{sp} acc | {sp} F1 | {sp} yes" for sp in [*splits, "mean"]) + " |",
+                  "|---|" + "---|" * 3 * (len(splits) + 1)]
+        for variant, runs in results.items():
+            cells = [fmt([m["pope"][s][sp][k] if sp != "mean" else m["mean"][s][k] for m in runs])
+                     for sp in [*splits, "mean"] for k in ("accuracy", "f1", "yes_ratio")]
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += ["\n**CHAIR** on the description prompts (lower CHAIR_i / CHAIR_s is better; recall: true objects named)\n",
+              "| model | " + " | ".join(f"sigma {s} {k}" for s in sigmas for k in ("CHAIR_i", "CHAIR_s", "recall"))
+              + " |", "|---|" + "---|" * 3 * len(sigmas)]
+    for variant, runs in results.items():
+        lines.append(f"| {variant} | " + " | ".join(fmt([m["chair"][s][k] for m in runs]) for s in sigmas
+                                                    for k in ("chair_i", "chair_s", "recall")) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    seeds = args.seeds or ([0, 1, 2] if args.ablations else [0])
+    variants = list(VARIANTS) if args.ablations else ["full"]
+    world, runs = Path(args.world), Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    questions = world / ("pope" if args.split == "test" else "val/pope")
+    describe = world / ("describe.jsonl" if args.split == "test" else "val/describe.jsonl")
+    args.sigmas = [f"{s:g}" for s in args.sigmas]
+
+    print("00 toy world", flush=True)
+    if (world / "world.json").is_file() and (world / "model" / "config.json").is_file():
+        print(f"  {world} is built: skipped")
+    else:
+        run(command("00_toy_world.py", "--out", world), runs / "00_toy_world.log", "00")
+    model, crops = world / "model", runs / "crops.jsonl"
+    print("01 attention crops", flush=True)
+    run(command("01_attention_crop.py", "--model", model, "--data", world / "instances.jsonl", "--out", crops),
+        runs / "01_attention_crop.log", "01")
+    for seed in seeds:
+        d = runs / f"seed{seed}"
+        d.mkdir(exist_ok=True)
+        print(f"02-03 pairs and filter, seed {seed}", flush=True)
+        run(command("02_make_pairs.py", "--model", model, "--data", crops, "--out", d / "pairs.jsonl", "--seed", seed,
+                    *shlex.split(args.pair_flags)), d / "02_make_pairs.log", "02")
+        run(command("03_filter.py", "--model", model, "--clip", world / "clip", "--data", d / "pairs.jsonl",
+                    "--out", d / "train.jsonl", *shlex.split(args.filter_flags)), d / "03_filter.log", "03")
+    print(f"04 training ({', '.join(variants)} x seeds {', '.join(map(str, seeds))})", flush=True)
+    train = [(command("04_train_calibrated_dpo.py", "--model", model, "--data", runs / f"seed{s}" / "train.jsonl",
+                      "--out", runs / f"seed{s}" / v, "--seed", s, *VARIANTS[v], *shlex.split(args.train_flags),
+                      *(["--resume"] if (runs / f"seed{s}" / v / "checkpoint.pt").is_file() else [])),
+              runs / f"seed{s}" / f"04_{v}.log", f"04 seed {s} {v}")
+             for s in seeds for v in variants if not (runs / f"seed{s}" / v / "config.json").is_file()]
+    run_many(train, args.jobs)
+    print(f"05 POPE ({args.split}, sigma {', '.join(args.sigmas)}) and CHAIR", flush=True)
+    evals = [evaluation(model, runs / f"eval_base_{args.split}", args, questions, describe)]
+    evals += [evaluation(runs / f"seed{s}" / v, runs / f"seed{s}" / f"eval_{v}_{args.split}", args, questions,
+                         describe) for s in seeds for v in variants]
+    run_many(evals, args.jobs)
+
+    read = lambda path: json.loads((Path(path) / "metrics.json").read_text())  # noqa: E731
+    results = {"base": [read(runs / f"eval_base_{args.split}")]}
+    results.update({("P2-DPO" if v == "full" else v): [read(runs / f"seed{s}" / f"eval_{v}_{args.split}")
+                                                        for s in seeds] for v in variants})
+    splits = list(results["base"][0]["pope"][args.sigmas[0]])
+    title = (f"P2-DPO on the toy world: {args.split} split, seeds {', '.join(map(str, seeds))} "
+             f"(mean ± std over seeds; the base model is one model), {time.time() - t_start:.0f}s")
+    table = f"# {title}\n" + results_table(results, args.sigmas, splits) + "\n"
+    out = runs / ("ablations.md" if args.ablations else "results.md")
+    out.write_text(table)
+    print("\n" + table + f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
