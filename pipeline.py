@@ -30,8 +30,14 @@ VARIANTS = {"full": [], "no_focus": ["--no-focus"], "no_robust": ["--no-robust"]
             "no_ddw": ["--no-ddw"]}
 PAPER_F1 = {"base": 85.10, "full": 87.44, "no_focus": 85.84, "no_robust": 85.27, "no_calib": 86.17, "no_ddw": 86.68}
 # Toy-world settings of the stages, each a flag of that stage; why each differs from SPEC's default is said here.
+# Everything else is SPEC's default (authors' filter thresholds, beta 0.1, lambda_calib 0.3, 4 epochs, batch 16).
 PAIR_FLAGS = ""
 FILTER_FLAGS = ""
+# lr 2e-4, not 1e-5: the 64-wide toy model barely moves in its 28 steps at 1e-5. Chosen on world/val (seed 0, one
+# run each; base: accuracy 0.868 clean / 0.596 at sigma 0.2, CHAIR_i 0.516): lr 1e-4 0.870 / 0.622, CHAIR_i 0.513;
+# 2e-4 0.870 / 0.659, 0.513; 3e-4 0.864 / 0.695, 0.528; 5e-4 0.859 / 0.749, 0.583: past 2e-4 the noise gain is
+# bought with clean accuracy and CHAIR_i. Looser filters (PPL < 10, margin in [-2, 2]: 375 lines, most of them
+# robustness pairs) gave 0.874 / 0.618 at 1e-4 and drove the sigma-0.2 yes-ratio to 0.18 at 5e-4.
 TRAIN_FLAGS = "--lr 2e-4"
 
 
