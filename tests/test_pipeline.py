@@ -24,3 +24,13 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path):
     second = run_script("pipeline.py", *flags).stdout
     assert "04 seed 0 full" not in second and model.stat().st_mtime_ns == stamp  # a saved model is not retrained
     assert (runs / "results.md").read_text().split("\n")[1:] == table.split("\n")[1:]  # same numbers (title: time)
+
+    # the analysis scripts read what the pipeline wrote
+    run_script("analysis/figure_pairs.py", "--pairs", runs / "seed0" / "pairs.jsonl", "--out", tmp_path / "f.png",
+               "--n", 2)
+    assert (tmp_path / "f.png").stat().st_size > 1000
+    out = run_script("analysis/ips_on_vs_off_policy.py", "--pairs", runs / "seed0" / "pairs.jsonl", "--world", world,
+                     "--out", tmp_path / "ips").stdout
+    ips = json.loads((tmp_path / "ips" / "ips.json").read_text())
+    assert set(ips) == {"on-policy", "off-policy", "rephrased"} and "share < 0" in out
+    assert ips["on-policy"]["n"] == ips["rephrased"]["n"] > 0
