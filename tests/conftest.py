@@ -122,3 +122,31 @@ def run_script(name, *args, check=True, timeout=600, **kw):
         raise AssertionError(f"{name} {' '.join(map(str, args))} exited {proc.returncode}\n"
                              f"--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}")
     return proc
+
+
+def run_torchrun(script, nproc, *args, timeout=300):
+    """Run a stage under `torchrun --standalone --nproc_per_node=nproc` (gloo on CPU), as a user would."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@torch.no_grad()
+def token_by_token_logprob(model, processor, chat_text, response, images):
+    """(log pi(y | c), n): one row alone, no padding, one plain forward per prefix of the response + EOS; the
+    reference that batched, masked scoring is tested against. chat_text: the chat prompt with its image tokens."""
+    tok = processor.tokenizer
+    enc = processor(text=[chat_text], images=images, return_tensors="pt")
+    resp = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    total = 0.0
+    for t in range(len(resp)):
+        extra = torch.tensor([resp[:t]], dtype=torch.long)
+        feed = dict(enc, input_ids=torch.cat([enc["input_ids"], extra], 1),
+                    attention_mask=torch.ones(1, enc["input_ids"].shape[1] + t, dtype=torch.long))
+        if "mm_token_type_ids" in enc:
+            feed["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(extra)], 1)
+        total += torch.log_softmax(model(**feed).logits[0, -1].double(), -1)[resp[t]].item()
+    return total, len(resp)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, run_torchrun
 
 SCRIPT = "02_make_pairs.py"
 spec = importlib.util.spec_from_file_location("stage02", ROOT / SCRIPT)
@@ -224,12 +224,7 @@ def test_stage_writes_pairs(request, tmp_path, name, combine):
 
 
 def torchrun(nproc, *args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT,
-           *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+    return run_torchrun(ROOT / SCRIPT, nproc, *args)
 
 
 def test_resume_after_sigkill_and_two_processes_equal_one_uninterrupted_run(tiny_llava, tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, token_by_token_logprob
 
 SCRIPT = "03_filter.py"
 spec = importlib.util.spec_from_file_location("stage03", ROOT / SCRIPT)
@@ -148,18 +148,7 @@ def test_filter_report_counts_by_hand():
 # ---- the scoring: the shared block, through this stage's grouping and chunking ----
 def token_by_token(model, processor, prompt, response, images):
     """log pi(y | c) of one row, no padding, one plain forward per response-token prefix."""
-    tok = processor.tokenizer
-    enc = processor(text=[stage.chat_prompt(processor, prompt, len(images))], images=images, return_tensors="pt")
-    resp = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    total = 0.0
-    for t in range(len(resp)):
-        extra = torch.tensor([resp[:t]], dtype=torch.long)
-        feed = dict(enc, input_ids=torch.cat([enc["input_ids"], extra], 1),
-                    attention_mask=torch.ones(1, enc["input_ids"].shape[1] + t, dtype=torch.long))
-        if "mm_token_type_ids" in enc:
-            feed["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(extra)], 1)
-        total += torch.log_softmax(model(**feed).logits[0, -1].double(), -1)[resp[t]].item()
-    return total, len(resp)
+    return token_by_token_logprob(model, processor, stage.chat_prompt(processor, prompt, len(images)), response, images)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen"])

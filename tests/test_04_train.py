@@ -4,16 +4,13 @@ bad rows skipped, resume = uninterrupted, 2 processes (gloo) = 1 process, non-fi
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, run_torchrun, token_by_token_logprob
 
 SCRIPT = "04_train_calibrated_dpo.py"
 spec = importlib.util.spec_from_file_location("stage04", ROOT / SCRIPT)
@@ -88,12 +85,7 @@ def curve(out, keys=("loss", "dpo_focus", "calib", "dpo_robust", "grad_norm")):
 
 
 def torchrun(nproc, *args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", SCRIPT,
-           *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"torchrun exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc
+    return run_torchrun(ROOT / SCRIPT, nproc, *args)
 
 
 # ---- the loss ----
@@ -192,18 +184,9 @@ def test_logprobs_equal_token_by_token(family, request):
     with torch.no_grad():
         logp, ntok = stage.response_logprobs(model, inputs, mask)
         for i in range(3):  # one row alone, no padding, one forward per response token
-            enc = processor(text=[stage.chat_prompt(processor, prompts[i], len(images[i]))], images=images[i],
-                            return_tensors="pt")
-            resp = tok(responses[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            total = 0.0
-            for t in range(len(resp)):
-                extra = torch.tensor([resp[:t]], dtype=torch.long)
-                feed = dict(enc, input_ids=torch.cat([enc["input_ids"], extra], 1),
-                            attention_mask=torch.ones(1, enc["input_ids"].shape[1] + t, dtype=torch.long))
-                if "mm_token_type_ids" in enc:
-                    feed["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(extra)], 1)
-                total += torch.log_softmax(model(**feed).logits[0, -1].double(), -1)[resp[t]].item()
-            assert ntok[i].item() == len(resp)
+            text = stage.chat_prompt(processor, prompts[i], len(images[i]))
+            total, n = token_by_token_logprob(model, processor, text, responses[i], images[i])
+            assert ntok[i].item() == n
             assert logp[i].item() == pytest.approx(total, abs=1e-4)
 
 
