@@ -2,7 +2,7 @@
 
 Runs each stage as its own script, exactly as a user would type it, and hands the JSONL files on:
   00 world/ -> 01 runs/crops.jsonl -> 02 runs/seed<S>/pairs.jsonl -> 03 runs/seed<S>/train.jsonl
-     -> 04 runs/seed<S>/<variant>/ -> 05 runs/seed<S>/eval_<variant>/ (and runs/eval_base/ for the base model)
+     -> 04 runs/seed<S>/<variant>/ -> 05 runs/seed<S>/eval_<variant>_<split>/ (runs/eval_base_<split>/: base)
 Every stage resumes, so a second run only redoes what is missing (04 counts as done when its model folder is saved).
 Stage 01 is greedy, so its crops do not depend on the seed; 02 (sampling), 03 and 04 run once per seed.
 The held-out POPE files (world/pope) are only ever evaluated; tuning used world/val (--split val).
@@ -11,9 +11,9 @@ Variants (the paper's ablation table): full, no_focus, no_robust, no_calib, no_d
 Output: <runs>/results.md (main command) or <runs>/ablations.md (--ablations): tables of POPE accuracy / F1 /
 yes-ratio per split and mean at each sigma, and CHAIR on descriptions, mean +- std over seeds.
 
-  python pipeline.py                                  # 00 -> 05, seed 0: base vs P2-DPO, about 6 minutes on 2 CPU cores
-  python pipeline.py --ablations                      # + the four ablations, seeds 0 1 2 (README: time)
-  python pipeline.py --split val --runs runs/tune     # the same on the validation split, for tuning
+  python pipeline.py                   # 00 -> 05, seed 0: base vs P2-DPO; 3.5 min on 2 CPU cores (00: 1.6 of them)
+  python pipeline.py --ablations       # + the four ablations, seeds 0 1 2: 7 more minutes
+  python pipeline.py --split val --runs runs/tune      # the same on the validation split, for tuning
 """
 import argparse
 import json
@@ -52,9 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of stages 02-04 (default: 0; with "
                    "--ablations: 0 1 2)")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.2], help="POPE noise levels (paper: 0, 0.2)")
-    p.add_argument("--pair-flags", default=PAIR_FLAGS, help="extra flags for 02_make_pairs.py")
-    p.add_argument("--filter-flags", default=FILTER_FLAGS, help="extra flags for 03_filter.py")
-    p.add_argument("--train-flags", default=TRAIN_FLAGS, help="extra flags for 04_train_calibrated_dpo.py")
+    p.add_argument("--pair-flags", default=PAIR_FLAGS, help="extra flags for 02_make_pairs.py (one string)")
+    p.add_argument("--filter-flags", default=FILTER_FLAGS, help="extra flags for 03_filter.py (one string; a "
+                   "negative number needs '=': --margin-low=-0.5)")
+    p.add_argument("--train-flags", default=TRAIN_FLAGS, help=f"extra flags for 04_train_calibrated_dpo.py (one "
+                   f"string; default {TRAIN_FLAGS!r}, the toy world's learning rate, chosen on world/val: see the "
+                   f"source; a value given here replaces it)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="trainings / evaluations run side by side (tiny models use one thread each)")
     return p.parse_args(argv)
