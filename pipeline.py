@@ -3,7 +3,8 @@
 Runs each stage as its own script, exactly as a user would type it, and hands the JSONL files on:
   00 world/ -> 01 runs/crops.jsonl -> 02 runs/seed<S>/pairs.jsonl -> 03 runs/seed<S>/train.jsonl
      -> 04 runs/seed<S>/<variant>/ -> 05 runs/seed<S>/eval_<variant>_<split>/ (runs/eval_base_<split>/: base)
-Every stage resumes, so a second run only redoes what is missing (04 counts as done when its model folder is saved).
+Every stage resumes, so a second run only redoes what is missing (04 counts as done when its model folder is saved;
+02 and 03 refuse to resume into an output made with other settings): after changing a setting, use another --runs.
 Stage 01 is greedy, so its crops do not depend on the seed; 02 (sampling), 03 and 04 run once per seed.
 The held-out POPE files (world/pope) are only ever evaluated; tuning used world/val (--split val).
 
@@ -57,7 +58,8 @@ def parse_args(argv=None):
                    "negative number needs '=': --margin-low=-0.5)")
     p.add_argument("--train-flags", default=TRAIN_FLAGS, help=f"extra flags for 04_train_calibrated_dpo.py (one "
                    f"string; default {TRAIN_FLAGS!r}, the toy world's learning rate, chosen on world/val: see the "
-                   f"source; a value given here replaces it)")
+                   f"source; a value given here replaces it; a saved model is not retrained: after changing these, use another "
+                   f"--runs)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="trainings / evaluations run side by side (tiny models use one thread each)")
     return p.parse_args(argv)
@@ -100,12 +102,6 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_H
 def evaluation(model, out, args, questions, describe):
     return (command("05_eval_pope.py", "--model", model, "--questions", questions, "--describe", describe,
                     "--noise-sigma", *args.sigmas, "--out", out), f"{out}.log", f"05 {Path(out).name}")
-
-
-def pope_row(metrics):
-    """{sigma: {split or "mean": {accuracy, f1, yes_ratio}}, "chair": {sigma: {...}}} from a metrics.json."""
-    out = {s: {**per_split, "mean": metrics["mean"][s]} for s, per_split in metrics["pope"].items()}
-    return out, metrics.get("chair", {})
 
 
 def mean_std(values):
