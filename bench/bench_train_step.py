@@ -11,7 +11,7 @@ on a GPU; on a CPU the peak resident set (VmHWM, reset after a warm-up that impo
 the resident set at that reset.
 Targets (issue 6): precomputed / live_ref peak memory <= 0.6 and step time <= 0.75; exits 1 when one is missed.
 
-  python bench/bench_train_step.py                        # toy model + a 36M random LLaVA, CPU, about 3 minutes
+  python bench/bench_train_step.py                        # toy model + a 36M random LLaVA, CPU, about 4 minutes
   python bench/bench_train_step.py --models llava35m --device cuda --batch-size 8
 """
 import argparse
