@@ -295,6 +295,14 @@ def save_args(args, out, result_args):
     path.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, indent=1))
 
 
+def write_jsonl(path, rows):
+    """Write a whole JSONL file atomically: a crash leaves the old file, never half of the new one."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
 def run_rows(rows, errors, work, out, batch_size, rank=0, world=1, desc="rows"):
     """Resumable, sharded driver of a stage: returns the output rows (rank 0; None elsewhere) in input order.
 
@@ -336,17 +344,11 @@ def run_rows(rows, errors, work, out, batch_size, rank=0, world=1, desc="rows"):
         for r in continue_jsonl(p):
             merged.setdefault(str(r["id"]), r)
     result = sorted(merged.values(), key=lambda r: order.get(str(r["id"]), len(order)))
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in result:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, out)  # atomic: a crash here leaves the old file and the parts, and a rerun merges again
+    write_jsonl(out, result)  # a crash here leaves the old file and the parts, and a rerun merges again
     for p in out.parent.glob(f"{out.name}.rank*"):
         p.unlink()
     err_path = out.with_suffix(".errors.jsonl")
-    with open(err_path, "w", encoding="utf-8") as f:
-        for e in sorted(errors, key=lambda e: e["line"]):
-            f.write(json.dumps(e) + "\n")
+    write_jsonl(err_path, sorted(errors, key=lambda e: e["line"]))
     for e in errors[:10]:
         print(e["error"])
     n_out = sum(str(r["id"]) in order for r in result)
