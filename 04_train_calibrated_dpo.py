@@ -50,6 +50,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 TERMS = ("focus_w", "focus_l", "aug", "deg", "robust_w", "robust_l")  # aug, deg: y_w under (I_aug, P_enh), (I_deg, P)
 STATS = ("loss", "dpo_focus", "calib", "acc_focus", "margin_focus", "delta_pi_w", "w_focus", "dpo_robust",
          "acc_robust", "margin_robust")  # logged each step, each a mean over the lines that have the term
+GROUPS = (("focus_w", "focus_l"), ("robust_w", "robust_l"), ("aug", "deg"))  # L_total: a sum of a part per group
 
 
 def parse_args(argv=None):
@@ -335,16 +336,17 @@ def parse_line(row, root, args):
             "clip": [float(c) if isinstance(c, (int, float)) else math.nan for c in map(clip.get, ("crop", "image"))]}
 
 
-def policy_logps(model, processor, exs, calib, ctx):
-    """Summed log pi_theta of every term of a micro-batch: one forward per context, chosen and rejected rows in one
-    forward where they share it. exs: B examples. Returns a dict over TERMS of (B,) fp32, 0 where a line lacks it."""
+def policy_logps(model, processor, exs, ctx, terms=TERMS):
+    """Summed log pi_theta of `terms` for a micro-batch: one forward per context, chosen and rejected rows in one
+    forward where they share it. exs: B examples. Returns a dict over TERMS of (B,) fp32, 0 where a line lacks the
+    term or it was not asked for."""
     focus, robust = ([i for i, ex in enumerate(exs) if ex[b]] for b in ("focus", "robust"))
     contexts = [("focus", focus, ("focus_w", "focus_l"), "prompt", "image"),  # (I, P)
                 ("robust", robust, ("robust_w", "robust_l"), "prompt", "noise"),  # (I_noise, P)
-                ("focus", focus if calib else [], ("aug",), "prompt_enh", "aug"),  # (I_aug, P_enh), y_w only
-                ("focus", focus if calib else [], ("deg",), "prompt", "deg")]  # (I_deg, P), y_w only
+                ("focus", focus, ("aug",), "prompt_enh", "aug"),  # (I_aug, P_enh), y_w only
+                ("focus", focus, ("deg",), "prompt", "deg")]  # (I_deg, P), y_w only
     image, out = functools.lru_cache(maxsize=None)(load_image), {}  # decode each file once per micro-batch
-    for branch, idx, keys, prompt, context in (c for c in contexts if c[1]):
+    for branch, idx, keys, prompt, context in (c for c in contexts if c[1] and set(c[2]) <= set(terms)):
         rows = [(exs[i][prompt], exs[i][branch][j], [image(p) for p in exs[i]["images"][context]])
                 for j in range(len(keys)) for i in idx]  # all chosen rows, then all rejected rows
         with ctx:
@@ -352,24 +354,37 @@ def policy_logps(model, processor, exs, calib, ctx):
         full = logp.new_zeros(len(keys), len(exs))  # (len(keys), B)
         full[:, idx] = logp.view(len(keys), len(idx))
         out.update(zip(keys, full))
-    return {k: out[k] if k in out else logp.new_zeros(len(exs)) for k in TERMS}
+    zero = torch.zeros(len(exs), device=next(model.parameters()).device)
+    return {k: out.get(k, zero) for k in TERMS}
 
 
-def micro_step(model, processor, mb, args, ctx):
-    """Micro-batch of (example, weight) -> (losses (B,), weight (B,), sums (2 * len(STATS),): each STATS entry's
-    weighted sum, then the count it is a mean over; dummy lines (weight 0) count nowhere)."""
+def micro_step(model, processor, mb, args, ctx, scale):
+    """Forward and backward of a micro-batch of (example, weight), one group of terms at a time. L_total is a sum of
+    parts that each read one group's log-probs (DPO_focus; DPO_rob; L_calib: the DDW weights are constants), so a
+    group's gradient needs no other group's forward, and only one group's activations are alive at once (a third or
+    so of them all). Each backward adds scale * d sum(weight * loss) / d theta to .grad. Returns, detached, (losses
+    (B,), sums (2 * len(STATS),): each STATS entry's weighted sum, then the count it is a mean over; dummy lines
+    (weight 0) count nowhere)."""
     exs = [ex for ex, _ in mb]
-    pi = policy_logps(model, processor, exs, not args.no_calib, ctx)
-    tensor = functools.partial(torch.tensor, device=pi["focus_w"].device)
+    tensor = functools.partial(torch.tensor, device=next(model.parameters()).device)
     ref, weight = {k: tensor([ex["ref"][k] for ex in exs]) for k in TERMS}, tensor([w for _, w in mb])
     clip = tensor([ex["clip"] for ex in exs])  # (B, 2): CLIPScore of the crop, of the image
     has_f, has_r = (tensor([ex[b] is not None for ex in exs]) for b in ("focus", "robust"))
-    losses, d = p2dpo_loss(pi, ref, has_f, has_r, clip[:, 0], clip[:, 1], args.beta, 0.0 if args.no_calib else
-                           args.lambda_calib, args.w_base, args.alpha_max, args.tau, not args.no_ddw)
+
+    def loss(pi):  # (losses (B,), diagnostics)
+        return p2dpo_loss(pi, ref, has_f, has_r, clip[:, 0], clip[:, 1], args.beta, 0.0 if args.no_calib else
+                          args.lambda_calib, args.w_base, args.alpha_max, args.tau, not args.no_ddw)
+    pi = {k: tensor([0.0] * len(exs)) for k in TERMS}  # each group's values, once it has run
+    for group in GROUPS[:2] if args.no_calib else GROUPS:
+        live = {k: v for k, v in policy_logps(model, processor, exs, ctx, group).items() if k in group}
+        if any(v.requires_grad for v in live.values()):  # (no line has the group's branch: nothing to do)
+            ((loss({**pi, **live})[0] * weight).sum() * scale).backward()  # the other groups' terms: constants
+        pi.update({k: v.detach() for k, v in live.items()})
+    losses, d = loss(pi)
     f, r, c = weight * has_f, weight * has_r, weight * has_f * (not args.no_calib)  # c: calib, Delta pi logged
     masks = [weight, f, c, f, f, c, f, r, r, r]  # in the order of STATS
     sums = [torch.where(m > 0, v.detach(), 0.0).sum() for v, m in zip([losses] + [d[k] for k in STATS[1:]], masks)]
-    return losses, weight, torch.stack(sums + [m.sum() for m in masks])
+    return losses, torch.stack(sums + [m.sum() for m in masks])
 
 
 def micro_batches(lines, batch, rank, world, batch_size, accum):
@@ -465,11 +480,12 @@ def main():
                         0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
         optimizer.param_groups[0]["lr"] = lr  # (one group)
         mbs, sums = micro_batches(lines, batch, rank, world, args.batch_size, accum), 0
-        for j, mb in enumerate(mbs):  # DDP all-reduces in the last backward only
+        # DDP: .grad accumulates locally until the last micro-step, whose backwards (one per group) each average
+        # the whole .grad over ranks: averaging an average leaves it, so the result is the global batch's mean
+        for j, mb in enumerate(mbs):
             last = j == len(mbs) - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if last else model.no_sync():
-                losses, weight, s = micro_step(model, processor, mb, args, ctx)
-                ((losses * weight).sum() * world / len(batch)).backward()  # ranks are averaged: sum / len(batch)
+                _, s = micro_step(model, processor, mb, args, ctx, world / len(batch))  # ranks averaged: / len(batch)
             sums = sums + s
         if world > 1:
             dist.all_reduce(sums)

@@ -83,7 +83,7 @@ def worker(model_dir, variant, args):
         if device.type == "cpu":  # import every lazily loaded module before the baseline, then reset the peak
             warm, processor = s04.load_model(model_dir, device)
             with torch.no_grad():
-                s04.policy_logps(warm, processor, exs, True, contextlib.nullcontext())
+                s04.policy_logps(warm, processor, exs, contextlib.nullcontext())
             del warm
             gc.collect()
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed pages back, so the baseline is what is live
@@ -103,11 +103,10 @@ def worker(model_dir, variant, args):
             t0 = time.perf_counter()
             if ref is not None:  # what a live reference costs: its forwards on every term of the batch
                 with torch.no_grad():
-                    logps = s04.policy_logps(ref, processor, exs, True, ctx)
+                    logps = s04.policy_logps(ref, processor, exs, ctx)
                 for i, ex in enumerate(exs):
                     ex["ref"] = {k: float(v[i]) for k, v in logps.items()}
-            losses, weight, _ = s04.micro_step(model, processor, [(ex, 1.0) for ex in exs], targs, ctx)
-            (losses * weight).mean().backward()
+            s04.micro_step(model, processor, [(ex, 1.0) for ex in exs], targs, ctx, 1 / len(exs))  # + backward
             torch.nn.utils.clip_grad_norm_(params, targs.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

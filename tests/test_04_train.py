@@ -1,6 +1,7 @@
 """Stage 04: the P2-DPO loss (hand-computed values and limits), the shared log-prob block (batched = token by
 token), LoRA merge, and the trainer run as a subprocess on tiny LLaVA / Qwen2.5-VL models: step 0 = ln 2,
 bad rows skipped, resume = uninterrupted, 2 processes (gloo) = 1 process, non-finite loss stops the run."""
+import contextlib
 import importlib.util
 import json
 import math
@@ -188,6 +189,39 @@ def test_logprobs_equal_token_by_token(family, request):
             total, n = token_by_token_logprob(model, processor, text, responses[i], images[i])
             assert ntok[i].item() == n
             assert logp[i].item() == pytest.approx(total, abs=1e-4)
+
+
+def test_backward_per_group_equals_one_backward(tiny_llava, tmp_path):
+    """micro_step backpropagates the focus, robust and calibration groups one after another (a third of the
+    activations alive); the gradient and the losses equal one backward of p2dpo_loss over every term at once, on
+    lines with both branches, one branch, no CLIP score, and a dummy line of weight 0."""
+    data = write_data(tmp_path / "data", tiny_llava, n_good=6, bad=False)
+    args = stage.parse_args(["--lora-rank", "4", "--lora-dropout", "0"])
+    exs = [stage.parse_line(row, tmp_path / "data", args) for _, row in stage.read_jsonl(data)]
+    mb = [(ex, 1.0) for ex in exs[:5]] + [(exs[5], 0.0)]
+    model, processor = stage.load_model(tiny_llava, "cpu")
+    torch.manual_seed(0)
+    model = stage.prepare(model, args, 1, torch.device("cpu"))
+    for m in model.modules():  # B = 0 at init: give A a gradient too
+        if isinstance(m, stage.LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ctx = contextlib.nullcontext()
+    losses, _ = stage.micro_step(model, processor, mb, args, ctx, 0.25)
+    per_group = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    tensor = lambda rows: torch.tensor(rows, dtype=torch.float32)  # noqa: E731
+    pi = stage.policy_logps(model, processor, [ex for ex, _ in mb], ctx)  # every term, one graph
+    ref = {k: tensor([ex["ref"][k] for ex, _ in mb]) for k in stage.TERMS}
+    clip = tensor([ex["clip"] for ex, _ in mb])
+    has_f, has_r = (torch.tensor([ex[b] is not None for ex, _ in mb]) for b in ("focus", "robust"))
+    assert not has_f.all() and not has_r.all() and clip.isnan().any(), (has_f, has_r, clip)  # mixed lines
+    once, _ = stage.p2dpo_loss(pi, ref, has_f, has_r, clip[:, 0], clip[:, 1])
+    ((once * tensor([w for _, w in mb])).sum() * 0.25).backward()
+    torch.testing.assert_close(losses, once.detach())
+    assert all(p.grad.abs().sum() > 0 for p in params)
+    for p, g in zip(params, per_group):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-7)
 
 
 # ---- LoRA ----
