@@ -32,11 +32,15 @@ def test_gpu_scale_small_on_cpu(tmp_path):
             assert m["s"] > 0 and m["peak_gb"] > 0 and m["extra_mb"] >= 0, (key, mode, m)
             assert math.isclose(m["tok_per_s"], B * 4 / m["s"]), (key, mode, m)
         assert math.isclose(r["ca_over_plain"], r["ca"]["s"] / r["plain"]["s"]), r
-    t = res["train"]
-    assert (t["lines"], t["micro_batch"], t["accum"], t["lora_rank"]) == (2, 1, 2, 32), t
-    # LoRA r 32 on every linear of 4 layers: q, k, v, o (256 -> 256), gate, up (256 -> 688), down (688 -> 256)
-    assert math.isclose(t["trainable_m"], 4 * 32 * (4 * 512 + 3 * (256 + 688)) / 1e6), t
-    assert t["s"] > 0 and t["examples_per_s"] > 0 and t["peak_gb"] > 0 and math.isfinite(t["loss"]), t
+    for variant in ("precomputed", "live_ref"):
+        t = res["train"][variant]
+        assert (t["lines"], t["micro_batch"], t["accum"], t["lora_rank"]) == (2, 1, 2, 32), t
+        # LoRA r 32 on every linear of 4 layers: q, k, v, o (256 -> 256), gate, up (256 -> 688), down (688 -> 256)
+        assert math.isclose(t["trainable_m"], 4 * 32 * (4 * 512 + 3 * (256 + 688)) / 1e6), t
+        assert t["s"] > 0 and t["examples_per_s"] > 0 and t["peak_gb"] > 0 and math.isfinite(t["loss"]), t
+    pre, live, ratio = res["train"]["precomputed"], res["train"]["live_ref"], res["train"]["ratio"]
+    assert math.isclose(ratio["time"], pre["s"] / live["s"]), ratio
+    assert math.isclose(ratio["memory"], pre["peak_gb"] / live["peak_gb"]) and ratio["memory"] < 1, ratio  # + a model
 
 
 def test_gpu_scale_7b_config():
