@@ -40,6 +40,7 @@ the id (characters outside [A-Za-z0-9._-] become "_", and an id so changed, or w
 appended, so no two ids share a file, even on a case-insensitive disk).
 """
 import argparse
+import inspect
 import json
 import os
 import re
@@ -413,6 +414,9 @@ def decode(model, inputs, generators, eos_ids, max_new_tokens, temperature=0.2, 
         assert torch.equal(ids[:B], ids[B:]), "expert and amateur rows must hold the same prompt and image sizes"
     mrope = hasattr(model.model, "rope_deltas")  # Qwen-VL: 3-D positions from the image grids + per-row deltas
     cache = DynamicCache(config=model.config) if use_cache else None
+    # transformers renamed forward's past_key_values to cache (5.2x); a name the model does not know is swallowed
+    # by its **kwargs, so the cache would silently stay empty: pass it under the name this version's forward takes
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     eos = torch.tensor(sorted(eos_ids), device=dev)
     new, done = ids.new_zeros(B, 0), torch.zeros(B, dtype=torch.bool, device=dev)  # (B, t), (B,)
     for step in range(max_new_tokens):
@@ -422,14 +426,16 @@ def decode(model, inputs, generators, eos_ids, max_new_tokens, temperature=0.2, 
                 model.model.rope_deltas = None  # else the deltas of the previous batch are reused
             if mm is not None:  # image/text token types, 0 (text) for the tokens generated so far
                 inputs["mm_token_type_ids"] = torch.nn.functional.pad(mm, (0, ids.shape[1] - mm.shape[1]))
-            out = model(input_ids=ids, attention_mask=mask, position_ids=None if mrope else positions, cache=cache,
-                        use_cache=use_cache, logits_to_keep=1, **inputs)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=None if mrope else positions,
+                        use_cache=use_cache, logits_to_keep=1, **{cache_kw: cache}, **inputs)
+            assert cache is None or cache.get_seq_length() == ids.shape[1], \
+                f"the KV cache holds {cache.get_seq_length()} of {ids.shape[1]} prompt tokens: {cache_kw}= was ignored"
             deltas = model.model.rope_deltas if mrope else None  # (R, 1)
         else:
             pos = positions[:, -1:]  # (R, 1)
             pos = pos[None].expand(3, -1, -1) + deltas if mrope else pos  # (3, R, 1) for M-RoPE
-            out = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                        logits_to_keep=1)
+            out = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos, use_cache=True,
+                        logits_to_keep=1, **{cache_kw: cache})
         logits = out.logits[:, -1].float()  # (R, V)
         logits[:B, list(suppress_ids)] = float("-inf")  # the experts' (p_EP = 0: outside V_head as well)
         if lambda_ca is not None:

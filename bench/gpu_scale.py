@@ -52,6 +52,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPVisionConfig, LlamaConfig,  # noqa: E402
                           LlavaConfig)
+import transformers  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from bench_train_step import make_examples  # noqa: E402
@@ -282,7 +283,8 @@ def status_mb(field):
 
 def print_table(res):
     print(f"LLaVA-1.5 {res['size']} shape, {res['params_b']:.3f}B parameters ({res['dtype']}, random) on "
-          f"{res['card']}; built in {res['build_s']:.1f} s; weights {res['weights_gb']:.2f} GiB")
+          f"{res['card']}; built in {res['build_s']:.1f} s; weights {res['weights_gb']:.2f} GiB; torch "
+          f"{res['versions']['torch']}, transformers {res['versions']['transformers']}")
     print(f"{'part':<44} {'time s':>8} {'throughput':>16} {'peak GiB':>9} {'extra MiB':>10}")
 
     def row(name, m, throughput=""):
@@ -321,7 +323,8 @@ def main():
     res = {"size": args.size, "card": card, "dtype": str(model.dtype).replace("torch.", ""),
            "params_b": sum(p.numel() for p in model.parameters()) / 1e9, "build_s": m["s"],
            "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
-           "new_tokens": args.new_tokens}
+           "new_tokens": args.new_tokens, "versions": {"torch": torch.__version__,
+                                                      "transformers": transformers.__version__}}
     def save(part):  # each part's numbers as soon as they exist: a crash or a kill later loses nothing
         print(f"{part} done at {time.perf_counter() - t_start:.0f} s", flush=True)
         res["wall_s"] = time.perf_counter() - t_start
