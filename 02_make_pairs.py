@@ -31,8 +31,8 @@ Shapes: B instances, R rows of a forward (2B with contrastive amplification: exp
   torchrun --nproc_per_node=8 02_make_pairs.py --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/crops.jsonl
 Choices left open by the paper: each response has its own torch.Generator seeded by crc32 of "seed/id/role" and
 draws one uniform per step (inverse CDF over the sorted nucleus), so a response does not depend on batch size,
-order or process count (nor do its draws on the device); temperature and top-p act on logits_CA; the amateur reads the tokens chosen by
-contrastive amplification (as in VCD); two responses are "equal" when their stripped texts are; I_deg's colour is
+order or process count (nor do its draws on the device); temperature and top-p act on logits_CA; the amateur
+reads the tokens chosen by contrastive amplification (as in VCD); two responses are "equal" when their stripped texts are; I_deg's colour is
 the rounded mean over the whole image; a "full" crop still gets its images written, only its focus decoding is
 skipped; --combine auto takes two images where the processor accepts them, else stitch; image placeholder tokens
 are never generated (a response holding one could not be scored with its image later); image files are named by

@@ -201,8 +201,8 @@ def part_decode(s02, model, processor, args, meter):
 def part_train(s04, model, processor, args, meter, folder):
     """One optimizer step of 04 on --train-batch x --accum lines, after a one-micro-step warm-up (which also makes
     AdamW's state, so the timed step's peak is a steady-state step's): first with 03's precomputed reference
-    log-probs ("precomputed", what 04 does), then ("live_ref", TRL's default) with a second copy of the model in memory
-    as the reference, whose no-grad forwards score the same six terms before every micro-step."""
+    log-probs ("precomputed", what 04 does), then ("live_ref", TRL's default) with a second copy of the model in
+    memory as the reference, whose no-grad forwards score the same six terms before every micro-step."""
     targs = s04.parse_args(["--lora-rank", str(args.lora_rank), "--grad-checkpointing", "--seed", str(args.seed)])
     n = args.train_batch * args.accum
     exs = make_examples(folder, n, IMAGE, args.seed)  # six terms per line; 12-20 word responses
@@ -325,6 +325,7 @@ def main():
            "weights_gb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
            "new_tokens": args.new_tokens, "versions": {"torch": torch.__version__,
                                                       "transformers": transformers.__version__}}
+
     def save(part):  # each part's numbers as soon as they exist: a crash or a kill later loses nothing
         print(f"{part} done at {time.perf_counter() - t_start:.0f} s", flush=True)
         res["wall_s"] = time.perf_counter() - t_start
@@ -355,8 +356,7 @@ def main():
     print(f"targets (7b only): wall time <= {TARGETS['wall_s_max']:.0f} s, contrastive / plain <= "
           f"{TARGETS['ca_over_plain_max']}, training step precomputed / live reference: time <= "
           f"{TARGETS['train_time']}, memory <= {TARGETS['train_memory']}: " +
-          ("not judged (small config)" if args.size != "7b" else
-                                                 "MISSED: " + "; ".join(missed) if missed else "met"))
+          ("not judged (small config)" if args.size != "7b" else "MISSED: " + "; ".join(missed) if missed else "met"))
     sys.exit(1 if missed else 0)
 
 

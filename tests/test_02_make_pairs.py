@@ -126,6 +126,21 @@ def test_lambda_zero_greedy_is_the_experts_generate(family):
     assert stage.decode(model, inputs_for(processor, PROMPTS, images, noise), gens, eos, 12, 0.0, lambda_ca=0.0) == ref
 
 
+def test_a_cache_the_model_ignores_is_an_error(tiny_llava):
+    """A transformers version whose forward knows neither name for the cache swallows it in **kwargs, so decoding
+    would silently run without its past: decode must stop with an error instead (as under 5.17 before the fix)."""
+    model, processor = stage.load_model(tiny_llava, "cpu")
+    forward = model.forward
+
+    def no_cache_forward(**kwargs):  # its signature names no cache: decode passes past_key_values, dropped here
+        kwargs.pop("past_key_values", None)
+        return forward(**kwargs)
+    model.forward = no_cache_forward
+    inputs = inputs_for(processor, PROMPTS[:2], random_images(2))
+    with pytest.raises(AssertionError, match="past_key_values= was ignored"):
+        stage.decode(model, inputs, [torch.Generator() for _ in range(2)], NO_EOS, 4, 0.0)
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_cached_loop_equals_uncached_loop(family, temperature):
     model, processor = family
