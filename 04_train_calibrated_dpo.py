@@ -336,36 +336,47 @@ def parse_line(row, root, args):
             "clip": [float(c) if isinstance(c, (int, float)) else math.nan for c in map(clip.get, ("crop", "image"))]}
 
 
-def policy_logps(model, processor, exs, ctx, terms=TERMS):
-    """Summed log pi_theta of `terms` for a micro-batch: one forward per context, chosen and rejected rows in one
-    forward where they share it. exs: B examples. Returns a dict over TERMS of (B,) fp32, 0 where a line lacks the
-    term or it was not asked for."""
+def term_batches(processor, exs, terms=TERMS):
+    """The CPU half of scoring a micro-batch (images decoded, the processor run), apart so that a live reference can
+    share it with the policy. exs: B examples. Returns, for each context some line has and whose terms are all in
+    `terms`, (keys, idx, (inputs, response_mask)): the rows of keys[0] for the lines idx, then those of keys[1]."""
     focus, robust = ([i for i, ex in enumerate(exs) if ex[b]] for b in ("focus", "robust"))
     contexts = [("focus", focus, ("focus_w", "focus_l"), "prompt", "image"),  # (I, P)
                 ("robust", robust, ("robust_w", "robust_l"), "prompt", "noise"),  # (I_noise, P)
                 ("focus", focus, ("aug",), "prompt_enh", "aug"),  # (I_aug, P_enh), y_w only
                 ("focus", focus, ("deg",), "prompt", "deg")]  # (I_deg, P), y_w only
-    image, out = functools.lru_cache(maxsize=None)(load_image), {}  # decode each file once per micro-batch
+    image, out = functools.lru_cache(maxsize=None)(load_image), []  # decode each file once per micro-batch
     for branch, idx, keys, prompt, context in (c for c in contexts if c[1] and set(c[2]) <= set(terms)):
         rows = [(exs[i][prompt], exs[i][branch][j], [image(p) for p in exs[i]["images"][context]])
                 for j in range(len(keys)) for i in idx]  # all chosen rows, then all rejected rows
+        out.append((keys, idx, build_batch(processor, *map(list, zip(*rows)))))  # (len(keys) * |idx|, T)
+    return out
+
+
+def policy_logps(model, batches, B, ctx):
+    """Summed log pi_theta of each term in `batches` (term_batches' output for B examples): one forward per context,
+    chosen and rejected rows in one forward where they share it. Returns a dict over TERMS of (B,) fp32, 0 where a
+    line lacks the term or `batches` does not hold it."""
+    out = {}
+    for keys, idx, batch in batches:
         with ctx:
-            logp, _ = response_logprobs(model, *build_batch(processor, *map(list, zip(*rows))))  # (len(keys) * |idx|,)
-        full = logp.new_zeros(len(keys), len(exs))  # (len(keys), B)
+            logp, _ = response_logprobs(model, *batch)  # (len(keys) * |idx|,)
+        full = logp.new_zeros(len(keys), B)  # (len(keys), B)
         full[:, idx] = logp.view(len(keys), len(idx))
         out.update(zip(keys, full))
-    zero = torch.zeros(len(exs), device=next(model.parameters()).device)
+    zero = torch.zeros(B, device=next(model.parameters()).device)
     return {k: out.get(k, zero) for k in TERMS}
 
 
-def micro_step(model, processor, mb, args, ctx, scale):
+def micro_step(model, processor, mb, args, ctx, scale, batches=None):
     """Forward and backward of a micro-batch of (example, weight), one group of terms at a time. L_total is a sum of
     parts that each read one group's log-probs (DPO_focus; DPO_rob; L_calib: the DDW weights are constants), so a
     group's gradient needs no other group's forward, and only one group's activations are alive at once (a third or
     so of them all). Each backward adds scale * d sum(weight * loss) / d theta to .grad. Returns, detached, (losses
     (B,), sums (2 * len(STATS),): each STATS entry's weighted sum, then the count it is a mean over; dummy lines
-    (weight 0) count nowhere)."""
-    exs = [ex for ex, _ in mb]
+    (weight 0) count nowhere). batches: term_batches of the micro-batch, when the caller has made them already."""
+    exs, groups = [ex for ex, _ in mb], GROUPS[:2] if args.no_calib else GROUPS
+    batches = term_batches(processor, exs, [k for g in groups for k in g]) if batches is None else batches
     tensor = functools.partial(torch.tensor, device=next(model.parameters()).device)
     ref, weight = {k: tensor([ex["ref"][k] for ex in exs]) for k in TERMS}, tensor([w for _, w in mb])
     clip = tensor([ex["clip"] for ex in exs])  # (B, 2): CLIPScore of the crop, of the image
@@ -375,8 +386,9 @@ def micro_step(model, processor, mb, args, ctx, scale):
         return p2dpo_loss(pi, ref, has_f, has_r, clip[:, 0], clip[:, 1], args.beta, 0.0 if args.no_calib else
                           args.lambda_calib, args.w_base, args.alpha_max, args.tau, not args.no_ddw)
     pi = {k: tensor([0.0] * len(exs)) for k in TERMS}  # each group's values, once it has run
-    for group in GROUPS[:2] if args.no_calib else GROUPS:
-        live = {k: v for k, v in policy_logps(model, processor, exs, ctx, group).items() if k in group}
+    for group in groups:
+        mine = [b for b in batches if set(b[0]) <= set(group)]
+        live = {k: v for k, v in policy_logps(model, mine, len(exs), ctx).items() if k in group}
         if any(v.requires_grad for v in live.values()):  # (no line has the group's branch: nothing to do)
             ((loss({**pi, **live})[0] * weight).sum() * scale).backward()  # the other groups' terms: constants
         pi.update({k: v.detach() for k, v in live.items()})

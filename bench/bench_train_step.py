@@ -4,7 +4,9 @@ TRL's DPOTrainer keeps a frozen copy of the model in memory by default and runs 
 every reference term once, before training, so 04 never holds a reference model. This script measures what that
 buys, side by side in one run, on the same model, the same micro-batch and the same machine:
   precomputed  policy forwards + backward on the six terms (focus w/l, calibration aug/deg, robust w/l) + AdamW
-  live_ref     the same step plus the reference model's no-grad forwards on the same six terms
+  live_ref     the same step plus the reference model's no-grad forwards on the same six terms, fed the same
+               tensors: images are decoded and the processor run once per step in both variants (a trainer's
+               collator does it once for both models), so the difference is the reference's forwards alone
 Each variant runs in its own subprocess (so peak memory is its own), alternated `--rounds` times; step time is the
 median over steps (the first, warm-up, step excluded) and the best round. Peak memory: torch.cuda's peak allocation
 on a GPU; on a CPU the peak resident set (VmHWM, reset after a warm-up that imports every lazily loaded module) less
@@ -83,7 +85,7 @@ def worker(model_dir, variant, args):
         if device.type == "cpu":  # import every lazily loaded module before the baseline, then reset the peak
             warm, processor = s04.load_model(model_dir, device)
             with torch.no_grad():
-                s04.policy_logps(warm, processor, exs, contextlib.nullcontext())
+                s04.policy_logps(warm, s04.term_batches(processor, exs), len(exs), contextlib.nullcontext())
             del warm
             gc.collect()
             ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed pages back, so the baseline is what is live
@@ -101,12 +103,13 @@ def worker(model_dir, variant, args):
         times = []
         for _ in range(args.steps + 1):
             t0 = time.perf_counter()
+            batches = s04.term_batches(processor, exs)  # images and processor: once, whatever the variant
             if ref is not None:  # what a live reference costs: its forwards on every term of the batch
                 with torch.no_grad():
-                    logps = s04.policy_logps(ref, processor, exs, ctx)
+                    logps = s04.policy_logps(ref, batches, len(exs), ctx)
                 for i, ex in enumerate(exs):
                     ex["ref"] = {k: float(v[i]) for k, v in logps.items()}
-            s04.micro_step(model, processor, [(ex, 1.0) for ex in exs], targs, ctx, 1 / len(exs))  # + backward
+            s04.micro_step(model, processor, [(ex, 1.0) for ex in exs], targs, ctx, 1 / len(exs), batches)  # + backward
             torch.nn.utils.clip_grad_norm_(params, targs.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

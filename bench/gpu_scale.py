@@ -14,7 +14,8 @@ answers' content does not matter. Three parts, each calling the stage's own func
                 4 micro-steps): prepare (LoRA r 32, gradient checkpointing), micro_step (six scored terms per line:
                 focus w/l on I, robust w/l on I_noise, y_w on (I, I_crop) with P_enh and on I_deg), AdamW; first
                 with 03's precomputed reference log-probs (what 04 does), then with a live reference (TRL's
-                default): a second copy of the model in memory, whose no-grad forwards score the six terms first
+                default): a second copy of the model in memory, whose no-grad forwards score the six terms first,
+                on the tensors the policy then reads (images and processor once per micro-step in both variants)
 Memory: on CUDA torch.cuda.max_memory_allocated (peak_gb: everything allocated, weights included; extra_mb: above
 what was allocated when the part began); on a CPU (Linux) the peak resident set (VmHWM, reset per part) and its
 growth. Times: torch.cuda.synchronize around each, a warm-up call first, the median of --reps for decoding.
@@ -215,12 +216,14 @@ def part_train(s04, model, processor, args, meter, folder):
     def step(lines, ref=None):
         for i in range(0, len(lines), args.train_batch):  # micro-steps, gradients accumulated
             mb = lines[i:i + args.train_batch]
+            batches = s04.term_batches(processor, mb)  # images and processor: once, whatever the variant
             if ref is not None:  # a live reference: its forwards on every term of the micro-batch
                 with torch.no_grad():
-                    logps = s04.policy_logps(ref, processor, mb, ctx)
+                    logps = s04.policy_logps(ref, batches, len(mb), ctx)
                 for j, ex in enumerate(mb):
                     ex["ref"] = {k: float(v[j]) for k, v in logps.items()}
-            losses, _ = s04.micro_step(model, processor, [(ex, 1.0) for ex in mb], targs, ctx, 1 / len(lines))
+            losses, _ = s04.micro_step(model, processor, [(ex, 1.0) for ex in mb], targs, ctx, 1 / len(lines),
+                                       batches)
         torch.nn.utils.clip_grad_norm_(params, targs.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -211,7 +211,7 @@ def test_backward_per_group_equals_one_backward(tiny_llava, tmp_path):
     per_group = [p.grad.clone() for p in params]
     model.zero_grad(set_to_none=True)
     tensor = lambda rows: torch.tensor(rows, dtype=torch.float32)  # noqa: E731
-    pi = stage.policy_logps(model, processor, [ex for ex, _ in mb], ctx)  # every term, one graph
+    pi = stage.policy_logps(model, stage.term_batches(processor, [ex for ex, _ in mb]), len(mb), ctx)  # one graph
     ref = {k: tensor([ex["ref"][k] for ex, _ in mb]) for k in stage.TERMS}
     clip = tensor([ex["clip"] for ex, _ in mb])
     has_f, has_r = (torch.tensor([ex[b] is not None for ex, _ in mb]) for b in ("focus", "robust"))
