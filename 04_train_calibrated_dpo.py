@@ -220,6 +220,8 @@ def response_logprobs(model, inputs, response_mask):
     inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device) for k, v in inputs.items()}
     n = int(response_mask.sum(1).max())
     logits = model(**inputs, use_cache=False, logits_to_keep=n + 1).logits  # (R, n + 1, V): only what is scored
+    assert logits.shape[1] == n + 1, f"{logits.shape[1]} positions of logits for n + 1 = {n + 1}: logits_to_keep= " \
+        "was ignored (renamed in this transformers version?), so log-probs would be read at the wrong positions"
     logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (R, n, V): position t predicts token t + 1
     logp = logp.gather(-1, inputs["input_ids"][:, -n:, None]).squeeze(-1)  # (R, n)
     mask = response_mask[:, -n:].to(p.device)

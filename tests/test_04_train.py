@@ -191,6 +191,17 @@ def test_logprobs_equal_token_by_token(family, request):
             assert logp[i].item() == pytest.approx(total, abs=1e-4)
 
 
+def test_an_ignored_logits_to_keep_is_an_error(tiny_llava):
+    """A transformers version that renames logits_to_keep (it was num_logits_to_keep before 4.50) swallows it in
+    **kwargs and returns every position's logits; the gather would then read the wrong positions without a sound."""
+    model, processor = stage.load_model(tiny_llava, "cpu")
+    forward = model.forward
+    model.forward = lambda **kwargs: forward(**{k: v for k, v in kwargs.items() if k != "logits_to_keep"})
+    inputs, mask = stage.build_batch(processor, ["describe the image ."], ["a red circle"],
+                                     [[image(np.random.default_rng(0))]])
+    with torch.no_grad(), pytest.raises(AssertionError, match="logits_to_keep= was ignored"):
+        stage.response_logprobs(model, inputs, mask)
+
 def test_backward_per_group_equals_one_backward(tiny_llava, tmp_path):
     """micro_step backpropagates the focus, robust and calibration groups one after another (a third of the
     activations alive); the gradient and the losses equal one backward of p2dpo_loss over every term at once, on
