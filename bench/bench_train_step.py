@@ -109,7 +109,8 @@ def worker(model_dir, variant, args):
                     logps = s04.policy_logps(ref, batches, len(exs), ctx)
                 for i, ex in enumerate(exs):
                     ex["ref"] = {k: float(v[i]) for k, v in logps.items()}
-            s04.micro_step(model, processor, [(ex, 1.0) for ex in exs], targs, ctx, 1 / len(exs), batches)  # + backward
+            mb = [(ex, 1.0) for ex in exs]
+            s04.micro_step(model, processor, mb, targs, ctx, 1 / len(exs), batches)  # forwards + backward
             torch.nn.utils.clip_grad_norm_(params, targs.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -202,6 +202,7 @@ def test_an_ignored_logits_to_keep_is_an_error(tiny_llava):
     with torch.no_grad(), pytest.raises(AssertionError, match="logits_to_keep= was ignored"):
         stage.response_logprobs(model, inputs, mask)
 
+
 def test_backward_per_group_equals_one_backward(tiny_llava, tmp_path):
     """micro_step backpropagates the focus, robust and calibration groups one after another (a third of the
     activations alive); the gradient and the losses equal one backward of p2dpo_loss over every term at once, on
