@@ -89,243 +89,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# ---- shared: jsonl ----
-def read_jsonl(path, on_error=None):
-    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings are fine).
-
-    A line that is not a JSON object raises ValueError naming the file and line, or,
-    when on_error is given, is reported as on_error(line_number, message) and skipped.
-    """
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except ValueError as e:
-                message = f"{path}:{n}: bad JSON line ({e})"
-                if on_error is None:
-                    raise ValueError(message) from None
-                on_error(n, message)
-                continue
-            rows.append((n, row))
-    return rows
-
-
-def append_jsonl(f, row):
-    """Write one row and flush, so a crash or Ctrl-C loses at most the line being written."""
-    f.write(json.dumps(row) + "\n")
-    f.flush()
-
-def continue_jsonl(path):
-    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash (appends must start
-    on a fresh line). Any other bad line is an error."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-    return [row for _, row in read_jsonl(path)]
-# ---- end shared ----
-
-# ---- shared: images ----
-def load_image(path):
-    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency is
-    composited on white (what a viewer shows). Raises OSError/ValueError naming the file when unreadable."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, not clip
-            a = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.round(a * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)
-        return img.convert("RGB")
-
-
-def add_noise(image, sigma, seed, key):
-    """I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) from a generator seeded by
-    (seed, key), so the same image gets the same noise in every stage and process. Returns 8-bit RGB."""
-    if sigma == 0:
-        return image.copy()
-    rng = np.random.default_rng([seed, zlib.crc32(str(key).encode("utf-8"))])
-    x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    x = np.clip(x + sigma * rng.standard_normal(x.shape, dtype=np.float32), 0.0, 1.0)
-    return Image.fromarray(np.round(x * 255.0).astype(np.uint8))
-# ---- end shared ----
-
-# ---- shared: model ----
-def load_model(path, device, attn_implementation=None):
-    """(model, processor) from a local folder or a name in the user's own Hugging Face cache (offline).
-    bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-    return model.to(device).eval(), processor
-
-
-def chat_prompt(processor, prompt, n_images=1):
-    """The model's own chat template around one user turn (n_images images, then the text), ready for the answer."""
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
-
-
-@torch.no_grad()
-def generate_greedy(model, processor, texts, images, max_new_tokens):
-    """Greedy answers for a batch (left padded; each row stops at EOS). texts: B chat prompts; images: flat list,
-    in the order their image tokens appear."""
-    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    inputs = inputs.to(model.device, dtype=model.dtype)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=processor.tokenizer.pad_token_id)  # (B, T + new)
-    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
-# ---- end shared ----
-
-
-# ---- shared: stage ----
-def dist_setup(device):
-    """(rank, world, device). torchrun is detected from WORLD_SIZE: a process group on gloo (CPU) or nccl (CUDA,
-    one GPU per local rank). One process: (0, 1, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    if torch.device(device).type == "cuda":
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world, device
-
-
-def read_instances(path, fields, limit=None):
-    """(rows, errors) from an input JSONL (the first `limit` non-blank lines). A row needs "id" and every name in
-    `fields` non-empty; its "image" (when in fields) must be a file, relative to the JSONL's folder unless absolute.
-    Good rows get "_file", "_line" and, with an image, "_image" (a Path). A bad line becomes an error
-    {"file", "line", "id", "error"} and the others go on."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"{path}: input file not found")
-    lines = []
-    read = read_jsonl(path, on_error=lambda n, message: lines.append((n, message)))
-    lines = sorted(lines + read, key=lambda x: x[0])[:limit]
-    rows, errors, seen = [], [], {}
-    for n, row in lines:
-        if isinstance(row, str):  # read_jsonl's message for a line that is not a JSON object
-            errors.append({"file": str(path), "line": n, "id": None, "error": row})
-            continue
-        problem = None
-        for field in ("id", *fields):
-            value = row.get(field)
-            if value is None:
-                problem = f"missing field '{field}'"
-            elif isinstance(value, str) and not value.strip():
-                problem = f"empty field '{field}'"
-            if problem:
-                break
-        if problem is None and str(row["id"]) in seen:
-            problem = f"id {row['id']!r} repeats line {seen[str(row['id'])]}"
-        if problem is None and "image" in fields:
-            row["_image"] = path.parent / str(row["image"])
-            if not row["_image"].is_file():
-                problem = f"image not found: {row['_image']}"
-        if problem:
-            errors.append({"file": str(path), "line": n, "id": row.get("id"), "error": f"{path}:{n}: {problem}"})
-            continue
-        seen[str(row["id"])] = n
-        rows.append({**row, "_file": str(path), "_line": n})
-    return rows, errors
-
-
-def relpath_for(out, path):
-    """A path as written inside the JSONL `out`: relative to out's folder (SPEC: paths are relative to the file)."""
-    return os.path.relpath(Path(path).resolve(), Path(out).resolve().parent)
-
-
-def save_args(args, out, result_args):
-    """Write <out>.args.json. If `out` already holds lines made with other `result_args`, refuse to mix them."""
-    path = Path(out).with_suffix(".args.json")
-    path.parent.mkdir(parents=True, exist_ok=True)  # the first stage run makes runs/
-    old = json.loads(path.read_text()) if path.is_file() and Path(out).is_file() else {}
-    for k in result_args:
-        if k in old and old[k] != vars(args)[k]:
-            raise SystemExit(f"{out} holds lines made with {k}={old[k]!r}, not {vars(args)[k]!r}: "
-                             f"use another --out or delete it")
-    path.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, indent=1))
-
-
-def write_jsonl(path, rows):
-    """Write a whole JSONL file atomically: a crash leaves the old file, never half of the new one."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
-
-
-def run_rows(rows, errors, work, out, batch_size, rank=0, world=1, desc="rows"):
-    """Resumable, sharded driver of a stage: returns the output rows (rank 0; None elsewhere) in input order.
-
-    Ids already in `out` (or in a rank's part file left by a crash) are skipped; rank r takes the rest's
-    rows[r::world], calls work(batch) -> [output dict | error message] (one per row) and appends each output line
-    as it comes (to `out` itself with one process, else to `<out>.rank<r>`). Rank 0 then merges the parts into `out`
-    by id, in input order, so the result does not depend on the number of processes, and writes this run's bad
-    lines to `<out>.errors.jsonl`. Exits non-zero when no line of the input gave an output."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    parts = sorted(out.parent.glob(f"{out.name}.rank*"))
-    done = {str(r["id"]) for p in [out, *parts] for r in continue_jsonl(p)}
-    if world > 1:
-        dist.barrier()  # every rank has read what is done before any rank appends to its part
-    n_read = len(errors)  # the input's bad lines: every rank found the same ones
-    mine = [r for r in rows if str(r["id"]) not in done][rank::world]
-    part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
-    with open(part, "a", encoding="utf-8") as f, tqdm(total=len(mine), desc=desc, disable=rank != 0) as bar:
-        for i in range(0, len(mine), batch_size):
-            batch = mine[i:i + batch_size]
-            results = work(batch)
-            assert len(results) == len(batch), f"work returned {len(results)} results for {len(batch)} rows"
-            for row, result in zip(batch, results):
-                if isinstance(result, str):
-                    errors.append({"file": row["_file"], "line": row["_line"], "id": row["id"],
-                                   "error": f"{row['_file']}:{row['_line']}: {result}"})
-                else:
-                    append_jsonl(f, {k: v for k, v in result.items() if not k.startswith("_")})
-            bar.update(len(batch))
-    if world > 1:  # every rank's errors and finished part file reach rank 0
-        gathered = [None] * world
-        dist.all_gather_object(gathered, errors if rank == 0 else errors[n_read:])
-        errors = [e for es in gathered for e in es]
-    if rank != 0:
-        return None
-    order = {str(r["id"]): i for i, r in enumerate(rows)}
-    merged = {}
-    for p in [out, *sorted(out.parent.glob(f"{out.name}.rank*"))]:
-        for r in continue_jsonl(p):
-            merged.setdefault(str(r["id"]), r)
-    result = sorted(merged.values(), key=lambda r: order.get(str(r["id"]), len(order)))
-    write_jsonl(out, result)  # a crash here leaves the old file and the parts, and a rerun merges again
-    for p in out.parent.glob(f"{out.name}.rank*"):
-        p.unlink()
-    err_path = out.with_suffix(".errors.jsonl")
-    write_jsonl(err_path, sorted(errors, key=lambda e: e["line"]))
-    for e in errors[:10]:
-        print(e["error"])
-    n_out = sum(str(r["id"]) in order for r in result)
-    print(f"{out}: {n_out} of {len(rows) + n_read} input lines written; "
-          f"{len(errors)} skipped" + (f" (see {err_path})" if errors else ""))
-    if n_out == 0 and errors:
-        raise SystemExit(f"every line failed: nothing written to {out}")
-    return [r for r in result if str(r["id"]) in order]
-# ---- end shared ----
-
-
 def check_bbox(bbox, size):
     """None if bbox = [x1, y1, x2, y2] is 4 ints with 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H, else the problem."""
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(type(v) is int for v in bbox)):
@@ -452,6 +215,35 @@ def decode(model, inputs, generators, eos_ids, max_new_tokens, temperature=0.2, 
     return [row[:next((i for i, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    rank, world, device = dist_setup(args.device)
+    if Path(args.model).exists():  # a local folder: a resume compares where it is, not how it was spelled
+        args.model = str(Path(args.model).resolve())
+    rows, errors = read_instances(args.data, ("image", "prompt", "bbox"), args.limit)
+    model, processor = load_model(args.model, device)
+    args.combine = resolve_combine(processor, args.combine)
+    args.enh_template = args.enh_template or (ENH_TEMPLATE if args.combine == "multi" else STITCH_TEMPLATE)
+    if "{question}" not in args.enh_template:
+        raise SystemExit(f"--enh-template needs a {{question}} placeholder: {args.enh_template!r}")
+    if rank == 0:
+        save_args(args, args.out, RESULT_ARGS)
+    result = run_rows(rows, errors, make_work(model, processor, args), args.out, args.batch_size, rank, world,
+                      desc="pairs")
+    if rank == 0:
+        focus, robust = (sum(r[b] is not None for r in result) for b in ("focus", "robust"))
+        print(f"{len(result)} lines: {focus} focus pairs, {robust} robustness pairs "
+              f"(null: the two responses were equal, or the crop was the full image)")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+# =====================================================================================================
+# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output and
+# printing, then the helpers that several stages need, copied verbatim between "# ---- shared: NAME ----"
+# rulers so that each script stands alone (tests/test_shared_blocks.py keeps every copy identical).
+# =====================================================================================================
 # ---- plumbing: prompts, images on disk, one batch of instances ----
 def eos_token_ids(model, processor):
     """Every id that ends a response: the generation config's (an int or a list) and the tokenizer's EOS."""
@@ -551,28 +343,239 @@ def make_work(model, processor, args):
 # ---- end plumbing ----
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    rank, world, device = dist_setup(args.device)
-    if Path(args.model).exists():  # a local folder: a resume compares where it is, not how it was spelled
-        args.model = str(Path(args.model).resolve())
-    rows, errors = read_instances(args.data, ("image", "prompt", "bbox"), args.limit)
-    model, processor = load_model(args.model, device)
-    args.combine = resolve_combine(processor, args.combine)
-    args.enh_template = args.enh_template or (ENH_TEMPLATE if args.combine == "multi" else STITCH_TEMPLATE)
-    if "{question}" not in args.enh_template:
-        raise SystemExit(f"--enh-template needs a {{question}} placeholder: {args.enh_template!r}")
-    if rank == 0:
-        save_args(args, args.out, RESULT_ARGS)
-    result = run_rows(rows, errors, make_work(model, processor, args), args.out, args.batch_size, rank, world,
-                      desc="pairs")
-    if rank == 0:
-        focus, robust = (sum(r[b] is not None for r in result) for b in ("focus", "robust"))
-        print(f"{len(result)} lines: {focus} focus pairs, {robust} robustness pairs "
-              f"(null: the two responses were equal, or the crop was the full image)")
+# ---- shared: jsonl ----
+def read_jsonl(path, on_error=None):
+    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings are fine).
+
+    A line that is not a JSON object raises ValueError naming the file and line, or,
+    when on_error is given, is reported as on_error(line_number, message) and skipped.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as e:
+                message = f"{path}:{n}: bad JSON line ({e})"
+                if on_error is None:
+                    raise ValueError(message) from None
+                on_error(n, message)
+                continue
+            rows.append((n, row))
+    return rows
+
+
+def append_jsonl(f, row):
+    """Write one row and flush, so a crash or Ctrl-C loses at most the line being written."""
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+# ---- end shared ----
+
+
+# ---- shared: resume ----
+def continue_jsonl(path):
+    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash (appends must start
+    on a fresh line). Any other bad line is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+    return [row for _, row in read_jsonl(path)]
+# ---- end shared ----
+
+
+# ---- shared: images ----
+def load_image(path):
+    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency is
+    composited on white (what a viewer shows). Raises OSError/ValueError naming the file when unreadable."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, not clip
+            a = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray(np.round(a * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
+# ---- end shared ----
+
+
+# ---- shared: noise ----
+def add_noise(image, sigma, seed, key):
+    """I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) from a generator seeded by
+    (seed, key), so the same image gets the same noise in every stage and process. Returns 8-bit RGB."""
+    if sigma == 0:
+        return image.copy()
+    rng = np.random.default_rng([seed, zlib.crc32(str(key).encode("utf-8"))])
+    x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    x = np.clip(x + sigma * rng.standard_normal(x.shape, dtype=np.float32), 0.0, 1.0)
+    return Image.fromarray(np.round(x * 255.0).astype(np.uint8))
+# ---- end shared ----
+
+
+# ---- shared: model ----
+def load_model(path, device, attn_implementation=None):
+    """(model, processor) from a local folder or a name in the user's own Hugging Face cache (offline).
+    bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device).eval(), processor
+
+
+def chat_prompt(processor, prompt, n_images=1):
+    """The model's own chat template around one user turn (n_images images, then the text), ready for the answer."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+# ---- end shared ----
+
+
+# ---- shared: dist ----
+def dist_setup(device):
+    """(rank, world, device). torchrun is detected from WORLD_SIZE: a process group on gloo (CPU) or nccl (CUDA,
+    one GPU per local rank). One process: (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world, device
+# ---- end shared ----
+
+
+# ---- shared: stage ----
+def read_instances(path, fields, limit=None):
+    """(rows, errors) from an input JSONL (the first `limit` non-blank lines). A row needs "id" and every name in
+    `fields` non-empty; its "image" (when in fields) must be a file, relative to the JSONL's folder unless absolute.
+    Good rows get "_file", "_line" and, with an image, "_image" (a Path). A bad line becomes an error
+    {"file", "line", "id", "error"} and the others go on."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path}: input file not found")
+    lines = []
+    read = read_jsonl(path, on_error=lambda n, message: lines.append((n, message)))
+    lines = sorted(lines + read, key=lambda x: x[0])[:limit]
+    rows, errors, seen = [], [], {}
+    for n, row in lines:
+        if isinstance(row, str):  # read_jsonl's message for a line that is not a JSON object
+            errors.append({"file": str(path), "line": n, "id": None, "error": row})
+            continue
+        problem = None
+        for field in ("id", *fields):
+            value = row.get(field)
+            if value is None:
+                problem = f"missing field '{field}'"
+            elif isinstance(value, str) and not value.strip():
+                problem = f"empty field '{field}'"
+            if problem:
+                break
+        if problem is None and str(row["id"]) in seen:
+            problem = f"id {row['id']!r} repeats line {seen[str(row['id'])]}"
+        if problem is None and "image" in fields:
+            row["_image"] = path.parent / str(row["image"])
+            if not row["_image"].is_file():
+                problem = f"image not found: {row['_image']}"
+        if problem:
+            errors.append({"file": str(path), "line": n, "id": row.get("id"), "error": f"{path}:{n}: {problem}"})
+            continue
+        seen[str(row["id"])] = n
+        rows.append({**row, "_file": str(path), "_line": n})
+    return rows, errors
+
+
+def relpath_for(out, path):
+    """A path as written inside the JSONL `out`: relative to out's folder (SPEC: paths are relative to the file)."""
+    return os.path.relpath(Path(path).resolve(), Path(out).resolve().parent)
+
+
+def save_args(args, out, result_args):
+    """Write <out>.args.json. If `out` already holds lines made with other `result_args`, refuse to mix them."""
+    path = Path(out).with_suffix(".args.json")
+    path.parent.mkdir(parents=True, exist_ok=True)  # the first stage run makes runs/
+    old = json.loads(path.read_text()) if path.is_file() and Path(out).is_file() else {}
+    for k in result_args:
+        if k in old and old[k] != vars(args)[k]:
+            raise SystemExit(f"{out} holds lines made with {k}={old[k]!r}, not {vars(args)[k]!r}: "
+                             f"use another --out or delete it")
+    path.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, indent=1))
+
+
+def write_jsonl(path, rows):
+    """Write a whole JSONL file atomically: a crash leaves the old file, never half of the new one."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def run_rows(rows, errors, work, out, batch_size, rank=0, world=1, desc="rows"):
+    """Resumable, sharded driver of a stage: returns the output rows (rank 0; None elsewhere) in input order.
+
+    Ids already in `out` (or in a rank's part file left by a crash) are skipped; rank r takes the rest's
+    rows[r::world], calls work(batch) -> [output dict | error message] (one per row) and appends each output line
+    as it comes (to `out` itself with one process, else to `<out>.rank<r>`). Rank 0 then merges the parts into `out`
+    by id, in input order, so the result does not depend on the number of processes, and writes this run's bad
+    lines to `<out>.errors.jsonl`. Exits non-zero when no line of the input gave an output."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = sorted(out.parent.glob(f"{out.name}.rank*"))
+    done = {str(r["id"]) for p in [out, *parts] for r in continue_jsonl(p)}
     if world > 1:
-        dist.destroy_process_group()
+        dist.barrier()  # every rank has read what is done before any rank appends to its part
+    n_read = len(errors)  # the input's bad lines: every rank found the same ones
+    mine = [r for r in rows if str(r["id"]) not in done][rank::world]
+    part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
+    with open(part, "a", encoding="utf-8") as f, tqdm(total=len(mine), desc=desc, disable=rank != 0) as bar:
+        for i in range(0, len(mine), batch_size):
+            batch = mine[i:i + batch_size]
+            results = work(batch)
+            assert len(results) == len(batch), f"work returned {len(results)} results for {len(batch)} rows"
+            for row, result in zip(batch, results):
+                if isinstance(result, str):
+                    errors.append({"file": row["_file"], "line": row["_line"], "id": row["id"],
+                                   "error": f"{row['_file']}:{row['_line']}: {result}"})
+                else:
+                    append_jsonl(f, {k: v for k, v in result.items() if not k.startswith("_")})
+            bar.update(len(batch))
+    if world > 1:  # every rank's errors and finished part file reach rank 0
+        gathered = [None] * world
+        dist.all_gather_object(gathered, errors if rank == 0 else errors[n_read:])
+        errors = [e for es in gathered for e in es]
+    if rank != 0:
+        return None
+    order = {str(r["id"]): i for i, r in enumerate(rows)}
+    merged = {}
+    for p in [out, *sorted(out.parent.glob(f"{out.name}.rank*"))]:
+        for r in continue_jsonl(p):
+            merged.setdefault(str(r["id"]), r)
+    result = sorted(merged.values(), key=lambda r: order.get(str(r["id"]), len(order)))
+    write_jsonl(out, result)  # a crash here leaves the old file and the parts, and a rerun merges again
+    for p in out.parent.glob(f"{out.name}.rank*"):
+        p.unlink()
+    err_path = out.with_suffix(".errors.jsonl")
+    write_jsonl(err_path, sorted(errors, key=lambda e: e["line"]))
+    for e in errors[:10]:
+        print(e["error"])
+    n_out = sum(str(r["id"]) in order for r in result)
+    print(f"{out}: {n_out} of {len(rows) + n_read} input lines written; "
+          f"{len(errors)} skipped" + (f" (see {err_path})" if errors else ""))
+    if n_out == 0 and errors:
+        raise SystemExit(f"every line failed: nothing written to {out}")
+    return [r for r in result if str(r["id"]) in order]
+# ---- end shared ----
 
 
 if __name__ == "__main__":

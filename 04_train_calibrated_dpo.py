@@ -88,147 +88,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# ---- shared: jsonl ----
-def read_jsonl(path, on_error=None):
-    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings are fine).
-
-    A line that is not a JSON object raises ValueError naming the file and line, or,
-    when on_error is given, is reported as on_error(line_number, message) and skipped.
-    """
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except ValueError as e:
-                message = f"{path}:{n}: bad JSON line ({e})"
-                if on_error is None:
-                    raise ValueError(message) from None
-                on_error(n, message)
-                continue
-            rows.append((n, row))
-    return rows
-
-
-def append_jsonl(f, row):
-    """Write one row and flush, so a crash or Ctrl-C loses at most the line being written."""
-    f.write(json.dumps(row) + "\n")
-    f.flush()
-
-def continue_jsonl(path):
-    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash (appends must start
-    on a fresh line). Any other bad line is an error."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-    return [row for _, row in read_jsonl(path)]
-# ---- end shared ----
-
-
-# ---- shared: images ----
-def load_image(path):
-    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency is
-    composited on white (what a viewer shows). Raises OSError/ValueError naming the file when unreadable."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, not clip
-            a = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.round(a * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)
-        return img.convert("RGB")
-
-
-def add_noise(image, sigma, seed, key):
-    """I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) from a generator seeded by
-    (seed, key), so the same image gets the same noise in every stage and process. Returns 8-bit RGB."""
-    if sigma == 0:
-        return image.copy()
-    rng = np.random.default_rng([seed, zlib.crc32(str(key).encode("utf-8"))])
-    x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    x = np.clip(x + sigma * rng.standard_normal(x.shape, dtype=np.float32), 0.0, 1.0)
-    return Image.fromarray(np.round(x * 255.0).astype(np.uint8))
-# ---- end shared ----
-
-
-# ---- shared: model ----
-def load_model(path, device, attn_implementation=None):
-    """(model, processor) from a local folder or a name in the user's own Hugging Face cache (offline).
-    bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-    return model.to(device).eval(), processor
-
-
-def chat_prompt(processor, prompt, n_images=1):
-    """The model's own chat template around one user turn (n_images images, then the text), ready for the answer."""
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
-
-
-@torch.no_grad()
-def generate_greedy(model, processor, texts, images, max_new_tokens):
-    """Greedy answers for a batch (left padded; each row stops at EOS). texts: B chat prompts; images: flat list,
-    in the order their image tokens appear."""
-    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    inputs = inputs.to(model.device, dtype=model.dtype)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=processor.tokenizer.pad_token_id)  # (B, T + new)
-    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
-# ---- end shared ----
-
-
-# ---- shared: logprobs ----
-def build_batch(processor, prompts, responses, images):
-    """(inputs, response_mask (R, T) bool) scoring R (chat prompt with images, response) rows. prompts, responses:
-    R strings; images: R lists of PIL images in prompt order (a repeated image is listed again: pixel_values and
-    image_grid_thw follow row order). A response is tokenized alone + EOS and appended at the id level, as generation
-    made it; rows are left padded, so a response is its row's last tokens."""
-    assert len(prompts) == len(responses) == len(images), (len(prompts), len(responses), len(images))
-    tok = processor.tokenizer
-    texts = [chat_prompt(processor, p, len(imgs)) for p, imgs in zip(prompts, images)]
-    enc = processor(text=texts, images=[im for imgs in images for im in imgs], padding=True, return_tensors="pt")
-    resp = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
-    real = enc["attention_mask"].bool()  # (R, Tp): the prompt tokens; padding is redone below
-    T = max(int(m.sum()) + len(r) for m, r in zip(real, resp))
-    inputs = dict(enc)  # pixel_values, image_grid_thw: as the processor made them
-    for k in [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == real.shape]:  # ids, mask, mm types
-        tails = resp if k == "input_ids" else [[int(k == "attention_mask")] * len(r) for r in resp]  # mm type 0: text
-        rows = [torch.cat([v[m], torch.tensor(t, dtype=v.dtype)]) for v, m, t in zip(enc[k], real, tails)]
-        pad = tok.pad_token_id if k == "input_ids" else 0
-        inputs[k] = torch.stack([F.pad(row, (T - len(row), 0), value=pad) for row in rows])  # (R, T)
-    return inputs, torch.arange(T) >= T - torch.tensor([len(r) for r in resp])[:, None]  # (R, T)
-
-
-def response_logprobs(model, inputs, response_mask):
-    """Summed log pi(y | prompt, images) over each row's response tokens (EOS included), log-softmax in fp32.
-    inputs, response_mask: from build_batch (moved to the model here). Returns (logp (R,) fp32, ntok (R,))."""
-    p = next(model.parameters())
-    inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device) for k, v in inputs.items()}
-    n = int(response_mask.sum(1).max())
-    logits = model(**inputs, use_cache=False, logits_to_keep=n + 1).logits  # (R, n + 1, V): only what is scored
-    assert logits.shape[1] == n + 1, f"{logits.shape[1]} positions of logits for n + 1 = {n + 1}: logits_to_keep= " \
-        "was ignored (renamed in this transformers version?), so log-probs would be read at the wrong positions"
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (R, n, V): position t predicts token t + 1
-    logp = logp.gather(-1, inputs["input_ids"][:, -n:, None]).squeeze(-1)  # (R, n)
-    mask = response_mask[:, -n:].to(p.device)
-    return torch.where(mask, logp, 0.0).sum(1), mask.sum(1)
-# ---- end shared ----
-
-
 def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta):
     """DPO(w, l | c) = -log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)]) on summed log-probs, in fp32.
     pi_w, pi_l, ref_w, ref_l: (B,). Returns (losses, chosen_rewards, rejected_rewards), each (B,)."""
@@ -416,28 +275,6 @@ def micro_batches(lines, batch, rank, world, batch_size, accum):
     return out
 
 
-# ---- plumbing: what trains, and the data-parallel wrapper ----
-def prepare(model, args, world, device):
-    """Freeze all but LoRA (or the language model + lm_head with --lora-rank 0); wrap for data parallelism."""
-    model.requires_grad_(False)
-    if args.lora_rank > 0:
-        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
-    else:  # fp32 master weights (load_model gives bf16 on CUDA), computed under autocast
-        for part in (model.model.language_model, model.lm_head):
-            part.float().requires_grad_(True)
-    if args.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    if world > 1 and args.lora_rank > 0:  # (response_logprobs moves inputs to the model's device)
-        return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    if world > 1:  # FSDP units: each decoder layer, then the rest of the model
-        mesh = init_device_mesh(device.type, (world,))
-        for module in (*model.model.language_model.layers, model):
-            fully_shard(module, mesh=mesh)
-    return model
-# ---- end plumbing ----
-
-
 def main():
     args = parse_args()
     rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
@@ -535,6 +372,142 @@ def main():
             say(f"wrote {args.out} (a model folder for AutoModelForImageTextToText, LoRA merged)")
     if world > 1:
         dist.destroy_process_group()
+
+
+# =====================================================================================================
+# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output and
+# printing, then the helpers that several stages need, copied verbatim between "# ---- shared: NAME ----"
+# rulers so that each script stands alone (tests/test_shared_blocks.py keeps every copy identical).
+# =====================================================================================================
+# ---- plumbing: what trains, and the data-parallel wrapper ----
+def prepare(model, args, world, device):
+    """Freeze all but LoRA (or the language model + lm_head with --lora-rank 0); wrap for data parallelism."""
+    model.requires_grad_(False)
+    if args.lora_rank > 0:
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    else:  # fp32 master weights (load_model gives bf16 on CUDA), computed under autocast
+        for part in (model.model.language_model, model.lm_head):
+            part.float().requires_grad_(True)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    if world > 1 and args.lora_rank > 0:  # (response_logprobs moves inputs to the model's device)
+        return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    if world > 1:  # FSDP units: each decoder layer, then the rest of the model
+        mesh = init_device_mesh(device.type, (world,))
+        for module in (*model.model.language_model.layers, model):
+            fully_shard(module, mesh=mesh)
+    return model
+# ---- end plumbing ----
+
+
+# ---- shared: jsonl ----
+def read_jsonl(path, on_error=None):
+    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings are fine).
+
+    A line that is not a JSON object raises ValueError naming the file and line, or,
+    when on_error is given, is reported as on_error(line_number, message) and skipped.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as e:
+                message = f"{path}:{n}: bad JSON line ({e})"
+                if on_error is None:
+                    raise ValueError(message) from None
+                on_error(n, message)
+                continue
+            rows.append((n, row))
+    return rows
+
+
+def append_jsonl(f, row):
+    """Write one row and flush, so a crash or Ctrl-C loses at most the line being written."""
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+# ---- end shared ----
+
+
+# ---- shared: images ----
+def load_image(path):
+    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency is
+    composited on white (what a viewer shows). Raises OSError/ValueError naming the file when unreadable."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, not clip
+            a = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray(np.round(a * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
+# ---- end shared ----
+
+
+# ---- shared: model ----
+def load_model(path, device, attn_implementation=None):
+    """(model, processor) from a local folder or a name in the user's own Hugging Face cache (offline).
+    bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device).eval(), processor
+
+
+def chat_prompt(processor, prompt, n_images=1):
+    """The model's own chat template around one user turn (n_images images, then the text), ready for the answer."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+# ---- end shared ----
+
+
+# ---- shared: batch ----
+def build_batch(processor, prompts, responses, images):
+    """(inputs, response_mask (R, T) bool) scoring R (chat prompt with images, response) rows. prompts, responses:
+    R strings; images: R lists of PIL images in prompt order (a repeated image is listed again: pixel_values and
+    image_grid_thw follow row order). A response is tokenized alone + EOS and appended at the id level, as generation
+    made it; rows are left padded, so a response is its row's last tokens."""
+    assert len(prompts) == len(responses) == len(images), (len(prompts), len(responses), len(images))
+    tok = processor.tokenizer
+    texts = [chat_prompt(processor, p, len(imgs)) for p, imgs in zip(prompts, images)]
+    enc = processor(text=texts, images=[im for imgs in images for im in imgs], padding=True, return_tensors="pt")
+    resp = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
+    real = enc["attention_mask"].bool()  # (R, Tp): the prompt tokens; padding is redone below
+    T = max(int(m.sum()) + len(r) for m, r in zip(real, resp))
+    inputs = dict(enc)  # pixel_values, image_grid_thw: as the processor made them
+    for k in [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == real.shape]:  # ids, mask, mm types
+        tails = resp if k == "input_ids" else [[int(k == "attention_mask")] * len(r) for r in resp]  # mm type 0: text
+        rows = [torch.cat([v[m], torch.tensor(t, dtype=v.dtype)]) for v, m, t in zip(enc[k], real, tails)]
+        pad = tok.pad_token_id if k == "input_ids" else 0
+        inputs[k] = torch.stack([F.pad(row, (T - len(row), 0), value=pad) for row in rows])  # (R, T)
+    return inputs, torch.arange(T) >= T - torch.tensor([len(r) for r in resp])[:, None]  # (R, T)
+# ---- end shared ----
+
+
+# ---- shared: logprobs ----
+def response_logprobs(model, inputs, response_mask):
+    """Summed log pi(y | prompt, images) over each row's response tokens (EOS included), log-softmax in fp32.
+    inputs, response_mask: from build_batch (moved to the model here). Returns (logp (R,) fp32, ntok (R,))."""
+    p = next(model.parameters())
+    inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device) for k, v in inputs.items()}
+    n = int(response_mask.sum(1).max())
+    logits = model(**inputs, use_cache=False, logits_to_keep=n + 1).logits  # (R, n + 1, V): only what is scored
+    assert logits.shape[1] == n + 1, f"{logits.shape[1]} positions of logits for n + 1 = {n + 1}: logits_to_keep= " \
+        "was ignored (renamed in this transformers version?), so log-probs would be read at the wrong positions"
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (R, n, V): position t predicts token t + 1
+    logp = logp.gather(-1, inputs["input_ids"][:, -n:, None]).squeeze(-1)  # (R, n)
+    mask = response_mask[:, -n:].to(p.device)
+    return torch.where(mask, logp, 0.0).sum(1), mask.sum(1)
+# ---- end shared ----
 
 
 if __name__ == "__main__":

@@ -69,109 +69,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# ---- shared: jsonl ----
-def read_jsonl(path, on_error=None):
-    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings are fine).
-
-    A line that is not a JSON object raises ValueError naming the file and line, or,
-    when on_error is given, is reported as on_error(line_number, message) and skipped.
-    """
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except ValueError as e:
-                message = f"{path}:{n}: bad JSON line ({e})"
-                if on_error is None:
-                    raise ValueError(message) from None
-                on_error(n, message)
-                continue
-            rows.append((n, row))
-    return rows
-
-
-def append_jsonl(f, row):
-    """Write one row and flush, so a crash or Ctrl-C loses at most the line being written."""
-    f.write(json.dumps(row) + "\n")
-    f.flush()
-
-def continue_jsonl(path):
-    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash (appends must start
-    on a fresh line). Any other bad line is an error."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-    return [row for _, row in read_jsonl(path)]
-# ---- end shared ----
-
-
-# ---- shared: images ----
-def load_image(path):
-    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency is
-    composited on white (what a viewer shows). Raises OSError/ValueError naming the file when unreadable."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, not clip
-            a = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.round(a * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)
-        return img.convert("RGB")
-
-
-def add_noise(image, sigma, seed, key):
-    """I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) from a generator seeded by
-    (seed, key), so the same image gets the same noise in every stage and process. Returns 8-bit RGB."""
-    if sigma == 0:
-        return image.copy()
-    rng = np.random.default_rng([seed, zlib.crc32(str(key).encode("utf-8"))])
-    x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    x = np.clip(x + sigma * rng.standard_normal(x.shape, dtype=np.float32), 0.0, 1.0)
-    return Image.fromarray(np.round(x * 255.0).astype(np.uint8))
-# ---- end shared ----
-
-
-# ---- shared: model ----
-def load_model(path, device, attn_implementation=None):
-    """(model, processor) from a local folder or a name in the user's own Hugging Face cache (offline).
-    bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
-    return model.to(device).eval(), processor
-
-
-def chat_prompt(processor, prompt, n_images=1):
-    """The model's own chat template around one user turn (n_images images, then the text), ready for the answer."""
-    content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
-
-
-@torch.no_grad()
-def generate_greedy(model, processor, texts, images, max_new_tokens):
-    """Greedy answers for a batch (left padded; each row stops at EOS). texts: B chat prompts; images: flat list,
-    in the order their image tokens appear."""
-    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    inputs = inputs.to(model.device, dtype=model.dtype)
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=processor.tokenizer.pad_token_id)  # (B, T + new)
-    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
-# ---- end shared ----
-
-
 def parse_yes_no(text):
     """The official POPE rule, exactly: keep the text before the first '.', drop ',', split on single spaces;
     "no" if any word is `No`, `not` or `no`, else "yes". So "NO", "Nope", "Not" and "" all count as "yes", as in
@@ -243,68 +140,6 @@ def score_pope(questions, answers, where):
             texts = match_by_id(rows, groups[sigma].get(split, []), f"{where} (split {split}, sigma {sigma:g})")
             pope[sigma][split] = pope_metrics([parse_yes_no(t) for t in texts], [q["label"] for q in rows])
     return pope
-
-
-# ---- plumbing: reading inputs ----
-def read_rows(path, fields, limit=None):
-    """Rows of a JSONL file, each checked to have `fields`, with their line number."""
-    rows = [{**row, "line": n} for n, row in read_jsonl(path)[:limit]]
-    for r in rows:
-        missing = [f for f in fields if f not in r]
-        if missing:
-            raise ValueError(f"{path}:{r['line']}: missing field '{missing[0]}'")
-    return rows
-
-
-def read_questions(path, limit=None):
-    """{split: [row]} from a POPE question file or a folder of them; split = file name without "coco_pope_".
-    A folder's describe*.jsonl is skipped: the toy world keeps its description prompts beside val/'s splits."""
-    path = Path(path)
-    files = [path] if not path.is_dir() else sorted(
-        p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and not p.stem.startswith("describe"))
-    if not files:
-        raise ValueError(f"{path}: no *.json or *.jsonl question files")
-    questions = {}
-    for file in files:
-        split = file.stem.removeprefix("coco_pope_")
-        if split in questions:
-            raise ValueError(f"{path}: two files give split {split!r}")
-        rows, seen = read_rows(file, ("question_id", "image", "text", "label"), limit), {}
-        for q in rows:
-            q["label"] = str(q["label"]).strip().lower()
-            if q["label"] not in ("yes", "no"):
-                raise ValueError(f"{file}:{q['line']}: label must be 'yes' or 'no', got {q['label']!r}")
-            if seen.setdefault(str(q["question_id"]), q["line"]) != q["line"]:
-                raise ValueError(f"{file}:{q['line']}: question_id {q['question_id']!r} repeats line "
-                                 f"{seen[str(q['question_id'])]}")
-            q["file"] = file
-        questions[split] = rows
-    return questions
-
-
-def resolve_images(rows, images):
-    """Image path per row (relative to --images, else to the row's file); a missing file is an error."""
-    for r in rows:
-        r["path"] = Path(images or r["file"].parent) / r["image"]
-        if not r["path"].is_file():
-            raise FileNotFoundError(f"{r['file']}:{r['line']}: image not found: {r['path']}")
-
-
-def read_truth(describe, truth=None):
-    """({absolute image path: set of classes}, vocabulary) from truth.jsonl; vocabulary = world.json's "classes"
-    when it lies beside truth.jsonl, else every class seen in truth.jsonl."""
-    candidates = [Path(truth)] if truth else [Path(describe).parent / "truth.jsonl",
-                                              Path(describe).parent.parent / "truth.jsonl"]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(f"no truth.jsonl for CHAIR in {', '.join(map(str, candidates))}: pass --truth")
-    objects = {(path.parent / r["image"]).resolve(): {o["class"].lower() for o in r["objects"]}
-               for r in read_rows(path, ("image", "objects"))}
-    world = path.parent / "world.json"
-    classes = json.loads(world.read_text())["classes"] if world.is_file() else set().union(*objects.values())
-    return objects, {c.lower() for c in classes}
-
-# ---- end plumbing ----
 
 
 def chair(descriptions, objects, vocabulary):
@@ -445,6 +280,183 @@ def main(argv=None):
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print_table(metrics)
     return metrics
+
+
+# =====================================================================================================
+# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output and
+# printing, then the helpers that several stages need, copied verbatim between "# ---- shared: NAME ----"
+# rulers so that each script stands alone (tests/test_shared_blocks.py keeps every copy identical).
+# =====================================================================================================
+# ---- plumbing: reading inputs ----
+def read_rows(path, fields, limit=None):
+    """Rows of a JSONL file, each checked to have `fields`, with their line number."""
+    rows = [{**row, "line": n} for n, row in read_jsonl(path)[:limit]]
+    for r in rows:
+        missing = [f for f in fields if f not in r]
+        if missing:
+            raise ValueError(f"{path}:{r['line']}: missing field '{missing[0]}'")
+    return rows
+
+
+def read_questions(path, limit=None):
+    """{split: [row]} from a POPE question file or a folder of them; split = file name without "coco_pope_".
+    A folder's describe*.jsonl is skipped: the toy world keeps its description prompts beside val/'s splits."""
+    path = Path(path)
+    files = [path] if not path.is_dir() else sorted(
+        p for p in path.iterdir() if p.suffix in (".json", ".jsonl") and not p.stem.startswith("describe"))
+    if not files:
+        raise ValueError(f"{path}: no *.json or *.jsonl question files")
+    questions = {}
+    for file in files:
+        split = file.stem.removeprefix("coco_pope_")
+        if split in questions:
+            raise ValueError(f"{path}: two files give split {split!r}")
+        rows, seen = read_rows(file, ("question_id", "image", "text", "label"), limit), {}
+        for q in rows:
+            q["label"] = str(q["label"]).strip().lower()
+            if q["label"] not in ("yes", "no"):
+                raise ValueError(f"{file}:{q['line']}: label must be 'yes' or 'no', got {q['label']!r}")
+            if seen.setdefault(str(q["question_id"]), q["line"]) != q["line"]:
+                raise ValueError(f"{file}:{q['line']}: question_id {q['question_id']!r} repeats line "
+                                 f"{seen[str(q['question_id'])]}")
+            q["file"] = file
+        questions[split] = rows
+    return questions
+
+
+def resolve_images(rows, images):
+    """Image path per row (relative to --images, else to the row's file); a missing file is an error."""
+    for r in rows:
+        r["path"] = Path(images or r["file"].parent) / r["image"]
+        if not r["path"].is_file():
+            raise FileNotFoundError(f"{r['file']}:{r['line']}: image not found: {r['path']}")
+
+
+def read_truth(describe, truth=None):
+    """({absolute image path: set of classes}, vocabulary) from truth.jsonl; vocabulary = world.json's "classes"
+    when it lies beside truth.jsonl, else every class seen in truth.jsonl."""
+    candidates = [Path(truth)] if truth else [Path(describe).parent / "truth.jsonl",
+                                              Path(describe).parent.parent / "truth.jsonl"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"no truth.jsonl for CHAIR in {', '.join(map(str, candidates))}: pass --truth")
+    objects = {(path.parent / r["image"]).resolve(): {o["class"].lower() for o in r["objects"]}
+               for r in read_rows(path, ("image", "objects"))}
+    world = path.parent / "world.json"
+    classes = json.loads(world.read_text())["classes"] if world.is_file() else set().union(*objects.values())
+    return objects, {c.lower() for c in classes}
+
+# ---- end plumbing ----
+
+
+# ---- shared: jsonl ----
+def read_jsonl(path, on_error=None):
+    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings are fine).
+
+    A line that is not a JSON object raises ValueError naming the file and line, or,
+    when on_error is given, is reported as on_error(line_number, message) and skipped.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            except ValueError as e:
+                message = f"{path}:{n}: bad JSON line ({e})"
+                if on_error is None:
+                    raise ValueError(message) from None
+                on_error(n, message)
+                continue
+            rows.append((n, row))
+    return rows
+
+
+def append_jsonl(f, row):
+    """Write one row and flush, so a crash or Ctrl-C loses at most the line being written."""
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+# ---- end shared ----
+
+
+# ---- shared: resume ----
+def continue_jsonl(path):
+    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash (appends must start
+    on a fresh line). Any other bad line is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+    return [row for _, row in read_jsonl(path)]
+# ---- end shared ----
+
+
+# ---- shared: images ----
+def load_image(path):
+    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency is
+    composited on white (what a viewer shows). Raises OSError/ValueError naming the file when unreadable."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, not clip
+            a = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray(np.round(a * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
+# ---- end shared ----
+
+
+# ---- shared: noise ----
+def add_noise(image, sigma, seed, key):
+    """I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) from a generator seeded by
+    (seed, key), so the same image gets the same noise in every stage and process. Returns 8-bit RGB."""
+    if sigma == 0:
+        return image.copy()
+    rng = np.random.default_rng([seed, zlib.crc32(str(key).encode("utf-8"))])
+    x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
+    x = np.clip(x + sigma * rng.standard_normal(x.shape, dtype=np.float32), 0.0, 1.0)
+    return Image.fromarray(np.round(x * 255.0).astype(np.uint8))
+# ---- end shared ----
+
+
+# ---- shared: model ----
+def load_model(path, device, attn_implementation=None):
+    """(model, processor) from a local folder or a name in the user's own Hugging Face cache (offline).
+    bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device).eval(), processor
+
+
+def chat_prompt(processor, prompt, n_images=1):
+    """The model's own chat template around one user turn (n_images images, then the text), ready for the answer."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+# ---- end shared ----
+
+
+# ---- shared: generate ----
+@torch.no_grad()
+def generate_greedy(model, processor, texts, images, max_new_tokens):
+    """Greedy answers for a batch (left padded; each row stops at EOS). texts: B chat prompts; images: flat list,
+    in the order their image tokens appear."""
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    inputs = inputs.to(model.device, dtype=model.dtype)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=processor.tokenizer.pad_token_id)  # (B, T + new)
+    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+# ---- end shared ----
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ PreTrainedTokenizerFast, each processor is built from its classes, and the folde
 are written with save_pretrained so the scripts load them the way they load a real
 checkpoint (AutoProcessor / AutoModelForImageTextToText).
 """
+import importlib.util
 import os
 import subprocess
 import sys
@@ -20,6 +21,15 @@ WORDS = ("is there a an in the image ? yes no . , : describe answer question usi
          "mainly based on first second refer to cropping details if necessary this user assistant").split()
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest and does not stall on a busy second core
+
+
+def load_script(relpath, name=None):
+    """Import a script by path (its name starts with a digit, so `import` cannot): its functions, not its main()."""
+    path = ROOT / relpath
+    spec = importlib.util.spec_from_file_location(name or path.stem.replace("-", "_"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _word_tokenizer(special, extra_special, eos, pad, bos=None):

@@ -1,6 +1,5 @@
 """00_toy_world.py at --tiny size, run as a user would; the world's rules and the model's input path."""
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,11 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, load_script, run_script
 
-spec = importlib.util.spec_from_file_location("toy_world", ROOT / "00_toy_world.py")
-tw = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tw)
+tw = load_script("00_toy_world.py")
 
 
 @pytest.fixture(scope="session")

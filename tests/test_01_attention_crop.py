@@ -3,7 +3,6 @@ batched = one by one), the processor geometry (hand-computed and read back from 
 square, Qwen's smart resize), the adaptive crop (integral image = brute force, full / clamped windows), and the stage
 run as a subprocess on tiny LLaVA / Qwen2.5-VL models: fields, defaults, bad lines, resume after SIGKILL, 2 processes
 (gloo) = 1 process."""
-import importlib.util
 import json
 import os
 import signal
@@ -16,12 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script, run_torchrun
+from conftest import ROOT, load_script, run_script, run_torchrun
 
 SCRIPT = "01_attention_crop.py"
-spec = importlib.util.spec_from_file_location("stage01", ROOT / SCRIPT)
-stage = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(stage)
+stage = load_script(SCRIPT)
 PROMPTS = ["what colour is the circle ?", "is there a red square in the image ?", "describe the image .",
            "what shape is the blue object ?"]
 SIZES = [(48, 40), (40, 64), (96, 48), (56, 56)]  # (X, Y): landscape, portrait, 2:1, square

@@ -3,7 +3,6 @@ hand-written decoding loop (lambda_ca = 0 greedy = HF generate, cached = uncache
 greedy and sampled) on tiny LLaVA / Qwen2.5-VL models, and the stage run as a subprocess: output schema, bad lines,
 odd image modes, a SIGKILL mid-run then resume = an uninterrupted run = 2 processes (gloo), a file where every line
 fails exits non-zero."""
-import importlib.util
 import json
 import math
 import os
@@ -17,12 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script, run_torchrun
+from conftest import ROOT, load_script, run_script, run_torchrun
 
 SCRIPT = "02_make_pairs.py"
-spec = importlib.util.spec_from_file_location("stage02", ROOT / SCRIPT)
-stage = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(stage)
+stage = load_script(SCRIPT)
 PROMPTS = ["is there a red circle in the image ?", "describe the image .", "what colour is the square ?",
            "what shape is the blue object ?"]
 NO_EOS = {-1}  # an id no model emits: equivalence runs decode every step, so long sequences are compared

@@ -2,7 +2,6 @@
 families), the stage run as a subprocess on tiny LLaVA / Qwen2.5-VL with a tiny open_clip model, its train.jsonl
 driving one step of stage 04 at ln 2, re-filtering without a model, kill -9 + resume = uninterrupted, bad input
 lines listed while the others (L, RGBA, P, I;16 images) are scored, every line failing exits non-zero, --score-only."""
-import importlib.util
 import json
 import math
 import os
@@ -16,12 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script, token_by_token_logprob
+from conftest import ROOT, load_script, run_script, token_by_token_logprob
 
 SCRIPT = "03_filter.py"
-spec = importlib.util.spec_from_file_location("stage03", ROOT / SCRIPT)
-stage = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(stage)
+stage = load_script(SCRIPT)
 ENH = "answer mainly based on the first image , refer to the cropping details of the second image if necessary : "
 PROMPTS = ["describe the image .", "is there a red circle in the image ?", "what colour is the square ?"]
 ANSWERS = ["there is a red circle", "there is a blue square and a green cross", "yes", "no", "blue", ""]

@@ -2,7 +2,6 @@
 token), LoRA merge, and the trainer run as a subprocess on tiny LLaVA / Qwen2.5-VL models: step 0 = ln 2,
 bad rows skipped, resume = uninterrupted, 2 processes (gloo) = 1 process, non-finite loss stops the run."""
 import contextlib
-import importlib.util
 import json
 import math
 
@@ -11,12 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script, run_torchrun, token_by_token_logprob
+from conftest import ROOT, load_script, run_script, run_torchrun, token_by_token_logprob
 
 SCRIPT = "04_train_calibrated_dpo.py"
-spec = importlib.util.spec_from_file_location("stage04", ROOT / SCRIPT)
-stage = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(stage)
+stage = load_script(SCRIPT)
 LN2 = math.log(2.0)
 ENH = "answer mainly based on the first image , refer to the cropping details of the second image if necessary : "
 PAIRS = [("there is a red circle", "there is a blue square"), ("yes", "no"),

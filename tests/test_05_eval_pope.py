@@ -1,6 +1,5 @@
 """Stage 05: the official POPE parser and metrics (golden numbers), matching by id, the official files as published,
 and end-to-end runs on tiny random LLaVA and Qwen2.5-VL models (noise sweep, CHAIR, re-scoring, resume)."""
-import importlib.util
 import json
 import shutil
 
@@ -8,13 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import ROOT, run_script
+from conftest import ROOT, load_script, run_script
 
-spec = importlib.util.spec_from_file_location("eval_pope", ROOT / "05_eval_pope.py")
-ev = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ev)
+ev = load_script("05_eval_pope.py")
 
-OFFICIAL = ROOT.parent / "shared" / "data" / "pope_coco"
+OFFICIAL = ROOT / "data" / "pope_coco"  # the published files, carried in the repository
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}
 
 

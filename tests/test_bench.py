@@ -1,10 +1,9 @@
 """Benchmarks: each bench/ script runs on a CPU with small settings and writes the numbers it prints."""
-import importlib.util
 import json
 import math
 import sys
 
-from conftest import ROOT, run_script
+from conftest import ROOT, load_script, run_script
 
 
 def test_gpu_scale_small_on_cpu(tmp_path):
@@ -49,9 +48,7 @@ def test_gpu_scale_7b_config():
     4096 + 4096 x 4096 + biases) 20,979,712 (built on the meta device: nothing allocated); its processor makes 576
     image tokens of a 336 px image."""
     sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("gpu_scale", ROOT / "bench" / "gpu_scale.py")
-    gpu_scale = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_scale)
+    gpu_scale = load_script("bench/gpu_scale.py")
     model, processor = gpu_scale.build_model("7b", "meta", 0)
     assert sum(p.numel() for p in model.parameters()) == 7_063_427_072
     text, vision = model.config.text_config, model.config.vision_config
