@@ -1,43 +1,54 @@
 """Stage 02: on-policy preference pairs, focus (zoomed vs degraded view) and robustness (contrastive amplification).
 
-Paper: P2-DPO (ICLR 2026), vision-grounded preference data; SPEC.md "Stage 02". M is the reference (base) model;
-every response is decoded with temperature 0.2, top-p 0.9, at most 256 new tokens (authors' settings):
-  I_crop  = I.crop(bbox)                I_deg = I with the bbox rectangle filled by I's mean RGB colour
-  I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) seeded by (seed, id), sigma 0.2
-  I_aug   = (I, I_crop) as two images, with P_enh = "Answer the question mainly based on the first image, refer to the
-            cropping details of the second image if necessary, answer this question: {P}" (authors' code);
-            --combine stitch: one canvas, I left and I_crop resized to I's height right, P_enh adapted
+Paper: P2-DPO (ICLR 2026), vision-grounded preference data; SPEC.md "Stage 02". M is the reference
+(base) model; every response is decoded with temperature 0.2, top-p 0.9, at most 256 new tokens
+(authors' settings):
+  I_crop  = I.crop(bbox)
+  I_deg   = I with the bbox rectangle filled by I's mean RGB colour
+  I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) seeded by (seed, id),
+            sigma 0.2
+  I_aug   = (I, I_crop) as two images, with P_enh = "Answer the question mainly based on the first
+            image, refer to the cropping details of the second image if necessary, answer this
+            question: {P}" (authors' code); --combine stitch: one canvas, I left and I_crop resized
+            to I's height right, P_enh adapted
   focus   : y_w = M(I_aug, P_enh),  y_l = M(I_deg, P)
-  robust  : y_l = M(I_noise, P),  y_init = M(I, P) (stored),  y_w = contrastive amplification, expert EP = (I, P),
-            amateur AT = (I_noise, P), both fed the tokens chosen so far:
-            logits_CA = (1 + lambda_ca) * logits_EP - lambda_ca * logits_AT  on V_head, -inf elsewhere,
-            V_head = {v : p_EP(v) >= beta_head * max_u p_EP(u)};  lambda_ca 0.1, beta_head 0.1 (authors'),
-            VCD's lambda_ca 1.0, beta_head 0.1 is the documented alternative
-  A pair whose two responses are equal is null (the line is kept); a crop flagged "full" by stage 01 gets no focus
-  pair. Decoding is one hand-written token-by-token loop with a KV cache, batched over instances; for contrastive
-  amplification expert and amateur are one forward of 2B rows, so the second model call shares the weight reads.
+  robust  : y_l = M(I_noise, P),  y_init = M(I, P) (stored),  y_w = contrastive amplification,
+            expert EP = (I, P), amateur AT = (I_noise, P), both fed the tokens chosen so far:
+            logits_CA = (1 + lambda_ca) * logits_EP - lambda_ca * logits_AT
+                        on V_head, -inf elsewhere,
+            V_head = {v : p_EP(v) >= beta_head * max_u p_EP(u)};  lambda_ca 0.1, beta_head 0.1
+            (authors'), VCD's lambda_ca 1.0, beta_head 0.1 is the documented alternative
+  A pair whose two responses are equal is null (the line is kept); a crop flagged "full" by
+  stage 01 gets no focus pair. Decoding is one hand-written token-by-token loop with a KV cache,
+  batched over instances; for contrastive amplification expert and amateur are one forward of 2B
+  rows, so the second model call shares the weight reads.
 
-Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt", "bbox": [x1, y1, x2, y2] (int pixels,
-        x2, y2 exclusive), optional "crop": "full"; every other field is copied.
-Output  pairs.jsonl: input fields ("image" made relative to the output file) + "images": {"crop", "deg", "noise",
-        ["aug": only with --combine stitch]} (PNGs in <out stem>_images/, relative to the output file), "prompt_enh",
-        "focus": {"chosen", "rejected"} | null, "robust": {"chosen", "rejected", "init"} | null, "gen": {decoding
-        settings}; <out>.errors.jsonl (bad lines), <out>.args.json. A rerun into the same --out resumes.
-Shapes: B instances, R rows of a forward (2B with contrastive amplification: experts, then amateurs), T tokens,
-        V vocabulary.
+Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt",
+        "bbox": [x1, y1, x2, y2] (int pixels, x2, y2 exclusive), optional "crop": "full";
+        every other field is copied.
+Output  pairs.jsonl: input fields ("image" made relative to the output file)
+        + "images": {"crop", "deg", "noise", ["aug": only with --combine stitch]}
+          (PNGs in <out stem>_images/, relative to the output file), "prompt_enh",
+          "focus": {"chosen", "rejected"} | null, "robust": {"chosen", "rejected", "init"} | null,
+          "gen": {decoding settings};
+        <out>.errors.jsonl (bad lines), <out>.args.json. A rerun into the same --out resumes.
+Shapes: B instances, R rows of a forward (2B with contrastive amplification: experts, then
+        amateurs), T tokens, V vocabulary.
 
-  python 02_make_pairs.py                                             # toy world on CPU (world/model, runs/crops.jsonl)
-  python 02_make_pairs.py --model llava-hf/llava-1.5-7b-hf --data runs/crops.jsonl                   # one GPU
+  python 02_make_pairs.py                      # toy world on CPU (world/model, runs/crops.jsonl)
+  python 02_make_pairs.py --model llava-hf/llava-1.5-7b-hf --data runs/crops.jsonl       # one GPU
   torchrun --nproc_per_node=8 02_make_pairs.py --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/crops.jsonl
-Choices left open by the paper: each response has its own torch.Generator seeded by crc32 of "seed/id/role" and
-draws one uniform per step (inverse CDF over the sorted nucleus), so a response does not depend on batch size,
-order or process count (nor do its draws on the device); temperature and top-p act on logits_CA; the amateur
-reads the tokens chosen by contrastive amplification (as in VCD); two responses are "equal" when their stripped texts are; I_deg's colour is
-the rounded mean over the whole image; a "full" crop still gets its images written, only its focus decoding is
-skipped; --combine auto takes two images where the processor accepts them, else stitch; image placeholder tokens
-are never generated (a response holding one could not be scored with its image later); image files are named by
-the id (characters outside [A-Za-z0-9._-] become "_", and an id so changed, or with capitals, gets its crc32
-appended, so no two ids share a file, even on a case-insensitive disk).
+Choices left open by the paper: each response has its own torch.Generator seeded by crc32 of
+"seed/id/role" and draws one uniform per step (inverse CDF over the sorted nucleus), so a response
+does not depend on batch size, order or process count (nor do its draws on the device); temperature
+and top-p act on logits_CA; the amateur reads the tokens chosen by contrastive amplification (as in
+VCD); two responses are "equal" when their stripped texts are; I_deg's colour is the rounded mean
+over the whole image; a "full" crop still gets its images written, only its focus decoding is
+skipped; --combine auto takes two images where the processor accepts them, else stitch; image
+placeholder tokens are never generated (a response holding one could not be scored with its image
+later); image files are named by the id (characters outside [A-Za-z0-9._-] become "_", and an id so
+changed, or with capitals, gets its crc32 appended, so no two ids share a file, even on a
+case-insensitive disk).
 """
 import argparse
 import inspect
@@ -46,8 +57,10 @@ import os
 import re
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local folder or the user's own cache: never download
+# a model is a local folder or the user's own cache: never download
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -55,60 +68,68 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
 
-ENH_TEMPLATE = ("Answer the question mainly based on the first image, refer to the cropping details of the second "
-                "image if necessary, answer this question: {question}")  # P_enh, the authors' code
-STITCH_TEMPLATE = ("Answer the question mainly based on the left part of the image, the right part shows a zoomed "
-                   "detail of it, refer to the zoomed detail if necessary, answer this question: {question}")
-RESULT_ARGS = ("model", "combine", "enh_template", "sigma", "lambda_ca", "beta_head", "temperature", "top_p",
-               "max_new_tokens", "seed")  # a resumed --out must have been made with the same values
-GEN_ARGS = ("temperature", "top_p", "max_new_tokens", "lambda_ca", "beta_head", "combine", "sigma", "seed")
+# P_enh, the authors' code; then its adaptation to one stitched canvas (--combine stitch)
+ENH_TEMPLATE = ("Answer the question mainly based on the first image, refer to the cropping "
+                "details of the second image if necessary, answer this question: {question}")
+STITCH_TEMPLATE = ("Answer the question mainly based on the left part of the image, the right "
+                   "part shows a zoomed detail of it, refer to the zoomed detail if necessary, "
+                   "answer this question: {question}")
+# a resumed --out must have been made with the same values of these
+RESULT_ARGS = ("model", "combine", "enh_template", "sigma", "lambda_ca", "beta_head",
+               "temperature", "top_p", "max_new_tokens", "seed")
+GEN_ARGS = ("temperature", "top_p", "max_new_tokens", "lambda_ca", "beta_head", "combine",
+            "sigma", "seed")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="world/model", help="reference (base) model folder or a name in your HF cache")
-    p.add_argument("--data", default="runs/crops.jsonl", help="crops.jsonl from stage 01 (id, image, prompt, bbox)")
-    p.add_argument("--out", default="runs/pairs.jsonl", help="output JSONL; images go to <out stem>_images/")
+    p.add_argument("--model", default="world/model",
+                   help="reference (base) model folder or a name in your HF cache")
+    p.add_argument("--data", default="runs/crops.jsonl",
+                   help="crops.jsonl from stage 01 (id, image, prompt, bbox)")
+    p.add_argument("--out", default="runs/pairs.jsonl",
+                   help="output JSONL; images go to <out stem>_images/")
     p.add_argument("--combine", choices=("auto", "multi", "stitch"), default="auto",
-                   help="I_aug as two images (multi, authors') or one stitched canvas; auto: multi if the processor "
-                        "takes two images")
+                   help="I_aug as two images (multi, authors') or one stitched canvas; "
+                        "auto: multi if the processor takes two images")
     p.add_argument("--enh-template", default=None,
-                   help="P_enh with {question} (default: the authors' sentence, or its stitched adaptation)")
-    p.add_argument("--sigma", type=float, default=0.2, help="I_noise std in [0, 1] pixel units (paper: 0.2)")
+                   help="P_enh with {question} (default: the authors' sentence, "
+                        "or its stitched adaptation)")
+    p.add_argument("--sigma", type=float, default=0.2,
+                   help="I_noise std in [0, 1] pixel units (paper: 0.2)")
     p.add_argument("--lambda-ca", type=float, default=0.1,
                    help="contrastive amplification strength (authors: 0.1; VCD: 1.0)")
-    p.add_argument("--beta-head", type=float, default=0.1, help="V_head cut-off, share of max p_EP (authors, VCD: 0.1)")
-    p.add_argument("--temperature", type=float, default=0.2, help="sampling temperature (authors: 0.2); 0 = greedy")
+    p.add_argument("--beta-head", type=float, default=0.1,
+                   help="V_head cut-off, share of max p_EP (authors, VCD: 0.1)")
+    p.add_argument("--temperature", type=float, default=0.2,
+                   help="sampling temperature (authors: 0.2); 0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (authors: 0.9)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="response length cap (authors: 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image noise and of every response's sampler")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="response length cap (authors: 256)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the image noise and of every response's sampler")
     p.add_argument("--batch-size", type=int, default=8,
-                   help="instances per step (a plain forward holds up to 4 rows each, a contrastive one 2)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+                   help="instances per step (a plain forward holds up to 4 rows each, "
+                        "a contrastive one 2)")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", default=default_device, help="cuda or cpu")
     p.add_argument("--limit", type=int, default=None, help="use only the first N lines of --data")
     return p.parse_args(argv)
 
 
-def check_bbox(bbox, size):
-    """None if bbox = [x1, y1, x2, y2] is 4 ints with 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H, else the problem."""
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(type(v) is int for v in bbox)):
-        return f"bbox must be 4 integers [x1, y1, x2, y2], got {bbox!r}"
-    (x1, y1, x2, y2), (w, h) = bbox, size
-    if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
-        return f"bbox {bbox} is not a box inside the {w}x{h} image (0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H)"
-    return None
-
-
 def degraded_image(image, bbox):
-    """I_deg = I with the bbox rectangle filled by I's mean RGB colour: the region the model attended to is gone."""
-    colour = tuple(int(c) for c in np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(0).round())
+    """I_deg = I with the bbox rectangle filled by I's mean RGB colour: the region the model
+    attended to is gone."""
+    pixels = np.asarray(image, dtype=np.float64).reshape(-1, 3)  # (H * W, 3)
+    colour = tuple(int(c) for c in pixels.mean(0).round())
     out = image.copy()
     out.paste(colour, tuple(bbox))  # fills [x1, x2) x [y1, y2), the pixels I.crop(bbox) cuts
     return out
 
 
 def stitched_image(image, crop):
-    """One canvas for models without multi-image input: I on the left, I_crop resized to I's height on the right."""
+    """One canvas for models without multi-image input: I on the left, I_crop resized to I's
+    height on the right."""
     w, h = image.size
     crop = crop.resize((max(1, round(crop.width * h / crop.height)), h), Image.BICUBIC)
     canvas = Image.new("RGB", (w + crop.width, h))
@@ -118,121 +139,215 @@ def stitched_image(image, crop):
 
 
 def derived_images(image, bbox, sigma, seed, key, combine):
-    """{"crop", "deg", "noise"[, "aug" when stitched]}: the views every pair is built from (deterministic)."""
+    """{"crop", "deg", "noise"[, "aug" when stitched]}: the views every pair is built from
+    (deterministic). I_crop = I.crop(bbox), I_deg, I_noise (add_noise, seeded by (seed, id))."""
     crop = image.crop(tuple(bbox))
-    views = {"crop": crop, "deg": degraded_image(image, bbox), "noise": add_noise(image, sigma, seed, key)}
+    views = {"crop": crop}
+    views["deg"] = degraded_image(image, bbox)
+    views["noise"] = add_noise(image, sigma, seed, key)
     if combine == "stitch":
         views["aug"] = stitched_image(image, crop)
     return views
 
 
+def augmented_images(image, views):
+    """I_aug as M is shown it: (I, I_crop) as two images (authors'), or the one stitched canvas."""
+    if "aug" in views:
+        return [views["aug"]]
+    return [image, views["crop"]]
+
+
+class Job(NamedTuple):
+    """One response to decode: the context M answers for instance `key` in one role of a pair."""
+    key: str  # the instance id
+    role: str  # focus_w, focus_l, robust_w, robust_l, init; seeds the sampler with (seed, key)
+    prompt: str
+    images: list  # PIL images, in the order the prompt shows them
+    amateur_images: list = None  # contrastive amplification's amateur (I_noise); None: plain
+
+
+def focus_pair_contexts(key, prompt, prompt_enh, image, views, full_crop):
+    """Focus pair: y_w = M(I_aug, P_enh), y_l = M(I_deg, P). [Job y_w, Job y_l], or [] when
+    stage 01's crop is the full image: a whole-image "crop" adds no detail, so no focus pair."""
+    if full_crop:
+        return []
+    chosen = Job(key, "focus_w", prompt_enh, augmented_images(image, views))
+    rejected = Job(key, "focus_l", prompt, [views["deg"]])
+    return [chosen, rejected]
+
+
+def robust_pair_contexts(key, prompt, image, views):
+    """Robust pair: y_w by contrastive amplification of the expert (I, P) over the amateur
+    (I_noise, P); y_l = M(I_noise, P); y_init = M(I, P), stored beside the pair.
+    [Job y_w, Job y_l, Job y_init]."""
+    chosen = Job(key, "robust_w", prompt, [image], amateur_images=[views["noise"]])
+    rejected = Job(key, "robust_l", prompt, [views["noise"]])
+    init = Job(key, "init", prompt, [image])
+    return [chosen, rejected, init]
+
+
 def contrastive_logits(logits_ep, logits_at, lambda_ca, beta_head):
-    """logits_CA = (1 + lambda_ca) * logits_EP - lambda_ca * logits_AT on V_head = {v : p_EP(v) >= beta_head *
-    max_u p_EP(u)}, -inf elsewhere. The head keeps the amplification from promoting tokens the expert itself finds
-    implausible. logits_ep, logits_at: (B, V) next-token logits of the expert (I, P) and the amateur (I_noise, P) on
-    the same prefix. Returns (B, V) fp32; with lambda_ca = 0 its argmax is the expert's."""
-    logits_ep, logits_at = logits_ep.float(), logits_at.float()
+    """logits_CA = (1 + lambda_ca) * logits_EP - lambda_ca * logits_AT on
+    V_head = {v : p_EP(v) >= beta_head * max_u p_EP(u)}, -inf elsewhere.
+
+    The head keeps the amplification from promoting tokens the expert itself finds implausible.
+    logits_ep, logits_at: (B, V) next-token logits of the expert (I, P) and the amateur
+    (I_noise, P) on the same prefix. Returns (B, V) fp32; with lambda_ca = 0 its argmax is the
+    expert's."""
+    logits_ep = logits_ep.float()
+    logits_at = logits_at.float()
     p_ep = torch.softmax(logits_ep, -1)  # (B, V)
     head = p_ep >= beta_head * p_ep.max(-1, keepdim=True).values  # (B, V) V_head
-    return ((1 + lambda_ca) * logits_ep - lambda_ca * logits_at).masked_fill(~head, float("-inf"))
+    logits_ca = (1 + lambda_ca) * logits_ep - lambda_ca * logits_at  # (B, V)
+    return logits_ca.masked_fill(~head, float("-inf"))
 
 
 def next_token(logits, uniforms, temperature, top_p):
-    """y_t ~ softmax(logits / temperature) on the top-p nucleus (the most likely tokens until their mass reaches
-    top_p), drawn by inverse CDF of one uniform per row; temperature 0 = argmax. logits: (B, V); uniforms: (B,) in
-    [0, 1). Returns (B,) token ids. A row depends only on its own logits and uniform, not on the batch."""
+    """y_t ~ softmax(logits / temperature) on the top-p nucleus (the most likely tokens until
+    their mass reaches top_p), drawn by inverse CDF of one uniform per row; temperature 0 = argmax.
+
+    logits: (B, V); uniforms: (B,) in [0, 1). Returns (B,) token ids. A row depends only on its own
+    logits and uniform, not on the batch."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)  # (B, V)
     p, order = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
-    p = torch.where(p.cumsum(-1) - p < top_p, p, 0.0)  # keep a token while the mass before it is below top_p
+    # keep a token while the mass before it is below top_p
+    p = torch.where(p.cumsum(-1) - p < top_p, p, 0.0)
     cdf = p.cumsum(-1)  # (B, V), unnormalised
-    j = torch.searchsorted(cdf, (uniforms.to(cdf) * cdf[:, -1])[:, None], right=True)  # (B, 1)
-    j = torch.minimum(j, (p > 0).sum(-1, keepdim=True) - 1)  # rounding at u -> 1 stays inside the nucleus
+    target = uniforms.to(cdf) * cdf[:, -1]  # (B,) u scaled to the nucleus' mass
+    j = torch.searchsorted(cdf, target[:, None], right=True)  # (B, 1)
+    last = (p > 0).sum(-1, keepdim=True) - 1  # (B, 1) the nucleus' last place
+    j = torch.minimum(j, last)  # rounding at u -> 1 stays inside the nucleus
     return order.gather(-1, j).squeeze(-1)
 
 
 def response_generator(seed, key, role):
-    """The sampler of one response: a CPU generator seeded by (seed, id, role), whatever batch or device it is in."""
+    """The sampler of one response: a CPU generator seeded by (seed, id, role), whatever batch or
+    device it is in."""
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{key}/{role}".encode("utf-8")))
 
 
 @torch.no_grad()
-def decode(model, inputs, generators, eos_ids, max_new_tokens, temperature=0.2, top_p=0.9, lambda_ca=None,
-           beta_head=0.1, use_cache=True, stop_at_eos=True, suppress_ids=()):
-    """Token-by-token decoding of a left-padded batch; each row stops at its first EOS. lambda_ca=None: plain decoding
-    of the R = B rows. Else contrastive amplification: rows [0, B) are the experts (I, P) and rows [B, 2B) their
-    amateurs (I_noise, P), one forward of 2B rows per token; both halves are fed the token chosen from logits_CA.
-    inputs: processor output (input_ids, attention_mask (R, T), pixel_values, ...); generators: B torch.Generators;
-    use_cache=False recomputes the whole sequence every step (the reference the cache is tested against);
-    stop_at_eos=False decodes max_new_tokens for timing; suppress_ids are never generated (image placeholders: a
-    response that contained one could not be fed back with its image). Returns B lists of new token ids, EOS
-    excluded."""
+def decode(model, inputs, generators, eos_ids, max_new_tokens, temperature=0.2, top_p=0.9,
+           lambda_ca=None, beta_head=0.1, use_cache=True, stop_at_eos=True, suppress_ids=()):
+    """Token-by-token decoding of a left-padded batch; each row stops at its first EOS.
+
+    lambda_ca=None: plain decoding of the R = B rows. Else contrastive amplification: rows [0, B)
+    are the experts (I, P) and rows [B, 2B) their amateurs (I_noise, P), one forward of 2B rows
+    per token; both halves are fed the token chosen from logits_CA.
+    inputs: processor output (input_ids, attention_mask (R, T), pixel_values, ...);
+    generators: B torch.Generators; use_cache=False recomputes the whole sequence every step (the
+    reference the cache is tested against); stop_at_eos=False decodes max_new_tokens for timing;
+    suppress_ids are never generated (image placeholders: a response that contained one could not
+    be fed back with its image). Returns B lists of new token ids, EOS excluded."""
     dev = model.device
-    inputs = {k: v.to(dev, model.dtype) if v.is_floating_point() else v.to(dev) for k, v in inputs.items()}
-    ids, mask, mm = inputs.pop("input_ids"), inputs.pop("attention_mask"), inputs.pop("mm_token_type_ids", None)
+    inputs = {k: v.to(dev, model.dtype) if v.is_floating_point() else v.to(dev)
+              for k, v in inputs.items()}
+    ids = inputs.pop("input_ids")  # (R, T)
+    mask = inputs.pop("attention_mask")  # (R, T)
+    mm = inputs.pop("mm_token_type_ids", None)  # (R, T) image/text token types, on some models
     B = ids.shape[0] // 2 if lambda_ca is not None else ids.shape[0]
     assert len(generators) == B, f"{len(generators)} generators for {B} rows"
     if lambda_ca is not None:
-        assert torch.equal(ids[:B], ids[B:]), "expert and amateur rows must hold the same prompt and image sizes"
-    mrope = hasattr(model.model, "rope_deltas")  # Qwen-VL: 3-D positions from the image grids + per-row deltas
+        assert torch.equal(ids[:B], ids[B:]), \
+            "expert and amateur rows must hold the same prompt and image sizes"
+    # Qwen-VL: 3-D positions from the image grids + per-row deltas
+    mrope = hasattr(model.model, "rope_deltas")
     cache = DynamicCache(config=model.config) if use_cache else None
-    # transformers renamed forward's past_key_values to cache (5.2x); a name the model does not know is swallowed
-    # by its **kwargs, so the cache would silently stay empty: pass it under the name this version's forward takes
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # transformers renamed forward's past_key_values to cache (5.2x); a name the model does not
+    # know is swallowed by its **kwargs, so the cache would silently stay empty: pass it under the
+    # name this version's forward takes
+    cache_kw = "past_key_values"
+    if "cache" in inspect.signature(model.forward).parameters:
+        cache_kw = "cache"
     eos = torch.tensor(sorted(eos_ids), device=dev)
-    new, done = ids.new_zeros(B, 0), torch.zeros(B, dtype=torch.bool, device=dev)  # (B, t), (B,)
+    new = ids.new_zeros(B, 0)  # (B, t) the tokens chosen so far
+    done = torch.zeros(B, dtype=torch.bool, device=dev)  # (B,)
     for step in range(max_new_tokens):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (R, T + t): left padding does not shift the text
+        # (R, T + t): left padding does not shift the text
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         if step == 0 or not use_cache:  # prefill; without the cache, every step is one
             if mrope:
                 model.model.rope_deltas = None  # else the deltas of the previous batch are reused
             if mm is not None:  # image/text token types, 0 (text) for the tokens generated so far
-                inputs["mm_token_type_ids"] = torch.nn.functional.pad(mm, (0, ids.shape[1] - mm.shape[1]))
-            out = model(input_ids=ids, attention_mask=mask, position_ids=None if mrope else positions,
-                        use_cache=use_cache, logits_to_keep=1, **{cache_kw: cache}, **inputs)
+                generated = ids.shape[1] - mm.shape[1]
+                inputs["mm_token_type_ids"] = torch.nn.functional.pad(mm, (0, generated))
+            out = model(input_ids=ids, attention_mask=mask,
+                        position_ids=None if mrope else positions, use_cache=use_cache,
+                        logits_to_keep=1, **{cache_kw: cache}, **inputs)
             assert cache is None or cache.get_seq_length() == ids.shape[1], \
-                f"the KV cache holds {cache.get_seq_length()} of {ids.shape[1]} prompt tokens: {cache_kw}= was ignored"
+                f"the KV cache holds {cache.get_seq_length()} of {ids.shape[1]} prompt tokens: " \
+                f"{cache_kw}= was ignored"
             deltas = model.model.rope_deltas if mrope else None  # (R, 1)
         else:
             pos = positions[:, -1:]  # (R, 1)
-            pos = pos[None].expand(3, -1, -1) + deltas if mrope else pos  # (3, R, 1) for M-RoPE
-            out = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos, use_cache=True,
-                        logits_to_keep=1, **{cache_kw: cache})
+            if mrope:
+                pos = pos[None].expand(3, -1, -1) + deltas  # (3, R, 1) for M-RoPE
+            out = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos,
+                        use_cache=True, logits_to_keep=1, **{cache_kw: cache})
         logits = out.logits[:, -1].float()  # (R, V)
-        logits[:B, list(suppress_ids)] = float("-inf")  # the experts' (p_EP = 0: outside V_head as well)
+        # the experts' suppressed ids (p_EP = 0: outside V_head as well)
+        logits[:B, list(suppress_ids)] = float("-inf")
         if lambda_ca is not None:
             logits = contrastive_logits(logits[:B], logits[B:], lambda_ca, beta_head)  # (B, V)
-        uniforms = torch.cat([torch.rand(1, generator=g) for g in generators])  # (B,) one draw per row per step
+        # (B,) one draw per row per step
+        uniforms = torch.cat([torch.rand(1, generator=g) for g in generators])
         token = next_token(logits, uniforms, temperature, top_p)  # (B,)
         token = torch.where(done, eos[0], token)  # a finished row only repeats EOS (trimmed below)
-        new, done = torch.cat([new, token[:, None]], 1), done | torch.isin(token, eos)
+        new = torch.cat([new, token[:, None]], 1)  # (B, t + 1)
+        done = done | torch.isin(token, eos)
         token = token.repeat(ids.shape[0] // B)  # (R,): the amateurs read the same response
-        ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        ids = torch.cat([ids, token[:, None]], 1)  # (R, T + t + 1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         if stop_at_eos and bool(done.all()):
             break
-    rows = new.tolist()
-    return [row[:next((i for i, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
+    responses = []
+    for row in new.tolist():
+        n = next((i for i, t in enumerate(row) if t in eos_ids), len(row))  # up to the first EOS
+        responses.append(row[:n])
+    return responses
+
+
+def is_null_pair(chosen, rejected):
+    """A pair whose two responses are identical (their stripped texts) is null: there is nothing to
+    prefer. The instance keeps its line, with null for that pair."""
+    return chosen == rejected
+
+
+def preference_pairs(said):
+    """(focus, robust) of one instance from its responses {role: text}: each a pair, or None when
+    it is null or was not decoded (no focus pair for a full-image crop)."""
+    focus = None
+    if "focus_w" in said and not is_null_pair(said["focus_w"], said["focus_l"]):
+        focus = {"chosen": said["focus_w"], "rejected": said["focus_l"]}
+    robust = None
+    if not is_null_pair(said["robust_w"], said["robust_l"]):
+        robust = {"chosen": said["robust_w"], "rejected": said["robust_l"], "init": said["init"]}
+    return focus, robust
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     rank, world, device = dist_setup(args.device)
-    if Path(args.model).exists():  # a local folder: a resume compares where it is, not how it was spelled
+    # a local folder: a resume compares where it is, not how it was spelled
+    if Path(args.model).exists():
         args.model = str(Path(args.model).resolve())
     rows, errors = read_instances(args.data, ("image", "prompt", "bbox"), args.limit)
     model, processor = load_model(args.model, device)
     args.combine = resolve_combine(processor, args.combine)
-    args.enh_template = args.enh_template or (ENH_TEMPLATE if args.combine == "multi" else STITCH_TEMPLATE)
+    if args.enh_template is None:
+        args.enh_template = ENH_TEMPLATE if args.combine == "multi" else STITCH_TEMPLATE
     if "{question}" not in args.enh_template:
         raise SystemExit(f"--enh-template needs a {{question}} placeholder: {args.enh_template!r}")
     if rank == 0:
         save_args(args, args.out, RESULT_ARGS)
-    result = run_rows(rows, errors, make_work(model, processor, args), args.out, args.batch_size, rank, world,
-                      desc="pairs")
+    work = make_work(model, processor, args)
+    result = run_rows(rows, errors, work, args.out, args.batch_size, rank, world, desc="pairs")
     if rank == 0:
-        focus, robust = (sum(r[b] is not None for r in result) for b in ("focus", "robust"))
+        focus = sum(r["focus"] is not None for r in result)
+        robust = sum(r["robust"] is not None for r in result)
         print(f"{len(result)} lines: {focus} focus pairs, {robust} robustness pairs "
               f"(null: the two responses were equal, or the crop was the full image)")
     if world > 1:
@@ -244,12 +359,29 @@ def main(argv=None):
 # printing, then the helpers that several stages need, copied verbatim between "# ---- shared: NAME ----"
 # rulers so that each script stands alone (tests/test_shared_blocks.py keeps every copy identical).
 # =====================================================================================================
-# ---- plumbing: prompts, images on disk, one batch of instances ----
+# ---- plumbing: input checks, prompts, images on disk, one batch of instances ----
+def check_bbox(bbox, size):
+    """None if bbox = [x1, y1, x2, y2] is 4 ints with 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H,
+    else the problem."""
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(type(v) is int for v in bbox)):
+        return f"bbox must be 4 integers [x1, y1, x2, y2], got {bbox!r}"
+    x1, y1, x2, y2 = bbox
+    w, h = size
+    if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
+        return (f"bbox {bbox} is not a box inside the {w}x{h} image "
+                f"(0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H)")
+    return None
+
+
 def eos_token_ids(model, processor):
-    """Every id that ends a response: the generation config's (an int or a list) and the tokenizer's EOS."""
+    """Every id that ends a response: the generation config's (an int or a list) and the
+    tokenizer's EOS."""
     eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    return eos | {processor.tokenizer.eos_token_id} - {None}
+    if eos is None:
+        eos = []
+    elif not isinstance(eos, (list, tuple)):
+        eos = [eos]
+    return set(eos) | {processor.tokenizer.eos_token_id} - {None}
 
 
 def placeholder_ids(processor):
@@ -259,7 +391,8 @@ def placeholder_ids(processor):
 
 
 def resolve_combine(processor, combine):
-    """auto -> multi when the processor takes a two-image prompt, else stitch (SPEC: multi where accepted)."""
+    """auto -> multi when the processor takes a two-image prompt, else stitch (SPEC: multi where
+    accepted)."""
     if combine != "auto":
         return combine
     try:
@@ -271,36 +404,44 @@ def resolve_combine(processor, combine):
 
 
 def file_stem(key):
-    """A file name for an id: unsafe characters become "_", and a changed or capitalised id gets its crc32."""
+    """A file name for an id: unsafe characters become "_", and a changed or capitalised id gets its
+    crc32."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(key))[:100].lstrip(".") or "_"
-    return safe if safe == str(key) and safe == safe.lower() else f"{safe}-{zlib.crc32(str(key).encode()):08x}"
+    if safe == str(key) and safe == safe.lower():
+        return safe
+    return f"{safe}-{zlib.crc32(str(key).encode()):08x}"
 
 
 def respond(model, processor, jobs, args, contrastive=False):
-    """Texts for jobs [(id, role, prompt, images[, amateur images])], decoded in one batch (contrastive: 2B rows)."""
+    """Texts for a list of Jobs, decoded in one batch. contrastive: rows [0, B) are the experts (each
+    job's images) and rows [B, 2B) their amateurs (its amateur_images), with the same prompts."""
     if not jobs:
         return []
-    texts = [chat_prompt(processor, prompt, len(images)) for _, _, prompt, images, *_ in jobs]
-    images = [im for job in jobs for im in job[3]]
+    texts = [chat_prompt(processor, job.prompt, len(job.images)) for job in jobs]
+    images = [im for job in jobs for im in job.images]
     if contrastive:
-        texts, images = texts + texts, images + [im for job in jobs for im in job[4]]
+        texts = texts + texts
+        images = images + [im for job in jobs for im in job.amateur_images]
     inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    generators = [response_generator(args.seed, key, role) for key, role, *_ in jobs]
+    generators = [response_generator(args.seed, job.key, job.role) for job in jobs]
+    lambda_ca = args.lambda_ca if contrastive else None
     ids = decode(model, dict(inputs), generators, eos_token_ids(model, processor), args.max_new_tokens,
-                 args.temperature, args.top_p, args.lambda_ca if contrastive else None, args.beta_head,
+                 args.temperature, args.top_p, lambda_ca, args.beta_head,
                  suppress_ids=placeholder_ids(processor))
     return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
 def make_work(model, processor, args):
-    """work(batch) for run_rows: derived images to disk, the five responses of each instance, its output line."""
+    """work(batch) for run_rows: derived images to disk, the five responses of each instance, its output
+    line."""
     out = Path(args.out)
     folder = out.parent / f"{out.stem}_images"
     folder.mkdir(parents=True, exist_ok=True)
     gen = {k: vars(args)[k] for k in GEN_ARGS}
 
     def work(batch):
-        results, plain, contrast = [None] * len(batch), [], []
+        results = [None] * len(batch)  # an output dict or an error message per row
+        jobs = []  # every instance's Jobs in batch order: focus_w, focus_l, robust_w, robust_l, init
         for i, row in enumerate(batch):
             try:
                 image = load_image(row["_image"])
@@ -311,32 +452,31 @@ def make_work(model, processor, args):
             if problem:
                 results[i] = problem
                 continue
-            key, prompt = str(row["id"]), str(row["prompt"])
+            key = str(row["id"])
+            prompt = str(row["prompt"])
             views = derived_images(image, row["bbox"], args.sigma, args.seed, key, args.combine)
             paths = {name: folder / f"{file_stem(key)}.{name}.png" for name in views}
             for name, view in views.items():
                 view.save(paths[name], format="PNG")
             prompt_enh = args.enh_template.format(question=prompt)
-            if row.get("crop") != "full":  # a whole-image "crop" adds no detail: no focus pair
-                aug = [views["aug"]] if "aug" in views else [image, views["crop"]]
-                plain += [(i, key, "focus_w", prompt_enh, aug), (i, key, "focus_l", prompt, [views["deg"]])]
-            plain += [(i, key, "robust_l", prompt, [views["noise"]]), (i, key, "init", prompt, [image])]
-            contrast.append((i, key, "robust_w", prompt, [image], [views["noise"]]))
+            full_crop = row.get("crop") == "full"
+            jobs += focus_pair_contexts(key, prompt, prompt_enh, image, views, full_crop)
+            jobs += robust_pair_contexts(key, prompt, image, views)
             results[i] = {**row, "image": relpath_for(out, row["_image"]),
                           "images": {name: relpath_for(out, p) for name, p in paths.items()},
                           "prompt_enh": prompt_enh, "focus": None, "robust": None, "gen": gen}
-        said = {}  # (row index, role) -> response
-        for jobs, contrastive in ((plain, False), (contrast, True)):
-            texts = respond(model, processor, [job[1:] for job in jobs], args, contrastive)
-            said.update({(job[0], job[2]): text for job, text in zip(jobs, texts)})
-        for i, result in enumerate(results):
+        # one plain batch (up to 4 rows an instance), then one contrastive batch (2 rows an instance)
+        plain = [job for job in jobs if job.amateur_images is None]
+        contrast = [job for job in jobs if job.amateur_images is not None]
+        said = {}  # id -> {role: response}; ids are unique (read_instances)
+        for group, contrastive in ((plain, False), (contrast, True)):
+            texts = respond(model, processor, group, args, contrastive)
+            for job, text in zip(group, texts):
+                said.setdefault(job.key, {})[job.role] = text
+        for result in results:
             if isinstance(result, str):
                 continue
-            if (i, "focus_w") in said and said[i, "focus_w"] != said[i, "focus_l"]:
-                result["focus"] = {"chosen": said[i, "focus_w"], "rejected": said[i, "focus_l"]}
-            if said[i, "robust_w"] != said[i, "robust_l"]:
-                result["robust"] = {"chosen": said[i, "robust_w"], "rejected": said[i, "robust_l"],
-                                    "init": said[i, "init"]}
+            result["focus"], result["robust"] = preference_pairs(said[str(result["id"])])
         return results
 
     return work
