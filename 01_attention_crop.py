@@ -1,43 +1,56 @@
 """Stage 01: where the model looks when it answers: attention map A = A_tok (x) A_img and an adaptive crop -> bbox.
 
-Paper: P2-DPO (ICLR 2026), perception-focused pairs; SPEC.md "Stage 01". y = the model's own greedy answer to (I, P);
-one forward over (I, P, y) on the chosen layers L, heads averaged A_bar = (1/H) sum_h A_h:
-  A_tok = A_bar[answer, prompt text]   (T_y x T_p)      A_img = A_bar[prompt text, image]   (T_p x N)
-  A_dir = A_bar[answer, image]         (T_y x N)        A = mean over answer rows of (A_tok @ A_img + A_dir)   (N,)
+Paper: P2-DPO (ICLR 2026), perception-focused pairs; SPEC.md "Stage 01". y = the model's own greedy
+answer to (I, P); one forward over (I, P, y) on the chosen layers L, heads averaged
+A_bar = (1/H) sum_h A_h:
+  A_tok = A_bar[answer, prompt text]   (T_y x T_p)
+  A_img = A_bar[prompt text, image]    (T_p x N)
+  A_dir = A_bar[answer, image]         (T_y x N)
+  A     = mean over answer rows of (A_tok @ A_img + A_dir)   (N,)
   averaged over L, reshaped to the model's patch grid (h, w), normalised to sum 1.
-  --method grad_att (authors' code, ViCrop-style): A = mean_h A_h[last prompt position, image]
-      * ReLU(d log p(top-1 next token) / d A_h[last prompt position, image]), on (I, P) alone.
-Grid -> pixels: each patch's mass is spread evenly over the original pixels it saw, replaying the processor's
-  geometry (pad to square, resize, centre crop: a side cut away by the crop gets no attention; Qwen2.5-VL's
-  smart resize stretches the whole image onto the grid).
-Adaptive crop (authors' algorithm): for r in (1, 1.2, ..., 2) a square window of side r * crop_base px (clamped to
-  the image); S(x, y) = attention mass in the window; score_r = (max S - mean of S at the 4 windows one patch away)
-  / window area; the best (r, position) is the bbox. If the r = 1 window covers the whole image: bbox = the image,
+  --method grad_att (authors' code, ViCrop-style), on (I, P) alone:
+  A = mean_h A_h[last prompt position, image]
+      * ReLU(d log p(top-1 next token) / d A_h[last prompt position, image]).
+Grid -> pixels: each patch's mass is spread evenly over the original pixels it saw, replaying the
+  processor's geometry (pad to square, resize, centre crop: a side cut away by the crop gets no
+  attention; Qwen2.5-VL's smart resize stretches the whole image onto the grid).
+Adaptive crop (authors' algorithm): for r in (1, 1.2, ..., 2) a square window of side r * crop_base
+  px (clamped to the image); S(x, y) = attention mass in the window;
+  score_r = (max S - mean of S at the 4 windows one patch away) / window area;
+  the best (r, position) is the bbox. If the r = 1 window covers the whole image: bbox = the image,
   "crop": "full" (no focus pair can be made from it).
 
 Input   {"id", "image", "prompt"} JSONL (image paths relative to the file).
-Output  crops.jsonl: input fields ("image" rewritten relative to the output file) + "answer", "bbox": [x1, y1, x2,
-        y2] (int px, x2/y2 exclusive), "grid": [h, w], "attn": [[...]] (h x w, sums to 1, 4 decimals), "method",
-        "crop": "full" | "window"; <out>.args.json; <out>.errors.jsonl (file:line: why, per skipped line).
+Output  crops.jsonl: input fields ("image" rewritten relative to the output file) + "answer",
+        "bbox": [x1, y1, x2, y2] (int px, x2/y2 exclusive), "grid": [h, w],
+        "attn": [[...]] (h x w, sums to 1, 4 decimals), "method", "crop": "full" | "window";
+        <out>.args.json; <out>.errors.jsonl (file:line: why, per skipped line).
 Shapes: B rows in a batch, T tokens, H heads, N image tokens, (h, w) patch grid, (Y, X) image pixels.
 
-  python 01_attention_crop.py                                   # toy world on CPU: world/model on world/instances.jsonl
-  python 01_attention_crop.py --model llava-hf/llava-1.5-7b-hf --data my/instances.jsonl --out runs/crops.jsonl
-  torchrun --nproc_per_node=8 01_attention_crop.py --model Qwen/Qwen2.5-VL-7B-Instruct --data my/instances.jsonl
-Memory: the model runs with eager attention, which makes each layer's (B, H, T, T) weights and drops them after the
-  layer. A forward hook on each chosen layer's self-attention reduces them at once (heads averaged, then the (B, T)
-  relevance of every key position; grad_att: the last prompt row and a hook on its gradient), so one layer's weights
-  live at a time. output_attentions=True would keep every layer (a 7B model's stack does not fit).
-Choices where SPEC is silent: answer positions are y's tokens without the EOS that closes them; an empty answer
-  uses that EOS position (the model's decision to stop). Prompt text = every non-padding prompt token that is not an
-  image token (chat template included). Layers are averaged before normalising. A grad_att map that ReLU zeroes
-  everywhere becomes uniform. Ties of S (plateaus, common where the map is 0) go to the tied position nearest their
-  mean, so a lone blob sits mid-window. crop_base default: world.json's "crop_base" beside --data (toy world), else
-  the processor's fixed input size (336 for LLaVA-1.5), else 336 (Qwen2.5-VL: dynamic size; 336 = 12 merged
-  28-px patches, the window LLaVA-1.5 uses, so both families crop alike).
-Toy world default layer 0 (measured on its 400 instances, CPU): the queried object lies inside the bbox for 43% of
-  "what shape is the <colour> object ?" (layer 1: 39%, layer 2: 1%; a random window of the same size: 9%) and for
-  55% of right answers vs 33% of wrong ones (layer 1: 39% vs 41%: its map does not follow the answer).
+  # toy world on CPU: world/model on world/instances.jsonl
+  python 01_attention_crop.py
+  python 01_attention_crop.py --model llava-hf/llava-1.5-7b-hf --data my/instances.jsonl \
+      --out runs/crops.jsonl
+  torchrun --nproc_per_node=8 01_attention_crop.py --model Qwen/Qwen2.5-VL-7B-Instruct \
+      --data my/instances.jsonl
+
+Memory: the model runs with eager attention, which makes each layer's (B, H, T, T) weights and drops
+  them after the layer. A forward hook on each chosen layer's self-attention reduces them at once
+  (heads averaged, then the (B, T) relevance of every key position; grad_att: the last prompt row
+  and a hook on its gradient), so one layer's weights live at a time. output_attentions=True would
+  keep every layer (a 7B model's stack does not fit).
+Choices where SPEC is silent: answer positions are y's tokens without the EOS that closes them; an
+  empty answer uses that EOS position (the model's decision to stop). Prompt text = every
+  non-padding prompt token that is not an image token (chat template included). Layers are averaged
+  before normalising. A grad_att map that ReLU zeroes everywhere becomes uniform. Ties of S
+  (plateaus, common where the map is 0) go to the tied position nearest their mean, so a lone blob
+  sits mid-window. crop_base default: world.json's "crop_base" beside --data (toy world), else the
+  processor's fixed input size (336 for LLaVA-1.5), else 336 (Qwen2.5-VL: dynamic size; 336 = 12
+  merged 28-px patches, the window LLaVA-1.5 uses, so both families crop alike).
+Toy world default layer 0 (measured on its 400 instances, CPU): the queried object lies inside the
+  bbox for 43% of "what shape is the <colour> object ?" (layer 1: 39%, layer 2: 1%; a random window
+  of the same size: 9%) and for 55% of right answers vs 33% of wrong ones (layer 1: 39% vs 41%: its
+  map does not follow the answer).
 """
 import argparse
 import contextlib
@@ -48,7 +61,8 @@ import re
 import zlib
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local folder or the user's own cache: never download
+# a model is a local folder or the user's own cache: never download
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -57,59 +71,76 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-RESULT_ARGS = ("model", "method", "layers", "crop_base", "ratios", "max_new_tokens")  # resuming needs these equal
+# resuming into an existing --out needs these equal
+RESULT_ARGS = ("model", "method", "layers", "crop_base", "ratios", "max_new_tokens")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="world/model", help="model folder or a name in your own HF cache")
-    p.add_argument("--data", default="world/instances.jsonl", help="instances JSONL: id, image, prompt")
-    p.add_argument("--out", default="runs/crops.jsonl", help="output JSONL (a rerun into it resumes)")
+    p.add_argument("--model", default="world/model",
+                   help="model folder or a name in your own HF cache")
+    p.add_argument("--data", default="world/instances.jsonl",
+                   help="instances JSONL: id, image, prompt")
+    p.add_argument("--out", default="runs/crops.jsonl",
+                   help="output JSONL (a rerun into it resumes)")
     p.add_argument("--method", choices=("attention", "grad_att"), default="attention",
-                   help="attention: the paper's A_tok (x) A_img; grad_att: the authors' code (ViCrop-style)")
+                   help="attention: the paper's A_tok (x) A_img; "
+                        "grad_att: the authors' code (ViCrop-style)")
     p.add_argument("--layers", type=int, nargs="+", default=None,
-                   help="decoder layers, averaged (default: the middle one, num_hidden_layers // 2 (SPEC); authors' "
-                        "code: 14 of LLaVA-1.5-7B's 32); toy world (world.json beside --data): 0, measured best there "
+                   help="decoder layers, averaged (default: the middle one, "
+                        "num_hidden_layers // 2 (SPEC); authors' code: 14 of LLaVA-1.5-7B's 32); "
+                        "toy world (world.json beside --data): 0, measured best there "
                         "(module docstring)")
     p.add_argument("--crop-base", type=int, default=None,
-                   help="window side at r = 1, px (default: world.json's crop_base beside --data, else the "
-                        "processor's input size: 336 for LLaVA-1.5; 336 for Qwen2.5-VL's dynamic size)")
+                   help="window side at r = 1, px (default: world.json's crop_base beside --data, "
+                        "else the processor's input size: 336 for LLaVA-1.5; "
+                        "336 for Qwen2.5-VL's dynamic size)")
     p.add_argument("--ratios", type=float, nargs="+", default=[1.0, 1.2, 1.4, 1.6, 1.8, 2.0],
                    help="window sides as multiples of crop_base (authors: 1 1.2 1.4 1.6 1.8 2)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap, greedy (SPEC: 32)")
-    p.add_argument("--viz", default=None, help="folder for one PNG per instance: image, heat map, bbox")
-    p.add_argument("--seed", type=int, default=0, help="global seed (decoding is greedy: nothing here is random)")
+    p.add_argument("--max-new-tokens", type=int, default=32,
+                   help="answer length cap, greedy (SPEC: 32)")
+    p.add_argument("--viz", default=None,
+                   help="folder for one PNG per instance: image, heat map, bbox")
+    p.add_argument("--seed", type=int, default=0,
+                   help="global seed (decoding is greedy: nothing here is random)")
     p.add_argument("--batch-size", type=int, default=8, help="instances per forward")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu")
     p.add_argument("--limit", type=int, default=None, help="use only the first N lines of --data")
     return p.parse_args(argv)
 
 
 def relevance(A_bar, ans, txt, img):
-    """A = mean over answer rows i of (sum_{k in txt} A_bar[i, k] A_bar[k, j] + A_bar[i, j]) for image columns j:
-    A_tok @ A_img + A_dir, averaged over answer tokens (the mean commutes with the product, so it is taken first).
-    A_bar: (B, T, T) head-averaged attention (rows: queries); ans, txt, img: (B, T) bool position masks.
+    """A = mean over answer rows i of (sum_{k in txt} A_bar[i, k] A_bar[k, j] + A_bar[i, j]) for image
+    columns j: A_tok @ A_img + A_dir, averaged over answer tokens (the mean commutes with the
+    product, so it is taken first).
+    A_bar: (B, T, T) head-averaged attention (rows: queries); ans, txt, img: (B, T) bool masks.
     Returns (B, T): the relevance of each key position, 0 outside img."""
-    a = torch.einsum("bi,bij->bj", ans.float() / ans.sum(1, keepdim=True).clamp(min=1), A_bar)  # (B, T) mean answer row
-    return (torch.einsum("bk,bkj->bj", a * txt, A_bar) + a) * img  # (B, T): through the prompt text, plus direct
+    mean_over_ans = ans.float() / ans.sum(1, keepdim=True).clamp(min=1)  # (B, T): 1/T_y on answers
+    a = torch.einsum("bi,bij->bj", mean_over_ans, A_bar)  # (B, T): the mean answer row
+    through_text = torch.einsum("bk,bkj->bj", a * txt, A_bar)  # (B, T): answer -> prompt text -> key
+    return (through_text + a) * img  # (B, T): through the prompt text, plus direct
 
 
 def grad_att(att, grad):
-    """ViCrop's map: mean over heads of A_h * ReLU(dlog p(top-1) / dA_h). att, grad: (B, H, T) rows of the last
-    prompt position. Returns (B, T)."""
+    """ViCrop's map: mean over heads of A_h * ReLU(dlog p(top-1) / dA_h). att, grad: (B, H, T) rows
+    of the last prompt position. Returns (B, T)."""
     return (att * F.relu(grad)).mean(1)
 
 
 def decoder_layers(model):
-    """The language model's decoder layers (LLaVA and Qwen2.5-VL in transformers 5: model.model.language_model)."""
+    """The language model's decoder layers (LLaVA and Qwen2.5-VL in transformers 5:
+    model.model.language_model)."""
     return model.model.language_model.layers
 
 
 @contextlib.contextmanager
 def tap_attention(model, layers, keep):
-    """Forward hooks on the chosen layers' self-attention: each call's (B, H, T, T) weights (eager attention returns
-    them) go through keep(weights) at once and only its result is kept. Yields that list, in layer order."""
-    kept, handles = [], []
+    """Forward hooks on the chosen layers' self-attention: each call's (B, H, T, T) weights (eager
+    attention returns them) go through keep(weights) at once and only its result is kept. Yields
+    that list, in layer order."""
+    kept = []
+    handles = []
 
     def hook(module, args, out):
         assert out[1] is not None, "no attention weights: load the model with attn_implementation='eager'"
@@ -124,24 +155,32 @@ def tap_attention(model, layers, keep):
 
 
 def relevance_map(model, inputs, ans, txt, img, layers):
-    """Paper's A for a batch: (B, T) relevance of each position, averaged over layers. Only the head mean's (B, T)
-    reduction of each chosen layer is kept (see the docstring's Memory)."""
-    keep = lambda w: relevance(w.mean(1, dtype=torch.float32), ans, txt, img)  # noqa: E731  (B, H, T, T) -> (B, T)
+    """Paper's A for a batch: (B, T) relevance of each position, averaged over layers. Only the head
+    mean's (B, T) reduction of each chosen layer is kept (see the docstring's Memory)."""
+    def keep(w):  # (B, H, T, T) -> (B, T)
+        return relevance(w.mean(1, dtype=torch.float32), ans, txt, img)
+
     with torch.no_grad(), tap_attention(model, layers, keep) as kept:
         model(**inputs, use_cache=False, logits_to_keep=1)
     return torch.stack(kept).mean(0)  # (B, T)
 
 
 def grad_att_map(model, inputs, layers):
-    """Authors' A for a batch of (I, P): (B, T), averaged over layers. Autograd starts at the first chosen layer's
-    input (a leaf made by a pre-hook; the weights are frozen), so only the chosen layers and those above are
-    differentiated; each chosen layer keeps its last-row weights and, from a tensor hook, their gradient."""
-    leaf, grads = [], []
+    """Authors' A for a batch of (I, P): (B, T), averaged over layers. Autograd starts at the first
+    chosen layer's input (a leaf made by a pre-hook; the weights are frozen), so only the chosen
+    layers and those above are differentiated; each chosen layer keeps its last-row weights and,
+    from a tensor hook, their gradient."""
+    leaf = []
+    grads = []
 
     def make_leaf(module, args, kwargs):
-        h = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
+        if args:
+            h = args[0].detach().requires_grad_(True)
+            leaf.append(h)
+            return (h, *args[1:]), kwargs
+        h = kwargs["hidden_states"].detach().requires_grad_(True)
         leaf.append(h)
-        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+        return args, {**kwargs, "hidden_states": h}
 
     def keep(w):  # (B, H, T, T) -> (B, H, T): the last prompt position's row
         w.register_hook(lambda g: grads.append(g[:, :, -1].float()))
@@ -149,33 +188,42 @@ def grad_att_map(model, inputs, layers):
     first = decoder_layers(model)[min(layers)].register_forward_pre_hook(make_leaf, with_kwargs=True)
     try:
         with torch.enable_grad(), tap_attention(model, layers, keep) as att:
-            logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1].float()  # (B, V)
-            logp = torch.log_softmax(logits, -1).max(-1).values  # (B,): log p(top-1 next token); rows independent
+            out = model(**inputs, use_cache=False, logits_to_keep=1)
+            logits = out.logits[:, -1].float()  # (B, V)
+            # (B,): log p(top-1 next token); rows are independent, so one backward serves them all
+            logp = torch.log_softmax(logits, -1).max(-1).values
             torch.autograd.grad(logp.sum(), leaf)
     finally:
         first.remove()
-    return torch.stack([grad_att(a, g) for a, g in zip(att, grads[::-1])]).mean(0)  # backward runs top layer first
+    # backward runs the top layer first: the gradients arrive in reverse layer order
+    maps = [grad_att(a, g) for a, g in zip(att, grads[::-1])]  # one (B, T) per layer
+    return torch.stack(maps).mean(0)  # (B, T)
 
 
 def attention_maps(model, processor, prompts, answers, images, layers, method):
-    """Normalised patch-grid maps, one (h, w) float array per row, and whether each grid stretches over its whole
-    image (Qwen2.5-VL) rather than following a CLIP-style resize / crop. prompts, answers: B strings; images: B."""
-    if method == "attention":  # (I, P, y): y appended after the prompt as ids, + EOS, rows left padded
+    """Normalised patch-grid maps, one (h, w) float array per row, and whether each grid stretches
+    over its whole image (Qwen2.5-VL) rather than following a CLIP-style resize / crop.
+    prompts, answers: B strings; images: B."""
+    if method == "attention":  # (I, P, y): y appended after the prompt as ids, + EOS, left padded
         inputs, resp = build_batch(processor, prompts, answers, [[im] for im in images])
     else:  # (I, P): the last position predicts the first answer token
-        inputs = processor(text=[chat_prompt(processor, p) for p in prompts], images=images, padding=True,
-                           return_tensors="pt")
+        texts = [chat_prompt(processor, p) for p in prompts]
+        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
         resp = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
     p = next(model.parameters())
-    inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device) for k, v in inputs.items()}
+    inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)
+              for k, v in inputs.items()}  # pixel values in the model's dtype
     resp = resp.to(p.device)
     img = inputs["input_ids"] == model.config.image_token_id  # (B, T)
-    txt = inputs["attention_mask"].bool() & ~img & ~resp  # (B, T): prompt text, chat template included
+    txt = inputs["attention_mask"].bool() & ~img & ~resp  # (B, T): prompt text, chat template too
     ans = resp.clone()
-    ans[:, -1] &= resp.sum(1) == 1  # without the closing EOS, unless the answer is empty (then only EOS)
-    rel = relevance_map(model, inputs, ans, txt, img, layers) if method == "attention" else \
-        grad_att_map(model, inputs, layers)  # (B, T)
-    if "image_grid_thw" in inputs:  # Qwen2.5-VL: (t, H, W) patches per image, merged m x m into one token
+    # without the closing EOS, unless the answer is empty (then only EOS)
+    ans[:, -1] &= resp.sum(1) == 1
+    if method == "attention":
+        rel = relevance_map(model, inputs, ans, txt, img, layers)  # (B, T)
+    else:
+        rel = grad_att_map(model, inputs, layers)  # (B, T)
+    if "image_grid_thw" in inputs:  # Qwen2.5-VL: (t, H, W) patches per image, m x m merged to a token
         m = model.config.vision_config.spatial_merge_size
         grids = [(int(hh) // m, int(ww) // m) for t, hh, ww in inputs["image_grid_thw"].tolist()]
     else:  # LLaVA: the (Y, X) input the tower saw, in patches
@@ -184,147 +232,123 @@ def attention_maps(model, processor, prompts, answers, images, layers, method):
     maps = []
     for b, (h, w) in enumerate(grids):
         v = rel[b][img[b]].double().cpu().numpy()  # (N,)
-        v = v[1:] if v.size == h * w + 1 else v  # "full" feature strategy: the first image token is CLS
+        if v.size == h * w + 1:  # "full" feature strategy: the first image token is CLS
+            v = v[1:]
         assert v.size == h * w, f"row {b}: {v.size} image tokens for a {h}x{w} grid"
-        maps.append((v / v.sum() if v.sum() > 0 else np.full(v.size, 1.0 / v.size)).reshape(h, w))
+        if v.sum() > 0:
+            v = v / v.sum()
+        else:  # a grad_att map that ReLU zeroed everywhere
+            v = np.full(v.size, 1.0 / v.size)
+        maps.append(v.reshape(h, w))
     return maps, "image_grid_thw" in inputs
 
 
 def pixel_cells(image_processor, image_size, grid, stretch):
-    """Which grid cell saw each original pixel, replaying the processor's geometry. image_size: (X, Y) px; grid:
-    (h, w). Returns (cols (X,), rows (Y,)) int, -1 where the pixel was cut away, and the cell size in original px.
-    stretch: the image is resized onto the whole grid (Qwen2.5-VL). Else CLIP-style: [pad to square (do_pad),]
-    resize (shortest_edge, or height x width), [centre crop]; pixel centres land on the model's input frame."""
-    get = lambda d, k: d.get(k) if isinstance(d, dict) else getattr(d, k, None)  # noqa: E731  dict or SizeDict
+    """Which grid cell saw each original pixel, replaying the processor's geometry.
+    image_size: (X, Y) px; grid: (h, w). Returns (cols (X,), rows (Y,)) int, -1 where the pixel was
+    cut away, and the cell size in original px.
+    stretch: the image is resized onto the whole grid (Qwen2.5-VL). Else CLIP-style: [pad to square
+    (do_pad),] resize (shortest_edge, or height x width), [centre crop]; pixel centres land on the
+    model's input frame."""
+    def get(d, k):  # d: a dict or a SizeDict
+        return d.get(k) if isinstance(d, dict) else getattr(d, k, None)
+
     X, Y = image_size
-    frame = resized = padded = (X, Y)  # stretch: the whole image onto the grid
-    pad = offset = (0, 0)
+    # stretch: the whole image onto the grid, nothing padded or cut away
+    padded = (X, Y)
+    resized = (X, Y)
+    frame = (X, Y)
+    pad = (0, 0)
+    offset = (0, 0)
     if not stretch:
         ip = image_processor
-        if getattr(ip, "do_pad", False) and hasattr(ip, "pad_to_square"):  # LLaVA's pad_to_square: image centred
+        # LLaVA's pad_to_square: image centred
+        if getattr(ip, "do_pad", False) and hasattr(ip, "pad_to_square"):
             padded = (max(X, Y),) * 2
             pad = ((padded[0] - X) // 2, (padded[1] - Y) // 2)
-        (X1, Y1), short = padded, get(ip.size, "shortest_edge")
+        X1, Y1 = padded
+        short = get(ip.size, "shortest_edge")
         if not getattr(ip, "do_resize", True):
             resized = padded
         elif short:  # transformers' get_resize_output_image_size: the long side truncated to int
-            resized = (short, int(short * Y1 / X1)) if X1 <= Y1 else (int(short * X1 / Y1), short)
+            if X1 <= Y1:
+                resized = (short, int(short * Y1 / X1))
+            else:
+                resized = (int(short * X1 / Y1), short)
         elif get(ip.size, "height") and get(ip.size, "width"):
             resized = (get(ip.size, "width"), get(ip.size, "height"))
         else:
-            raise NotImplementedError(f"{type(ip).__name__}: size {ip.size} (neither shortest_edge nor height/width)")
+            raise NotImplementedError(
+                f"{type(ip).__name__}: size {ip.size} (neither shortest_edge nor height/width)")
         frame = resized
         if getattr(ip, "do_center_crop", False):  # offset < 0: a crop larger than the image pads it
             frame = (get(ip.crop_size, "width"), get(ip.crop_size, "height"))
-            offset = tuple(int((r - f) / 2.0) if f <= r else -((f - r) // 2) for r, f in zip(resized, frame))
-    cells, size = [], []
-    for n, p, n1, r, o, f, g in zip((X, Y), pad, padded, resized, offset, frame, (grid[1], grid[0])):
-        u = (np.arange(n) + 0.5 + p) * r / n1 - o  # (n,): pixel centres on the model's input frame
+            offset = tuple(int((r - f) / 2.0) if f <= r else -((f - r) // 2)
+                           for r, f in zip(resized, frame))
+    cells = []
+    size = []
+    for axis in (0, 1):  # 0: x, the grid's w columns; 1: y, the grid's h rows
+        n = (X, Y)[axis]  # original px
+        n1 = padded[axis]
+        r = resized[axis]
+        f = frame[axis]
+        g = grid[1 - axis]
+        u = (np.arange(n) + 0.5 + pad[axis]) * r / n1 - offset[axis]  # (n,): centres on the frame
         cells.append(np.where((u >= 0) & (u < f), np.floor(u * g / f), -1).astype(np.int64))
         size.append(f / g * n1 / r)  # one cell in original px
     return cells[0], cells[1], float(np.mean(size))
 
 
 def pixel_heat(grid_map, cols, rows):
-    """(Y, X) attention mass per original pixel: each cell's mass spread evenly over the pixels it saw (cut-away
-    pixels 0; a cell that saw only padding loses its mass); renormalised to sum 1. grid_map: (h, w)."""
+    """(Y, X) attention mass per original pixel: each cell's mass spread evenly over the pixels it
+    saw (cut-away pixels 0; a cell that saw only padding loses its mass); renormalised to sum 1.
+    grid_map: (h, w)."""
     h, w = grid_map.shape
-    n_rows, n_cols = np.bincount(rows[rows >= 0], minlength=h), np.bincount(cols[cols >= 0], minlength=w)
-    density = grid_map / np.maximum(np.outer(n_rows, n_cols), 1)  # (h, w): mass per pixel of each cell
-    heat = density[np.ix_(rows.clip(0), cols.clip(0))] * np.outer(rows >= 0, cols >= 0)  # (Y, X)
+    n_rows = np.bincount(rows[rows >= 0], minlength=h)  # (h,): pixel rows each cell row saw
+    n_cols = np.bincount(cols[cols >= 0], minlength=w)  # (w,)
+    density = grid_map / np.maximum(np.outer(n_rows, n_cols), 1)  # (h, w): mass per pixel of a cell
+    seen = np.outer(rows >= 0, cols >= 0)  # (Y, X): pixels not cut away
+    heat = density[np.ix_(rows.clip(0), cols.clip(0))] * seen  # (Y, X)
     return heat / heat.sum() if heat.sum() > 0 else heat
 
 
 def adaptive_crop(attn, image_size, crop_base, ratios, step=1.0):
-    """Authors' multi-ratio window search. For each r: side = round(r * crop_base) px, clamped to the image (a
-    ratio whose window covers the whole image is skipped; at the smallest r, 1, the answer is the image, "full");
-    S = the attention mass of every window position (integral image, stride 1 px);
-    score_r = (max S - mean of S at the windows shifted by `step` px left / right / up / down, where they fit)
-    / window area. attn: (Y, X) mass per original pixel (pixel_heat); image_size: (X, Y); step: one grid cell in
+    """Authors' multi-ratio window search. For each r: side = round(r * crop_base) px, clamped to the
+    image (a ratio whose window covers the whole image is skipped; at the smallest r, 1, the answer
+    is the image, "full"); S = the attention mass of every window position (integral image,
+    stride 1 px);
+    score_r = (max S - mean of S at the windows shifted by `step` px left / right / up / down,
+               where they fit) / window area.
+    attn: (Y, X) mass per original pixel (pixel_heat); image_size: (X, Y); step: one grid cell in
     original px (the authors slide on the grid, so their neighbours are one cell away).
     Returns ([x1, y1, x2, y2] ints, x2/y2 exclusive, "full" | "window", r)."""
     X, Y = image_size
     assert attn.shape == (Y, X), f"attention map {attn.shape} for an image of {X}x{Y} (X, Y)"
-    if round(min(ratios) * crop_base) >= max(X, Y):  # SPEC: even the r = 1 window covers the whole image
+    if round(min(ratios) * crop_base) >= max(X, Y):  # SPEC: even the r = 1 window covers the image
         return [0, 0, X, Y], "full", min(ratios)
     I = np.zeros((Y + 1, X + 1))
-    I[1:, 1:] = attn.astype(np.float64).cumsum(0).cumsum(1)  # (Y + 1, X + 1): I[y, x] = mass of attn[:y, :x]
+    # (Y + 1, X + 1): I[y, x] = mass of attn[:y, :x]
+    I[1:, 1:] = attn.astype(np.float64).cumsum(0).cumsum(1)
+    s = max(1, round(step))  # the neighbours' shift, px
     best = None
     for r in ratios:
-        w, h = min(round(r * crop_base), X), min(round(r * crop_base), Y)
+        side = round(r * crop_base)
+        w = min(side, X)
+        h = min(side, Y)
         if w == X and h == Y:
             continue
-        S = I[h:, w:] - I[:-h, w:] - I[h:, :-w] + I[:-h, :-w]  # (Y - h + 1, X - w + 1): S[y, x], window at (x, y)
-        ys, xs = np.nonzero(S >= S.max() - 1e-6 * abs(S.max()))  # the maximum, with its float-noise ties
+        # (Y - h + 1, X - w + 1): S[y, x] = mass of the window with its top-left corner at (x, y)
+        S = I[h:, w:] - I[:-h, w:] - I[h:, :-w] + I[:-h, :-w]
+        ys, xs = np.nonzero(S >= S.max() - 1e-6 * abs(S.max()))  # the maximum, with float-noise ties
         k = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)  # tie nearest the ties' mean
-        y, x, s = int(ys[k]), int(xs[k]), max(1, round(step))
-        nbrs = {(y, min(x + s, S.shape[1] - 1)), (y, max(x - s, 0)), (min(y + s, S.shape[0] - 1), x),
-                (max(y - s, 0), x)} - {(y, x)}
+        y = int(ys[k])
+        x = int(xs[k])
+        nbrs = {(y, min(x + s, S.shape[1] - 1)), (y, max(x - s, 0)),
+                (min(y + s, S.shape[0] - 1), x), (max(y - s, 0), x)} - {(y, x)}
         score = (S[y, x] - np.mean([S[p] for p in nbrs])) / (w * h)
         if best is None or score > best[0]:
             best = (score, [x, y, x + w, y + h], r)
     return best[1], "window", best[2]
-
-
-def toy_world(data):
-    """The toy world's settings (world.json beside --data), or {} for any other data."""
-    path = Path(data).parent / "world.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def input_side(processor):
-    """The processor's fixed input side (LLaVA-1.5: the 336 crop), else 336 (dynamic resolution: Qwen2.5-VL)."""
-    ip = processor.image_processor
-    size = ip.crop_size if getattr(ip, "do_center_crop", False) else getattr(ip, "size", None)
-    side = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
-    return int(side) if side else 336
-
-
-def save_viz(path, image, heat, bbox, caption):
-    """PNG: the image with the bbox | the heat map over the image with the bbox; the caption below."""
-    k = max(1, 256 // max(image.size))  # small images are scaled up, pixels kept sharp
-    a = ((heat - heat.min()) / max(heat.max() - heat.min(), 1e-12))[..., None]  # (Y, X, 1) in [0, 1]
-    over = np.asarray(image, np.float32) * (1 - 0.7 * a) + np.array([255, 40, 0], np.float32) * 0.7 * a
-    panels = [im.resize((image.width * k, image.height * k), Image.NEAREST)
-              for im in (image, Image.fromarray(over.round().astype(np.uint8)))]
-    canvas = Image.new("RGB", (2 * panels[0].width + 8, panels[0].height + 28), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, panel in enumerate(panels):
-        x0 = i * (panel.width + 8)
-        canvas.paste(panel, (x0, 0))
-        draw.rectangle([x0 + bbox[0] * k, bbox[1] * k, x0 + bbox[2] * k - 1, bbox[3] * k - 1], outline=(0, 220, 0),
-                       width=2)
-    draw.text((4, panels[0].height + 6), caption[:120], fill="black")
-    canvas.save(path)
-
-
-def crop_batch(model, processor, args, batch):
-    """run_rows' work: B input rows -> B output rows (or an error message for a row whose image is unreadable)."""
-    images, results = {}, [None] * len(batch)
-    for i, row in enumerate(batch):
-        try:
-            images[i] = load_image(row["_image"])
-        except (OSError, ValueError) as e:
-            results[i] = f"unreadable image {row['_image']}: {e}"
-    idx = list(images)
-    if not idx:
-        return results
-    prompts, imgs = [batch[i]["prompt"] for i in idx], [images[i] for i in idx]
-    answers = generate_greedy(model, processor, [chat_prompt(processor, p) for p in prompts], imgs,
-                              args.max_new_tokens)
-    maps, stretch = attention_maps(model, processor, prompts, answers, imgs, args.layers, args.method)
-    for i, answer, grid_map in zip(idx, answers, maps):
-        row, image = batch[i], images[i]
-        cols, rows, cell = pixel_cells(processor.image_processor, image.size, grid_map.shape, stretch)
-        heat = pixel_heat(grid_map, cols, rows)  # (Y, X)
-        bbox, crop, _ = adaptive_crop(heat, image.size, args.crop_base, args.ratios, step=cell)
-        results[i] = {**row, "image": relpath_for(args.out, row["_image"]), "answer": answer, "bbox": bbox,
-                      "grid": list(grid_map.shape), "attn": np.round(grid_map, 4).tolist(), "method": args.method,
-                      "crop": crop}
-        if args.viz:
-            name = re.sub(r"[^A-Za-z0-9._-]", "_", str(row["id"]))
-            save_viz(Path(args.viz) / f"{name}.png", image, heat, bbox, f"{row['prompt']} -> {answer}")
-    return results
 
 
 def main():
@@ -332,12 +356,19 @@ def main():
     torch.manual_seed(args.seed)
     rank, world, device = dist_setup(args.device)
     rows, errors = read_instances(args.data, ("image", "prompt"), args.limit)
-    if not rows:  # nothing to do (every line bad: run_rows lists them and exits non-zero) before loading a model
+    if not rows:  # every line bad: run_rows lists them and exits non-zero, before a model loads
         return run_rows(rows, errors, None, args.out, args.batch_size, rank, world)
-    model, processor = load_model(args.model, device, attn_implementation="eager")  # eager: attention weights
+    # eager attention: the weights reach the hooks
+    model, processor = load_model(args.model, device, attn_implementation="eager")
     model.requires_grad_(False)  # grad_att differentiates activations only
-    n_layers, toy = len(decoder_layers(model)), toy_world(args.data)
-    args.layers = sorted(set(args.layers)) if args.layers else [0 if toy else n_layers // 2]
+    n_layers = len(decoder_layers(model))
+    toy = toy_world(args.data)
+    if args.layers:
+        args.layers = sorted(set(args.layers))
+    elif toy:
+        args.layers = [0]  # measured best there (module docstring)
+    else:
+        args.layers = [n_layers // 2]  # SPEC: the middle layer
     if not all(0 <= i < n_layers for i in args.layers):
         raise SystemExit(f"--layers {args.layers}: the model has layers 0 to {n_layers - 1}")
     args.crop_base = args.crop_base or int(toy.get("crop_base", 0)) or input_side(processor)
@@ -353,8 +384,10 @@ def main():
         dist.broadcast_object_list(problem, src=0)
     if problem[0]:
         raise SystemExit(problem[0])
-    run_rows(rows, errors, functools.partial(crop_batch, model, processor, args), args.out, args.batch_size,
-             rank, world, desc="crops")
+    # per batch (crop_batch, in the appendix): the greedy answer y, attention_maps, pixel_cells,
+    # pixel_heat, adaptive_crop
+    work = functools.partial(crop_batch, model, processor, args)
+    run_rows(rows, errors, work, args.out, args.batch_size, rank, world, desc="crops")
     if world > 1:
         dist.destroy_process_group()
 
@@ -364,6 +397,76 @@ def main():
 # printing, then the helpers that several stages need, copied verbatim between "# ---- shared: NAME ----"
 # rulers so that each script stands alone (tests/test_shared_blocks.py keeps every copy identical).
 # =====================================================================================================
+# ---- plumbing: one batch, defaults from the data and the processor, the viz PNG ----
+def crop_batch(model, processor, args, batch):
+    """run_rows' work: B input rows -> B output rows (or an error message for a row whose image is
+    unreadable). SPEC's steps in order: the answer y, the map A, grid -> pixels, the crop."""
+    images = {}  # row index -> its image, for the rows whose image could be read
+    results = [None] * len(batch)
+    for i, row in enumerate(batch):
+        try:
+            images[i] = load_image(row["_image"])
+        except (OSError, ValueError) as e:
+            results[i] = f"unreadable image {row['_image']}: {e}"
+    idx = list(images)
+    if not idx:
+        return results
+    prompts = [batch[i]["prompt"] for i in idx]
+    imgs = [images[i] for i in idx]
+    texts = [chat_prompt(processor, p) for p in prompts]
+    answers = generate_greedy(model, processor, texts, imgs, args.max_new_tokens)
+    maps, stretch = attention_maps(model, processor, prompts, answers, imgs, args.layers, args.method)
+    for i, answer, grid_map in zip(idx, answers, maps):
+        row = batch[i]
+        image = images[i]
+        cols, rows, cell = pixel_cells(processor.image_processor, image.size, grid_map.shape, stretch)
+        heat = pixel_heat(grid_map, cols, rows)  # (Y, X)
+        bbox, crop, _ = adaptive_crop(heat, image.size, args.crop_base, args.ratios, step=cell)
+        results[i] = {**row, "image": relpath_for(args.out, row["_image"]), "answer": answer,
+                      "bbox": bbox, "grid": list(grid_map.shape),
+                      "attn": np.round(grid_map, 4).tolist(), "method": args.method, "crop": crop}
+        if args.viz:
+            name = re.sub(r"[^A-Za-z0-9._-]", "_", str(row["id"]))
+            caption = f"{row['prompt']} -> {answer}"
+            save_viz(Path(args.viz) / f"{name}.png", image, heat, bbox, caption)
+    return results
+
+
+def toy_world(data):
+    """The toy world's settings (world.json beside --data), or {} for any other data."""
+    path = Path(data).parent / "world.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def input_side(processor):
+    """The processor's fixed input side (LLaVA-1.5: the 336 crop), else 336 (dynamic resolution:
+    Qwen2.5-VL)."""
+    ip = processor.image_processor
+    size = ip.crop_size if getattr(ip, "do_center_crop", False) else getattr(ip, "size", None)
+    side = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
+    return int(side) if side else 336
+
+
+def save_viz(path, image, heat, bbox, caption):
+    """PNG: the image with the bbox | the heat map over the image with the bbox; the caption below."""
+    k = max(1, 256 // max(image.size))  # small images are scaled up, pixels kept sharp
+    a = ((heat - heat.min()) / max(heat.max() - heat.min(), 1e-12))[..., None]  # (Y, X, 1) in [0, 1]
+    red = np.array([255, 40, 0], np.float32)
+    over = np.asarray(image, np.float32) * (1 - 0.7 * a) + red * 0.7 * a  # (Y, X, 3)
+    panels = [im.resize((image.width * k, image.height * k), Image.NEAREST)
+              for im in (image, Image.fromarray(over.round().astype(np.uint8)))]
+    canvas = Image.new("RGB", (2 * panels[0].width + 8, panels[0].height + 28), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, panel in enumerate(panels):
+        x0 = i * (panel.width + 8)
+        canvas.paste(panel, (x0, 0))
+        box = [x0 + bbox[0] * k, bbox[1] * k, x0 + bbox[2] * k - 1, bbox[3] * k - 1]
+        draw.rectangle(box, outline=(0, 220, 0), width=2)
+    draw.text((4, panels[0].height + 6), caption[:120], fill="black")
+    canvas.save(path)
+# ---- end plumbing ----
+
+
 # ---- shared: jsonl ----
 def read_jsonl(path, on_error=None):
     """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings are fine).
