@@ -1,40 +1,54 @@
 """Stage 03: reference log-probs for every loss term, the DDW CLIP gain ratio, the PPL + margin filter, the IPS report.
 
-Paper: P2-DPO (ICLR 2026), data filtering, dynamic deficiency weighting and implicit preference strength; SPEC.md
-"Stage 03". pi_ref is the base model, frozen, in eval mode; log pi_ref(y | c) is summed over the response tokens and
-EOS (prompt and image tokens masked), log-softmax in fp32, so that stage 04 never holds a reference model:
-  ref.focus_w, ref.focus_l           = log pi_ref(y | I, P)                     the DPO_focus context
-  ref.calib_aug_w, ref.calib_deg_w   = log pi_ref(y_w | I_aug, P_enh), log pi_ref(y_w | I_deg, P)    L_calib (_l: y_l)
-  ref.robust_w, ref.robust_l         = log pi_ref(y | I_noise, P)               the DPO_rob context
-  PPL(y) = exp(-log pi_ref(y | c) / n(y))         c: the branch's DPO context; n(y): response tokens + EOS ("ntok")
+Paper: P2-DPO (ICLR 2026), data filtering, dynamic deficiency weighting and implicit preference
+strength; SPEC.md "Stage 03". pi_ref is the base model, frozen, in eval mode; log pi_ref(y | c)
+is summed over the response tokens and EOS (prompt and image tokens masked), log-softmax in fp32,
+so that stage 04 never holds a reference model:
+  ref.focus_w, ref.focus_l          = log pi_ref(y | I, P)               the DPO_focus context
+  ref.calib_aug_w, ref.calib_deg_w  = log pi_ref(y_w | I_aug, P_enh), log pi_ref(y_w | I_deg, P)
+                                                                         L_calib (_l: y_l)
+  ref.robust_w, ref.robust_l        = log pi_ref(y | I_noise, P)         the DPO_rob context
+  PPL(y) = exp(-log pi_ref(y | c) / n(y))
+           c: the branch's DPO context; n(y): response tokens + EOS ("ntok")
   M      = log pi_ref(y_w | c) / n(y_w) - log pi_ref(y_l | c) / n(y_l)
-  a branch is kept iff PPL(y_w) < max_ppl, PPL(y_l) < max_ppl, margin_low <= M <= margin_high   (authors: 2.5,
-           [-0.174, 0.208]); a line that keeps no branch goes to <out>.dropped.jsonl, not to <out>
-  CLIPScore(t, i) = 2.5 * max(cos(E_t(t), E_i(i)), 0)  (Hessel et al. 2021);  r = CLIPScore(P, I_crop) / CLIPScore(P, I)
-  IPS    = log pi_ref(y_w | c) - log pi_ref(y_l | c)  (summed), per branch: mean, std, share < 0; all and kept pairs
+  a branch is kept iff PPL(y_w) < max_ppl, PPL(y_l) < max_ppl, margin_low <= M <= margin_high
+           (authors: 2.5, [-0.174, 0.208]); a line that keeps no branch goes to
+           <out>.dropped.jsonl, not to <out>
+  CLIPScore(t, i) = 2.5 * max(cos(E_t(t), E_i(i)), 0)  (Hessel et al. 2021)
+  r      = CLIPScore(P, I_crop) / CLIPScore(P, I)
+  IPS    = log pi_ref(y_w | c) - log pi_ref(y_l | c)  (summed), per branch: mean, std, share < 0;
+           all and kept pairs
 
-Input   pairs.jsonl (stage 02; paths relative to its folder): "id", "image", "prompt", "prompt_enh", "images": {"crop",
-        "deg", "noise", ["aug": a stitched I_aug; else I_aug = (image, crop), two images]}, "focus" / "robust":
-        {"chosen", "rejected", ...} | null.  --score-only: any preference JSONL {"id", "image", "prompt" (or
-        "question"), "chosen", "rejected"}, one pair a line, scored under (I, P) as the branch "pair".
-Output  <out> (train.jsonl), the lines that keep a branch: the input fields (paths rewritten relative to <out>) +
-        "ref" and "ntok" (the keys above; null where the pair is null), "ppl": {"focus_w", "focus_l", "robust_w",
-        "robust_l"}, "margin": {"focus", "robust"}, "clip": {"crop", "image", "ratio"} | null (no focus pair, --clip
-        none), "keep": {"focus", "robust"}, "why": {branch: [reasons it is dropped]};
-        <out>.dropped.jsonl: the other lines, the same fields;  <out>.report.json: counts per branch and reason, IPS,
-        PPL, margin and CLIP-ratio summaries;  <out>.errors.jsonl: bad input lines;  <out>.args.json;
-        <out>.scores: every scored line before the filter (JSONL, the resume checkpoint: a rerun scores only new ids
-        and re-applies the filter, so other thresholds need no model). --score-only writes no <out> nor dropped.
+Input   pairs.jsonl (stage 02; paths relative to its folder): "id", "image", "prompt",
+        "prompt_enh", "images": {"crop", "deg", "noise", ["aug": a stitched I_aug; else
+        I_aug = (image, crop), two images]}, "focus" / "robust": {"chosen", "rejected", ...}
+        | null.
+        --score-only: any preference JSONL {"id", "image", "prompt" (or "question"), "chosen",
+        "rejected"}, one pair a line, scored under (I, P) as the branch "pair".
+Output  <out> (train.jsonl), the lines that keep a branch: the input fields (paths rewritten
+        relative to <out>) + "ref" and "ntok" (the keys above; null where the pair is null),
+        "ppl": {"focus_w", "focus_l", "robust_w", "robust_l"}, "margin": {"focus", "robust"},
+        "clip": {"crop", "image", "ratio"} | null (no focus pair, --clip none),
+        "keep": {"focus", "robust"}, "why": {branch: [reasons it is dropped]};
+        <out>.dropped.jsonl: the other lines, the same fields;
+        <out>.report.json: counts per branch and reason, IPS, PPL, margin and CLIP-ratio summaries;
+        <out>.errors.jsonl: bad input lines;  <out>.args.json;
+        <out>.scores: every scored line before the filter (JSONL, the resume checkpoint: a rerun
+        scores only new ids and re-applies the filter, so other thresholds need no model).
+        --score-only writes no <out> nor dropped.
 Shapes: R scoring rows in a forward (up to 8 a line), B lines, D CLIP embedding width.
 
-  python 03_filter.py --model world/model --clip world/clip --data runs/pairs.jsonl --out runs/train.jsonl  # toy, CPU
-  python 03_filter.py --model llava-hf/llava-1.5-7b-hf --clip ViT-L-14 --data runs/pairs.jsonl --batch-size 32  # 1 GPU
+Launch: the toy world on CPU; one GPU; 8 GPUs:
+  python 03_filter.py --model world/model --clip world/clip --data runs/pairs.jsonl --out runs/train.jsonl
+  python 03_filter.py --model llava-hf/llava-1.5-7b-hf --clip ViT-L-14 --data runs/pairs.jsonl --batch-size 32
   torchrun --nproc_per_node=8 03_filter.py --model Qwen/Qwen2.5-VL-7B-Instruct --clip ViT-L-14 --data runs/pairs.jsonl
-Choices the paper leaves open: the token mean divides by n(y), EOS included (the tokens the loss sums); the PPL bound
-is strict, the margin band inclusive; CLIPScore's text is P as written (P is a question, so no "A photo depicts"
-prefix), cut to the CLIP context; r is null when CLIPScore(P, I) = 0; a line with both pairs null is dropped with
-the reason "no pair"; the report counts every check a pair fails (one pair can fail several); std is the population
-std; --clip defaults to the toy world's CLIP (SPEC's command line), a real run names an open_clip model.
+
+Choices the paper leaves open: the token mean divides by n(y), EOS included (the tokens the loss
+sums); the PPL bound is strict, the margin band inclusive; CLIPScore's text is P as written (P is
+a question, so no "A photo depicts" prefix), cut to the CLIP context; r is null when
+CLIPScore(P, I) = 0; a line with both pairs null is dropped with the reason "no pair"; the report
+counts every check a pair fails (one pair can fail several); std is the population std; --clip
+defaults to the toy world's CLIP (SPEC's command line), a real run names an open_clip model.
 """
 import argparse
 import functools
@@ -45,7 +59,8 @@ import os
 import zlib
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models and CLIP weights come from local folders or your cache
+# models and CLIP weights come from local folders or your cache
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -54,44 +69,146 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-TERMS = {  # ref key -> (branch, response, prompt field, context): every log pi_ref that stage 04's loss reads
-    "focus_w": ("focus", "chosen", "prompt", "image"), "focus_l": ("focus", "rejected", "prompt", "image"),
-    "calib_aug_w": ("focus", "chosen", "prompt_enh", "aug"), "calib_deg_w": ("focus", "chosen", "prompt", "deg"),
-    "calib_aug_l": ("focus", "rejected", "prompt_enh", "aug"), "calib_deg_l": ("focus", "rejected", "prompt", "deg"),
-    "robust_w": ("robust", "chosen", "prompt", "noise"), "robust_l": ("robust", "rejected", "prompt", "noise")}
-PAIR_TERMS = {"pair_w": ("pair", "chosen", "prompt", "image"), "pair_l": ("pair", "rejected", "prompt", "image")}
-DPO_TERMS = {"focus": ("focus_w", "focus_l"), "robust": ("robust_w", "robust_l"), "pair": ("pair_w", "pair_l")}
-REASONS = ("no pair", "ppl chosen", "ppl rejected", "margin low", "margin high")
-SCORE_ARGS = ("model", "clip", "clip_pretrained", "score_only")  # change the scores: a rerun into <out> must match
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="world/model", help="reference model: the base model folder or a name in your "
-                   "own HF cache (the model stage 04 trains)")
-    p.add_argument("--clip", default="world/clip", help="open_clip model for DDW: a folder in open_clip's local-dir "
-                   "format (the toy world's world/clip), a model name such as ViT-L-14 (SPEC), or none (no score)")
-    p.add_argument("--clip-pretrained", default="openai", help="weights of a named --clip: an open_clip tag already in "
-                   "your cache or a file (SPEC: openai); never downloaded")
-    p.add_argument("--data", default="runs/pairs.jsonl", help="pairs.jsonl from stage 02 (or, with --score-only, "
-                   "any preference JSONL)")
-    p.add_argument("--out", default="runs/train.jsonl", help="train.jsonl for stage 04; the other files are named "
-                   "after it (.dropped.jsonl, .report.json, .scores, .errors.jsonl, .args.json)")
-    p.add_argument("--max-ppl", type=float, default=2.5, help="keep a pair when PPL(y_w), PPL(y_l) < this (authors)")
-    p.add_argument("--margin-low", type=float, default=-0.174, help="keep a pair when M >= this (authors)")
-    p.add_argument("--margin-high", type=float, default=0.208, help="keep a pair when M <= this (authors)")
-    p.add_argument("--score-only", action="store_true", help="score a preference JSONL (chosen / rejected, prompt or "
-                   "question, image) and write the IPS report only: on- vs off-policy pairs (paper)")
-    p.add_argument("--seed", type=int, default=0, help="global seed (scoring is deterministic; kept for the chain)")
-    p.add_argument("--batch-size", type=int, default=16, help="scoring rows per forward (a line has up to 8), and "
-                   "lines per step of the resumable loop")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N lines of --data")
+    p.add_argument("--model", default="world/model",
+                   help="reference model: the base model folder or a name in your own HF cache "
+                   "(the model stage 04 trains)")
+    p.add_argument("--clip", default="world/clip",
+                   help="open_clip model for DDW: a folder in open_clip's local-dir format "
+                   "(the toy world's world/clip), a model name such as ViT-L-14 (SPEC), "
+                   "or none (no score)")
+    p.add_argument("--clip-pretrained", default="openai",
+                   help="weights of a named --clip: an open_clip tag already in your cache or "
+                   "a file (SPEC: openai); never downloaded")
+    p.add_argument("--data", default="runs/pairs.jsonl",
+                   help="pairs.jsonl from stage 02 (or, with --score-only, any preference JSONL)")
+    p.add_argument("--out", default="runs/train.jsonl",
+                   help="train.jsonl for stage 04; the other files are named after it "
+                   "(.dropped.jsonl, .report.json, .scores, .errors.jsonl, .args.json)")
+    p.add_argument("--max-ppl", type=float, default=2.5,
+                   help="keep a pair when PPL(y_w), PPL(y_l) < this (authors)")
+    p.add_argument("--margin-low", type=float, default=-0.174,
+                   help="keep a pair when M >= this (authors)")
+    p.add_argument("--margin-high", type=float, default=0.208,
+                   help="keep a pair when M <= this (authors)")
+    p.add_argument("--score-only", action="store_true",
+                   help="score a preference JSONL (chosen / rejected, prompt or question, image) "
+                   "and write the IPS report only: on- vs off-policy pairs (paper)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="global seed (scoring is deterministic; kept for the chain)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="scoring rows per forward (a line has up to 8), and lines per step of the "
+                   "resumable loop")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu")
+    p.add_argument("--limit", type=int, default=None,
+                   help="score only the first N lines of --data")
     return p.parse_args(argv)
 
 
+# the arguments that change the scores: a rerun into <out> must match them
+SCORE_ARGS = ("model", "clip", "clip_pretrained", "score_only")
+
+
+# ---- 1. The reference log-probs for every loss term ----
+# ref key -> (branch, response, prompt field, context): every log pi_ref that stage 04's loss reads
+TERMS = {
+    "focus_w": ("focus", "chosen", "prompt", "image"),
+    "focus_l": ("focus", "rejected", "prompt", "image"),
+    "calib_aug_w": ("focus", "chosen", "prompt_enh", "aug"),
+    "calib_deg_w": ("focus", "chosen", "prompt", "deg"),
+    "calib_aug_l": ("focus", "rejected", "prompt_enh", "aug"),
+    "calib_deg_l": ("focus", "rejected", "prompt", "deg"),
+    "robust_w": ("robust", "chosen", "prompt", "noise"),
+    "robust_l": ("robust", "rejected", "prompt", "noise"),
+}
+# --score-only: one pair a line, under (I, P)
+PAIR_TERMS = {
+    "pair_w": ("pair", "chosen", "prompt", "image"),
+    "pair_l": ("pair", "rejected", "prompt", "image"),
+}
+# branch -> its DPO terms (y_w, y_l): the context c of PPL, M and IPS
+DPO_TERMS = {
+    "focus": ("focus_w", "focus_l"),
+    "robust": ("robust_w", "robust_l"),
+    "pair": ("pair_w", "pair_l"),
+}
+
+
+def scoring_rows(line, terms):
+    """[(term, prompt, response, context images, context)]: one row per term whose branch has a
+    pair in the line."""
+    rows = []
+    for term, (branch, side, prompt, context) in terms.items():
+        if branch in line["pairs"]:
+            response = line["pairs"][branch][side]
+            rows.append((term, line[prompt], response, line["contexts"][context], context))
+    return rows
+
+
+@torch.inference_mode()
+def score_rows(model, processor, rows, batch_size):
+    """Summed log pi_ref(y | c) and n(y) of (prompt, response, images, context) rows, through the
+    shared block that stage 04 also uses. Rows of one context share forwards (same image count,
+    little padding), batch_size rows at most; rows of several lines mix. Returns ([logp], [ntok])
+    in row order."""
+    logp = [None] * len(rows)
+    ntok = [None] * len(rows)
+    # by context; sorted() is stable: input order within a context
+    order = sorted(range(len(rows)), key=lambda i: rows[i][3])
+    for _, group in itertools.groupby(order, key=lambda i: rows[i][3]):
+        group = list(group)
+        for k in range(0, len(group), batch_size):
+            chunk = group[k:k + batch_size]
+            prompts = [rows[i][0] for i in chunk]
+            responses = [rows[i][1] for i in chunk]
+            images = [rows[i][2] for i in chunk]
+            inputs, mask = build_batch(processor, prompts, responses, images)  # mask: (R, T)
+            lp, n = response_logprobs(model, inputs, mask)  # (R,), (R,)
+            for i, a, b in zip(chunk, lp.tolist(), n.tolist()):
+                logp[i] = a
+                ntok[i] = int(b)
+    return logp, ntok
+
+
+# ---- 2. The CLIP gain ratio of dynamic deficiency weighting ----
+def clip_score(text_features, image_features):
+    """CLIPScore(t, i) = 2.5 * max(cos(E_t(t), E_i(i)), 0) (Hessel et al. 2021).
+    (B, D), (B, D) -> (B,) fp32."""
+    cos = F.cosine_similarity(text_features.float(), image_features.float(), dim=-1)  # (B,)
+    return 2.5 * cos.clamp(min=0.0)
+
+
+def gain_ratio(clip_crop, clip_image):
+    """r = CLIPScore(P, I_crop) / CLIPScore(P, I): above 1 when the crop fits the prompt better
+    than the whole image (DDW then leans to the focus branch). None when CLIPScore(P, I) = 0
+    (stage 04 reads the two scores anyway)."""
+    if clip_image > 0:
+        return clip_crop / clip_image
+    return None
+
+
+@torch.inference_mode()
+def clip_scores(clip, prompts, images, crops):
+    """[{"crop", "image", "ratio"}] for B (P, I, I_crop): CLIPScore(P, I_crop), CLIPScore(P, I)
+    and r."""
+    model, preprocess, tokenizer = clip
+    device = next(model.parameters()).device
+    tokens = tokenizer(prompts).to(device)  # the tokenizer cuts P to the CLIP context
+    text = model.encode_text(tokens)  # (B, D)
+    pixels = torch.stack([preprocess(im) for im in images + crops]).to(device)  # (2B, C, H, W)
+    vision = model.encode_image(pixels)  # (2B, D): the images, then the crops
+    full = clip_score(text, vision[:len(images)]).tolist()
+    crop = clip_score(text, vision[len(images):]).tolist()
+    return [{"crop": c, "image": i, "ratio": gain_ratio(c, i)} for c, i in zip(crop, full)]
+
+
+# ---- 3. Perplexity and margin ----
 def perplexity(logp, ntok):
-    """PPL(y) = exp(-log pi_ref(y | c) / n(y)). logp: the summed log-prob; ntok: n(y), EOS included. -> float."""
+    """PPL(y) = exp(-log pi_ref(y | c) / n(y)). logp: the summed log-prob; ntok: n(y), EOS
+    included. -> float."""
     try:
         return math.exp(-logp / ntok)
     except OverflowError:  # a mean log-prob below -709: out of any PPL bound
@@ -99,94 +216,190 @@ def perplexity(logp, ntok):
 
 
 def mean_margin(logp_w, ntok_w, logp_l, ntok_l):
-    """M = log pi_ref(y_w | c) / n(y_w) - log pi_ref(y_l | c) / n(y_l): per-token means, hence the narrow band."""
+    """M = log pi_ref(y_w | c) / n(y_w) - log pi_ref(y_l | c) / n(y_l): per-token means, hence the
+    narrow band."""
     return logp_w / ntok_w - logp_l / ntok_l
 
 
+def ppl_and_margin(scores, branches):
+    """PPL(y_w), PPL(y_l) and M of each branch under its DPO context c, None where the line has no
+    such pair. scores: {term: (summed logp, ntok)} of one line. -> ({term: PPL}, {branch: M})."""
+    ppl = {}
+    margin = {}
+    for b in branches:
+        w, l = DPO_TERMS[b]
+        if w in scores:
+            ppl[w] = perplexity(*scores[w])
+            ppl[l] = perplexity(*scores[l])
+            margin[b] = mean_margin(*scores[w], *scores[l])
+        else:
+            ppl[w] = None
+            ppl[l] = None
+            margin[b] = None
+    return ppl, margin
+
+
+# ---- 4. The filter ----
+REASONS = ("no pair", "ppl chosen", "ppl rejected", "margin low", "margin high")
+
+
 def filter_reasons(ppl_w, ppl_l, margin, max_ppl, margin_low, margin_high):
-    """Why a pair is dropped ([] = kept): it needs PPL(y_w) < max_ppl, PPL(y_l) < max_ppl and margin_low <= M <=
-    margin_high. Every failed check is listed; a NaN fails the checks it is in."""
-    checks = (("ppl chosen", ppl_w < max_ppl), ("ppl rejected", ppl_l < max_ppl),
-              ("margin low", margin >= margin_low), ("margin high", margin <= margin_high))
+    """Why a pair is dropped ([] = kept): it needs PPL(y_w) < max_ppl, PPL(y_l) < max_ppl and
+    margin_low <= M <= margin_high. Every failed check is listed; a NaN fails the checks it is
+    in."""
+    checks = (
+        ("ppl chosen", ppl_w < max_ppl),
+        ("ppl rejected", ppl_l < max_ppl),
+        ("margin low", margin >= margin_low),
+        ("margin high", margin <= margin_high),
+    )
     return [reason for reason, ok in checks if not ok]
 
 
+def apply_filter(line, branches, max_ppl, margin_low, margin_high):
+    """A scored line + "keep": {branch: bool} and "why": {branch: [reasons]} under this run's
+    thresholds."""
+    why = {}
+    for b in branches:
+        w, l = DPO_TERMS[b]
+        if line["margin"].get(b) is None:
+            why[b] = ["no pair"]
+        else:
+            why[b] = filter_reasons(line["ppl"][w], line["ppl"][l], line["margin"][b],
+                                    max_ppl, margin_low, margin_high)
+    return {**line, "keep": {b: not r for b, r in why.items()}, "why": why}
+
+
+# ---- 5. The implicit-preference-strength report ----
 def implicit_preference_strength(ref_w, ref_l):
-    """IPS = log pi_ref(y_w | c) - log pi_ref(y_l | c), summed log-probs under the DPO context. (n,), (n,) -> (n,)."""
+    """IPS = log pi_ref(y_w | c) - log pi_ref(y_l | c), summed log-probs under the DPO context.
+    (n,), (n,) -> (n,)."""
     return np.asarray(ref_w, dtype=np.float64) - np.asarray(ref_l, dtype=np.float64)
 
 
 def summary(values):
-    """n, mean, std (population), min, median, max and share < 0 of a 1-D sequence; None fields when it is empty."""
+    """n, mean, std (population), min, median, max and share < 0 of a 1-D sequence; None fields
+    when it is empty."""
     x = np.asarray(values, dtype=np.float64)  # (n,)
     if not len(x):
         return {"n": 0, **dict.fromkeys(("mean", "std", "min", "median", "max", "negative"))}
-    return {"n": len(x), "mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()),
-            "median": float(np.median(x)), "max": float(x.max()), "negative": float((x < 0).mean())}
+    return {
+        "n": len(x),
+        "mean": float(x.mean()),
+        "std": float(x.std()),
+        "min": float(x.min()),
+        "median": float(np.median(x)),
+        "max": float(x.max()),
+        "negative": float((x < 0).mean()),
+    }
 
 
-def clip_score(text_features, image_features):
-    """CLIPScore(t, i) = 2.5 * max(cos(E_t(t), E_i(i)), 0) (Hessel et al. 2021). (B, D), (B, D) -> (B,) fp32."""
-    return 2.5 * F.cosine_similarity(text_features.float(), image_features.float(), dim=-1).clamp(min=0.0)
+def ips_summary(lines, term_w, term_l):
+    """summary() of the IPS of the lines' pairs, from their "ref" terms term_w and term_l."""
+    ref_w = [x["ref"][term_w] for x in lines]
+    ref_l = [x["ref"][term_l] for x in lines]
+    return summary(implicit_preference_strength(ref_w, ref_l))
 
 
-def gain_ratio(clip_crop, clip_image):
-    """r = CLIPScore(P, I_crop) / CLIPScore(P, I): above 1 when the crop fits the prompt better than the whole image
-    (DDW then leans to the focus branch). None when CLIPScore(P, I) = 0 (stage 04 reads the two scores anyway)."""
-    return clip_crop / clip_image if clip_image > 0 else None
+def filter_report(lines, branches, args):
+    """Counts kept / dropped per branch and reason, IPS over all pairs and over kept ones, PPL,
+    margin and r."""
+    written = sum(any(x["keep"].values()) for x in lines)
+    thresholds = {k: vars(args)[k] for k in ("max_ppl", "margin_low", "margin_high")}
+    report = {"lines": len(lines), "written": written, "thresholds": thresholds, "branches": {}}
+    for b in branches:
+        w, l = DPO_TERMS[b]
+        pairs = [x for x in lines if x["margin"].get(b) is not None]
+        kept = [x for x in pairs if x["keep"][b]]
+        report["branches"][b] = {
+            "pairs": len(pairs),
+            "kept": len(kept),
+            "dropped": len(lines) - len(kept),
+            # a pair can fail several checks: the reasons can add up to more than the dropped
+            "reasons": {r: sum(r in x["why"][b] for x in lines) for r in REASONS},
+            "ips_all": ips_summary(pairs, w, l),
+            "ips_kept": ips_summary(kept, w, l),
+            "margin": summary([x["margin"][b] for x in pairs]),
+            "ppl_chosen": summary([x["ppl"][w] for x in pairs]),
+            "ppl_rejected": summary([x["ppl"][l] for x in pairs]),
+        }
+    clips = [x["clip"] for x in lines if x.get("clip")]
+    ratios = [c["ratio"] for c in clips if c["ratio"] is not None]
+    above_1 = float(np.mean(np.array(ratios) > 1)) if ratios else None
+    report["clip_ratio"] = {**summary(ratios), "above_1": above_1}
+    return report
 
 
-@torch.inference_mode()
-def clip_scores(clip, prompts, images, crops):
-    """[{"crop", "image", "ratio"}] for B (P, I, I_crop): CLIPScore(P, I_crop), CLIPScore(P, I) and r."""
-    model, preprocess, tokenizer = clip
-    device = next(model.parameters()).device
-    text = model.encode_text(tokenizer(prompts).to(device))  # (B, D); the tokenizer cuts P to the CLIP context
-    vision = model.encode_image(torch.stack([preprocess(im) for im in images + crops]).to(device))  # (2B, D)
-    full, crop = clip_score(text, vision[:len(images)]).tolist(), clip_score(text, vision[len(images):]).tolist()
-    return [{"crop": c, "image": i, "ratio": gain_ratio(c, i)} for c, i in zip(crop, full)]
-
-
-def load_clip(name, pretrained, device):
-    """(model, preprocess, tokenizer) of an open_clip model, or None for "none". name: a folder in open_clip's
-    local-dir format (open_clip_config.json + weights, as 00 writes world/clip) or an open_clip model name whose
-    `pretrained` weights (a tag or a file) are already on this machine: nothing is downloaded."""
-    if name == "none":
-        return None
-    import open_clip  # here: it imports torchvision, which --clip none does without
-    kw = {}
-    if os.path.isdir(name):
-        name = f"local-dir:{name}"
+def main(argv=None):
+    args = parse_args(argv)
+    # a local folder: a resume compares where it is, not how it was spelled
+    for k in ("model", "clip"):
+        if os.path.isdir(vars(args)[k]):
+            setattr(args, k, str(Path(vars(args)[k]).resolve()))
+    rank, world, device = dist_setup(args.device)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    # run_rows names its side files after the scores: <out>.errors.jsonl, .args.json
+    scores = out.with_suffix(".scores")
+    if args.score_only:
+        fields = ("image",)
     else:
-        cfg = open_clip.get_pretrained_cfg(name, pretrained)
-        if cfg.get("url") and not cfg.get("hf_hub"):  # open_clip would fetch this tag from its URL: use the cache
-            pretrained = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(cfg["url"]))
-        kw = dict(pretrained=pretrained, force_quick_gelu=bool(cfg.get("quick_gelu")))  # openai weights: QuickGELU
-    try:
-        model, preprocess = open_clip.create_model_from_pretrained(name, device=device, **kw)
-    except (OSError, RuntimeError, ValueError) as e:
-        raise SystemExit(f"cannot load CLIP {name} ({kw.get('pretrained', 'folder')}) from local files: {e}\n"
-                         f"nothing is downloaded: pass a folder, a cached tag or a weights file, or --clip none")
-    return model.eval(), preprocess, open_clip.get_tokenizer(name)
+        fields = ("image", "prompt")
+    rows, errors = read_instances(args.data, fields, args.limit)
+    if rank == 0:
+        save_args(args, scores, SCORE_ARGS)
+    # the models load on first use: a rerun that only re-applies the filter needs neither
+    reference = functools.lru_cache(maxsize=1)(lambda: load_model(args.model, device))
+    clip = functools.lru_cache(maxsize=1)(
+        lambda: load_clip(args.clip, args.clip_pretrained, device))
+
+    def work(batch):  # scores, for each line of a batch: 1. ref log-probs, 2. CLIP, 3. PPL and M
+        return score_batch(batch, args, reference, clip, scores)
+
+    scored = run_rows(rows, errors, work, scores, args.batch_size, rank, world, desc="03 scoring")
+    written = 1  # only rank 0 filters (4.), reports (5.) and writes
+    if rank == 0:
+        written = write_outputs(scored, args, out)
+    if world > 1:
+        dist.destroy_process_group()
+    if not written and not args.score_only:
+        raise SystemExit(f"no line keeps a branch: {out} is empty (see the report; "
+                         f"the thresholds are --max-ppl, --margin-low, --margin-high)")
 
 
+# =====================================================================================================
+# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output and
+# printing, then the helpers that several stages need, copied verbatim between "# ---- shared: NAME ----"
+# rulers so that each script stands alone (tests/test_shared_blocks.py keeps every copy identical).
+# =====================================================================================================
+# ---- plumbing: reading an input line ----
 def read_line(row, score_only):
-    """The prompts, pairs and context images of one input row, each image file decoded once; ValueError says why
-    the line cannot be scored. Image paths are relative to the row's JSONL unless absolute."""
-    root, images = Path(row["_file"]).parent, row["images"] if isinstance(row.get("images"), dict) else {}
-    prompt = (row.get("prompt") or row.get("question")) if score_only else row.get("prompt")
-    pairs = {"pair": row} if score_only else {b: row.get(b) for b in ("focus", "robust") if row.get(b)}
+    """The prompts, pairs and context images of one input row, each image file decoded once;
+    ValueError says why the line cannot be scored. Image paths are relative to the row's JSONL
+    unless absolute."""
+    root = Path(row["_file"]).parent
+    images = row["images"] if isinstance(row.get("images"), dict) else {}
+    if score_only:
+        prompt = row.get("prompt") or row.get("question")
+        pairs = {"pair": row}
+    else:
+        prompt = row.get("prompt")
+        pairs = {b: row.get(b) for b in ("focus", "robust") if row.get(b)}
     for b, pair in pairs.items():  # an empty response is a response (EOS alone), not an error
-        if not (isinstance(pair, dict) and all(isinstance(pair.get(k), str) for k in ("chosen", "rejected"))):
-            raise ValueError("the line needs text fields 'chosen' and 'rejected'" if score_only else
-                             f"'{b}' needs text fields 'chosen' and 'rejected' (or is null)")
+        texts = isinstance(pair, dict) and all(
+            isinstance(pair.get(k), str) for k in ("chosen", "rejected"))
+        if not texts and score_only:
+            raise ValueError("the line needs text fields 'chosen' and 'rejected'")
+        if not texts:
+            raise ValueError(f"'{b}' needs text fields 'chosen' and 'rejected' (or is null)")
     if not (isinstance(prompt, str) and prompt.strip()):
         raise ValueError("missing or empty 'prompt'" + (" (or 'question')" if score_only else ""))
-    roles = {"image": row["image"]}
+    roles = {"image": row["image"]}  # role -> image path
     if "focus" in pairs:
         if not (isinstance(row.get("prompt_enh"), str) and row["prompt_enh"].strip()):
             raise ValueError("a focus pair needs 'prompt_enh'")
-        roles.update({k: images.get(k) for k in ("crop", "deg", *(["aug"] if images.get("aug") else []))})
+        focus_roles = ("crop", "deg", "aug") if images.get("aug") else ("crop", "deg")
+        roles.update({k: images.get(k) for k in focus_roles})
     if "robust" in pairs:
         roles["noise"] = images.get("noise")
     pil = {}
@@ -200,161 +413,145 @@ def read_line(row, score_only):
             pil[role] = load_image(path)
         except (OSError, ValueError) as e:
             raise ValueError(f"unreadable image {path}: {e}")
-    contexts = {"image": [pil["image"]], "deg": [pil.get("deg")], "noise": [pil.get("noise")],
-                "aug": [pil["aug"]] if "aug" in pil else [pil["image"], pil.get("crop")]}  # I_aug: 1 or 2 images
-    return {"prompt": prompt, "prompt_enh": row.get("prompt_enh"), "pairs": pairs, "contexts": contexts, "pil": pil}
+    if "aug" in pil:  # I_aug: one stitched image, or two: (I, I_crop)
+        aug = [pil["aug"]]
+    else:
+        aug = [pil["image"], pil.get("crop")]
+    contexts = {
+        "image": [pil["image"]],
+        "deg": [pil.get("deg")],
+        "noise": [pil.get("noise")],
+        "aug": aug,
+    }
+    return {"prompt": prompt, "prompt_enh": row.get("prompt_enh"), "pairs": pairs,
+            "contexts": contexts, "pil": pil}
+# ---- end plumbing ----
 
 
-def scoring_rows(line, terms):
-    """[(term, prompt, response, context images, context)]: one row per term whose branch has a pair in the line."""
-    return [(term, line[prompt], line["pairs"][branch][side], line["contexts"][context], context)
-            for term, (branch, side, prompt, context) in terms.items() if branch in line["pairs"]]
+# ---- plumbing: loading CLIP ----
+def load_clip(name, pretrained, device):
+    """(model, preprocess, tokenizer) of an open_clip model, or None for "none". name: a folder in
+    open_clip's local-dir format (open_clip_config.json + weights, as 00 writes world/clip) or an
+    open_clip model name whose `pretrained` weights (a tag or a file) are already on this machine:
+    nothing is downloaded."""
+    if name == "none":
+        return None
+    import open_clip  # here: it imports torchvision, which --clip none does without
+    kw = {}
+    if os.path.isdir(name):
+        name = f"local-dir:{name}"
+    else:
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if cfg.get("url") and not cfg.get("hf_hub"):  # open_clip would fetch it: take the cache's
+            cache = os.path.expanduser("~/.cache/clip")
+            pretrained = os.path.join(cache, os.path.basename(cfg["url"]))
+        quick_gelu = bool(cfg.get("quick_gelu"))  # openai weights: QuickGELU
+        kw = dict(pretrained=pretrained, force_quick_gelu=quick_gelu)
+    try:
+        model, preprocess = open_clip.create_model_from_pretrained(name, device=device, **kw)
+    except (OSError, RuntimeError, ValueError) as e:
+        weights = kw.get("pretrained", "folder")
+        raise SystemExit(f"cannot load CLIP {name} ({weights}) from local files: {e}\n"
+                         f"nothing is downloaded: pass a folder, a cached tag or a weights file, "
+                         f"or --clip none")
+    return model.eval(), preprocess, open_clip.get_tokenizer(name)
+# ---- end plumbing ----
 
 
-@torch.inference_mode()
-def score_rows(model, processor, rows, batch_size):
-    """Summed log pi_ref(y | c) and n(y) of (prompt, response, images, context) rows, through the shared block that
-    stage 04 also uses. Rows of one context share forwards (same image count, little padding), batch_size rows at
-    most; rows of several lines mix. Returns ([logp], [ntok]) in row order."""
-    logp, ntok = [None] * len(rows), [None] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: rows[i][3])  # stable: input order within a context
-    for _, group in itertools.groupby(order, key=lambda i: rows[i][3]):
-        group = list(group)
-        for k in range(0, len(group), batch_size):
-            chunk = group[k:k + batch_size]
-            inputs, mask = build_batch(processor, *([rows[i][j] for i in chunk] for j in range(3)))  # (R, T)
-            lp, n = response_logprobs(model, inputs, mask)  # (R,), (R,)
-            for i, a, b in zip(chunk, lp.tolist(), n.tolist()):
-                logp[i], ntok[i] = a, int(b)
-    return logp, ntok
-
-
+# ---- plumbing: scoring one batch of lines (run_rows' work) ----
 def score_batch(batch, args, reference, clip, out):
-    """run_rows' work: each input row -> its scored line (input fields, paths relative to `out`, + "ref", "ntok",
-    "ppl", "margin", "clip") or the reason it cannot be scored. reference(), clip(): the models, loaded on first use."""
+    """run_rows' work: each input row -> its scored line (input fields, paths relative to `out`,
+    + "ref", "ntok", "ppl", "margin", "clip") or the reason it cannot be scored. reference(),
+    clip(): the models, loaded on first use."""
     terms = PAIR_TERMS if args.score_only else TERMS
     branches = tuple(dict.fromkeys(branch for branch, *_ in terms.values()))
-    results, lines = [None] * len(batch), {}
+    results = [None] * len(batch)
+    lines = {}  # index in the batch -> the line read_line made of the row
     for i, row in enumerate(batch):
         try:
             lines[i] = read_line(row, args.score_only)
         except ValueError as e:
             results[i] = str(e)
+    # the rows of all lines in one list: score_rows batches them across lines
     rows = [(i, r) for i, line in lines.items() for r in scoring_rows(line, terms)]
     scores = {i: {} for i in lines}  # line -> term -> (logp, ntok)
     if rows:
         logp, ntok = score_rows(*reference(), [r[1:] for _, r in rows], args.batch_size)
         for (i, r), a, n in zip(rows, logp, ntok):
             scores[i][r[0]] = (a, n)
-    focus = [i for i, line in lines.items() if "focus" in line["pairs"]] if args.clip != "none" else []
-    pil = lambda role: [lines[i]["pil"][role] for i in focus]  # noqa: E731
-    ddw = dict(zip(focus, clip_scores(clip(), [lines[i]["prompt"] for i in focus], pil("image"), pil("crop")))
-               if focus else ())
-    for i, line in lines.items():
-        row, s, root = batch[i], scores[i], Path(batch[i]["_file"]).parent
-        ppl, margin = {}, {}
-        for b in branches:
-            w, l = DPO_TERMS[b]
-            ppl[w], ppl[l] = (perplexity(*s[w]), perplexity(*s[l])) if w in s else (None, None)
-            margin[b] = mean_margin(*s[w], *s[l]) if w in s else None
-        if isinstance(row.get("images"), dict):  # paths in a JSONL are relative to it: now to `out`
-            row = {**row, "images": {k: relpath_for(out, root / v) if isinstance(v, str) and v else v
-                                     for k, v in row["images"].items()}}
-        results[i] = {**row, "image": relpath_for(out, row["_image"]), "ppl": ppl, "margin": margin,
+    focus = []  # the lines with a focus pair, when a CLIP model is given
+    if args.clip != "none":
+        focus = [i for i, line in lines.items() if "focus" in line["pairs"]]
+    ddw = {}  # line -> {"crop", "image", "ratio"}
+    if focus:
+        prompts = [lines[i]["prompt"] for i in focus]
+        images = [lines[i]["pil"]["image"] for i in focus]
+        crops = [lines[i]["pil"]["crop"] for i in focus]
+        ddw = dict(zip(focus, clip_scores(clip(), prompts, images, crops)))
+    for i in lines:
+        s = scores[i]
+        ppl, margin = ppl_and_margin(s, branches)
+        results[i] = {**relative_paths(batch[i], out), "ppl": ppl, "margin": margin,
                       "ref": {t: s[t][0] if t in s else None for t in terms},
-                      "ntok": {t: s[t][1] if t in s else None for t in terms}, "clip": ddw.get(i)}
+                      "ntok": {t: s[t][1] if t in s else None for t in terms},
+                      "clip": ddw.get(i)}
     return results
 
 
-def apply_filter(line, branches, max_ppl, margin_low, margin_high):
-    """A scored line + "keep": {branch: bool} and "why": {branch: [reasons]} under this run's thresholds."""
-    why = {}
-    for b in branches:
-        w, l = DPO_TERMS[b]
-        why[b] = ["no pair"] if line["margin"].get(b) is None else filter_reasons(
-            line["ppl"][w], line["ppl"][l], line["margin"][b], max_ppl, margin_low, margin_high)
-    return {**line, "keep": {b: not r for b, r in why.items()}, "why": why}
+def relative_paths(row, out):
+    """The row with "image" and "images" relative to `out` (paths in a JSONL are relative to
+    it)."""
+    root = Path(row["_file"]).parent
+    if isinstance(row.get("images"), dict):
+        images = {}
+        for k, v in row["images"].items():
+            if isinstance(v, str) and v:
+                v = relpath_for(out, root / v)
+            images[k] = v
+        row = {**row, "images": images}
+    return {**row, "image": relpath_for(out, row["_image"])}
+# ---- end plumbing ----
 
 
-def filter_report(lines, branches, args):
-    """Counts kept / dropped per branch and reason, IPS over all pairs and over kept ones, PPL, margin and r."""
-    report = {"lines": len(lines), "written": sum(any(x["keep"].values()) for x in lines),
-              "thresholds": {k: vars(args)[k] for k in ("max_ppl", "margin_low", "margin_high")}, "branches": {}}
-    for b in branches:
-        w, l = DPO_TERMS[b]
-        pairs = [x for x in lines if x["margin"].get(b) is not None]
-        kept = [x for x in pairs if x["keep"][b]]
-        ips = lambda xs: summary(implicit_preference_strength([x["ref"][w] for x in xs], [x["ref"][l] for x in xs]))
-        report["branches"][b] = {
-            "pairs": len(pairs), "kept": len(kept), "dropped": len(lines) - len(kept),
-            "reasons": {r: sum(r in x["why"][b] for x in lines) for r in REASONS},  # a pair can fail several checks
-            "ips_all": ips(pairs), "ips_kept": ips(kept), "margin": summary([x["margin"][b] for x in pairs]),
-            "ppl_chosen": summary([x["ppl"][w] for x in pairs]), "ppl_rejected": summary([x["ppl"][l] for x in pairs])}
-    ratios = [x["clip"]["ratio"] for x in lines if x.get("clip") and x["clip"]["ratio"] is not None]
-    report["clip_ratio"] = {**summary(ratios), "above_1": float(np.mean(np.array(ratios) > 1)) if ratios else None}
-    return report
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    for k in ("model", "clip"):  # a local folder: a resume compares where it is, not how it was spelled
-        if os.path.isdir(vars(args)[k]):
-            setattr(args, k, str(Path(vars(args)[k]).resolve()))
-    rank, world, device = dist_setup(args.device)
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    scores = out.with_suffix(".scores")  # run_rows names its side files after it: <out>.errors.jsonl, .args.json
-    rows, errors = read_instances(args.data, ("image",) if args.score_only else ("image", "prompt"), args.limit)
-    if rank == 0:
-        save_args(args, scores, SCORE_ARGS)
-    reference = functools.lru_cache(maxsize=1)(lambda: load_model(args.model, device))  # not needed on a rerun
-    clip = functools.lru_cache(maxsize=1)(lambda: load_clip(args.clip, args.clip_pretrained, device))
-    scored = run_rows(rows, errors, lambda batch: score_batch(batch, args, reference, clip, scores), scores,
-                      args.batch_size, rank, world, desc="03 scoring")
-    written = write_outputs(scored, args, out) if rank == 0 else 1
-    if world > 1:
-        dist.destroy_process_group()
-    if not written and not args.score_only:
-        raise SystemExit(f"no line keeps a branch: {out} is empty (see the report; the thresholds are --max-ppl, "
-                         f"--margin-low, --margin-high)")
-
-
-# =====================================================================================================
-# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output and
-# printing, then the helpers that several stages need, copied verbatim between "# ---- shared: NAME ----"
-# rulers so that each script stands alone (tests/test_shared_blocks.py keeps every copy identical).
-# =====================================================================================================
 # ---- plumbing: writing and printing ----
 def print_report(report):
     num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     t = report["thresholds"]
-    print(f"filter: PPL < {t['max_ppl']:g} (chosen and rejected), {t['margin_low']:g} <= M <= {t['margin_high']:g}")
+    print(f"filter: PPL < {t['max_ppl']:g} (chosen and rejected), "
+          f"{t['margin_low']:g} <= M <= {t['margin_high']:g}")
     for b, r in report["branches"].items():
-        print(f"{b}: {r['pairs']} pairs, {r['kept']} kept, {r['dropped']} dropped of {report['lines']} lines ("
-              + ", ".join(f"{k} {v}" for k, v in r["reasons"].items()) + "; a pair can fail several checks)")
-        for name, key in (("IPS all ", "ips_all"), ("IPS kept", "ips_kept"), ("margin  ", "margin")):
+        reasons = ", ".join(f"{k} {v}" for k, v in r["reasons"].items())
+        print(f"{b}: {r['pairs']} pairs, {r['kept']} kept, {r['dropped']} dropped "
+              f"of {report['lines']} lines ({reasons}; a pair can fail several checks)")
+        stats = (("IPS all ", "ips_all"), ("IPS kept", "ips_kept"), ("margin  ", "margin"))
+        for name, key in stats:
             s = r[key]
-            print(f"  {name} n {s['n']:4d}  mean {num(s['mean'])}  std {num(s['std'])}  min {num(s['min'])}  "
-                  f"median {num(s['median'])}  max {num(s['max'])}  share < 0 {num(s['negative'])}")
+            print(f"  {name} n {s['n']:4d}  mean {num(s['mean'])}  std {num(s['std'])}  "
+                  f"min {num(s['min'])}  median {num(s['median'])}  max {num(s['max'])}  "
+                  f"share < 0 {num(s['negative'])}")
     s = report["clip_ratio"]
-    print(f"CLIP ratio r: n {s['n']}  mean {num(s['mean'])}  std {num(s['std'])}  min {num(s['min'])}  "
-          f"max {num(s['max'])}  share > 1 {num(s['above_1'])}")
+    print(f"CLIP ratio r: n {s['n']}  mean {num(s['mean'])}  std {num(s['std'])}  "
+          f"min {num(s['min'])}  max {num(s['max'])}  share > 1 {num(s['above_1'])}")
 
 
 def write_outputs(scored, args, out):
-    """Filter the scored lines (this run's thresholds), write <out>, .dropped.jsonl and .report.json; print the
-    report. Returns the number of lines written to <out>."""
+    """Filter the scored lines (this run's thresholds), write <out>, .dropped.jsonl and
+    .report.json; print the report. Returns the number of lines written to <out>."""
     branches = ("pair",) if args.score_only else ("focus", "robust")
-    lines = [apply_filter(x, branches, args.max_ppl, args.margin_low, args.margin_high) for x in scored]
+    thresholds = (args.max_ppl, args.margin_low, args.margin_high)
+    lines = [apply_filter(x, branches, *thresholds) for x in scored]
     report = filter_report(lines, branches, args)
+    dropped = out.with_suffix(".dropped.jsonl")
+    report_path = out.with_suffix(".report.json")
     if not args.score_only:
         write_jsonl(out, [x for x in lines if any(x["keep"].values())])
-        write_jsonl(out.with_suffix(".dropped.jsonl"), [x for x in lines if not any(x["keep"].values())])
-    out.with_suffix(".report.json").write_text(json.dumps(report, indent=1))
+        write_jsonl(dropped, [x for x in lines if not any(x["keep"].values())])
+    report_path.write_text(json.dumps(report, indent=1))
     print_report(report)
     if not args.score_only:
-        print(f"{out}: {report['written']} lines keep a branch; {len(lines) - report['written']} in "
-              f"{out.with_suffix('.dropped.jsonl')}; report in {out.with_suffix('.report.json')}")
+        n_dropped = len(lines) - report["written"]
+        print(f"{out}: {report['written']} lines keep a branch; {n_dropped} in {dropped}; "
+              f"report in {report_path}")
     return report["written"]
 # ---- end plumbing ----
 
