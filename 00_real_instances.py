@@ -43,9 +43,9 @@ Choices where SPEC is silent: the prompt is the first user turn and a pair is ke
 turn (a later turn's answer needs the conversation before it, which a single-turn instance drops); chosen and rejected
 are stripped like P; ids are the row's "id" (JSON) or "idx" (RLHF-V), else the row number, and an id an earlier row
 already had gets "-row<N>" appended; a parquet image struct that holds a path but no bytes is read from --images.
-Memory: pyarrow decodes a nested binary column a row group at a time, so the peak is one row group of the file
-(plus one batch): files written by `datasets` for image data hold 100 rows a group; a file written as a single row
-group is decoded whole (measured: 0.4 GB of pyarrow memory for a 200 MB single-group file).
+Memory: pyarrow decodes a nested binary column a row group at a time, so the peak is one row group of the file plus
+one batch. Hugging Face `datasets` writes image data in groups of 100 rows (older releases) or about 100 MB (newer);
+a file written as a single row group is decoded whole (measured: 0.4 GB of pyarrow memory for a 200 MB such file).
 """
 import argparse
 import hashlib

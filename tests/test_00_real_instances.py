@@ -196,6 +196,27 @@ def test_llava_json_images_folder_and_limit(tmp_path):
 
 
 @needs_pyarrow
+def test_llama_factory_parquet_rows(tmp_path):
+    """llamafactory/RLHF-V's rlhf-v.parquet: LLaVA-format rows with "images" = [{"bytes", "path"}], no id."""
+    turn = pa.struct([("from", pa.string()), ("value", pa.string())])
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({
+        "conversations": pa.array([[{"from": "human", "value": "<image>What is red?"}],
+                                   [{"from": "human", "value": "<image>\nWhat is blue?"}]], pa.list_(turn)),
+        "chosen": pa.array([{"from": "gpt", "value": "The square."}, {"from": "gpt", "value": "The sky."}], turn),
+        "rejected": pa.array([{"from": "gpt", "value": "The circle."}, {"from": "gpt", "value": "Grass."}], turn),
+        "images": pa.array([[{"bytes": RED, "path": None}], [{"bytes": None, "path": "b.jpg"}]], pa.list_(image))})
+    pq.write_table(table, tmp_path / "rlhf-v.parquet")
+    (tmp_path / "b.jpg").write_bytes(BLUE)  # a struct with a path and no bytes: read from --images (the file's folder)
+    stage.main(["--data", str(tmp_path / "rlhf-v.parquet"), "--out", str(tmp_path / "out")])
+    assert lines(tmp_path / "out" / "human_pairs.jsonl") == [
+        {"id": "0", "image": name(RED, ".png"), "prompt": "What is red?", "chosen": "The square.",
+         "rejected": "The circle."},
+        {"id": "1", "image": name(BLUE, ".jpg"), "prompt": "What is blue?", "chosen": "The sky.", "rejected": "Grass."}]
+    assert len(lines(tmp_path / "out" / "instances.jsonl")) == 2
+
+
+@needs_pyarrow
 def test_parquet_is_read_in_row_batches_never_whole(tmp_path, monkeypatch):
     """Five row groups of 2 rows, --batch-size 2: every batch pyarrow hands over holds at most 2 rows, only the three
     columns the stage uses are read, no whole-file read is called, and --limit 3 stops after the batches it needs."""
