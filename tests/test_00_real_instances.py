@@ -1,0 +1,315 @@
+"""Stage 00 (real data): a parquet file in RLHF-V's published column layout (written here with pyarrow) and LLaVA-format
+JSON (LLaVA, V-DPO and LLaMA-Factory rows) -> every field of instances.jsonl and human_pairs.jsonl, the copied image
+bytes, the errors and duplicates files; the parquet file read in row batches, never whole; resume after a crash =
+one run; a rerun with other data refuses; pyarrow missing; the script run as a user would, its outputs read by stage
+01 and by 03 --score-only on the toy model."""
+import hashlib
+import io
+import json
+import shutil
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, load_script, run_script
+
+try:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+except ImportError:  # the parquet path's one extra package; the JSON path and its tests need none
+    pa = pq = None
+needs_pyarrow = pytest.mark.skipif(pq is None, reason="pyarrow is needed only by the parquet path")
+
+SCRIPT = "00_real_instances.py"
+stage = load_script(SCRIPT)
+
+
+def encoded(colour, fmt="PNG", size=(24, 16)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, fmt)
+    return buf.getvalue()
+
+
+RED, BLUE, GREEN = encoded("red"), encoded("blue", "JPEG"), encoded("green")
+TRUNCATED = encoded("yellow", "JPEG", (64, 64))[:200]  # a JPEG whose header opens but whose pixels are cut
+
+
+def name(data, suffix):
+    """Where the stage puts an image: images/<sha256, 16 hex><suffix>, relative to the JSONL files."""
+    return f"images/{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
+
+
+def text(question, chosen, rejected):
+    return json.dumps({k: v for k, v in (("question", question), ("chosen", chosen), ("rejected", rejected)) if v})
+
+
+RLHFV = [  # (idx, image bytes, text), row numbers 0..8
+    (100, RED, text("<image>\n What colour is the square? ", "It is red.", "It is blue.")),  # tag and spaces go
+    (101, BLUE, text("Describe the image.", " A blue square.\n", "A red circle.")),  # answers stripped too
+    (102, b"not an image", text("What is this?", "A.", "B.")),  # undecodable
+    (103, RED, text(None, "A.", "B.")),  # missing question
+    (104, RED, text("What colour is the square?", "Red.", "Green.")),  # exact duplicate of row 0: dropped
+    (105, RED, text("Is there a circle?", "No.", "Yes.")),  # row 0's image, another prompt: kept, one image file
+    (106, TRUNCATED, text("What is yellow?", "A.", "B.")),  # truncated: fails only when decoded
+    (107, BLUE, "not json"),
+    (101, GREEN, text("What shape is it?", "A square.", "A circle.")),  # idx 101 again: id "101-row8"
+]
+RLHFV_INSTANCES = [
+    {"id": "100", "image": name(RED, ".png"), "prompt": "What colour is the square?"},
+    {"id": "101", "image": name(BLUE, ".jpg"), "prompt": "Describe the image."},
+    {"id": "105", "image": name(RED, ".png"), "prompt": "Is there a circle?"},
+    {"id": "101-row8", "image": name(GREEN, ".png"), "prompt": "What shape is it?"}]
+RLHFV_PAIRS = [dict(row, chosen=c, rejected=r) for row, (c, r) in zip(RLHFV_INSTANCES, [
+    ("It is red.", "It is blue."), ("A blue square.", "A red circle."), ("No.", "Yes."), ("A square.", "A circle.")])]
+RLHFV_ERRORS = {2: ("102", "undecodable image"), 3: ("103", "missing question"), 6: ("106", "undecodable image"),
+                7: ("107", "'text' is not JSON")}
+
+
+def write_rlhfv(path, rows=RLHFV, row_group_size=None):
+    """A parquet file with RLHF-V-Dataset.parquet's columns, in its dataset card's order."""
+    n = len(rows)
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({
+        "ds_name": ["RLHF-V"] * n,
+        "image": pa.array([{"bytes": b, "path": f"{i}.jpg"} for i, b, _ in rows], image),
+        "text": [t for *_, t in rows],
+        "origin_dataset": ["RLHF-V-Hall_v0"] * n,
+        "origin_split": [json.dumps({"model": "muffin"})] * n,
+        "idx": pa.array([i for i, *_ in rows], pa.int64()),
+        "image_path": [f"coco/{i}.jpg" for i, *_ in rows]})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return path
+
+
+def lines(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def outputs(out):
+    """Everything a run leaves in DIR, as comparable values (image files by bytes)."""
+    return {"instances": lines(out / "instances.jsonl"), "pairs": lines(out / "human_pairs.jsonl"),
+            "errors": lines(out / "instances.errors.jsonl"), "duplicates": lines(out / "instances.duplicates.jsonl"),
+            "images": {p.name: p.read_bytes() for p in (out / "images").iterdir()}}
+
+
+@needs_pyarrow
+def test_rlhfv_parquet_every_output_field(tmp_path, capsys):
+    data = write_rlhfv(tmp_path / "RLHF-V-Dataset.parquet")
+    stage.main(["--data", str(data), "--out", str(tmp_path / "rlhfv")])
+    got = outputs(tmp_path / "rlhfv")
+    assert got["instances"] == RLHFV_INSTANCES
+    assert got["pairs"] == RLHFV_PAIRS
+    assert got["images"] == {name(d, s)[len("images/"):]: d for d, s in ((RED, ".png"), (BLUE, ".jpg"),
+                                                                         (GREEN, ".png"))}  # bytes kept exactly
+    assert got["duplicates"] == [{"id": "104", "row": 4, "duplicate_of": "100"}]
+    assert {e["row"]: e["id"] for e in got["errors"]} == {n: i for n, (i, _) in RLHFV_ERRORS.items()}
+    for e in got["errors"]:
+        assert e["file"] == str(data.resolve())
+        assert e["error"].startswith(f"{data.resolve()}:row {e['row']}: {RLHFV_ERRORS[e['row']][1]}"), e
+    printed = capsys.readouterr().out
+    assert "4 instances (0 from an earlier run), 1 exact duplicates of (image, prompt) dropped, 4 bad rows" in printed
+    assert "4 human pairs" in printed
+    args = json.loads((tmp_path / "rlhfv" / "instances.args.json").read_text())
+    assert args["data"] == str(data.resolve()) and args["images"] == str(tmp_path.resolve())
+
+
+def write_llava(folder):
+    """A LLaVA-format JSON list in folder with its images: every supported row shape and every kind of bad row."""
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(RED)
+    (folder / "sub" / "b.jpg").write_bytes(BLUE)
+    (folder / "broken.png").write_bytes(b"\x89PNG garbage")
+    elsewhere = folder.parent / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "c.png").write_bytes(GREEN)
+    human = lambda v: {"from": "human", "value": v}  # noqa: E731
+    gpt = lambda v: {"from": "gpt", "value": v}  # noqa: E731
+    rows = [
+        {"id": "vdpo", "image": "a.png", "conversations": [human("<image>\nWhat is red?"), gpt("The square.")],
+         "contrastive_conversations": [human("<image>\nWhat is red?"), gpt("The circle.")]},  # V-DPO
+        {"images": ["sub/b.jpg"], "conversations": [human("<image>Describe it.")], "chosen": gpt("Blue. "),
+         "rejected": gpt("Red.")},  # LLaMA-Factory, no id: the row number
+        {"id": "llava", "image": str(elsewhere / "c.png"), "conversations": [human("<image>\nWhat colour?"),
+                                                                              gpt("Green."), human("Shape?"),
+                                                                              gpt("Square.")]},  # LLaVA SFT: no pair
+        {"id": "openai", "images": ["a.png"], "messages": [{"role": "system", "content": "Be brief."},
+                                                          {"role": "user", "content": "<image>How many squares?"}],
+         "chosen": "One.", "rejected": "Two."},  # openai tags, plain-string answers
+        {"id": "gone", "image": "missing.png", "conversations": [human("<image>Q?")]},
+        {"id": "bad", "image": "broken.png", "conversations": [human("<image>Q?")]},
+        {"id": "nohuman", "image": "a.png", "conversations": [gpt("Hello.")]},
+        {"id": "two", "images": ["a.png", "sub/b.jpg"], "conversations": [human("<image><image>Q?")]},
+        "not a row",
+        {"id": "multi", "images": ["sub/b.jpg"], "conversations": [human("<image>First?"), gpt("A1."),
+                                                                   human("Second?")],
+         "chosen": gpt("Yes."), "rejected": gpt("No.")},  # the pair answers turn 2: instance from turn 1, no pair
+        {"id": "empty", "image": "a.png", "conversations": [human("<image>\n  ")]},
+        {"id": "vdpo", "image": "a.png", "conversations": [human("What is red?"), gpt("The square.")]},  # duplicate
+    ]
+    path = folder / "rlhf_v.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+LLAVA_INSTANCES = [
+    {"id": "vdpo", "image": name(RED, ".png"), "prompt": "What is red?"},
+    {"id": "1", "image": name(BLUE, ".jpg"), "prompt": "Describe it."},
+    {"id": "llava", "image": name(GREEN, ".png"), "prompt": "What colour?"},
+    {"id": "openai", "image": name(RED, ".png"), "prompt": "How many squares?"},
+    {"id": "multi", "image": name(BLUE, ".jpg"), "prompt": "First?"}]
+LLAVA_PAIRS = [dict(LLAVA_INSTANCES[0], chosen="The square.", rejected="The circle."),
+               dict(LLAVA_INSTANCES[1], chosen="Blue.", rejected="Red."),
+               dict(LLAVA_INSTANCES[3], chosen="One.", rejected="Two.")]
+LLAVA_ERRORS = {4: ("gone", "image not found"), 5: ("bad", "undecodable image"), 6: ("nohuman", "no user turn"),
+                7: ("two", "2 images"), 8: ("8", "a row is a JSON object"), 10: ("empty", "empty question")}
+
+
+def test_llava_json_every_row_shape_and_bad_row(tmp_path, capsys):
+    data = write_llava(tmp_path / "rlhfv_json")
+    stage.main(["--data", str(data), "--out", str(tmp_path / "out")])
+    got = outputs(tmp_path / "out")
+    assert got["instances"] == LLAVA_INSTANCES
+    assert got["pairs"] == LLAVA_PAIRS
+    assert got["images"] == {name(d, s)[len("images/"):]: d for d, s in ((RED, ".png"), (BLUE, ".jpg"),
+                                                                         (GREEN, ".png"))}
+    assert got["duplicates"] == [{"id": "vdpo-row11", "row": 11, "duplicate_of": "vdpo"}]
+    assert {e["row"]: e["id"] for e in got["errors"]} == {n: i for n, (i, _) in LLAVA_ERRORS.items()}
+    for e in got["errors"]:
+        assert e["error"].startswith(f"{data.resolve()}:row {e['row']}: {LLAVA_ERRORS[e['row']][1]}"), e
+    assert "2 new instances have no single-turn pair" in capsys.readouterr().out
+
+
+def test_llava_json_images_folder_and_limit(tmp_path):
+    """--images: the JSON's paths are relative to it, not to the JSON; --limit N reads the first N rows only."""
+    write_llava(tmp_path / "imgs")
+    data = tmp_path / "meta" / "rlhf_v.json"
+    data.parent.mkdir()
+    shutil.move(tmp_path / "imgs" / "rlhf_v.json", data)
+    with pytest.raises(SystemExit, match="no row gave an instance"):  # the images are not beside the JSON
+        stage.main(["--data", str(data), "--out", str(tmp_path / "a"), "--limit", "2"])
+    assert [e["error"].split(": ", 1)[1][:15] for e in lines(tmp_path / "a" / "instances.errors.jsonl")] == \
+        ["image not found"] * 2
+    stage.main(["--data", str(data), "--out", str(tmp_path / "b"), "--limit", "2", "--images", str(tmp_path / "imgs")])
+    assert lines(tmp_path / "b" / "instances.jsonl") == LLAVA_INSTANCES[:2]
+    assert lines(tmp_path / "b" / "instances.errors.jsonl") == []
+
+
+@needs_pyarrow
+def test_llama_factory_parquet_rows(tmp_path):
+    """llamafactory/RLHF-V's rlhf-v.parquet: LLaVA-format rows with "images" = [{"bytes", "path"}], no id."""
+    turn = pa.struct([("from", pa.string()), ("value", pa.string())])
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({
+        "conversations": pa.array([[{"from": "human", "value": "<image>What is red?"}],
+                                   [{"from": "human", "value": "<image>\nWhat is blue?"}]], pa.list_(turn)),
+        "chosen": pa.array([{"from": "gpt", "value": "The square."}, {"from": "gpt", "value": "The sky."}], turn),
+        "rejected": pa.array([{"from": "gpt", "value": "The circle."}, {"from": "gpt", "value": "Grass."}], turn),
+        "images": pa.array([[{"bytes": RED, "path": None}], [{"bytes": None, "path": "b.jpg"}]], pa.list_(image))})
+    pq.write_table(table, tmp_path / "rlhf-v.parquet")
+    (tmp_path / "b.jpg").write_bytes(BLUE)  # a struct with a path and no bytes: read from --images (the file's folder)
+    stage.main(["--data", str(tmp_path / "rlhf-v.parquet"), "--out", str(tmp_path / "out")])
+    assert lines(tmp_path / "out" / "human_pairs.jsonl") == [
+        {"id": "0", "image": name(RED, ".png"), "prompt": "What is red?", "chosen": "The square.",
+         "rejected": "The circle."},
+        {"id": "1", "image": name(BLUE, ".jpg"), "prompt": "What is blue?", "chosen": "The sky.", "rejected": "Grass."}]
+    assert len(lines(tmp_path / "out" / "instances.jsonl")) == 2
+
+
+@needs_pyarrow
+def test_parquet_is_read_in_row_batches_never_whole(tmp_path, monkeypatch):
+    """Five row groups of 2 rows, --batch-size 2: every batch pyarrow hands over holds at most 2 rows, only the three
+    columns the stage uses are read, no whole-file read is called, and --limit 3 stops after the batches it needs."""
+    data = write_rlhfv(tmp_path / "d.parquet", row_group_size=2)
+    assert pq.ParquetFile(data).metadata.num_row_groups == 5
+    calls, sizes = [], []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, **kw):
+        calls.append(kw)
+        for batch in iter_batches(self, *args, **kw):
+            sizes.append(batch.num_rows)
+            yield batch
+
+    def forbidden(*args, **kw):
+        raise AssertionError("the whole file was read")
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    for whole in ("read", "read_row_group", "read_row_groups"):
+        monkeypatch.setattr(pq.ParquetFile, whole, forbidden)
+    monkeypatch.setattr(pq, "read_table", forbidden)
+    stage.main(["--data", str(data), "--out", str(tmp_path / "a"), "--batch-size", "2"])
+    assert lines(tmp_path / "a" / "instances.jsonl") == RLHFV_INSTANCES
+    assert calls[0]["batch_size"] == 2 and sorted(calls[0]["columns"]) == ["idx", "image", "text"]
+    assert len(sizes) == 5 and max(sizes) == 2
+    sizes.clear()
+    stage.main(["--data", str(data), "--out", str(tmp_path / "b"), "--batch-size", "2", "--limit", "3"])
+    assert sizes == [2, 2]  # rows 0-3 read, rows 4-8 never
+    assert lines(tmp_path / "b" / "instances.jsonl") == RLHFV_INSTANCES[:2]
+
+
+@needs_pyarrow
+def test_resume_after_a_crash_equals_one_run_and_other_data_refuses(tmp_path, capsys):
+    data = write_rlhfv(tmp_path / "d.parquet")
+    one = tmp_path / "one"
+    stage.main(["--data", str(data), "--out", str(one)])
+    crashed = tmp_path / "crashed"
+    shutil.copytree(one, crashed)
+    inst = (one / "instances.jsonl").read_text().splitlines(keepends=True)
+    pairs = (one / "human_pairs.jsonl").read_text().splitlines(keepends=True)
+    # killed while writing the 3rd instance line: its pair went first; the 4th row's image was half written
+    (crashed / "instances.jsonl").write_text(inst[0] + inst[1] + inst[2][:20])
+    (crashed / "human_pairs.jsonl").write_text("".join(pairs[:3]))
+    green = crashed / RLHFV_INSTANCES[3]["image"]
+    green.unlink()
+    green.with_name(green.name + ".tmp").write_bytes(GREEN[:10])
+    for side in ("errors", "duplicates"):
+        (crashed / f"instances.{side}.jsonl").unlink()
+    capsys.readouterr()
+    stage.main(["--data", str(data), "--out", str(crashed)])
+    assert "4 instances (2 from an earlier run)" in capsys.readouterr().out
+    assert outputs(crashed) == outputs(one)  # no pair twice, the image whole, errors and duplicates complete
+    with pytest.raises(SystemExit, match="images="):
+        stage.main(["--data", str(data), "--out", str(crashed), "--images", str(tmp_path / "other")])
+    other = write_rlhfv(tmp_path / "other.parquet", RLHFV[:2])
+    with pytest.raises(SystemExit, match="data="):
+        stage.main(["--data", str(other), "--out", str(crashed)])
+
+
+def test_missing_pyarrow_says_what_to_install_and_json_needs_none(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    with pytest.raises(SystemExit, match=r"pip install pyarrow==26\.0\.1"):
+        stage.main(["--data", str(tmp_path / "d.parquet"), "--out", str(tmp_path / "a")])
+    stage.main(["--data", str(write_llava(tmp_path / "j")), "--out", str(tmp_path / "b")])
+    assert lines(tmp_path / "b" / "instances.jsonl") == LLAVA_INSTANCES
+
+
+def test_unknown_format_and_all_rows_bad_exit_nonzero(tmp_path):
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match=r"\.parquet .* or \.json"):
+        stage.main(["--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "a")])
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "x", "image": "none.png", "conversations": []}]))
+    with pytest.raises(SystemExit, match="no row gave an instance"):
+        stage.main(["--data", str(tmp_path / "d.json"), "--out", str(tmp_path / "b")])
+    assert [e["id"] for e in lines(tmp_path / "b" / "instances.errors.jsonl")] == ["x"]
+
+
+@needs_pyarrow
+def test_as_a_user_then_stage_01_and_03_score_only_read_the_outputs(tmp_path):
+    data = write_rlhfv(tmp_path / "RLHF-V-Dataset.parquet")
+    out = tmp_path / "rlhfv"
+    proc = run_script(SCRIPT, "--data", data, "--out", out)
+    assert "4 instances (0 from an earlier run)" in proc.stdout and "4 human pairs" in proc.stdout
+    model = ROOT / "assets" / "toy_model"
+    run_script("01_attention_crop.py", "--model", model, "--data", out / "instances.jsonl", "--out",
+               tmp_path / "runs" / "crops.jsonl", "--limit", "2", "--device", "cpu")
+    crops = lines(tmp_path / "runs" / "crops.jsonl")
+    assert [c["id"] for c in crops] == ["100", "101"]
+    for c, inst in zip(crops, RLHFV_INSTANCES):  # the same image file, now relative to crops.jsonl
+        assert (tmp_path / "runs" / c["image"]).resolve() == (out / inst["image"]).resolve()
+        assert c["prompt"] == inst["prompt"] and len(c["bbox"]) == 4
+    run_script("03_filter.py", "--score-only", "--model", model, "--clip", "none", "--data",
+               out / "human_pairs.jsonl", "--out", tmp_path / "runs" / "human.jsonl", "--limit", "2", "--device", "cpu")
+    report = json.loads((tmp_path / "runs" / "human.report.json").read_text())
+    assert report["branches"]["pair"]["pairs"] == 2 and report["branches"]["pair"]["ips_all"]["n"] == 2
