@@ -155,7 +155,6 @@ def test_eval_on_the_tiny_world_and_rescore(tiny_world, tmp_path):
 def test_committed_base_model_matches_the_default_settings():
     """The default build copies assets/toy_model instead of training only when its settings are the defaults:
     if a default changes without a retrain, this fails (rebuild with --retrain and copy world/model there)."""
-    args = tw.parse_args([])
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "retrain", "eval_every", "min_val_acc")}
+    settings = tw.base_model_settings(tw.parse_args([]))
     assert tw.shipped_settings() == json.loads(json.dumps(settings))
     assert (tw.SHIPPED / "model.safetensors").is_file() and (tw.SHIPPED / "config.json").is_file()
