@@ -241,11 +241,12 @@ def main(argv=None):
     report(out, counts, errors, duplicates)
 
 
-# =====================================================================================================
-# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output and
-# printing, then the helpers that several stages need, copied verbatim between "# ---- shared: NAME ----"
-# rulers so that each script stands alone (tests/test_shared_blocks.py keeps every copy identical).
-# =====================================================================================================
+# ==================================================================================================
+# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output
+# and printing, then helpers that several stages need, copied verbatim between
+# "# ---- shared: NAME ----" rulers so each script stands alone (tests/test_shared_blocks.py
+# keeps every copy identical).
+# ==================================================================================================
 # ---- plumbing: reading the data, writing and printing ----
 def parquet_rows(path, batch_size, limit=None):
     """(rows to read, row parser, iterator of (row number, row dict)) over a parquet file read in batches of
@@ -375,8 +376,8 @@ def append_jsonl(f, row):
 
 # ---- shared: resume ----
 def continue_jsonl(path):
-    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash (appends must start
-    on a fresh line). Any other bad line is an error."""
+    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash
+    (appends must start on a fresh line). Any other bad line is an error."""
     path = Path(path)
     if not path.exists():
         return []
@@ -390,14 +391,18 @@ def continue_jsonl(path):
 
 # ---- shared: images ----
 def load_image(path):
-    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency is
-    composited on white (what a viewer shows). Raises OSError/ValueError naming the file when unreadable."""
+    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency
+    is composited on white (what a viewer shows). Raises OSError/ValueError naming the file when
+    unreadable."""
     with Image.open(path) as img:
         img.load()
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, not clip
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+            # 16-bit grayscale: scale to 8 bits, not clip
             a = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.round(a * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            a = np.round(a * (255.0 / 65535.0)).clip(0, 255)
+            img = Image.fromarray(a.astype(np.uint8))
+        has_alpha = img.mode in ("RGBA", "LA", "PA")
+        if has_alpha or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
             img = Image.alpha_composite(background, img)

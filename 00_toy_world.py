@@ -765,11 +765,12 @@ def main(argv=None):
           f"{out}/clip")
 
 
-# =====================================================================================================
-# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output and
-# printing, then the helpers that several stages need, copied verbatim between "# ---- shared: NAME ----"
-# rulers so that each script stands alone (tests/test_shared_blocks.py keeps every copy identical).
-# =====================================================================================================
+# ==================================================================================================
+# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output
+# and printing, then helpers that several stages need, copied verbatim between
+# "# ---- shared: NAME ----" rulers so each script stands alone (tests/test_shared_blocks.py
+# keeps every copy identical).
+# ==================================================================================================
 # ---- plumbing: files, messages, the CLIP process, the settings on disk ----
 def fresh_folder(out):
     if out.exists():

@@ -354,11 +354,12 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-# =====================================================================================================
-# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output and
-# printing, then the helpers that several stages need, copied verbatim between "# ---- shared: NAME ----"
-# rulers so that each script stands alone (tests/test_shared_blocks.py keeps every copy identical).
-# =====================================================================================================
+# ==================================================================================================
+# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output
+# and printing, then helpers that several stages need, copied verbatim between
+# "# ---- shared: NAME ----" rulers so each script stands alone (tests/test_shared_blocks.py
+# keeps every copy identical).
+# ==================================================================================================
 # ---- plumbing: input checks, prompts, images on disk, one batch of instances ----
 def check_bbox(bbox, size):
     """None if bbox = [x1, y1, x2, y2] is 4 ints with 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H,
@@ -518,8 +519,8 @@ def append_jsonl(f, row):
 
 # ---- shared: resume ----
 def continue_jsonl(path):
-    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash (appends must start
-    on a fresh line). Any other bad line is an error."""
+    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash
+    (appends must start on a fresh line). Any other bad line is an error."""
     path = Path(path)
     if not path.exists():
         return []
@@ -533,14 +534,18 @@ def continue_jsonl(path):
 
 # ---- shared: images ----
 def load_image(path):
-    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency is
-    composited on white (what a viewer shows). Raises OSError/ValueError naming the file when unreadable."""
+    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency
+    is composited on white (what a viewer shows). Raises OSError/ValueError naming the file when
+    unreadable."""
     with Image.open(path) as img:
         img.load()
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, not clip
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+            # 16-bit grayscale: scale to 8 bits, not clip
             a = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.round(a * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            a = np.round(a * (255.0 / 65535.0)).clip(0, 255)
+            img = Image.fromarray(a.astype(np.uint8))
+        has_alpha = img.mode in ("RGBA", "LA", "PA")
+        if has_alpha or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
             img = Image.alpha_composite(background, img)
@@ -550,40 +555,44 @@ def load_image(path):
 
 # ---- shared: noise ----
 def add_noise(image, sigma, seed, key):
-    """I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) from a generator seeded by
-    (seed, key), so the same image gets the same noise in every stage and process. Returns 8-bit RGB."""
+    """I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) from a generator
+    seeded by (seed, key), so the same image gets the same noise in every stage and process.
+    Returns 8-bit RGB."""
     if sigma == 0:
         return image.copy()
     rng = np.random.default_rng([seed, zlib.crc32(str(key).encode("utf-8"))])
     x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    x = np.clip(x + sigma * rng.standard_normal(x.shape, dtype=np.float32), 0.0, 1.0)
+    eps = rng.standard_normal(x.shape, dtype=np.float32)
+    x = np.clip(x + sigma * eps, 0.0, 1.0)
     return Image.fromarray(np.round(x * 255.0).astype(np.uint8))
 # ---- end shared ----
 
 
 # ---- shared: model ----
 def load_model(path, device, attn_implementation=None):
-    """(model, processor) from a local folder or a name in the user's own Hugging Face cache (offline).
-    bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
+    """(model, processor) from a local folder or a name in the user's own Hugging Face cache
+    (offline). bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device).eval(), processor
 
 
 def chat_prompt(processor, prompt, n_images=1):
-    """The model's own chat template around one user turn (n_images images, then the text), ready for the answer."""
+    """The model's own chat template around one user turn (n_images images, then the text), ready
+    for the answer."""
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 # ---- end shared ----
 
 
 # ---- shared: dist ----
 def dist_setup(device):
-    """(rank, world, device). torchrun is detected from WORLD_SIZE: a process group on gloo (CPU) or nccl (CUDA,
-    one GPU per local rank). One process: (0, 1, device)."""
+    """(rank, world, device). torchrun is detected from WORLD_SIZE: a process group on gloo (CPU)
+    or nccl (CUDA, one GPU per local rank). One process: (0, 1, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
@@ -598,17 +607,21 @@ def dist_setup(device):
 
 # ---- shared: stage ----
 def read_instances(path, fields, limit=None):
-    """(rows, errors) from an input JSONL (the first `limit` non-blank lines). A row needs "id" and every name in
-    `fields` non-empty; its "image" (when in fields) must be a file, relative to the JSONL's folder unless absolute.
-    Good rows get "_file", "_line" and, with an image, "_image" (a Path). A bad line becomes an error
-    {"file", "line", "id", "error"} and the others go on."""
+    """(rows, errors) from an input JSONL (the first `limit` non-blank lines).
+
+    A row needs "id" and every name in `fields` non-empty; its "image" (when in fields) must be a
+    file, relative to the JSONL's folder unless absolute. Good rows get "_file", "_line" and, with
+    an image, "_image" (a Path). A bad line becomes an error {"file", "line", "id", "error"} and the
+    others go on."""
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"{path}: input file not found")
     lines = []
     read = read_jsonl(path, on_error=lambda n, message: lines.append((n, message)))
     lines = sorted(lines + read, key=lambda x: x[0])[:limit]
-    rows, errors, seen = [], [], {}
+    rows = []
+    errors = []
+    seen = {}  # id -> line
     for n, row in lines:
         if isinstance(row, str):  # read_jsonl's message for a line that is not a JSON object
             errors.append({"file": str(path), "line": n, "id": None, "error": row})
@@ -629,7 +642,8 @@ def read_instances(path, fields, limit=None):
             if not row["_image"].is_file():
                 problem = f"image not found: {row['_image']}"
         if problem:
-            errors.append({"file": str(path), "line": n, "id": row.get("id"), "error": f"{path}:{n}: {problem}"})
+            message = f"{path}:{n}: {problem}"
+            errors.append({"file": str(path), "line": n, "id": row.get("id"), "error": message})
             continue
         seen[str(row["id"])] = n
         rows.append({**row, "_file": str(path), "_line": n})
@@ -637,20 +651,25 @@ def read_instances(path, fields, limit=None):
 
 
 def relpath_for(out, path):
-    """A path as written inside the JSONL `out`: relative to out's folder (SPEC: paths are relative to the file)."""
+    """A path as written inside the JSONL `out`: relative to out's folder (SPEC: paths are relative
+    to the file)."""
     return os.path.relpath(Path(path).resolve(), Path(out).resolve().parent)
 
 
 def save_args(args, out, result_args):
-    """Write <out>.args.json. If `out` already holds lines made with other `result_args`, refuse to mix them."""
+    """Write <out>.args.json. If `out` already holds lines made with other `result_args`, refuse to
+    mix them."""
     path = Path(out).with_suffix(".args.json")
     path.parent.mkdir(parents=True, exist_ok=True)  # the first stage run makes runs/
-    old = json.loads(path.read_text()) if path.is_file() and Path(out).is_file() else {}
+    old = {}
+    if path.is_file() and Path(out).is_file():
+        old = json.loads(path.read_text())
     for k in result_args:
         if k in old and old[k] != vars(args)[k]:
             raise SystemExit(f"{out} holds lines made with {k}={old[k]!r}, not {vars(args)[k]!r}: "
                              f"use another --out or delete it")
-    path.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, indent=1))
+    resolved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    path.write_text(json.dumps(resolved, indent=1))
 
 
 def write_jsonl(path, rows):
@@ -662,13 +681,15 @@ def write_jsonl(path, rows):
 
 
 def run_rows(rows, errors, work, out, batch_size, rank=0, world=1, desc="rows"):
-    """Resumable, sharded driver of a stage: returns the output rows (rank 0; None elsewhere) in input order.
+    """Resumable, sharded driver of a stage: returns the output rows (rank 0; None elsewhere) in
+    input order.
 
-    Ids already in `out` (or in a rank's part file left by a crash) are skipped; rank r takes the rest's
-    rows[r::world], calls work(batch) -> [output dict | error message] (one per row) and appends each output line
-    as it comes (to `out` itself with one process, else to `<out>.rank<r>`). Rank 0 then merges the parts into `out`
-    by id, in input order, so the result does not depend on the number of processes, and writes this run's bad
-    lines to `<out>.errors.jsonl`. Exits non-zero when no line of the input gave an output."""
+    Ids already in `out` (or in a rank's part file left by a crash) are skipped; rank r takes the
+    rest's rows[r::world], calls work(batch) -> [output dict | error message] (one per row) and
+    appends each output line as it comes (to `out` itself with one process, else to
+    `<out>.rank<r>`). Rank 0 then merges the parts into `out` by id, in input order, so the result
+    does not depend on the number of processes, and writes this run's bad lines to
+    `<out>.errors.jsonl`. Exits non-zero when no line of the input gave an output."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = sorted(out.parent.glob(f"{out.name}.rank*"))
@@ -676,17 +697,20 @@ def run_rows(rows, errors, work, out, batch_size, rank=0, world=1, desc="rows"):
     if world > 1:
         dist.barrier()  # every rank has read what is done before any rank appends to its part
     n_read = len(errors)  # the input's bad lines: every rank found the same ones
-    mine = [r for r in rows if str(r["id"]) not in done][rank::world]
+    todo = [r for r in rows if str(r["id"]) not in done]
+    mine = todo[rank::world]
     part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
-    with open(part, "a", encoding="utf-8") as f, tqdm(total=len(mine), desc=desc, disable=rank != 0) as bar:
+    bar = tqdm(total=len(mine), desc=desc, disable=rank != 0)
+    with open(part, "a", encoding="utf-8") as f, bar:
         for i in range(0, len(mine), batch_size):
             batch = mine[i:i + batch_size]
             results = work(batch)
             assert len(results) == len(batch), f"work returned {len(results)} results for {len(batch)} rows"
             for row, result in zip(batch, results):
                 if isinstance(result, str):
+                    where = f"{row['_file']}:{row['_line']}"
                     errors.append({"file": row["_file"], "line": row["_line"], "id": row["id"],
-                                   "error": f"{row['_file']}:{row['_line']}: {result}"})
+                                   "error": f"{where}: {result}"})
                 else:
                     append_jsonl(f, {k: v for k, v in result.items() if not k.startswith("_")})
             bar.update(len(batch))
@@ -702,7 +726,7 @@ def run_rows(rows, errors, work, out, batch_size, rank=0, world=1, desc="rows"):
         for r in continue_jsonl(p):
             merged.setdefault(str(r["id"]), r)
     result = sorted(merged.values(), key=lambda r: order.get(str(r["id"]), len(order)))
-    write_jsonl(out, result)  # a crash here leaves the old file and the parts, and a rerun merges again
+    write_jsonl(out, result)  # a crash here leaves the old file and the parts; a rerun merges again
     for p in out.parent.glob(f"{out.name}.rank*"):
         p.unlink()
     err_path = out.with_suffix(".errors.jsonl")
@@ -710,8 +734,10 @@ def run_rows(rows, errors, work, out, batch_size, rank=0, world=1, desc="rows"):
     for e in errors[:10]:
         print(e["error"])
     n_out = sum(str(r["id"]) in order for r in result)
-    print(f"{out}: {n_out} of {len(rows) + n_read} input lines written; "
-          f"{len(errors)} skipped" + (f" (see {err_path})" if errors else ""))
+    skipped = f"{len(errors)} skipped"
+    if errors:
+        skipped += f" (see {err_path})"
+    print(f"{out}: {n_out} of {len(rows) + n_read} input lines written; {skipped}")
     if n_out == 0 and errors:
         raise SystemExit(f"every line failed: nothing written to {out}")
     return [r for r in result if str(r["id"]) in order]

@@ -374,11 +374,12 @@ def main():
         dist.destroy_process_group()
 
 
-# =====================================================================================================
-# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output and
-# printing, then the helpers that several stages need, copied verbatim between "# ---- shared: NAME ----"
-# rulers so that each script stands alone (tests/test_shared_blocks.py keeps every copy identical).
-# =====================================================================================================
+# ==================================================================================================
+# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output
+# and printing, then helpers that several stages need, copied verbatim between
+# "# ---- shared: NAME ----" rulers so each script stands alone (tests/test_shared_blocks.py
+# keeps every copy identical).
+# ==================================================================================================
 # ---- plumbing: what trains, and the data-parallel wrapper ----
 def prepare(model, args, world, device):
     """Freeze all but LoRA (or the language model + lm_head with --lora-rank 0); wrap for data parallelism."""
@@ -436,14 +437,18 @@ def append_jsonl(f, row):
 
 # ---- shared: images ----
 def load_image(path):
-    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency is
-    composited on white (what a viewer shows). Raises OSError/ValueError naming the file when unreadable."""
+    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency
+    is composited on white (what a viewer shows). Raises OSError/ValueError naming the file when
+    unreadable."""
     with Image.open(path) as img:
         img.load()
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, not clip
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+            # 16-bit grayscale: scale to 8 bits, not clip
             a = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.round(a * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            a = np.round(a * (255.0 / 65535.0)).clip(0, 255)
+            img = Image.fromarray(a.astype(np.uint8))
+        has_alpha = img.mode in ("RGBA", "LA", "PA")
+        if has_alpha or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
             img = Image.alpha_composite(background, img)
@@ -453,56 +458,72 @@ def load_image(path):
 
 # ---- shared: model ----
 def load_model(path, device, attn_implementation=None):
-    """(model, processor) from a local folder or a name in the user's own Hugging Face cache (offline).
-    bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
+    """(model, processor) from a local folder or a name in the user's own Hugging Face cache
+    (offline). bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device).eval(), processor
 
 
 def chat_prompt(processor, prompt, n_images=1):
-    """The model's own chat template around one user turn (n_images images, then the text), ready for the answer."""
+    """The model's own chat template around one user turn (n_images images, then the text), ready
+    for the answer."""
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 # ---- end shared ----
 
 
 # ---- shared: batch ----
 def build_batch(processor, prompts, responses, images):
-    """(inputs, response_mask (R, T) bool) scoring R (chat prompt with images, response) rows. prompts, responses:
-    R strings; images: R lists of PIL images in prompt order (a repeated image is listed again: pixel_values and
-    image_grid_thw follow row order). A response is tokenized alone + EOS and appended at the id level, as generation
-    made it; rows are left padded, so a response is its row's last tokens."""
+    """(inputs, response_mask (R, T) bool) scoring R (chat prompt with images, response) rows.
+
+    prompts, responses: R strings; images: R lists of PIL images in prompt order (a repeated image
+    is listed again: pixel_values and image_grid_thw follow row order). A response is tokenized
+    alone + EOS and appended at the id level, as generation made it; rows are left padded, so a
+    response is its row's last tokens."""
     assert len(prompts) == len(responses) == len(images), (len(prompts), len(responses), len(images))
     tok = processor.tokenizer
     texts = [chat_prompt(processor, p, len(imgs)) for p, imgs in zip(prompts, images)]
-    enc = processor(text=texts, images=[im for imgs in images for im in imgs], padding=True, return_tensors="pt")
+    flat_images = [im for imgs in images for im in imgs]
+    enc = processor(text=texts, images=flat_images, padding=True, return_tensors="pt")
     resp = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in responses]
     real = enc["attention_mask"].bool()  # (R, Tp): the prompt tokens; padding is redone below
     T = max(int(m.sum()) + len(r) for m, r in zip(real, resp))
     inputs = dict(enc)  # pixel_values, image_grid_thw: as the processor made them
-    for k in [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == real.shape]:  # ids, mask, mm types
-        tails = resp if k == "input_ids" else [[int(k == "attention_mask")] * len(r) for r in resp]  # mm type 0: text
-        rows = [torch.cat([v[m], torch.tensor(t, dtype=v.dtype)]) for v, m, t in zip(enc[k], real, tails)]
+    per_token = [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == real.shape]
+    for k in per_token:  # input_ids, attention_mask, mm_token_type_ids
+        if k == "input_ids":
+            tails = resp
+        else:  # attention 1 on the response; mm type 0: text
+            tails = [[int(k == "attention_mask")] * len(r) for r in resp]
+        rows = [torch.cat([v[m], torch.tensor(t, dtype=v.dtype)])
+                for v, m, t in zip(enc[k], real, tails)]
         pad = tok.pad_token_id if k == "input_ids" else 0
         inputs[k] = torch.stack([F.pad(row, (T - len(row), 0), value=pad) for row in rows])  # (R, T)
-    return inputs, torch.arange(T) >= T - torch.tensor([len(r) for r in resp])[:, None]  # (R, T)
+    lengths = torch.tensor([len(r) for r in resp])  # (R,)
+    response_mask = torch.arange(T) >= T - lengths[:, None]  # (R, T)
+    return inputs, response_mask
 # ---- end shared ----
 
 
 # ---- shared: logprobs ----
 def response_logprobs(model, inputs, response_mask):
-    """Summed log pi(y | prompt, images) over each row's response tokens (EOS included), log-softmax in fp32.
-    inputs, response_mask: from build_batch (moved to the model here). Returns (logp (R,) fp32, ntok (R,))."""
+    """Summed log pi(y | prompt, images) over each row's response tokens (EOS included),
+    log-softmax in fp32. inputs, response_mask: from build_batch (moved to the model here).
+    Returns (logp (R,) fp32, ntok (R,))."""
     p = next(model.parameters())
-    inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device) for k, v in inputs.items()}
+    inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)
+              for k, v in inputs.items()}
     n = int(response_mask.sum(1).max())
-    logits = model(**inputs, use_cache=False, logits_to_keep=n + 1).logits  # (R, n + 1, V): only what is scored
-    assert logits.shape[1] == n + 1, f"{logits.shape[1]} positions of logits for n + 1 = {n + 1}: logits_to_keep= " \
-        "was ignored (renamed in this transformers version?), so log-probs would be read at the wrong positions"
+    # (R, n + 1, V): only the positions that are scored
+    logits = model(**inputs, use_cache=False, logits_to_keep=n + 1).logits
+    assert logits.shape[1] == n + 1, (
+        f"{logits.shape[1]} positions of logits for n + 1 = {n + 1}: logits_to_keep= was ignored "
+        "(renamed in this transformers version?), so log-probs would be read at the wrong positions")
     logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (R, n, V): position t predicts token t + 1
     logp = logp.gather(-1, inputs["input_ids"][:, -n:, None]).squeeze(-1)  # (R, n)
     mask = response_mask[:, -n:].to(p.device)

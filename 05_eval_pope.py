@@ -272,11 +272,12 @@ def main(argv=None):
     return metrics
 
 
-# =====================================================================================================
-# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output and
-# printing, then the helpers that several stages need, copied verbatim between "# ---- shared: NAME ----"
-# rulers so that each script stands alone (tests/test_shared_blocks.py keeps every copy identical).
-# =====================================================================================================
+# ==================================================================================================
+# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output
+# and printing, then helpers that several stages need, copied verbatim between
+# "# ---- shared: NAME ----" rulers so each script stands alone (tests/test_shared_blocks.py
+# keeps every copy identical).
+# ==================================================================================================
 # ---- plumbing: reading inputs ----
 def read_rows(path, fields, limit=None):
     """Rows of a JSONL file, each checked to have `fields`, with their line number."""
@@ -534,8 +535,8 @@ def append_jsonl(f, row):
 
 # ---- shared: resume ----
 def continue_jsonl(path):
-    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash (appends must start
-    on a fresh line). Any other bad line is an error."""
+    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash
+    (appends must start on a fresh line). Any other bad line is an error."""
     path = Path(path)
     if not path.exists():
         return []
@@ -549,14 +550,18 @@ def continue_jsonl(path):
 
 # ---- shared: images ----
 def load_image(path):
-    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency is
-    composited on white (what a viewer shows). Raises OSError/ValueError naming the file when unreadable."""
+    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency
+    is composited on white (what a viewer shows). Raises OSError/ValueError naming the file when
+    unreadable."""
     with Image.open(path) as img:
         img.load()
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grayscale: scale to 8 bits, not clip
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+            # 16-bit grayscale: scale to 8 bits, not clip
             a = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.round(a * (255.0 / 65535.0)).clip(0, 255).astype(np.uint8))
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            a = np.round(a * (255.0 / 65535.0)).clip(0, 255)
+            img = Image.fromarray(a.astype(np.uint8))
+        has_alpha = img.mode in ("RGBA", "LA", "PA")
+        if has_alpha or (img.mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
             img = Image.alpha_composite(background, img)
@@ -566,46 +571,51 @@ def load_image(path):
 
 # ---- shared: noise ----
 def add_noise(image, sigma, seed, key):
-    """I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) from a generator seeded by
-    (seed, key), so the same image gets the same noise in every stage and process. Returns 8-bit RGB."""
+    """I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) from a generator
+    seeded by (seed, key), so the same image gets the same noise in every stage and process.
+    Returns 8-bit RGB."""
     if sigma == 0:
         return image.copy()
     rng = np.random.default_rng([seed, zlib.crc32(str(key).encode("utf-8"))])
     x = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    x = np.clip(x + sigma * rng.standard_normal(x.shape, dtype=np.float32), 0.0, 1.0)
+    eps = rng.standard_normal(x.shape, dtype=np.float32)
+    x = np.clip(x + sigma * eps, 0.0, 1.0)
     return Image.fromarray(np.round(x * 255.0).astype(np.uint8))
 # ---- end shared ----
 
 
 # ---- shared: model ----
 def load_model(path, device, attn_implementation=None):
-    """(model, processor) from a local folder or a name in the user's own Hugging Face cache (offline).
-    bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
+    """(model, processor) from a local folder or a name in the user's own Hugging Face cache
+    (offline). bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device).eval(), processor
 
 
 def chat_prompt(processor, prompt, n_images=1):
-    """The model's own chat template around one user turn (n_images images, then the text), ready for the answer."""
+    """The model's own chat template around one user turn (n_images images, then the text), ready
+    for the answer."""
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 # ---- end shared ----
 
 
 # ---- shared: generate ----
 @torch.no_grad()
 def generate_greedy(model, processor, texts, images, max_new_tokens):
-    """Greedy answers for a batch (left padded; each row stops at EOS). texts: B chat prompts; images: flat list,
-    in the order their image tokens appear."""
+    """Greedy answers for a batch (left padded; each row stops at EOS). texts: B chat prompts;
+    images: flat list, in the order their image tokens appear."""
     inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
     inputs = inputs.to(model.device, dtype=model.dtype)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=processor.tokenizer.pad_token_id)  # (B, T + new)
-    return [t.strip() for t in processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+    new = out[:, inputs["input_ids"].shape[1]:]  # (B, new)
+    return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
 # ---- end shared ----
 
 
