@@ -1,28 +1,37 @@
 """Stage 04: train P2-DPO, calibrated DPO with dynamic deficiency weighting, in a plain PyTorch loop.
 
-Paper: P2-DPO (ICLR 2026), the training objective; SPEC.md "Stage 04". Summed response log-probs (EOS included),
-fp32 loss arithmetic, beta = 0.1; log pi_ref of every term comes from stage 03 (no reference model in memory):
-  DPO(w, l | c) = -log sigmoid(beta * [(log pi(y_w|c) - log pi_ref(y_w|c)) - (log pi(y_l|c) - log pi_ref(y_l|c))])
+Paper: P2-DPO (ICLR 2026), the training objective; SPEC.md "Stage 04". Summed response log-probs
+(EOS included), fp32 loss arithmetic, beta = 0.1; log pi_ref of every term comes from stage 03 (no
+reference model in memory):
+  DPO(w, l | c) = -log sigmoid(beta * [(log pi(y_w|c) - log pi_ref(y_w|c))
+                                       - (log pi(y_l|c) - log pi_ref(y_l|c))])
   Delta pi(y)   = log pi(y | I_aug, P_enh) - log pi(y | I_deg, P)
-  L_calib       = -log sigmoid(beta * [Delta pi_theta(y_w) - Delta pi_ref(y_w)])   (--calib-ref lose: pi_ref(y_l))
-  L_focus       = DPO_focus(c = I, P) + lambda_calib * L_calib          L_rob = DPO_rob(c = I_noise, P)
+  L_calib       = -log sigmoid(beta * [Delta pi_theta(y_w) - Delta pi_ref(y_w)])
+                  (--calib-ref lose: Delta pi_ref(y_l))
+  L_focus       = DPO_focus(c = I, P) + lambda_calib * L_calib,    L_rob = DPO_rob(c = I_noise, P)
   alpha         = alpha_max * tanh((r - 1) / tau),  r = CLIPScore(P, I_crop) / CLIPScore(P, I)
-  w_focus       = w_base + alpha, w_rob = w_base - alpha   (no CLIP score, --no-ddw: w_base; one branch: 1.0 on it)
+  w_focus       = w_base + alpha, w_rob = w_base - alpha
+                  (no CLIP score, --no-ddw: w_base each; a line with one branch: 1.0 on it)
   L_total       = mean over lines of (w_focus * L_focus + w_rob * L_rob)
 
-Input   train.jsonl (stage 03; paths relative to its folder): "image", "prompt", "prompt_enh", "images": {"crop",
-        "deg", "noise", ["aug": stitched I_aug, else I_aug = (image, crop)]}, "focus" / "robust": {"chosen",
-        "rejected"} | null, "ref": {"focus_w", "focus_l", "calib_{aug,deg}_{w,l}", "robust_w", "robust_l"}, "clip":
-        {"crop", "image"} | null, "keep": {"focus", "robust"}. A branch is used if its pair is non-null and kept.
-Output  <out>/: the LoRA-merged model + processor (save_pretrained), metrics.jsonl (a row per step), args.json,
-        checkpoint.pt (trainable weights + optimizer state, for --resume).
-Shapes: B lines in a micro-batch, R rows of a forward (2B: chosen + rejected), T tokens, n response tokens, V vocab.
+Input   train.jsonl (stage 03; paths relative to its folder): "image", "prompt", "prompt_enh",
+        "images": {"crop", "deg", "noise", ["aug": stitched I_aug, else I_aug = (image, crop)]},
+        "focus" / "robust": {"chosen", "rejected"} | null,
+        "ref": {"focus_w", "focus_l", "calib_{aug,deg}_{w,l}", "robust_w", "robust_l"},
+        "clip": {"crop", "image"} | null, "keep": {"focus", "robust"}.
+        A branch is used if its pair is non-null and kept.
+Output  <out>/: the LoRA-merged model + processor (save_pretrained), metrics.jsonl (a row per
+        step), args.json, checkpoint.pt (trainable weights + optimizer state, for --resume).
+Shapes: B lines in a micro-batch, R rows of a forward (2B: chosen + rejected), T tokens,
+        n response tokens, V vocab.
 
-  python 04_train_calibrated_dpo.py --model world/model --data runs/train.jsonl --out runs/p2dpo   # toy world, CPU
-  python 04_train_calibrated_dpo.py --model llava-hf/llava-1.5-7b-hf --batch-size 4 --grad-checkpointing  # 1 GPU
+Toy world on a CPU; one GPU; eight GPUs:
+  python 04_train_calibrated_dpo.py --model world/model --data runs/train.jsonl --out runs/p2dpo
+  python 04_train_calibrated_dpo.py --model llava-hf/llava-1.5-7b-hf --batch-size 4 --grad-checkpointing
   torchrun --nproc_per_node=8 04_train_calibrated_dpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --batch-size 2
-Choices left open by the paper: a global batch's loss is divided by its line count, so the number of processes does
-not matter (DDP for LoRA, FSDP for --lora-rank 0); dropout is seeded by (seed, step, rank); warm-up starts at lr > 0.
+Choices left open by the paper: a global batch's loss is divided by its line count, so the number
+of processes does not matter (DDP for LoRA, FSDP for --lora-rank 0); dropout is seeded by
+(seed, step, rank); warm-up starts at lr > 0.
 """
 import argparse
 import contextlib
@@ -31,10 +40,9 @@ import json
 import math
 import os
 import time
-import zlib
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a model is a local folder or the user's own cache: never download
+# a model is a local folder or the user's own cache: never download
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -47,112 +55,182 @@ from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-TERMS = ("focus_w", "focus_l", "aug", "deg", "robust_w", "robust_l")  # aug, deg: y_w under (I_aug, P_enh), (I_deg, P)
-STATS = ("loss", "dpo_focus", "calib", "acc_focus", "margin_focus", "delta_pi_w", "w_focus", "dpo_robust",
-         "acc_robust", "margin_robust")  # logged each step, each a mean over the lines that have the term
-GROUPS = (("focus_w", "focus_l"), ("robust_w", "robust_l"), ("aug", "deg"))  # L_total: a sum of a part per group
+# The summed log-probs a line needs. aug, deg: y_w under (I_aug, P_enh) and under (I_deg, P).
+TERMS = ("focus_w", "focus_l", "aug", "deg", "robust_w", "robust_l")
+# L_total is a sum of a part per group of terms: a group's gradient needs no other group's forward.
+GROUPS = (("focus_w", "focus_l"), ("robust_w", "robust_l"), ("aug", "deg"))
+# Logged each step: each statistic -> the lines it is a mean over (those that have its term).
+STATS = {"loss": "all", "dpo_focus": "focus", "calib": "calib", "acc_focus": "focus",
+         "margin_focus": "focus", "delta_pi_w": "calib", "w_focus": "focus",
+         "dpo_robust": "robust", "acc_robust": "robust", "margin_robust": "robust"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="world/model", help="base model folder or a name in your own HF cache")
+    p.add_argument("--model", default="world/model",
+                   help="base model folder or a name in your own HF cache")
     p.add_argument("--data", default="runs/train.jsonl", help="train.jsonl from stage 03")
-    p.add_argument("--out", default="runs/p2dpo", help="output folder: merged model, metrics, checkpoint")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO temperature (paper; DPO's usual 0.1)")
-    p.add_argument("--lambda-calib", type=float, default=0.3, help="weight of L_calib inside L_focus (paper: 0.3)")
-    p.add_argument("--calib-ref", choices=("win", "lose"), default="win", help="Delta pi_ref on y_w or y_l (authors)")
-    p.add_argument("--w-base", type=float, default=0.5, help="DDW base weight of each branch (paper: 0.5)")
-    p.add_argument("--alpha-max", type=float, default=0.2, help="DDW largest shift of the weights (paper: 0.2)")
-    p.add_argument("--tau", type=float, default=0.1, help="DDW temperature of tanh((r - 1) / tau) (paper: 0.1)")
-    for name, what in (("focus", "the focus branch (DPO_focus + L_calib)"), ("robust", "the robustness branch"),
-                       ("calib", "L_calib (also skips its two forwards)"), ("ddw", "DDW: static w_base / w_base")):
-        p.add_argument(f"--no-{name}", action="store_true", help=f"ablation (paper's table): without {what}")
-    p.add_argument("--lora-rank", type=int, default=32, help="LoRA rank r (authors: 32); 0 = full fine-tuning")
-    p.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha, scale alpha / r (authors: 32)")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (authors: 0.05)")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW peak learning rate (authors: 1e-5)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (authors: 0.05)")
-    p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warm-up share, then cosine (authors: 3%%)")
-    p.add_argument("--epochs", type=int, default=4, help="passes over the data (authors: 4)")
-    p.add_argument("--effective-batch", type=int, default=16, help="lines per optimizer step, all processes (16)")
-    p.add_argument("--batch-size", type=int, default=4, help="lines per micro-step per process")
-    p.add_argument("--grad-accum", type=int, default=0, help="micro-steps per update (0: derived from the above)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this (HF/TRL default)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    p.add_argument("--save-every", type=int, default=50, help="write checkpoint.pt every N optimizer steps")
-    p.add_argument("--stop-after", type=int, default=0, help="end after N steps, schedule unchanged (then --resume)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order and dropout")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N lines of --data")
+    p.add_argument("--out", default="runs/p2dpo",
+                   help="output folder: merged model, metrics, checkpoint")
+    g = p.add_argument_group("the paper's loss")
+    g.add_argument("--beta", type=float, default=0.1,
+                   help="DPO temperature (paper; DPO's usual 0.1)")
+    g.add_argument("--lambda-calib", type=float, default=0.3,
+                   help="weight of L_calib inside L_focus (paper: 0.3)")
+    g.add_argument("--calib-ref", choices=("win", "lose"), default="win",
+                   help="Delta pi_ref on y_w or y_l (authors)")
+    g.add_argument("--w-base", type=float, default=0.5,
+                   help="DDW base weight of each branch (paper: 0.5)")
+    g.add_argument("--alpha-max", type=float, default=0.2,
+                   help="DDW largest shift of the weights (paper: 0.2)")
+    g.add_argument("--tau", type=float, default=0.1,
+                   help="DDW temperature of tanh((r - 1) / tau) (paper: 0.1)")
+    ablation = "ablation (paper's table): without"
+    g.add_argument("--no-focus", action="store_true",
+                   help=f"{ablation} the focus branch (DPO_focus + L_calib)")
+    g.add_argument("--no-robust", action="store_true", help=f"{ablation} the robustness branch")
+    g.add_argument("--no-calib", action="store_true",
+                   help=f"{ablation} L_calib (also skips its two forwards)")
+    g.add_argument("--no-ddw", action="store_true", help=f"{ablation} DDW: static w_base / w_base")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-rank", type=int, default=32,
+                   help="LoRA rank r (authors: 32); 0 = full fine-tuning")
+    g.add_argument("--lora-alpha", type=float, default=32,
+                   help="LoRA alpha, scale alpha / r (authors: 32)")
+    g.add_argument("--lora-dropout", type=float, default=0.05,
+                   help="dropout on the LoRA input (authors: 0.05)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=1e-5,
+                   help="AdamW peak learning rate (authors: 1e-5)")
+    g.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW weight decay (authors: 0.05)")
+    g.add_argument("--warmup-ratio", type=float, default=0.03,
+                   help="linear warm-up share, then cosine (authors: 3%%)")
+    g.add_argument("--epochs", type=int, default=4, help="passes over the data (authors: 4)")
+    g.add_argument("--effective-batch", type=int, default=16,
+                   help="lines per optimizer step, all processes (16)")
+    g.add_argument("--batch-size", type=int, default=4, help="lines per micro-step per process")
+    g.add_argument("--grad-accum", type=int, default=0,
+                   help="micro-steps per update (0: derived from the above)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0,
+                   help="clip the gradient norm to this (HF/TRL default)")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in backward (less memory)")
+    g = p.add_argument_group("run")
+    g.add_argument("--save-every", type=int, default=50,
+                   help="write checkpoint.pt every N optimizer steps")
+    g.add_argument("--stop-after", type=int, default=0,
+                   help="end after N steps, schedule unchanged (then --resume)")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order and dropout")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu")
+    g.add_argument("--limit", type=int, default=None, help="use only the first N lines of --data")
     return p.parse_args(argv)
 
 
+def fp32(x):
+    """x as an fp32 tensor: loss arithmetic in fp32, even under bf16 autocast (as DPO's code)."""
+    return torch.as_tensor(x, dtype=torch.float32)
+
+
 def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta):
-    """DPO(w, l | c) = -log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)]) on summed log-probs, in fp32.
-    pi_w, pi_l, ref_w, ref_l: (B,). Returns (losses, chosen_rewards, rejected_rewards), each (B,)."""
-    pi_w, pi_l, ref_w, ref_l = (torch.as_tensor(x, dtype=torch.float32) for x in (pi_w, pi_l, ref_w, ref_l))
-    pi_logratios, ref_logratios = pi_w - pi_l, ref_w - ref_l
-    losses = -F.logsigmoid(beta * (pi_logratios - ref_logratios))  # logsigmoid: a finite gradient at any gap
-    return losses, beta * (pi_w - ref_w).detach(), beta * (pi_l - ref_l).detach()
+    """DPO(w, l | c) = -log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)]), summed log-probs.
+    pi_w, pi_l, ref_w, ref_l: (B,). Returns (losses, chosen_rewards, rejected_rewards), each (B,).
+    """
+    pi_w = fp32(pi_w)
+    pi_l = fp32(pi_l)
+    ref_w = fp32(ref_w)
+    ref_l = fp32(ref_l)
+    pi_logratios = pi_w - pi_l
+    ref_logratios = ref_w - ref_l
+    losses = -F.logsigmoid(beta * (pi_logratios - ref_logratios))  # a finite gradient at any gap
+    chosen_rewards = beta * (pi_w - ref_w).detach()
+    rejected_rewards = beta * (pi_l - ref_l).detach()
+    return losses, chosen_rewards, rejected_rewards
 
 
 def calibration_loss(pi_aug_w, pi_deg_w, ref_aug, ref_deg, beta):
-    """L_calib = -log sigmoid(beta * [Delta pi_theta(y_w) - Delta pi_ref]), Delta pi(y) = log pi(y | I_aug, P_enh) -
-    log pi(y | I_deg, P). pi_*: (B,) policy on y_w; ref_*: (B,) reference on y_w or y_l (--calib-ref). Returns (B,)."""
-    delta_pi, delta_ref = (torch.as_tensor(a, dtype=torch.float32) - torch.as_tensor(b, dtype=torch.float32)
-                           for a, b in ((pi_aug_w, pi_deg_w), (ref_aug, ref_deg)))
+    """L_calib = -log sigmoid(beta * [Delta pi_theta(y_w) - Delta pi_ref]),
+    Delta pi(y) = log pi(y | I_aug, P_enh) - log pi(y | I_deg, P).
+    pi_aug_w, pi_deg_w: (B,) policy on y_w; ref_aug, ref_deg: (B,) reference on y_w or y_l
+    (--calib-ref). Returns (B,)."""
+    delta_pi = fp32(pi_aug_w) - fp32(pi_deg_w)
+    delta_ref = fp32(ref_aug) - fp32(ref_deg)
     return -F.logsigmoid(beta * (delta_pi - delta_ref))
 
 
 def ddw_weights(clip_crop, clip_image, w_base, alpha_max, tau):
-    """alpha = alpha_max * tanh((r - 1) / tau), r = CLIPScore(P, I_crop) / CLIPScore(P, I); w = w_base +- alpha.
-    clip_crop, clip_image: (B,), NaN: no score (NaN out); the 1e-6 keeps r finite (1 when both are 0). -> 2 x (B,)"""
-    clip_crop, clip_image = (torch.as_tensor(x, dtype=torch.float32) for x in (clip_crop, clip_image))
-    alpha = alpha_max * torch.tanh(((clip_crop + 1e-6) / (clip_image + 1e-6) - 1) / tau)
+    """alpha = alpha_max * tanh((r - 1) / tau), r = CLIPScore(P, I_crop) / CLIPScore(P, I);
+    w_focus = w_base + alpha, w_rob = w_base - alpha. clip_crop, clip_image: (B,), NaN: no score
+    (NaN out). Returns (w_focus, w_rob), each (B,)."""
+    clip_crop = fp32(clip_crop)
+    clip_image = fp32(clip_image)
+    r = (clip_crop + 1e-6) / (clip_image + 1e-6)  # the 1e-6 keeps r finite (1 when both are 0)
+    alpha = alpha_max * torch.tanh((r - 1) / tau)
     return w_base + alpha, w_base - alpha
 
 
-def p2dpo_loss(pi, ref, has_focus, has_robust, clip_crop, clip_image, beta=0.1, lambda_calib=0.3, w_base=0.5,
-               alpha_max=0.2, tau=0.1, ddw=True):
-    """Per line: w_focus * (DPO_focus + lambda_calib * L_calib) + w_robust * DPO_rob (the caller takes the mean).
+def p2dpo_loss(pi, ref, has_focus, has_robust, clip_crop, clip_image, beta=0.1, lambda_calib=0.3,
+               w_base=0.5, alpha_max=0.2, tau=0.1, ddw=True):
+    """Per line: w_focus * (DPO_focus + lambda_calib * L_calib) + w_rob * DPO_rob (the caller takes
+    the mean).
 
-    pi, ref: dicts over TERMS of (B,) summed log-probs: focus_w, focus_l (c = I, P); aug, deg (y_w under (I_aug,
-    P_enh), (I_deg, P); ref on y_w or y_l); robust_w, robust_l (c = I_noise, P); 0 where a line lacks the branch.
-    has_focus, has_robust: (B,) bool. clip_crop, clip_image: (B,), NaN without a score. Weights: DDW for a line with
-    both branches and a score; w_base each without a score or with ddw=False; 1.0 on a one-branch line's branch.
-    Returns (losses (B,), diagnostics: dict of (B,) tensors)."""
-    dpo_f, chosen_f, rejected_f = dpo_loss(pi["focus_w"], pi["focus_l"], ref["focus_w"], ref["focus_l"], beta)
+    pi, ref: dicts over TERMS of (B,) summed log-probs: focus_w, focus_l (c = I, P); aug, deg
+    (y_w under (I_aug, P_enh), (I_deg, P); ref on y_w or y_l); robust_w, robust_l (c = I_noise, P);
+    0 where a line lacks the branch. has_focus, has_robust: (B,) bool. clip_crop, clip_image: (B,),
+    NaN without a score. Weights: DDW for a line with both branches and a score; w_base each
+    without a score or with ddw=False; 1.0 on a one-branch line's branch.
+    Returns (losses (B,), diagnostics: a dict of (B,) tensors)."""
+    dpo_f, chosen_f, rejected_f = dpo_loss(pi["focus_w"], pi["focus_l"],
+                                           ref["focus_w"], ref["focus_l"], beta)
     calib = calibration_loss(pi["aug"], pi["deg"], ref["aug"], ref["deg"], beta)
-    dpo_r, chosen_r, rejected_r = dpo_loss(pi["robust_w"], pi["robust_l"], ref["robust_w"], ref["robust_l"], beta)
+    dpo_r, chosen_r, rejected_r = dpo_loss(pi["robust_w"], pi["robust_l"],
+                                           ref["robust_w"], ref["robust_l"], beta)
     w_focus, w_robust = ddw_weights(clip_crop, clip_image, w_base, alpha_max, tau)
-    scored = torch.isfinite(w_focus) & ddw
-    w_focus = torch.where(has_robust, torch.where(scored, w_focus, w_base), 1.0) * has_focus
-    w_robust = torch.where(has_focus, torch.where(scored, w_robust, w_base), 1.0) * has_robust
-    l_focus = torch.where(has_focus, dpo_f + lambda_calib * calib, 0.0)  # where, not *: a lacking branch adds 0
-    losses = w_focus * l_focus + w_robust * torch.where(has_robust, dpo_r, 0.0)
-    return losses, dict(dpo_focus=dpo_f, calib=calib, dpo_robust=dpo_r, w_focus=w_focus,
-                        acc_focus=(chosen_f > rejected_f).float(), margin_focus=chosen_f - rejected_f,
-                        acc_robust=(chosen_r > rejected_r).float(), margin_robust=chosen_r - rejected_r,
-                        delta_pi_w=(torch.as_tensor(pi["aug"]) - torch.as_tensor(pi["deg"])).detach().float())
+    scored = torch.isfinite(w_focus) & ddw  # a CLIP score, and DDW on
+    w_focus = torch.where(scored, w_focus, w_base)
+    w_robust = torch.where(scored, w_robust, w_base)
+    both = has_focus & has_robust
+    w_focus = torch.where(both, w_focus, 1.0) * has_focus  # one branch: 1.0 on it, 0 on the other
+    w_robust = torch.where(both, w_robust, 1.0) * has_robust
+    # where, not *: a lacking branch adds 0
+    l_focus = torch.where(has_focus, dpo_f + lambda_calib * calib, 0.0)
+    l_robust = torch.where(has_robust, dpo_r, 0.0)
+    losses = w_focus * l_focus + w_robust * l_robust
+    delta_pi_w = torch.as_tensor(pi["aug"]) - torch.as_tensor(pi["deg"])
+    diagnostics = dict(dpo_focus=dpo_f, calib=calib, dpo_robust=dpo_r, w_focus=w_focus,
+                       acc_focus=(chosen_f > rejected_f).float(),
+                       margin_focus=chosen_f - rejected_f,
+                       acc_robust=(chosen_r > rejected_r).float(),
+                       margin_robust=chosen_r - rejected_r,
+                       delta_pi_w=delta_pi_w.detach().float())
+    return losses, diagnostics
 
 
 class LoRALinear(nn.Module):
-    """h = W x + (alpha / r) * B A dropout(x) (Hu et al. 2021). B starts at 0: training starts at the reference.
-    A and B are fp32 even under a bf16 base: autocast computes in bf16, AdamW updates fp32 weights."""
+    """h = W x + (alpha / r) * B A dropout(x) (Hu et al. 2021). B starts at 0: training starts at
+    the reference. A and B are fp32 even under a bf16 base: autocast computes in bf16, AdamW
+    updates fp32 weights."""
     def __init__(self, base, r, alpha, dropout):
         super().__init__()
-        self.base, self.scale, self.dropout = base, alpha / r, nn.Dropout(dropout)
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))  # (out, r)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as in the LoRA reference code
+        self.base = base
+        self.scale = alpha / r
+        self.dropout = nn.Dropout(dropout)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's, as in LoRA's code
 
     def forward(self, x):
-        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        h = self.base(x)  # first: the order sets how x's gradients are summed, to the last bit
+        lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., out)
+        return h + lora * self.scale
 
 
 def add_lora(model, r, alpha, dropout):
-    """Wrap every nn.Linear of the language model in LoRALinear (not lm_head, the vision tower or the projector)."""
+    """Wrap every nn.Linear of the language model in LoRALinear (not lm_head, the vision tower or
+    the projector)."""
     lm = model.model.language_model
     for name, module in list(lm.named_modules()):
         if isinstance(module, nn.Linear):
@@ -161,7 +239,8 @@ def add_lora(model, r, alpha, dropout):
 
 @torch.no_grad()
 def merge_lora(model):
-    """W <- W + (alpha / r) B A, summed in fp32, stored in W's dtype; the plain nn.Linear goes back in its place."""
+    """W <- W + (alpha / r) B A, summed in fp32, stored in W's dtype; the plain nn.Linear goes back
+    in its place."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             w = module.base.weight
@@ -169,55 +248,43 @@ def merge_lora(model):
             model.set_submodule(name, module.base)
 
 
-def parse_line(row, root, args):
-    """One train.jsonl row -> a training example; ValueError (or KeyError) says why the line cannot be used."""
-    keep, ref, images, clip = (row.get(k) or {} for k in ("keep", "ref", "images", "clip"))
-    use = {b: not getattr(args, f"no_{b}") and bool(row.get(b)) and bool(keep.get(b)) for b in ("focus", "robust")}
-    if not any(use.values()):
-        raise ValueError("no usable branch (pairs null, dropped by stage 03's keep flags, or switched off)")
-    calib, side, need, paths = use["focus"] and not args.no_calib, args.calib_ref[0], {}, {}  # term->ref, role->file
-    if use["focus"]:
-        need.update(focus_w="focus_w", focus_l="focus_l"), paths.update(image=row["image"])
-    if calib:
-        need.update(aug=f"calib_aug_{side}", deg=f"calib_deg_{side}")
-        aug = {"aug": images["aug"]} if images.get("aug") else {"crop": images.get("crop")}  # I_aug: 1 or 2 images
-        paths.update(deg=images.get("deg"), **aug)
-    if use["robust"]:
-        need.update(robust_w="robust_w", robust_l="robust_l"), paths.update(noise=images.get("noise"))
-    paths = {role: os.path.join(root, p) if isinstance(p, str) else "" for role, p in paths.items()}  # abs. stays
-    contexts = {"image": [paths.get("image")], "deg": [paths.get("deg")], "noise": [paths.get("noise")],
-                "aug": [paths["aug"]] if "aug" in paths else [paths.get("image"), paths.get("crop")]}
-    lack = [f"ref {k}" for k in need.values() if not (isinstance(ref.get(k), (int, float)) and math.isfinite(ref[k]))]
-    lack += [f"{role} image {p}" for role, p in paths.items() if not os.path.isfile(p)]
-    if lack:
-        raise ValueError(f"a usable branch lacks {', '.join(lack)}")
-    return {"prompt": row["prompt"], "prompt_enh": row["prompt_enh"] if calib else None, "images": contexts,
-            **{b: (row[b]["chosen"], row[b]["rejected"]) if use[b] else None for b in ("focus", "robust")},
-            "ref": {term: float(ref[need[term]]) if term in need else 0.0 for term in TERMS},
-            "clip": [float(c) if isinstance(c, (int, float)) else math.nan for c in map(clip.get, ("crop", "image"))]}
+def lr_at(step, peak, warmup, total):
+    """AdamW's learning rate at a step (from 0): a linear warm-up that starts at lr > 0, then a
+    cosine down to 0 at `total` steps."""
+    if step < warmup:
+        return peak * ((step + 1) / (warmup + 1))
+    return peak * (0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
 def term_batches(processor, exs, terms=TERMS):
-    """The CPU half of scoring a micro-batch (images decoded, the processor run), apart so that a live reference can
-    share it with the policy. exs: B examples. Returns, for each context some line has and whose terms are all in
-    `terms`, (keys, idx, (inputs, response_mask)): the rows of keys[0] for the lines idx, then those of keys[1]."""
-    focus, robust = ([i for i, ex in enumerate(exs) if ex[b]] for b in ("focus", "robust"))
+    """The CPU half of scoring a micro-batch (images decoded, the processor run), apart so that a
+    live reference can share it with the policy. exs: B examples. Returns, for each context some
+    line has and whose terms are all in `terms`, (keys, idx, (inputs, response_mask)): the rows of
+    keys[0] for the lines idx, then those of keys[1]."""
+    focus = [i for i, ex in enumerate(exs) if ex["focus"]]
+    robust = [i for i, ex in enumerate(exs) if ex["robust"]]
     contexts = [("focus", focus, ("focus_w", "focus_l"), "prompt", "image"),  # (I, P)
                 ("robust", robust, ("robust_w", "robust_l"), "prompt", "noise"),  # (I_noise, P)
                 ("focus", focus, ("aug",), "prompt_enh", "aug"),  # (I_aug, P_enh), y_w only
                 ("focus", focus, ("deg",), "prompt", "deg")]  # (I_deg, P), y_w only
-    image, out = functools.lru_cache(maxsize=None)(load_image), []  # decode each file once per micro-batch
-    for branch, idx, keys, prompt, context in (c for c in contexts if c[1] and set(c[2]) <= set(terms)):
-        rows = [(exs[i][prompt], exs[i][branch][j], [image(p) for p in exs[i]["images"][context]])
-                for j in range(len(keys)) for i in idx]  # all chosen rows, then all rejected rows
-        out.append((keys, idx, build_batch(processor, *map(list, zip(*rows)))))  # (len(keys) * |idx|, T)
+    image = functools.lru_cache(maxsize=None)(load_image)  # decode each file once per micro-batch
+    out = []
+    for branch, idx, keys, prompt_key, image_key in contexts:
+        if not idx or not set(keys) <= set(terms):
+            continue
+        rows = [(i, j) for j in range(len(keys)) for i in idx]  # all chosen, then all rejected
+        prompts = [exs[i][prompt_key] for i, _ in rows]
+        responses = [exs[i][branch][j] for i, j in rows]
+        images = [[image(p) for p in exs[i]["images"][image_key]] for i, _ in rows]
+        batch = build_batch(processor, prompts, responses, images)  # (len(keys) * |idx|, T)
+        out.append((keys, idx, batch))
     return out
 
 
 def policy_logps(model, batches, B, ctx):
-    """Summed log pi_theta of each term in `batches` (term_batches' output for B examples): one forward per context,
-    chosen and rejected rows in one forward where they share it. Returns a dict over TERMS of (B,) fp32, 0 where a
-    line lacks the term or `batches` does not hold it."""
+    """Summed log pi_theta of each term in `batches` (term_batches' output for B examples): one
+    forward per context, chosen and rejected rows in one forward where they share it. Returns a
+    dict over TERMS of (B,) fp32, 0 where a line lacks the term or `batches` does not hold it."""
     out = {}
     for keys, idx, batch in batches:
         with ctx:
@@ -230,146 +297,128 @@ def policy_logps(model, batches, B, ctx):
 
 
 def micro_step(model, processor, mb, args, ctx, scale, batches=None):
-    """Forward and backward of a micro-batch of (example, weight), one group of terms at a time. L_total is a sum of
-    parts that each read one group's log-probs (DPO_focus; DPO_rob; L_calib: the DDW weights are constants), so a
-    group's gradient needs no other group's forward, and only one group's activations are alive at once (a third or
-    so of them all). Each backward adds scale * d sum(weight * loss) / d theta to .grad. Returns, detached, (losses
-    (B,), sums (2 * len(STATS),): each STATS entry's weighted sum, then the count it is a mean over; dummy lines
-    (weight 0) count nowhere). batches: term_batches of the micro-batch, when the caller has made them already."""
-    exs, groups = [ex for ex, _ in mb], GROUPS[:2] if args.no_calib else GROUPS
-    batches = term_batches(processor, exs, [k for g in groups for k in g]) if batches is None else batches
+    """Forward and backward of a micro-batch of (example, weight), one group of terms at a time:
+    only one group's activations are alive at once (a third or so of them all). Each backward adds
+    scale * d sum(weight * loss) / d theta to .grad. batches: term_batches of the micro-batch, when
+    the caller has made them. Returns, detached, (losses (B,), sums (2 * len(STATS),): each STATS
+    entry's weighted sum, then the count it is a mean over; dummy lines (weight 0) count nowhere).
+    """
+    exs = [ex for ex, _ in mb]
+    groups = GROUPS
+    lambda_calib = args.lambda_calib
+    if args.no_calib:
+        groups = GROUPS[:2]
+        lambda_calib = 0.0
+    if batches is None:
+        batches = term_batches(processor, exs, [k for g in groups for k in g])
     tensor = functools.partial(torch.tensor, device=next(model.parameters()).device)
-    ref, weight = {k: tensor([ex["ref"][k] for ex in exs]) for k in TERMS}, tensor([w for _, w in mb])
+    ref = {k: tensor([ex["ref"][k] for ex in exs]) for k in TERMS}
+    weight = tensor([w for _, w in mb])  # (B,)
     clip = tensor([ex["clip"] for ex in exs])  # (B, 2): CLIPScore of the crop, of the image
-    has_f, has_r = (tensor([ex[b] is not None for ex in exs]) for b in ("focus", "robust"))
+    has_f = tensor([ex["focus"] is not None for ex in exs])
+    has_r = tensor([ex["robust"] is not None for ex in exs])
 
     def loss(pi):  # (losses (B,), diagnostics)
-        return p2dpo_loss(pi, ref, has_f, has_r, clip[:, 0], clip[:, 1], args.beta, 0.0 if args.no_calib else
-                          args.lambda_calib, args.w_base, args.alpha_max, args.tau, not args.no_ddw)
+        return p2dpo_loss(pi, ref, has_f, has_r, clip[:, 0], clip[:, 1], args.beta, lambda_calib,
+                          args.w_base, args.alpha_max, args.tau, not args.no_ddw)
+
+    # L_total is a sum of parts that each read one group's log-probs (DPO_focus, DPO_rob, L_calib;
+    # the DDW weights are constants), so one backward per group, the other groups' log-probs held
+    # constant, adds up to one backward of L_total over all terms at once
+    # (tests/test_04_train.py::test_backward_per_group_equals_one_backward checks it).
     pi = {k: tensor([0.0] * len(exs)) for k in TERMS}  # each group's values, once it has run
     for group in groups:
         mine = [b for b in batches if set(b[0]) <= set(group)]
         live = {k: v for k, v in policy_logps(model, mine, len(exs), ctx).items() if k in group}
-        if any(v.requires_grad for v in live.values()):  # (no line has the group's branch: nothing to do)
-            ((loss({**pi, **live})[0] * weight).sum() * scale).backward()  # the other groups' terms: constants
+        if any(v.requires_grad for v in live.values()):  # (else no line has the group's branch)
+            losses, _ = loss({**pi, **live})
+            ((losses * weight).sum() * scale).backward()
         pi.update({k: v.detach() for k, v in live.items()})
-    losses, d = loss(pi)
-    f, r, c = weight * has_f, weight * has_r, weight * has_f * (not args.no_calib)  # c: calib, Delta pi logged
-    masks = [weight, f, c, f, f, c, f, r, r, r]  # in the order of STATS
-    sums = [torch.where(m > 0, v.detach(), 0.0).sum() for v, m in zip([losses] + [d[k] for k in STATS[1:]], masks)]
+    losses, diagnostics = loss(pi)
+    values = {"loss": losses, **diagnostics}
+    over = {"all": weight, "focus": weight * has_f,  # the lines of each name in STATS
+            "calib": weight * has_f * (not args.no_calib), "robust": weight * has_r}
+    masks = [over[lines] for lines in STATS.values()]
+    sums = [torch.where(m > 0, values[k].detach(), 0.0).sum() for k, m in zip(STATS, masks)]
     return losses, torch.stack(sums + [m.sum() for m in masks])
-
-
-def micro_batches(lines, batch, rank, world, batch_size, accum):
-    """This rank's share of one global batch (line indices) as up to `accum` micro-batches of (example, weight).
-    Every rank computes every share, so where another rank's micro-batch runs a branch this one lacks, one line of
-    it is added with weight 0: all ranks then make the same forward and collective calls (DDP, FSDP)."""
-    shares, out = [batch[r::world] for r in range(world)], []
-    for j in range(accum):
-        chunks = [[lines[i] for i in s[j * batch_size:(j + 1) * batch_size]] for s in shares]
-        mine = [(ex, 1.0) for ex in chunks[rank]]
-        for b in ("focus", "robust"):
-            if any(ex[b] for c in chunks for ex in c) and not any(ex[b] for ex, _ in mine):
-                mine.append((next(lines[i] for i in batch if lines[i][b]), 0.0))
-        out += [mine] if mine else []
-    return out
 
 
 def main():
     args = parse_args()
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = torch.device("cuda", local) if args.device == "cuda" else torch.device(args.device)  # torchrun: a GPU each
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world, device = dist_setup(args.device)  # torchrun: a process group, and a GPU each
+    device = torch.device(device)
     say = tqdm.write if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    root, lines, skipped = os.path.dirname(os.path.abspath(args.data)), [], []  # each skipped line: file:line, why
-    for n, row in read_jsonl(args.data, on_error=lambda n, message: skipped.append(message))[:args.limit]:
-        try:
-            lines.append(parse_line(row, root, args))
-        except (KeyError, TypeError, ValueError) as e:
-            skipped.append(f"{args.data}:{n}: skipped: {type(e).__name__}: {e}")
-    for message in skipped:
-        say(message)
-    if not lines:
-        raise SystemExit(f"no usable line in {args.data}: every line was skipped (reasons above)")
+    ctx = contextlib.nullcontext()
+    if device.type == "cuda":
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16)
+    lines, skipped = read_lines(args, say)
     accum = args.grad_accum or max(1, round(args.effective_batch / (args.batch_size * world)))
     per_step = args.batch_size * accum * world  # lines per optimizer step: the global batch
     steps_per_epoch = math.ceil(len(lines) / per_step)
-    total, start = args.epochs * steps_per_epoch, 0
+    total = args.epochs * steps_per_epoch
     warmup = math.ceil(args.warmup_ratio * total)
-    ckpt, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
-    model, processor = load_model(args.model, device)
-    raw, model = model, prepare(model, args, world, device)  # raw: the unwrapped module, for state and saving
+    raw, processor = load_model(args.model, device)  # raw: the unwrapped module, to save
+    model = prepare(raw, args, world, device)  # (raw gets LoRA in place)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    full = lambda frozen=False: dcp_sd.StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False,
-                                                        ignore_frozen_params=not frozen)  # unsharded, on rank 0
-    if args.resume:
-        ck = torch.load(ckpt, map_location="cpu", weights_only=True)
-        dcp_sd.set_state_dict(raw, optimizer, model_state_dict=ck["model"], optim_state_dict=ck["optim"],
-                              options=full())
-        start = ck["step"]
-    if rank == 0:  # args.json; metrics.jsonl, less the rows a resumed run logged after its checkpoint
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(dict(vars(args), grad_accum=accum, world_size=world, global_batch=per_step, total_steps=total,
-                           lines=len(lines), skipped=len(skipped)), f, indent=2)
-        kept = [r for _, r in read_jsonl(metrics_path) if r["step"] <= start] if start else []
-        metrics = open(metrics_path, "w")
-        metrics.writelines(json.dumps(r) + "\n" for r in kept)
-    say(f"{len(lines)} lines, {total} steps of {per_step} ({args.batch_size} x {accum} accumulation x {world} ranks)")
-    for step in tqdm(range(start, total), initial=start, total=total, disable=rank != 0, desc="p2dpo"):
-        t0, (epoch, k) = time.time(), divmod(step, steps_per_epoch)
-        order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+    ckpt = os.path.join(args.out, "checkpoint.pt")
+    start = load_checkpoint(ckpt, raw, optimizer) if args.resume else 0
+    if rank == 0:
+        metrics = open_outputs(args, start, grad_accum=accum, world_size=world,
+                               global_batch=per_step, total_steps=total, lines=len(lines),
+                               skipped=len(skipped))
+    say(f"{len(lines)} lines, {total} steps of {per_step} "
+        f"({args.batch_size} x {accum} accumulation x {world} ranks)")
+    stopping = start < args.stop_after <= total  # --stop-after in this run: a checkpoint, no model
+    end = args.stop_after if stopping else total
+    for step in tqdm(range(start, end), initial=start, total=total, disable=rank != 0,
+                     desc="p2dpo"):
+        t0 = time.time()
+        epoch, k = divmod(step, steps_per_epoch)
+        shuffle = torch.Generator().manual_seed(args.seed + epoch)
+        order = torch.randperm(len(lines), generator=shuffle).tolist()
         batch = order[k * per_step:(k + 1) * per_step]
-        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # dropout masks: the same after --resume
-        lr = args.lr * ((step + 1) / (warmup + 1) if step < warmup else  # linear warm-up (lr > 0 at step 1), cosine
-                        0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+        # dropout masks: the same after --resume
+        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)
+        lr = lr_at(step, args.lr, warmup, total)
         optimizer.param_groups[0]["lr"] = lr  # (one group)
-        mbs, sums = micro_batches(lines, batch, rank, world, args.batch_size, accum), 0
-        # DDP: .grad accumulates locally until the last micro-step, whose backwards (one per group) each average
-        # the whole .grad over ranks: averaging an average leaves it, so the result is the global batch's mean
+        mbs = micro_batches(lines, batch, rank, world, args.batch_size, accum)
+        sums = 0
+        # DDP: .grad accumulates locally until the last micro-step, whose backwards (one per group)
+        # each average the whole .grad over ranks: averaging an average leaves it, so the result
+        # is the global batch's mean (scale = world / len(batch): / len(batch) once DDP averages)
         for j, mb in enumerate(mbs):
             last = j == len(mbs) - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if last else model.no_sync():
-                _, s = micro_step(model, processor, mb, args, ctx, world / len(batch))  # ranks averaged: / len(batch)
+                _, s = micro_step(model, processor, mb, args, ctx, world / len(batch))
             sums = sums + s
         if world > 1:
             dist.all_reduce(sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP
-        log = {k: float(v / c) if c > 0 else None for k, v, c in zip(STATS, sums[:len(STATS)], sums[len(STATS):])}
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        log = stat_means(sums)
         if not (math.isfinite(log["loss"]) and math.isfinite(grad_norm)):
-            raise SystemExit(f"non-finite loss ({log['loss']}) or grad norm ({grad_norm}) at step {step + 1}: stopped "
-                             f"before the update; {ckpt} keeps the last good state (check the ref log-probs, --lr)")
+            raise SystemExit(f"non-finite loss ({log['loss']}) or grad norm ({grad_norm}) at step "
+                             f"{step + 1}: stopped before the update; {ckpt} keeps the last good "
+                             f"state (check the ref log-probs, --lr)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         log = dict(step=step + 1, epoch=epoch, **log, grad_norm=grad_norm, lr=lr,
                    examples_per_s=len(batch) / (time.time() - t0))
         if rank == 0:
             append_jsonl(metrics, log)
-            say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
+            say(format_log(log))
         if (step + 1) % args.save_every == 0 or step + 1 == args.stop_after:
-            model_sd, optim_sd = dcp_sd.get_state_dict(raw, optimizer, options=full())
-            if rank == 0:  # write, then rename: a crash mid-write never leaves a broken checkpoint
-                torch.save({"step": step + 1, "model": model_sd, "optim": optim_sd}, ckpt + ".tmp")
-                os.replace(ckpt + ".tmp", ckpt)
+            save_checkpoint(ckpt, step + 1, raw, optimizer, rank)
         if step + 1 == args.stop_after:
             say(f"stopped after step {step + 1} (--stop-after); continue with --resume")
-            break
-    else:
-        merge_lora(raw)  # (full fine-tuning: nothing to merge); saved in the dtype load_model gives: bf16 on CUDA
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        state = dcp_sd.get_model_state_dict(raw, options=full(frozen=True))
-        if rank == 0:
-            raw.save_pretrained(args.out, state_dict={k: v.to(dtype) if v.is_floating_point() else v
-                                                      for k, v in state.items()})
-            processor.save_pretrained(args.out)
-            say(f"wrote {args.out} (a model folder for AutoModelForImageTextToText, LoRA merged)")
+    if not stopping:
+        merge_lora(raw)  # (full fine-tuning: nothing to merge)
+        save_model(raw, processor, args.out, device, rank)
+        say(f"wrote {args.out} (a model folder for AutoModelForImageTextToText, LoRA merged)")
     if world > 1:
         dist.destroy_process_group()
 
@@ -382,7 +431,8 @@ def main():
 # ==================================================================================================
 # ---- plumbing: what trains, and the data-parallel wrapper ----
 def prepare(model, args, world, device):
-    """Freeze all but LoRA (or the language model + lm_head with --lora-rank 0); wrap for data parallelism."""
+    """Freeze all but LoRA (or the language model + lm_head with --lora-rank 0); wrap for data
+    parallelism."""
     model.requires_grad_(False)
     if args.lora_rank > 0:
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
@@ -399,6 +449,164 @@ def prepare(model, args, world, device):
         for module in (*model.model.language_model.layers, model):
             fully_shard(module, mesh=mesh)
     return model
+
+
+def micro_batches(lines, batch, rank, world, batch_size, accum):
+    """This rank's share of one global batch (line indices) as up to `accum` micro-batches of
+    (example, weight). Every rank computes every share, so where another rank's micro-batch runs a
+    branch this one lacks, one line of it is added with weight 0: all ranks then make the same
+    forward and collective calls (DDP, FSDP)."""
+    shares = [batch[r::world] for r in range(world)]
+    out = []
+    for j in range(accum):
+        chunks = [[lines[i] for i in s[j * batch_size:(j + 1) * batch_size]] for s in shares]
+        mine = [(ex, 1.0) for ex in chunks[rank]]
+        for b in ("focus", "robust"):
+            if any(ex[b] for c in chunks for ex in c) and not any(ex[b] for ex, _ in mine):
+                mine.append((next(lines[i] for i in batch if lines[i][b]), 0.0))
+        if mine:
+            out.append(mine)
+    return out
+# ---- end plumbing ----
+
+
+# ---- plumbing: the data, the output files, checkpoints ----
+def read_lines(args, say):
+    """(examples, skipped): the usable lines among the first --limit of --data, and a message
+    "file:line: why" for each line left out (bad JSON lines first, then those parse_line refuses),
+    each said; no usable line ends the run."""
+    root = os.path.dirname(os.path.abspath(args.data))  # image paths are relative to its folder
+    lines = []
+    skipped = []
+    rows = read_jsonl(args.data, on_error=lambda n, message: skipped.append(message))
+    for n, row in rows[:args.limit]:
+        try:
+            lines.append(parse_line(row, root, args))
+        except (KeyError, TypeError, ValueError) as e:
+            skipped.append(f"{args.data}:{n}: skipped: {type(e).__name__}: {e}")
+    for message in skipped:
+        say(message)
+    if not lines:
+        raise SystemExit(f"no usable line in {args.data}: every line was skipped (reasons above)")
+    return lines, skipped
+
+
+def parse_line(row, root, args):
+    """One train.jsonl row -> a training example; ValueError (or KeyError) says why the line cannot
+    be used."""
+    keep = row.get("keep") or {}
+    ref = row.get("ref") or {}
+    images = row.get("images") or {}
+    clip = row.get("clip") or {}
+    use = {}  # branch -> used: its pair is there, stage 03 kept it, and no --no-<branch>
+    for b in ("focus", "robust"):
+        use[b] = not getattr(args, f"no_{b}") and bool(row.get(b)) and bool(keep.get(b))
+    if not any(use.values()):
+        raise ValueError("no usable branch (pairs null, dropped by stage 03's keep flags, "
+                         "or switched off)")
+    calib = use["focus"] and not args.no_calib
+    side = args.calib_ref[0]  # "w" or "l": whose Delta pi_ref
+    need = {}  # term -> its key in "ref"
+    paths = {}  # image role -> file
+    if use["focus"]:
+        need.update(focus_w="focus_w", focus_l="focus_l")
+        paths.update(image=row["image"])
+    if calib:
+        need.update(aug=f"calib_aug_{side}", deg=f"calib_deg_{side}")
+        if images.get("aug"):  # I_aug: one stitched image, or the pair (image, crop)
+            aug = {"aug": images["aug"]}
+        else:
+            aug = {"crop": images.get("crop")}
+        paths.update(deg=images.get("deg"), **aug)
+    if use["robust"]:
+        need.update(robust_w="robust_w", robust_l="robust_l")
+        paths.update(noise=images.get("noise"))
+    for role, p in paths.items():  # (an absolute path stays as it is)
+        paths[role] = os.path.join(root, p) if isinstance(p, str) else ""
+    contexts = {"image": [paths.get("image")], "deg": [paths.get("deg")],
+                "noise": [paths.get("noise")]}
+    if "aug" in paths:
+        contexts["aug"] = [paths["aug"]]
+    else:
+        contexts["aug"] = [paths.get("image"), paths.get("crop")]
+    lack = [f"ref {k}" for k in need.values()
+            if not (isinstance(ref.get(k), (int, float)) and math.isfinite(ref[k]))]
+    lack += [f"{role} image {p}" for role, p in paths.items() if not os.path.isfile(p)]
+    if lack:
+        raise ValueError(f"a usable branch lacks {', '.join(lack)}")
+    example = {"prompt": row["prompt"], "prompt_enh": row["prompt_enh"] if calib else None,
+               "images": contexts}
+    for b in ("focus", "robust"):
+        example[b] = (row[b]["chosen"], row[b]["rejected"]) if use[b] else None
+    example["ref"] = {term: float(ref[need[term]]) if term in need else 0.0 for term in TERMS}
+    scores = [clip.get("crop"), clip.get("image")]
+    example["clip"] = [float(c) if isinstance(c, (int, float)) else math.nan for c in scores]
+    return example
+
+
+def open_outputs(args, start, **resolved):
+    """Write <out>/args.json (the arguments, then what they resolve to) and open metrics.jsonl for
+    the rows to come, keeping those a resumed run logged up to its checkpoint (rank 0 only)."""
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(dict(vars(args), **resolved), f, indent=2)
+    path = os.path.join(args.out, "metrics.jsonl")
+    kept = []
+    if start:  # a resumed run: drop the rows logged after its checkpoint
+        kept = [r for _, r in read_jsonl(path) if r["step"] <= start]
+    metrics = open(path, "w")
+    metrics.writelines(json.dumps(r) + "\n" for r in kept)
+    return metrics
+
+
+def stat_means(sums):
+    """The step's statistics: each STATS entry's sum / its count, None where no line had the term.
+    sums: (2 * len(STATS),), micro_step's sums added over the micro-steps and ranks."""
+    totals, counts = sums.split(len(STATS))
+    means = {}
+    for k, v, c in zip(STATS, totals, counts):
+        means[k] = float(v / c) if c > 0 else None
+    return means
+
+
+def format_log(log):
+    """The step's log line: each field with 4 significant digits."""
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items())
+
+
+def full_state(frozen=False):
+    """Options for torch's state dicts under DDP or FSDP: unsharded, on the CPU of rank 0; the
+    trainable weights only unless frozen=True."""
+    return dcp_sd.StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False,
+                                   ignore_frozen_params=not frozen)
+
+
+def load_checkpoint(path, model, optimizer):
+    """Load checkpoint.pt into the unwrapped model and the optimizer; returns its step."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    dcp_sd.set_state_dict(model, optimizer, model_state_dict=ck["model"],
+                          optim_state_dict=ck["optim"], options=full_state())
+    return ck["step"]
+
+
+def save_checkpoint(path, step, model, optimizer, rank):
+    """checkpoint.pt: the trainable weights and the optimizer state after `step` steps. Every rank
+    helps gather them; rank 0 writes, then renames: a crash mid-write never leaves a broken one."""
+    model_sd, optim_sd = dcp_sd.get_state_dict(model, optimizer, options=full_state())
+    if rank == 0:
+        torch.save({"step": step, "model": model_sd, "optim": optim_sd}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def save_model(model, processor, out, device, rank):
+    """The model and processor as a folder for from_pretrained, in the dtype load_model gives: bf16
+    on CUDA, fp32 on CPU. Every rank helps gather the weights; rank 0 writes."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    state = dcp_sd.get_model_state_dict(model, options=full_state(frozen=True))
+    if rank == 0:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        model.save_pretrained(out, state_dict=state)
+        processor.save_pretrained(out)
 # ---- end plumbing ----
 
 
@@ -528,6 +736,23 @@ def response_logprobs(model, inputs, response_mask):
     logp = logp.gather(-1, inputs["input_ids"][:, -n:, None]).squeeze(-1)  # (R, n)
     mask = response_mask[:, -n:].to(p.device)
     return torch.where(mask, logp, 0.0).sum(1), mask.sum(1)
+# ---- end shared ----
+
+
+
+# ---- shared: dist ----
+def dist_setup(device):
+    """(rank, world, device). torchrun is detected from WORLD_SIZE: a process group on gloo (CPU) or nccl (CUDA,
+    one GPU per local rank). One process: (0, 1, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world, device
 # ---- end shared ----
 
 
