@@ -742,8 +742,8 @@ def response_logprobs(model, inputs, response_mask):
 
 # ---- shared: dist ----
 def dist_setup(device):
-    """(rank, world, device). torchrun is detected from WORLD_SIZE: a process group on gloo (CPU) or nccl (CUDA,
-    one GPU per local rank). One process: (0, 1, device)."""
+    """(rank, world, device). torchrun is detected from WORLD_SIZE: a process group on gloo (CPU)
+    or nccl (CUDA, one GPU per local rank). One process: (0, 1, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
