@@ -56,7 +56,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 IMAGE_TAG = "<image>"  # LLaVA's placeholder for the image in a user turn
@@ -66,7 +66,8 @@ RESULT_ARGS = ("data", "images")  # resuming into a DIR needs these equal
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="RLHF-V's RLHF-V-Dataset.parquet, LLaMA-Factory's rlhf-v.parquet, or "
                    "a LLaVA-format .json list (V-DPO's or LLaMA-Factory's RLHF-V export; module docstring)")
     p.add_argument("--out", default="rlhfv", help="output folder: instances.jsonl, human_pairs.jsonl, images/ "
@@ -76,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="parquet rows per read batch (64 RLHF-V rows: ~10 MB "
                    "of images)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N rows of --data")
+    p.add_argument("--max-image-pixels", type=int, default=Image.MAX_IMAGE_PIXELS,
+                   help="an image with more pixels is a bad row (PIL's guard against "
+                   "decompression bombs); 0: no limit")
     return p.parse_args(argv)
 
 
@@ -224,6 +228,7 @@ def convert(rows, parse, args, out, total):
 
 def main(argv=None):
     args = parse_args(argv)
+    Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
     data = Path(args.data)
     if not data.is_file():
         raise SystemExit(f"{data}: input file not found")
@@ -343,21 +348,24 @@ def report(out, counts, errors, duplicates):
 
 # ---- shared: jsonl ----
 def read_jsonl(path, on_error=None):
-    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings are fine).
+    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings and a UTF-8 BOM
+    are fine).
 
-    A line that is not a JSON object raises ValueError naming the file and line, or,
-    when on_error is given, is reported as on_error(line_number, message) and skipped.
+    A line that is not a JSON object (or not UTF-8, or nested past Python's recursion limit)
+    raises ValueError naming the file and line, or, when on_error is given, is reported as
+    on_error(line_number, message) and skipped.
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that line's error
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
                 row = json.loads(line)
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 message = f"{path}:{n}: bad JSON line ({e})"
                 if on_error is None:
                     raise ValueError(message) from None
@@ -377,7 +385,7 @@ def append_jsonl(f, row):
 # ---- shared: resume ----
 def continue_jsonl(path):
     """Rows already in an output JSONL, after cutting a last line left unfinished by a crash
-    (appends must start on a fresh line). Any other bad line is an error."""
+    (appends must start on a fresh line). Any other bad line ends the run, naming it."""
     path = Path(path)
     if not path.exists():
         return []
@@ -385,17 +393,43 @@ def continue_jsonl(path):
     if data and not data.endswith(b"\n"):
         with open(path, "r+b") as f:
             f.truncate(data.rfind(b"\n") + 1)
-    return [row for _, row in read_jsonl(path)]
+    try:
+        return [row for _, row in read_jsonl(path)]
+    except ValueError as e:  # not a crash's trace: an edit, or two writers (see claim_out)
+        raise SystemExit(f"{e}: a line inside the output is damaged; mend or delete that line, "
+                         f"or delete {path} to start over") from None
 # ---- end shared ----
 
 
 # ---- shared: images ----
+def open_image(path):
+    """An image file opened lazily (header only), after checking that it has at most
+    Image.MAX_IMAGE_PIXELS pixels (--max-image-pixels): a small file can claim a huge canvas (a
+    decompression bomb). Raises ValueError naming the file, its size and the limit, or OSError when
+    the file is no image PIL knows."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # PIL warns above the limit and refuses twice it: checked here
+    try:
+        img = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    if limit and img.width * img.height > limit:
+        img.close()
+        raise ValueError(f"{path}: {img.width}x{img.height} pixels, over the limit of {limit} "
+                         f"(a guard against decompression bombs; --max-image-pixels raises it)")
+    return img
+
+
 def load_image(path):
-    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency
-    is composited on white (what a viewer shows). Raises OSError/ValueError naming the file when
-    unreadable."""
-    with Image.open(path) as img:
-        img.load()
+    """Open an image as 8-bit RGB, upright by its EXIF orientation (what a viewer shows).
+    Grayscale, palette and 16-bit images are converted; transparency is composited on white.
+    Raises OSError/ValueError naming the file when unreadable or too large (open_image)."""
+    with open_image(path) as img:
+        try:
+            img.load()
+        except Image.DecompressionBombError as e:  # a frame larger than the header said
+            raise ValueError(f"{path}: {e}") from None
+        img = ImageOps.exif_transpose(img)
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
             # 16-bit grayscale: scale to 8 bits, not clip
             a = np.asarray(img, dtype=np.float64)

@@ -53,11 +53,19 @@ Toy world default layer 0 (measured on its 400 instances, CPU): the queried obje
   map does not follow the answer).
 """
 import argparse
+import atexit
 import contextlib
+import fcntl
 import functools
+import hashlib
 import json
+import math
 import os
 import re
+import socket
+import sys
+import time
+import traceback
 import zlib
 from pathlib import Path
 
@@ -67,16 +75,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.utils import cached_file
 
 # resuming into an existing --out needs these equal
-RESULT_ARGS = ("model", "method", "layers", "crop_base", "ratios", "max_new_tokens")
+RESULT_ARGS = ("data_identity", "model_identity", "method", "layers", "crop_base", "ratios",
+               "max_new_tokens")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="world/model",
                    help="model folder or a name in your own HF cache")
     p.add_argument("--data", default="world/instances.jsonl",
@@ -86,27 +97,34 @@ def parse_args(argv=None):
     p.add_argument("--method", choices=("attention", "grad_att"), default="attention",
                    help="attention: the paper's A_tok (x) A_img; "
                         "grad_att: the authors' code (ViCrop-style)")
-    p.add_argument("--layers", type=int, nargs="+", default=None,
+    p.add_argument("--layers", type=at_least(0), nargs="+", default=None,
                    help="decoder layers, averaged (default: the middle one, "
                         "num_hidden_layers // 2 (SPEC); authors' code: 14 of LLaVA-1.5-7B's 32); "
                         "toy world (world.json beside --data): 0, measured best there "
                         "(module docstring)")
-    p.add_argument("--crop-base", type=int, default=None,
+    p.add_argument("--crop-base", type=at_least(1), default=None,
                    help="window side at r = 1, px (default: world.json's crop_base beside --data, "
                         "else the processor's input size: 336 for LLaVA-1.5; "
                         "336 for Qwen2.5-VL's dynamic size)")
-    p.add_argument("--ratios", type=float, nargs="+", default=[1.0, 1.2, 1.4, 1.6, 1.8, 2.0],
+    p.add_argument("--ratios", type=at_least(0.01, float), nargs="+",
+                   default=[1.0, 1.2, 1.4, 1.6, 1.8, 2.0],
                    help="window sides as multiples of crop_base (authors: 1 1.2 1.4 1.6 1.8 2)")
-    p.add_argument("--max-new-tokens", type=int, default=32,
+    p.add_argument("--max-new-tokens", type=at_least(1), default=32,
                    help="answer length cap, greedy (SPEC: 32)")
     p.add_argument("--viz", default=None,
                    help="folder for one PNG per instance: image, heat map, bbox")
     p.add_argument("--seed", type=int, default=0,
                    help="global seed (decoding is greedy: nothing here is random)")
-    p.add_argument("--batch-size", type=int, default=8, help="instances per forward")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda or cpu")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N lines of --data")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="instances per forward")
+    p.add_argument("--device", type=device_name,
+                   default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--limit", type=at_least(1), default=None,
+                   help="use only the first N lines of --data")
+    p.add_argument("--max-image-pixels", type=at_least(0), default=Image.MAX_IMAGE_PIXELS,
+                   help="an image with more pixels is a bad line (PIL's guard against "
+                        "decompression bombs); 0: no limit")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback behind an error message (spelled out in full)")
     return p.parse_args(argv)
 
 
@@ -351,13 +369,18 @@ def adaptive_crop(attn, image_size, crop_base, ratios, step=1.0):
     return best[1], "window", best[2]
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
+    Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
     torch.manual_seed(args.seed)
     rank, world, device = dist_setup(args.device)
+    on_rank0(lambda: claim_out(args.out, {"--data": args.data}), rank, world)
     rows, errors = read_instances(args.data, ("image", "prompt"), args.limit)
     if not rows:  # every line bad: run_rows lists them and exits non-zero, before a model loads
         return run_rows(rows, errors, None, args.out, args.batch_size, rank, world)
+    # a rerun into --out compares these: the input and the model, not only their names
+    args.data_identity = file_identity(args.data)
+    args.model_identity = model_identity(args.model)
     # eager attention: the weights reach the hooks
     model, processor = load_model(args.model, device, attn_implementation="eager")
     model.requires_grad_(False)  # grad_att differentiates activations only
@@ -370,24 +393,16 @@ def main():
     else:
         args.layers = [n_layers // 2]  # SPEC: the middle layer
     if not all(0 <= i < n_layers for i in args.layers):
-        raise SystemExit(f"--layers {args.layers}: the model has layers 0 to {n_layers - 1}")
+        fail(f"--layers {args.layers}: the model has layers 0 to {n_layers - 1}")
     args.crop_base = args.crop_base or int(toy.get("crop_base", 0)) or input_side(processor)
     if args.viz:
         os.makedirs(args.viz, exist_ok=True)
-    problem = [None]
-    if rank == 0:  # a refusal must stop every rank, not leave the others waiting at run_rows' barrier
-        try:
-            save_args(args, args.out, RESULT_ARGS)
-        except SystemExit as e:
-            problem = [str(e)]
-    if world > 1:
-        dist.broadcast_object_list(problem, src=0)
-    if problem[0]:
-        raise SystemExit(problem[0])
+    on_rank0(lambda: save_args(args, args.out, RESULT_ARGS), rank, world)
     # per batch (crop_batch, in the appendix): the greedy answer y, attention_maps, pixel_cells,
     # pixel_heat, adaptive_crop
     work = functools.partial(crop_batch, model, processor, args)
     run_rows(rows, errors, work, args.out, args.batch_size, rank, world, desc="crops")
+    release_locks()  # --out is free for the next run, even in this process (a notebook)
     if world > 1:
         dist.destroy_process_group()
 
@@ -401,7 +416,8 @@ def main():
 # ---- plumbing: one batch, defaults from the data and the processor, the viz PNG ----
 def crop_batch(model, processor, args, batch):
     """run_rows' work: B input rows -> B output rows (or an error message for a row whose image is
-    unreadable). SPEC's steps in order: the answer y, the map A, grid -> pixels, the crop."""
+    unreadable, or whose prompt + --max-new-tokens does not fit the model's context). SPEC's steps
+    in order: the answer y, the map A, grid -> pixels, the crop."""
     images = {}  # row index -> its image, for the rows whose image could be read
     results = [None] * len(batch)
     for i, row in enumerate(batch):
@@ -409,12 +425,19 @@ def crop_batch(model, processor, args, batch):
             images[i] = load_image(row["_image"])
         except (OSError, ValueError) as e:
             results[i] = f"unreadable image {row['_image']}: {e}"
+    texts = {i: chat_prompt(processor, batch[i]["prompt"]) for i in images}
+    fits = too_long(model, processor, list(texts.values()), [[im] for im in images.values()],
+                    [args.max_new_tokens] * len(images), "answer tokens (--max-new-tokens)")
+    for i, problem in zip(list(images), fits):
+        if problem:
+            results[i] = problem
+            del images[i]
     idx = list(images)
     if not idx:
         return results
     prompts = [batch[i]["prompt"] for i in idx]
     imgs = [images[i] for i in idx]
-    texts = [chat_prompt(processor, p) for p in prompts]
+    texts = [texts[i] for i in idx]
     answers = generate_greedy(model, processor, texts, imgs, args.max_new_tokens)
     maps, stretch = attention_maps(model, processor, prompts, answers, imgs, args.layers, args.method)
     for i, answer, grid_map in zip(idx, answers, maps):
@@ -470,21 +493,24 @@ def save_viz(path, image, heat, bbox, caption):
 
 # ---- shared: jsonl ----
 def read_jsonl(path, on_error=None):
-    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings are fine).
+    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings and a UTF-8 BOM
+    are fine).
 
-    A line that is not a JSON object raises ValueError naming the file and line, or,
-    when on_error is given, is reported as on_error(line_number, message) and skipped.
+    A line that is not a JSON object (or not UTF-8, or nested past Python's recursion limit)
+    raises ValueError naming the file and line, or, when on_error is given, is reported as
+    on_error(line_number, message) and skipped.
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that line's error
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
                 row = json.loads(line)
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 message = f"{path}:{n}: bad JSON line ({e})"
                 if on_error is None:
                     raise ValueError(message) from None
@@ -504,7 +530,7 @@ def append_jsonl(f, row):
 # ---- shared: resume ----
 def continue_jsonl(path):
     """Rows already in an output JSONL, after cutting a last line left unfinished by a crash
-    (appends must start on a fresh line). Any other bad line is an error."""
+    (appends must start on a fresh line). Any other bad line ends the run, naming it."""
     path = Path(path)
     if not path.exists():
         return []
@@ -512,17 +538,43 @@ def continue_jsonl(path):
     if data and not data.endswith(b"\n"):
         with open(path, "r+b") as f:
             f.truncate(data.rfind(b"\n") + 1)
-    return [row for _, row in read_jsonl(path)]
+    try:
+        return [row for _, row in read_jsonl(path)]
+    except ValueError as e:  # not a crash's trace: an edit, or two writers (see claim_out)
+        raise SystemExit(f"{e}: a line inside the output is damaged; mend or delete that line, "
+                         f"or delete {path} to start over") from None
 # ---- end shared ----
 
 
 # ---- shared: images ----
+def open_image(path):
+    """An image file opened lazily (header only), after checking that it has at most
+    Image.MAX_IMAGE_PIXELS pixels (--max-image-pixels): a small file can claim a huge canvas (a
+    decompression bomb). Raises ValueError naming the file, its size and the limit, or OSError when
+    the file is no image PIL knows."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # PIL warns above the limit and refuses twice it: checked here
+    try:
+        img = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    if limit and img.width * img.height > limit:
+        img.close()
+        raise ValueError(f"{path}: {img.width}x{img.height} pixels, over the limit of {limit} "
+                         f"(a guard against decompression bombs; --max-image-pixels raises it)")
+    return img
+
+
 def load_image(path):
-    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency
-    is composited on white (what a viewer shows). Raises OSError/ValueError naming the file when
-    unreadable."""
-    with Image.open(path) as img:
-        img.load()
+    """Open an image as 8-bit RGB, upright by its EXIF orientation (what a viewer shows).
+    Grayscale, palette and 16-bit images are converted; transparency is composited on white.
+    Raises OSError/ValueError naming the file when unreadable or too large (open_image)."""
+    with open_image(path) as img:
+        try:
+            img.load()
+        except Image.DecompressionBombError as e:  # a frame larger than the header said
+            raise ValueError(f"{path}: {e}") from None
+        img = ImageOps.exif_transpose(img)
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
             # 16-bit grayscale: scale to 8 bits, not clip
             a = np.asarray(img, dtype=np.float64)
@@ -538,14 +590,52 @@ def load_image(path):
 
 
 # ---- shared: model ----
+def find_model(path):
+    """The folder of --model: a local folder, or the snapshot of a name in the user's own Hugging
+    Face cache (never downloaded). One sentence when it is neither, or holds no config.json."""
+    if os.path.isdir(path):
+        folder = Path(path)
+    else:
+        try:
+            folder = Path(cached_file(path, "config.json", local_files_only=True)).parent
+        except OSError:
+            if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
+                fail(f"--model {path}: no such folder")
+            fail(f"--model {path}: no such folder, and no model of that name in your Hugging Face "
+                 f"cache (nothing is downloaded here: fetch it first, e.g. `hf download {path}`)")
+    if not (folder / "config.json").is_file():
+        fail(f"--model {path}: {folder} holds no config.json, so it is not a saved model")
+    return folder
+
+
+def model_identity(path):
+    """What a rerun compares to tell a model from another: its folder, and the number, total size
+    and newest modification time (UTC) of the files from_pretrained reads, so a model retrained or
+    replaced in place reads as another one."""
+    folder = find_model(path).resolve()
+    kinds = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja", ".tiktoken")
+    files = [p for p in folder.iterdir() if p.suffix in kinds and p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    newest = max(p.stat().st_mtime_ns for p in files)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(newest // 10**9))
+    return f"{folder}: {len(files)} files, {size} bytes, newest {when}.{newest % 10**9:09d}"
+
+
 def load_model(path, device, attn_implementation=None):
     """(model, processor) from a local folder or a name in the user's own Hugging Face cache
-    (offline). bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
+    (offline). bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the
+    right. A folder that does not hold a loadable model ends the run in one sentence."""
+    find_model(path)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        processor.tokenizer.padding_side = "left"
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation)
+    except Exception as e:  # noqa: BLE001 (whatever the folder lacks; --debug shows the traceback)
+        reason = str(e).strip().split("\n")[0][:300]
+        fail(f"--model {path}: no image-text model and processor load from it "
+             f"({type(e).__name__}: {reason})")
     return model.to(device).eval(), processor
 
 
@@ -605,6 +695,33 @@ def build_batch(processor, prompts, responses, images):
 # ---- end shared ----
 
 
+# ---- shared: context ----
+def too_long(model, processor, texts, images, extra, what):
+    """For each row None, or why it does not fit the model's context (max_position_embeddings):
+    its tokens as the processor makes them (image tokens included) + extra[i] more (the tokens to
+    generate, or a response) would run past the positions the model was trained for, where it
+    gives garbage without an error. texts: R chat prompts; images: R lists of images; what: the
+    extra tokens' name, for the message."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if not (limit and texts):
+        return [None] * len(texts)
+    lengths = []
+    for k in range(0, len(texts), 16):  # a few rows at a time: pixel values add up
+        flat = [im for imgs in images[k:k + 16] for im in imgs]
+        enc = processor(text=texts[k:k + 16], images=flat or None, padding=True,
+                        return_tensors="pt")
+        lengths += enc["attention_mask"].sum(1).tolist()
+    problems = []
+    for n, more in zip(lengths, extra):
+        problem = None
+        if n + more > limit:
+            problem = (f"the prompt is {n} tokens (images included), + {more} {what} is over the "
+                       f"model's context of {limit} positions")
+        problems.append(problem)
+    return problems
+# ---- end shared ----
+
+
 # ---- shared: dist ----
 def dist_setup(device):
     """(rank, world, device). torchrun is detected from WORLD_SIZE: a process group on gloo (CPU)
@@ -618,6 +735,22 @@ def dist_setup(device):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), world, device
+
+
+def on_rank0(step, rank, world):
+    """Run step() on rank 0 alone (checks, the lock, args.json); its refusal (SystemExit) ends
+    every rank with the same message instead of leaving the others waiting at the next
+    collective."""
+    problem = [None]
+    if rank == 0:
+        try:
+            step()
+        except SystemExit as e:
+            problem = [str(e)]
+    if world > 1:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise SystemExit(problem[0])
 # ---- end shared ----
 
 
@@ -635,6 +768,8 @@ def read_instances(path, fields, limit=None):
     lines = []
     read = read_jsonl(path, on_error=lambda n, message: lines.append((n, message)))
     lines = sorted(lines + read, key=lambda x: x[0])[:limit]
+    if not lines:
+        fail(f"{path}: no input lines (the file is empty)")
     rows = []
     errors = []
     seen = {}  # id -> line
@@ -649,6 +784,8 @@ def read_instances(path, fields, limit=None):
                 problem = f"missing field '{field}'"
             elif isinstance(value, str) and not value.strip():
                 problem = f"empty field '{field}'"
+            elif field in ("image", "prompt") and not isinstance(value, str):
+                problem = f"field '{field}' must be text, not {type(value).__name__}"
             if problem:
                 break
         if problem is None and str(row["id"]) in seen:
@@ -673,17 +810,27 @@ def relpath_for(out, path):
 
 
 def save_args(args, out, result_args):
-    """Write <out>.args.json. If `out` already holds lines made with other `result_args`, refuse to
-    mix them."""
-    path = Path(out).with_suffix(".args.json")
-    path.parent.mkdir(parents=True, exist_ok=True)  # the first stage run makes runs/
+    """Write <out>.args.json once the run is known to be valid. If `out` (or a rank's part of it)
+    already holds lines, every one of `result_args` (the input file's and the model's identity
+    among them) must equal what the run that wrote them recorded; else refuse in one sentence,
+    before anything is written."""
+    out = Path(out)
+    path = out.with_suffix(".args.json")
+    holds = out.is_file() or any(out.parent.glob(f"{out.name}.rank*"))
     old = {}
-    if path.is_file() and Path(out).is_file():
-        old = json.loads(path.read_text())
+    if holds and not path.is_file():
+        fail(f"{out} holds lines but no {path} says how they were made: use another --out, or "
+             f"delete {out} to start over")
+    if holds:
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            fail(f"{path} is not JSON: delete it and {out} to start over")
     for k in result_args:
         if k in old and old[k] != vars(args)[k]:
-            raise SystemExit(f"{out} holds lines made with {k}={old[k]!r}, not {vars(args)[k]!r}: "
-                             f"use another --out or delete it")
+            fail(f"{out} holds lines made with {k}={old[k]!r}, not {vars(args)[k]!r}: "
+                 f"use another --out, or delete {out} to start over")
+    path.parent.mkdir(parents=True, exist_ok=True)  # the first stage run makes runs/
     resolved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     path.write_text(json.dumps(resolved, indent=1))
 
@@ -755,8 +902,135 @@ def run_rows(rows, errors, work, out, batch_size, rank=0, world=1, desc="rows"):
         skipped += f" (see {err_path})"
     print(f"{out}: {n_out} of {len(rows) + n_read} input lines written; {skipped}")
     if n_out == 0 and errors:
-        raise SystemExit(f"every line failed: nothing written to {out}")
+        fail(f"every line failed: all {len(rows) + n_read} input lines are bad (see {err_path}), "
+             f"nothing written to {out}")
     return [r for r in result if str(r["id"]) in order]
+# ---- end shared ----
+
+
+# ---- shared: identity ----
+def file_identity(path):
+    """What a rerun compares to tell an input file from another: where it is, its size and a hash
+    of its bytes (a file edited, replaced or moved reads as another one; the images it names are
+    not hashed)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"{path.resolve()}: {path.stat().st_size} bytes, sha256 {digest.hexdigest()[:16]}"
+# ---- end shared ----
+
+
+# ---- shared: lock ----
+LOCKS = {}  # lock file -> its open file, held until this process ends
+
+
+def claim_out(out, inputs, folder=False):
+    """One run per output, checked before any model loads. `out` must be none of the `inputs`
+    ({flag: path}), a folder (folder=True) or a file as the stage writes, and writable. Then this
+    process takes `<out>.lock` until it ends: an flock, with the holder's pid and host written
+    inside. A second run refuses, naming the holder; the lock of a run that was killed is free
+    again (the kernel drops a dead process's flock) and is taken over, saying so."""
+    out = Path(out)
+    for flag, path in inputs.items():
+        if path is not None and Path(path).resolve() == out.resolve():
+            fail(f"--out {out} is also the input {flag} {path}: writing it would destroy the "
+                 f"input; pass another --out")
+    if out.exists() and out.is_dir() != folder:
+        kind = "a folder" if folder else "a file"
+        fail(f"--out {out} exists and is not {kind}: this stage writes {kind} there")
+    if out.exists() and not os.access(out, os.W_OK):
+        fail(f"--out {out}: not writable (permissions)")
+    lock = out.with_name(out.name + ".lock")
+    me = f"pid {os.getpid()} on host {socket.gethostname()}"
+    left = ""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            f = open(lock, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another run"
+                f.close()
+                if holder.startswith(me + ","):  # main() run again in this process (a notebook)
+                    return
+                fail(f"{out} is in use by {holder} (lock {lock}): two runs into one --out would "
+                     f"mix or lose lines; wait for that run to end, or pass another --out")
+            except OSError as e:  # a filesystem without locks (some network mounts)
+                print(f"warning: cannot lock {lock} ({e.strerror}): nothing stops a second run "
+                      f"into {out}")
+                break
+            if lock.exists() and lock.stat().st_ino == os.fstat(f.fileno()).st_ino:
+                break
+            f.close()  # its holder ended and removed it between our open and our flock: again
+        atexit.unregister(release_locks)  # (registered once, however often main() runs)
+        atexit.register(release_locks)
+        LOCKS[lock] = f
+        f.seek(0)
+        left = f.read().strip()
+        f.seek(0)
+        f.truncate()
+        f.write(f"{me}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+    except OSError as e:
+        fail(f"--out {out}: cannot write there ({e.strerror or e})")
+    if left:
+        print(f"{lock}: taking over the lock of {left}, which ended without removing it")
+
+
+def release_locks():
+    """At the end of main() or of the process: each lock file is removed while still held (a run
+    waiting for it then finds it gone and makes a new one), then let go."""
+    for lock, f in LOCKS.items():
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        f.close()
+    LOCKS.clear()
+# ---- end shared ----
+
+
+# ---- shared: errors ----
+def fail(message):
+    """End the run with one sentence for the user: the file, line or flag at fault and what to do.
+    A traceback is for bugs: that of the exception being handled, if any, prints only with --debug
+    (read from the command line, so that helpers need not pass it around). The lock on --out is
+    let go first, so that a run refused inside a process that lives on (a notebook, a test)
+    leaves it free."""
+    if "--debug" in sys.argv[1:] and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    release_locks()
+    raise SystemExit(message)
+
+
+def at_least(minimum, kind=int):
+    """An argparse type: a finite number of `kind` >= minimum, else argparse's one-line error
+    naming the flag (a batch size of 0, a NaN learning rate, a negative --limit)."""
+    def number(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of type {kind.__name__}")
+        if not (math.isfinite(value) and value >= minimum):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number >= {minimum}")
+        return value
+    return number
+
+
+def device_name(text):
+    """An argparse type: a torch device this machine has (cpu, cuda, cuda:N)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device (--device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} "
+                                         f"CUDA devices")
+    return text
 # ---- end shared ----
 
 

@@ -34,12 +34,19 @@ of processes does not matter (DDP for LoRA, FSDP for --lora-rank 0); dropout is 
 (seed, step, rank); warm-up starts at lr > 0.
 """
 import argparse
+import atexit
 import contextlib
+import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
+import socket
+import sys
 import time
+import traceback
+from pathlib import Path
 
 # a model is a local folder or the user's own cache: never download
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,16 +56,22 @@ import torch.distributed as dist
 import torch.distributed.checkpoint.state_dict as dcp_sd
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.utils import cached_file
 
 # The summed log-probs a line needs. aug, deg: y_w under (I_aug, P_enh) and under (I_deg, P).
 TERMS = ("focus_w", "focus_l", "aug", "deg", "robust_w", "robust_l")
 # L_total is a sum of a part per group of terms: a group's gradient needs no other group's forward.
 GROUPS = (("focus_w", "focus_l"), ("robust_w", "robust_l"), ("aug", "deg"))
+# What a --resume may change; every other argument, and what the arguments resolve to, must be
+# those of the run that wrote the checkpoint (data and model: by identity, not by spelling).
+RESUME_MAY_CHANGE = ("resume", "overwrite", "stop_after", "save_every", "save_minutes", "device",
+                     "batch_size", "grad_accum", "grad_checkpointing", "world_size",
+                     "max_image_pixels", "debug", "data", "model", "out")
 # Logged each step: each statistic -> the lines it is a mean over (those that have its term).
 STATS = {"loss": "all", "dpo_focus": "focus", "calib": "calib", "acc_focus": "focus",
          "margin_focus": "focus", "delta_pi_w": "calib", "w_focus": "focus",
@@ -66,7 +79,8 @@ STATS = {"loss": "all", "dpo_focus": "focus", "calib": "calib", "acc_focus": "fo
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="world/model",
                    help="base model folder or a name in your own HF cache")
     p.add_argument("--data", default="runs/train.jsonl", help="train.jsonl from stage 03")
@@ -83,7 +97,7 @@ def parse_args(argv=None):
                    help="DDW base weight of each branch (paper: 0.5)")
     g.add_argument("--alpha-max", type=float, default=0.2,
                    help="DDW largest shift of the weights (paper: 0.2)")
-    g.add_argument("--tau", type=float, default=0.1,
+    g.add_argument("--tau", type=at_least(1e-6, float), default=0.1,
                    help="DDW temperature of tanh((r - 1) / tau) (paper: 0.1)")
     ablation = "ablation (paper's table): without"
     g.add_argument("--no-focus", action="store_true",
@@ -93,39 +107,54 @@ def parse_args(argv=None):
                    help=f"{ablation} L_calib (also skips its two forwards)")
     g.add_argument("--no-ddw", action="store_true", help=f"{ablation} DDW: static w_base / w_base")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-rank", type=int, default=32,
+    g.add_argument("--lora-rank", type=at_least(0), default=32,
                    help="LoRA rank r (authors: 32); 0 = full fine-tuning")
     g.add_argument("--lora-alpha", type=float, default=32,
                    help="LoRA alpha, scale alpha / r (authors: 32)")
     g.add_argument("--lora-dropout", type=float, default=0.05,
                    help="dropout on the LoRA input (authors: 0.05)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=1e-5,
+    g.add_argument("--lr", type=at_least(0.0, float), default=1e-5,
                    help="AdamW peak learning rate (authors: 1e-5)")
     g.add_argument("--weight-decay", type=float, default=0.05,
                    help="AdamW weight decay (authors: 0.05)")
     g.add_argument("--warmup-ratio", type=float, default=0.03,
                    help="linear warm-up share, then cosine (authors: 3%%)")
-    g.add_argument("--epochs", type=int, default=4, help="passes over the data (authors: 4)")
-    g.add_argument("--effective-batch", type=int, default=16,
+    g.add_argument("--epochs", type=at_least(1), default=4,
+                   help="passes over the data (authors: 4)")
+    g.add_argument("--effective-batch", type=at_least(1), default=16,
                    help="lines per optimizer step, all processes (16)")
-    g.add_argument("--batch-size", type=int, default=4, help="lines per micro-step per process")
-    g.add_argument("--grad-accum", type=int, default=0,
+    g.add_argument("--batch-size", type=at_least(1), default=4,
+                   help="lines per micro-step per process")
+    g.add_argument("--grad-accum", type=at_least(0), default=0,
                    help="micro-steps per update (0: derived from the above)")
     g.add_argument("--max-grad-norm", type=float, default=1.0,
                    help="clip the gradient norm to this (HF/TRL default)")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in backward (less memory)")
     g = p.add_argument_group("run")
-    g.add_argument("--save-every", type=int, default=50,
-                   help="write checkpoint.pt every N optimizer steps")
-    g.add_argument("--stop-after", type=int, default=0,
+    g.add_argument("--save-every", type=at_least(0), default=0,
+                   help="write checkpoint.pt every N optimizer steps; 0: every 3%% of the run "
+                        "(a kill loses at most that much), or sooner by --save-minutes")
+    g.add_argument("--save-minutes", type=at_least(0.0, float), default=10.0,
+                   help="also write checkpoint.pt when this many minutes passed since the last "
+                        "one (0: by steps only)")
+    g.add_argument("--stop-after", type=at_least(0), default=0,
                    help="end after N steps, schedule unchanged (then --resume)")
-    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from <out>/checkpoint.pt (same data and settings only)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a trained model or a checkpoint")
     g.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order and dropout")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda or cpu")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N lines of --data")
+    g.add_argument("--device", type=device_name,
+                   default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    g.add_argument("--limit", type=at_least(1), default=None,
+                   help="use only the first N lines of --data")
+    g.add_argument("--max-image-pixels", type=at_least(0), default=Image.MAX_IMAGE_PIXELS,
+                   help="an image with more pixels makes its line unusable (PIL's guard against "
+                        "decompression bombs); 0: no limit")
+    g.add_argument("--debug", action="store_true",
+                   help="show the traceback behind an error message (spelled out in full)")
     return p.parse_args(argv)
 
 
@@ -267,7 +296,7 @@ def term_batches(processor, exs, terms=TERMS):
                 ("robust", robust, ("robust_w", "robust_l"), "prompt", "noise"),  # (I_noise, P)
                 ("focus", focus, ("aug",), "prompt_enh", "aug"),  # (I_aug, P_enh), y_w only
                 ("focus", focus, ("deg",), "prompt", "deg")]  # (I_deg, P), y_w only
-    image = functools.lru_cache(maxsize=None)(load_image)  # decode each file once per micro-batch
+    image = functools.lru_cache(maxsize=None)(training_image)  # decoded once per micro-batch
     out = []
     for branch, idx, keys, prompt_key, image_key in contexts:
         if not idx or not set(keys) <= set(terms):
@@ -343,11 +372,14 @@ def micro_step(model, processor, mb, args, ctx, scale, batches=None):
     return losses, torch.stack(sums + [m.sum() for m in masks])
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
+    Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
     rank, world, device = dist_setup(args.device)  # torchrun: a process group, and a GPU each
     device = torch.device(device)
     say = tqdm.write if rank == 0 else (lambda *a, **k: None)
+    inputs = {"--data": args.data, "--model": args.model}
+    on_rank0(lambda: claim_out(args.out, inputs, folder=True), rank, world)
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
     ctx = contextlib.nullcontext()
     if device.type == "cuda":
@@ -358,6 +390,11 @@ def main():
     steps_per_epoch = math.ceil(len(lines) / per_step)
     total = args.epochs * steps_per_epoch
     warmup = math.ceil(args.warmup_ratio * total)
+    resolved = dict(data_identity=file_identity(args.data), model_identity=model_identity(args.model),
+                    grad_accum=accum, world_size=world, global_batch=per_step, total_steps=total,
+                    lines=len(lines), skipped=len(skipped))
+    # --resume only with the same data and settings; into a trained --out only with --overwrite
+    on_rank0(lambda: check_out(args, resolved), rank, world)
     raw, processor = load_model(args.model, device)  # raw: the unwrapped module, to save
     model = prepare(raw, args, world, device)  # (raw gets LoRA in place)
     params = [p for p in raw.parameters() if p.requires_grad]
@@ -365,11 +402,13 @@ def main():
     ckpt = os.path.join(args.out, "checkpoint.pt")
     start = load_checkpoint(ckpt, raw, optimizer) if args.resume else 0
     if rank == 0:
-        metrics = open_outputs(args, start, grad_accum=accum, world_size=world,
-                               global_batch=per_step, total_steps=total, lines=len(lines),
-                               skipped=len(skipped))
+        metrics = open_outputs(args, start, **resolved)
+    every = args.save_every or math.ceil(0.03 * total)  # default: a kill loses at most 3% of it
+    saved = start  # the step checkpoint.pt holds (0: none yet)
+    saved_at = time.time()
     say(f"{len(lines)} lines, {total} steps of {per_step} "
-        f"({args.batch_size} x {accum} accumulation x {world} ranks)")
+        f"({args.batch_size} x {accum} accumulation x {world} ranks); checkpoint every {every} "
+        f"steps or {args.save_minutes:g} minutes")
     stopping = start < args.stop_after <= total  # --stop-after in this run: a checkpoint, no model
     end = args.stop_after if stopping else total
     for step in tqdm(range(start, end), initial=start, total=total, disable=rank != 0,
@@ -401,9 +440,9 @@ def main():
         grad_norm = float(grad_norm)
         log = stat_means(sums)
         if not (math.isfinite(log["loss"]) and math.isfinite(grad_norm)):
-            raise SystemExit(f"non-finite loss ({log['loss']}) or grad norm ({grad_norm}) at step "
-                             f"{step + 1}: stopped before the update; {ckpt} keeps the last good "
-                             f"state (check the ref log-probs, --lr)")
+            kept = f"{ckpt} holds step {saved}" if saved else "no checkpoint.pt was written yet"
+            fail(f"non-finite loss ({log['loss']}) or grad norm ({grad_norm}) at step {step + 1}: "
+                 f"stopped before the update; {kept} (check the ref log-probs in --data, --lr)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         log = dict(step=step + 1, epoch=epoch, **log, grad_norm=grad_norm, lr=lr,
@@ -411,14 +450,18 @@ def main():
         if rank == 0:
             append_jsonl(metrics, log)
             say(format_log(log))
-        if (step + 1) % args.save_every == 0 or step + 1 == args.stop_after:
+        due = checkpoint_due(step + 1 - saved >= every, saved_at, args.save_minutes, world)
+        if due or step + 1 == args.stop_after:
             save_checkpoint(ckpt, step + 1, raw, optimizer, rank)
+            saved = step + 1
+            saved_at = time.time()
         if step + 1 == args.stop_after:
             say(f"stopped after step {step + 1} (--stop-after); continue with --resume")
     if not stopping:
         merge_lora(raw)  # (full fine-tuning: nothing to merge)
         save_model(raw, processor, args.out, device, rank)
         say(f"wrote {args.out} (a model folder for AutoModelForImageTextToText, LoRA merged)")
+    release_locks()  # --out is free for the next run, even in this process (a notebook)
     if world > 1:
         dist.destroy_process_group()
 
@@ -478,16 +521,21 @@ def read_lines(args, say):
     root = os.path.dirname(os.path.abspath(args.data))  # image paths are relative to its folder
     lines = []
     skipped = []
+    if not os.path.isfile(args.data):
+        fail(f"--data {args.data}: input file not found")
     rows = read_jsonl(args.data, on_error=lambda n, message: skipped.append(message))
+    if not rows and not skipped:
+        fail(f"{args.data}: no input lines (the file is empty)")
     for n, row in rows[:args.limit]:
         try:
             lines.append(parse_line(row, root, args))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OSError) as e:
             skipped.append(f"{args.data}:{n}: skipped: {type(e).__name__}: {e}")
     for message in skipped:
         say(message)
     if not lines:
-        raise SystemExit(f"no usable line in {args.data}: every line was skipped (reasons above)")
+        fail(f"no usable line in {args.data}: all {len(skipped)} lines were skipped "
+             f"(reasons above)")
     return lines, skipped
 
 
@@ -505,6 +553,16 @@ def parse_line(row, root, args):
         raise ValueError("no usable branch (pairs null, dropped by stage 03's keep flags, "
                          "or switched off)")
     calib = use["focus"] and not args.no_calib
+    texts = {"prompt": row.get("prompt")}  # what the loss conditions on and scores: text
+    if calib:
+        texts["prompt_enh"] = row.get("prompt_enh")
+    for b in ("focus", "robust"):
+        if use[b]:
+            pair = row[b] if isinstance(row[b], dict) else {}
+            texts.update({f"{b}.{k}": pair.get(k) for k in ("chosen", "rejected")})
+    for name, text in texts.items():
+        if not isinstance(text, str) or (name.startswith("prompt") and not text.strip()):
+            raise ValueError(f"'{name}' must be non-empty text, got {text!r}"[:200])
     side = args.calib_ref[0]  # "w" or "l": whose Delta pi_ref
     need = {}  # term -> its key in "ref"
     paths = {}  # image role -> file
@@ -534,6 +592,8 @@ def parse_line(row, root, args):
     lack += [f"{role} image {p}" for role, p in paths.items() if not os.path.isfile(p)]
     if lack:
         raise ValueError(f"a usable branch lacks {', '.join(lack)}")
+    for p in paths.values():  # the header: no image, or a decompression bomb, is a bad line now
+        open_image(p).close()
     example = {"prompt": row["prompt"], "prompt_enh": row["prompt_enh"] if calib else None,
                "images": contexts}
     for b in ("focus", "robust"):
@@ -544,12 +604,64 @@ def parse_line(row, root, args):
     return example
 
 
+def training_image(path):
+    """load_image for the loop: read_lines checked each header, so a file that fails now is damaged
+    after it; the run ends naming it (the last checkpoint.pt keeps the steps before)."""
+    try:
+        return load_image(path)
+    except (OSError, ValueError) as e:
+        fail(f"{path}: unreadable image mid-run ({e}); repair the file, then --resume")
+
+
+def check_out(args, resolved):
+    """Refuse, in one sentence and before the model loads, a run that would spoil --out: --resume
+    without a checkpoint, or with other data or settings than args.json records of the run that
+    wrote it; a fresh run into a folder that holds a trained model or a checkpoint, unless
+    --overwrite. resolved: what the arguments resolve to (open_outputs writes them too)."""
+    out = Path(args.out)
+    ckpt = out / "checkpoint.pt"
+    if args.resume and not ckpt.is_file():
+        fail(f"--resume: {out} holds no checkpoint.pt to continue from; run without --resume "
+             f"to start")
+    if args.resume:
+        try:
+            old = json.loads((out / "args.json").read_text())
+        except (OSError, ValueError):
+            fail(f"--resume: {out / 'args.json'} is missing or not JSON, so nothing says how "
+                 f"{ckpt} was trained")
+        new = {**vars(args), **resolved}
+        for k in old:
+            if k in new and k not in RESUME_MAY_CHANGE and old[k] != new[k]:
+                fail(f"--resume: {ckpt} was trained with {k}={old[k]!r}, not {new[k]!r}: "
+                     f"resume with the same data and settings, or start over (--overwrite, "
+                     f"another --out)")
+    elif (ckpt.is_file() or (out / "config.json").is_file()) and not args.overwrite:
+        fail(f"{out} holds a trained model or a checkpoint: --resume continues it, --overwrite "
+             f"starts over, or pass another --out")
+
+
+def checkpoint_due(steps_due, saved_at, minutes, world):
+    """Whether to write checkpoint.pt now: enough steps since the last one, or `minutes` of wall
+    time (0: never by time). Rank 0's clock decides for every rank: saving is collective."""
+    due = [steps_due or (minutes > 0 and time.time() - saved_at >= 60 * minutes)]
+    if world > 1:
+        dist.broadcast_object_list(due, src=0)
+    return due[0]
+
+
 def open_outputs(args, start, **resolved):
-    """Write <out>/args.json (the arguments, then what they resolve to) and open metrics.jsonl for
-    the rows to come, keeping those a resumed run logged up to its checkpoint (rank 0 only)."""
+    """Open metrics.jsonl for the rows to come (rank 0 only). A resumed run keeps the rows logged
+    up to its checkpoint, and args.json, the record of the run that began the training (check_out
+    compared this run with it). A fresh run first removes what an earlier one left (--overwrite:
+    its checkpoint and the config.json that marks a saved model), then writes <out>/args.json:
+    the arguments, then what they resolve to."""
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(dict(vars(args), **resolved), f, indent=2)
+    if not args.resume:
+        for name in ("checkpoint.pt", "config.json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(args.out, name))
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(dict(vars(args), **resolved), f, indent=2)
     path = os.path.join(args.out, "metrics.jsonl")
     kept = []
     if start:  # a resumed run: drop the rows logged after its checkpoint
@@ -612,21 +724,24 @@ def save_model(model, processor, out, device, rank):
 
 # ---- shared: jsonl ----
 def read_jsonl(path, on_error=None):
-    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings are fine).
+    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings and a UTF-8 BOM
+    are fine).
 
-    A line that is not a JSON object raises ValueError naming the file and line, or,
-    when on_error is given, is reported as on_error(line_number, message) and skipped.
+    A line that is not a JSON object (or not UTF-8, or nested past Python's recursion limit)
+    raises ValueError naming the file and line, or, when on_error is given, is reported as
+    on_error(line_number, message) and skipped.
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that line's error
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
                 row = json.loads(line)
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 message = f"{path}:{n}: bad JSON line ({e})"
                 if on_error is None:
                     raise ValueError(message) from None
@@ -644,12 +759,34 @@ def append_jsonl(f, row):
 
 
 # ---- shared: images ----
+def open_image(path):
+    """An image file opened lazily (header only), after checking that it has at most
+    Image.MAX_IMAGE_PIXELS pixels (--max-image-pixels): a small file can claim a huge canvas (a
+    decompression bomb). Raises ValueError naming the file, its size and the limit, or OSError when
+    the file is no image PIL knows."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # PIL warns above the limit and refuses twice it: checked here
+    try:
+        img = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    if limit and img.width * img.height > limit:
+        img.close()
+        raise ValueError(f"{path}: {img.width}x{img.height} pixels, over the limit of {limit} "
+                         f"(a guard against decompression bombs; --max-image-pixels raises it)")
+    return img
+
+
 def load_image(path):
-    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency
-    is composited on white (what a viewer shows). Raises OSError/ValueError naming the file when
-    unreadable."""
-    with Image.open(path) as img:
-        img.load()
+    """Open an image as 8-bit RGB, upright by its EXIF orientation (what a viewer shows).
+    Grayscale, palette and 16-bit images are converted; transparency is composited on white.
+    Raises OSError/ValueError naming the file when unreadable or too large (open_image)."""
+    with open_image(path) as img:
+        try:
+            img.load()
+        except Image.DecompressionBombError as e:  # a frame larger than the header said
+            raise ValueError(f"{path}: {e}") from None
+        img = ImageOps.exif_transpose(img)
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
             # 16-bit grayscale: scale to 8 bits, not clip
             a = np.asarray(img, dtype=np.float64)
@@ -665,14 +802,52 @@ def load_image(path):
 
 
 # ---- shared: model ----
+def find_model(path):
+    """The folder of --model: a local folder, or the snapshot of a name in the user's own Hugging
+    Face cache (never downloaded). One sentence when it is neither, or holds no config.json."""
+    if os.path.isdir(path):
+        folder = Path(path)
+    else:
+        try:
+            folder = Path(cached_file(path, "config.json", local_files_only=True)).parent
+        except OSError:
+            if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
+                fail(f"--model {path}: no such folder")
+            fail(f"--model {path}: no such folder, and no model of that name in your Hugging Face "
+                 f"cache (nothing is downloaded here: fetch it first, e.g. `hf download {path}`)")
+    if not (folder / "config.json").is_file():
+        fail(f"--model {path}: {folder} holds no config.json, so it is not a saved model")
+    return folder
+
+
+def model_identity(path):
+    """What a rerun compares to tell a model from another: its folder, and the number, total size
+    and newest modification time (UTC) of the files from_pretrained reads, so a model retrained or
+    replaced in place reads as another one."""
+    folder = find_model(path).resolve()
+    kinds = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja", ".tiktoken")
+    files = [p for p in folder.iterdir() if p.suffix in kinds and p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    newest = max(p.stat().st_mtime_ns for p in files)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(newest // 10**9))
+    return f"{folder}: {len(files)} files, {size} bytes, newest {when}.{newest % 10**9:09d}"
+
+
 def load_model(path, device, attn_implementation=None):
     """(model, processor) from a local folder or a name in the user's own Hugging Face cache
-    (offline). bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
+    (offline). bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the
+    right. A folder that does not hold a loadable model ends the run in one sentence."""
+    find_model(path)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        processor.tokenizer.padding_side = "left"
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation)
+    except Exception as e:  # noqa: BLE001 (whatever the folder lacks; --debug shows the traceback)
+        reason = str(e).strip().split("\n")[0][:300]
+        fail(f"--model {path}: no image-text model and processor load from it "
+             f"({type(e).__name__}: {reason})")
     return model.to(device).eval(), processor
 
 
@@ -753,6 +928,148 @@ def dist_setup(device):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), world, device
+
+
+def on_rank0(step, rank, world):
+    """Run step() on rank 0 alone (checks, the lock, args.json); its refusal (SystemExit) ends
+    every rank with the same message instead of leaving the others waiting at the next
+    collective."""
+    problem = [None]
+    if rank == 0:
+        try:
+            step()
+        except SystemExit as e:
+            problem = [str(e)]
+    if world > 1:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise SystemExit(problem[0])
+# ---- end shared ----
+
+
+# ---- shared: identity ----
+def file_identity(path):
+    """What a rerun compares to tell an input file from another: where it is, its size and a hash
+    of its bytes (a file edited, replaced or moved reads as another one; the images it names are
+    not hashed)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"{path.resolve()}: {path.stat().st_size} bytes, sha256 {digest.hexdigest()[:16]}"
+# ---- end shared ----
+
+
+# ---- shared: lock ----
+LOCKS = {}  # lock file -> its open file, held until this process ends
+
+
+def claim_out(out, inputs, folder=False):
+    """One run per output, checked before any model loads. `out` must be none of the `inputs`
+    ({flag: path}), a folder (folder=True) or a file as the stage writes, and writable. Then this
+    process takes `<out>.lock` until it ends: an flock, with the holder's pid and host written
+    inside. A second run refuses, naming the holder; the lock of a run that was killed is free
+    again (the kernel drops a dead process's flock) and is taken over, saying so."""
+    out = Path(out)
+    for flag, path in inputs.items():
+        if path is not None and Path(path).resolve() == out.resolve():
+            fail(f"--out {out} is also the input {flag} {path}: writing it would destroy the "
+                 f"input; pass another --out")
+    if out.exists() and out.is_dir() != folder:
+        kind = "a folder" if folder else "a file"
+        fail(f"--out {out} exists and is not {kind}: this stage writes {kind} there")
+    if out.exists() and not os.access(out, os.W_OK):
+        fail(f"--out {out}: not writable (permissions)")
+    lock = out.with_name(out.name + ".lock")
+    me = f"pid {os.getpid()} on host {socket.gethostname()}"
+    left = ""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            f = open(lock, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another run"
+                f.close()
+                if holder.startswith(me + ","):  # main() run again in this process (a notebook)
+                    return
+                fail(f"{out} is in use by {holder} (lock {lock}): two runs into one --out would "
+                     f"mix or lose lines; wait for that run to end, or pass another --out")
+            except OSError as e:  # a filesystem without locks (some network mounts)
+                print(f"warning: cannot lock {lock} ({e.strerror}): nothing stops a second run "
+                      f"into {out}")
+                break
+            if lock.exists() and lock.stat().st_ino == os.fstat(f.fileno()).st_ino:
+                break
+            f.close()  # its holder ended and removed it between our open and our flock: again
+        atexit.unregister(release_locks)  # (registered once, however often main() runs)
+        atexit.register(release_locks)
+        LOCKS[lock] = f
+        f.seek(0)
+        left = f.read().strip()
+        f.seek(0)
+        f.truncate()
+        f.write(f"{me}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+    except OSError as e:
+        fail(f"--out {out}: cannot write there ({e.strerror or e})")
+    if left:
+        print(f"{lock}: taking over the lock of {left}, which ended without removing it")
+
+
+def release_locks():
+    """At the end of main() or of the process: each lock file is removed while still held (a run
+    waiting for it then finds it gone and makes a new one), then let go."""
+    for lock, f in LOCKS.items():
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        f.close()
+    LOCKS.clear()
+# ---- end shared ----
+
+
+# ---- shared: errors ----
+def fail(message):
+    """End the run with one sentence for the user: the file, line or flag at fault and what to do.
+    A traceback is for bugs: that of the exception being handled, if any, prints only with --debug
+    (read from the command line, so that helpers need not pass it around). The lock on --out is
+    let go first, so that a run refused inside a process that lives on (a notebook, a test)
+    leaves it free."""
+    if "--debug" in sys.argv[1:] and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    release_locks()
+    raise SystemExit(message)
+
+
+def at_least(minimum, kind=int):
+    """An argparse type: a finite number of `kind` >= minimum, else argparse's one-line error
+    naming the flag (a batch size of 0, a NaN learning rate, a negative --limit)."""
+    def number(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of type {kind.__name__}")
+        if not (math.isfinite(value) and value >= minimum):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number >= {minimum}")
+        return value
+    return number
+
+
+def device_name(text):
+    """An argparse type: a torch device this machine has (cpu, cuda, cuda:N)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device (--device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} "
+                                         f"CUDA devices")
+    return text
 # ---- end shared ----
 
 

@@ -45,10 +45,18 @@ A rerun into the same --out resumes: (split, sigma, question_id) already in answ
 skipped.
 """
 import argparse
+import atexit
+import contextlib
+import fcntl
 import functools
 import json
+import math
 import os
 import re
+import socket
+import sys
+import time
+import traceback
 import zlib
 from pathlib import Path
 
@@ -56,17 +64,20 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.utils import cached_file
 
 SUFFIX = " Answer the question using a single word or phrase."  # LLaVA-1.5's POPE prompt
 # resuming into an --out needs these arguments equal to those of the run that wrote its answers
-ANSWER_ARGS = ("model", "no_suffix", "max_new_tokens", "describe_max_new_tokens", "seed")
+ANSWER_ARGS = ("model", "no_suffix", "max_new_tokens", "describe_max_new_tokens", "seed",
+               "model_identity")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="world/model",
                    help="model folder or a name in your own HF cache")
     p.add_argument("--questions", default="world/pope",
@@ -79,21 +90,21 @@ def parse_args(argv=None):
                    help="re-score this answers file instead of running a model")
     p.add_argument("--no-suffix", action="store_true",
                    help="ask the bare question, without LLaVA-1.5's suffix")
-    p.add_argument("--max-new-tokens", type=int, default=128,
+    p.add_argument("--max-new-tokens", type=at_least(1), default=128,
                    help="answer length cap (LLaVA-1.5's setting: 128)")
-    p.add_argument("--noise-sigma", type=float, nargs="+", default=[0.0],
+    p.add_argument("--noise-sigma", type=at_least(0.0, float), nargs="+", default=[0.0],
                    help="I_noise sigmas, e.g. 0 0.1 0.2 0.3")
     p.add_argument("--describe", default=None,
                    help="toy world: description prompts JSONL, scored with CHAIR")
-    p.add_argument("--describe-max-new-tokens", type=int, default=64,
+    p.add_argument("--describe-max-new-tokens", type=at_least(1), default=64,
                    help="description length cap")
     p.add_argument("--truth", default=None,
                    help="truth.jsonl for CHAIR (default: by the describe file, or one up)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image noise")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda or cpu")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="prompts per generate call")
+    p.add_argument("--device", type=device_name,
+                   default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--limit", type=at_least(1), default=None,
                    help="use only the first N questions of each split")
     return p.parse_args(argv)
 
@@ -227,6 +238,8 @@ def main(argv=None):
     # a repeated sigma would answer every question twice
     args.noise_sigma = sorted(set(args.noise_sigma))
     out = Path(args.out)
+    inputs = {"--questions": args.questions, "--answers": args.answers, "--model": args.model}
+    claim_out(out, inputs, folder=True)  # one run per --out
     out.mkdir(parents=True, exist_ok=True)
     questions = read_questions(args.questions, args.limit)
 
@@ -238,6 +251,7 @@ def main(argv=None):
         if (out / "answers.jsonl").exists():
             raise SystemExit(f"{out} holds a run's answers.jsonl: re-score into another --out")
         args.model = None
+        args.model_identity = None
         answers = read_answers(args.answers, questions, args.limit)
         check_resume(args, out)
         pope = score_pope(questions, answers, args.answers)
@@ -245,6 +259,7 @@ def main(argv=None):
         # a local folder: resumes compare where it is, not how it was spelled
         if Path(args.model).exists():
             args.model = str(Path(args.model).resolve())
+        args.model_identity = model_identity(args.model)  # a model retrained in place is another
         check_resume(args, out)
         jobs = pope_jobs(args, questions)
         if args.describe:  # read and checked before any generation
@@ -269,6 +284,7 @@ def main(argv=None):
             metrics["chair"][f"{sigma:g}"] = chair(descriptions, objects, vocabulary)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print_table(metrics)
+    release_locks()  # --out is free for the next run, even in this process (a notebook)
     return metrics
 
 
@@ -502,21 +518,24 @@ def print_table(metrics):
 
 # ---- shared: jsonl ----
 def read_jsonl(path, on_error=None):
-    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings are fine).
+    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings and a UTF-8 BOM
+    are fine).
 
-    A line that is not a JSON object raises ValueError naming the file and line, or,
-    when on_error is given, is reported as on_error(line_number, message) and skipped.
+    A line that is not a JSON object (or not UTF-8, or nested past Python's recursion limit)
+    raises ValueError naming the file and line, or, when on_error is given, is reported as
+    on_error(line_number, message) and skipped.
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that line's error
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
                 row = json.loads(line)
                 if not isinstance(row, dict):
                     raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 message = f"{path}:{n}: bad JSON line ({e})"
                 if on_error is None:
                     raise ValueError(message) from None
@@ -536,7 +555,7 @@ def append_jsonl(f, row):
 # ---- shared: resume ----
 def continue_jsonl(path):
     """Rows already in an output JSONL, after cutting a last line left unfinished by a crash
-    (appends must start on a fresh line). Any other bad line is an error."""
+    (appends must start on a fresh line). Any other bad line ends the run, naming it."""
     path = Path(path)
     if not path.exists():
         return []
@@ -544,17 +563,43 @@ def continue_jsonl(path):
     if data and not data.endswith(b"\n"):
         with open(path, "r+b") as f:
             f.truncate(data.rfind(b"\n") + 1)
-    return [row for _, row in read_jsonl(path)]
+    try:
+        return [row for _, row in read_jsonl(path)]
+    except ValueError as e:  # not a crash's trace: an edit, or two writers (see claim_out)
+        raise SystemExit(f"{e}: a line inside the output is damaged; mend or delete that line, "
+                         f"or delete {path} to start over") from None
 # ---- end shared ----
 
 
 # ---- shared: images ----
+def open_image(path):
+    """An image file opened lazily (header only), after checking that it has at most
+    Image.MAX_IMAGE_PIXELS pixels (--max-image-pixels): a small file can claim a huge canvas (a
+    decompression bomb). Raises ValueError naming the file, its size and the limit, or OSError when
+    the file is no image PIL knows."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # PIL warns above the limit and refuses twice it: checked here
+    try:
+        img = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    if limit and img.width * img.height > limit:
+        img.close()
+        raise ValueError(f"{path}: {img.width}x{img.height} pixels, over the limit of {limit} "
+                         f"(a guard against decompression bombs; --max-image-pixels raises it)")
+    return img
+
+
 def load_image(path):
-    """Open an image as 8-bit RGB. Grayscale, palette and 16-bit images are converted; transparency
-    is composited on white (what a viewer shows). Raises OSError/ValueError naming the file when
-    unreadable."""
-    with Image.open(path) as img:
-        img.load()
+    """Open an image as 8-bit RGB, upright by its EXIF orientation (what a viewer shows).
+    Grayscale, palette and 16-bit images are converted; transparency is composited on white.
+    Raises OSError/ValueError naming the file when unreadable or too large (open_image)."""
+    with open_image(path) as img:
+        try:
+            img.load()
+        except Image.DecompressionBombError as e:  # a frame larger than the header said
+            raise ValueError(f"{path}: {e}") from None
+        img = ImageOps.exif_transpose(img)
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
             # 16-bit grayscale: scale to 8 bits, not clip
             a = np.asarray(img, dtype=np.float64)
@@ -585,14 +630,52 @@ def add_noise(image, sigma, seed, key):
 
 
 # ---- shared: model ----
+def find_model(path):
+    """The folder of --model: a local folder, or the snapshot of a name in the user's own Hugging
+    Face cache (never downloaded). One sentence when it is neither, or holds no config.json."""
+    if os.path.isdir(path):
+        folder = Path(path)
+    else:
+        try:
+            folder = Path(cached_file(path, "config.json", local_files_only=True)).parent
+        except OSError:
+            if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
+                fail(f"--model {path}: no such folder")
+            fail(f"--model {path}: no such folder, and no model of that name in your Hugging Face "
+                 f"cache (nothing is downloaded here: fetch it first, e.g. `hf download {path}`)")
+    if not (folder / "config.json").is_file():
+        fail(f"--model {path}: {folder} holds no config.json, so it is not a saved model")
+    return folder
+
+
+def model_identity(path):
+    """What a rerun compares to tell a model from another: its folder, and the number, total size
+    and newest modification time (UTC) of the files from_pretrained reads, so a model retrained or
+    replaced in place reads as another one."""
+    folder = find_model(path).resolve()
+    kinds = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja", ".tiktoken")
+    files = [p for p in folder.iterdir() if p.suffix in kinds and p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    newest = max(p.stat().st_mtime_ns for p in files)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(newest // 10**9))
+    return f"{folder}: {len(files)} files, {size} bytes, newest {when}.{newest % 10**9:09d}"
+
+
 def load_model(path, device, attn_implementation=None):
     """(model, processor) from a local folder or a name in the user's own Hugging Face cache
-    (offline). bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the right."""
+    (offline). bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the
+    right. A folder that does not hold a loadable model ends the run in one sentence."""
+    find_model(path)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        processor.tokenizer.padding_side = "left"
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation)
+    except Exception as e:  # noqa: BLE001 (whatever the folder lacks; --debug shows the traceback)
+        reason = str(e).strip().split("\n")[0][:300]
+        fail(f"--model {path}: no image-text model and processor load from it "
+             f"({type(e).__name__}: {reason})")
     return model.to(device).eval(), processor
 
 
@@ -616,6 +699,118 @@ def generate_greedy(model, processor, texts, images, max_new_tokens):
                          pad_token_id=processor.tokenizer.pad_token_id)  # (B, T + new)
     new = out[:, inputs["input_ids"].shape[1]:]  # (B, new)
     return [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
+# ---- end shared ----
+
+
+# ---- shared: errors ----
+def fail(message):
+    """End the run with one sentence for the user: the file, line or flag at fault and what to do.
+    A traceback is for bugs: that of the exception being handled, if any, prints only with --debug
+    (read from the command line, so that helpers need not pass it around). The lock on --out is
+    let go first, so that a run refused inside a process that lives on (a notebook, a test)
+    leaves it free."""
+    if "--debug" in sys.argv[1:] and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    release_locks()
+    raise SystemExit(message)
+
+
+def at_least(minimum, kind=int):
+    """An argparse type: a finite number of `kind` >= minimum, else argparse's one-line error
+    naming the flag (a batch size of 0, a NaN learning rate, a negative --limit)."""
+    def number(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of type {kind.__name__}")
+        if not (math.isfinite(value) and value >= minimum):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number >= {minimum}")
+        return value
+    return number
+
+
+def device_name(text):
+    """An argparse type: a torch device this machine has (cpu, cuda, cuda:N)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device (--device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} "
+                                         f"CUDA devices")
+    return text
+# ---- end shared ----
+
+
+# ---- shared: lock ----
+LOCKS = {}  # lock file -> its open file, held until this process ends
+
+
+def claim_out(out, inputs, folder=False):
+    """One run per output, checked before any model loads. `out` must be none of the `inputs`
+    ({flag: path}), a folder (folder=True) or a file as the stage writes, and writable. Then this
+    process takes `<out>.lock` until it ends: an flock, with the holder's pid and host written
+    inside. A second run refuses, naming the holder; the lock of a run that was killed is free
+    again (the kernel drops a dead process's flock) and is taken over, saying so."""
+    out = Path(out)
+    for flag, path in inputs.items():
+        if path is not None and Path(path).resolve() == out.resolve():
+            fail(f"--out {out} is also the input {flag} {path}: writing it would destroy the "
+                 f"input; pass another --out")
+    if out.exists() and out.is_dir() != folder:
+        kind = "a folder" if folder else "a file"
+        fail(f"--out {out} exists and is not {kind}: this stage writes {kind} there")
+    if out.exists() and not os.access(out, os.W_OK):
+        fail(f"--out {out}: not writable (permissions)")
+    lock = out.with_name(out.name + ".lock")
+    me = f"pid {os.getpid()} on host {socket.gethostname()}"
+    left = ""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            f = open(lock, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another run"
+                f.close()
+                if holder.startswith(me + ","):  # main() run again in this process (a notebook)
+                    return
+                fail(f"{out} is in use by {holder} (lock {lock}): two runs into one --out would "
+                     f"mix or lose lines; wait for that run to end, or pass another --out")
+            except OSError as e:  # a filesystem without locks (some network mounts)
+                print(f"warning: cannot lock {lock} ({e.strerror}): nothing stops a second run "
+                      f"into {out}")
+                break
+            if lock.exists() and lock.stat().st_ino == os.fstat(f.fileno()).st_ino:
+                break
+            f.close()  # its holder ended and removed it between our open and our flock: again
+        atexit.unregister(release_locks)  # (registered once, however often main() runs)
+        atexit.register(release_locks)
+        LOCKS[lock] = f
+        f.seek(0)
+        left = f.read().strip()
+        f.seek(0)
+        f.truncate()
+        f.write(f"{me}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+    except OSError as e:
+        fail(f"--out {out}: cannot write there ({e.strerror or e})")
+    if left:
+        print(f"{lock}: taking over the lock of {left}, which ended without removing it")
+
+
+def release_locks():
+    """At the end of main() or of the process: each lock file is removed while still held (a run
+    waiting for it then finds it gone and makes a new one), then let go."""
+    for lock, f in LOCKS.items():
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        f.close()
+    LOCKS.clear()
 # ---- end shared ----
 
 

@@ -301,9 +301,12 @@ def test_resume_equals_uninterrupted_and_nonfinite_stops(llava_run, tiny_llava):
     good = (out / "checkpoint.pt").read_bytes()
     poisoned = data.parent / "poisoned.jsonl"  # a ref log-prob that overflows fp32: the loss becomes inf
     poisoned.write_text(data.read_text().replace('"focus_w": -', '"focus_w": 1e300, "x": -'))
-    proc = run_script(SCRIPT, "--model", tiny_llava, "--data", poisoned, "--out", out, *COMMON, "--resume", check=False)
-    assert proc.returncode != 0 and "non-finite loss" in proc.stderr, proc.stderr[-2000:]
+    poisoned_args = ["--model", tiny_llava, "--data", poisoned, *COMMON]
+    with pytest.raises(SystemExit, match="data_identity"):  # --resume with other data: refused, nothing changed
+        stage.main(list(map(str, [*poisoned_args, "--out", out, "--resume"])))
     assert (out / "checkpoint.pt").read_bytes() == good
+    with pytest.raises(SystemExit, match="non-finite loss .* no checkpoint.pt was written yet"):  # (a fresh run)
+        stage.main(list(map(str, [*poisoned_args, "--out", root / "poisoned"])))
     run_script(SCRIPT, "--model", tiny_llava, "--data", data, "--out", out, *COMMON, "--resume")
     np.testing.assert_allclose(curve(out), curve(root / "full"), atol=1e-6)
     from safetensors.torch import load_file

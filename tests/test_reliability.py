@@ -1,0 +1,301 @@
+"""Reliability (issue 16): a rerun compares what decides its output and a refused run changes nothing, one run per
+--out at a time (a lock, tested with two real processes), 04's default checkpoints and its refusals, inputs that used
+to crash or pass silently (decompression bombs, prompts past the context, empty files, odd JSON), and errors that end
+in one sentence naming the file, line or flag. Each test failed before its fix. The stages run in this process
+(main(argv)) where one process is enough: an import of torch costs more than a tiny model's run."""
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, load_script
+
+s01 = load_script("01_attention_crop.py")
+s03 = load_script("03_filter.py")
+s04 = load_script("04_train_calibrated_dpo.py")
+s05 = load_script("05_eval_pope.py")
+STAGES = {"00_real_instances.py": load_script("00_real_instances.py"), "01_attention_crop.py": s01,
+          "02_make_pairs.py": load_script("02_make_pairs.py"), "03_filter.py": s03,
+          "04_train_calibrated_dpo.py": s04, "05_eval_pope.py": s05}
+
+
+def main(stage, *args):
+    return stage.main([str(a) for a in args])
+
+
+def instances(folder, n=2, prompt="what colour is the circle ?"):
+    """instances.jsonl: n lines on one random image, ids q0..q<n-1>."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / "im.png")
+    path = folder / "instances.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{i}", "image": "im.png", "prompt": prompt}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def lines(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def train_data(folder, n=6):
+    """train.jsonl for stage 04: n lines with both branches; the ref log-probs need not be the model's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for role in ("image", "crop", "deg", "noise"):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{role}.png")
+    ref = {k: -5.0 for k in ("focus_w", "focus_l", "calib_aug_w", "calib_deg_w", "calib_aug_l", "calib_deg_l",
+                             "robust_w", "robust_l")}
+    row = {"image": "image.png", "prompt": "describe the image .", "prompt_enh": "answer : describe the image .",
+           "images": {"crop": "crop.png", "deg": "deg.png", "noise": "noise.png"},
+           "focus": {"chosen": "a red circle", "rejected": "a blue square"},
+           "robust": {"chosen": "yes", "rejected": "no", "init": "yes"}, "ref": ref,
+           "clip": {"crop": 0.6, "image": 0.5}, "keep": {"focus": True, "robust": True}}
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps({**row, "id": f"x{i}"}) + "\n" for i in range(n)))
+    return path
+
+
+def curve(out):
+    return np.array([[m["loss"], m["grad_norm"]] for m in lines(out / "metrics.jsonl")])
+
+
+def bomb_png(path, width=20000, height=20000):
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb, as far as its header goes)."""
+    Image.new("RGB", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # its CRC, over the chunk type and data
+    path.write_bytes(bytes(data))
+
+
+# ---- reruns: what decides the output is compared, and a refused run changes nothing ----
+def test_rerun_with_other_data_or_a_model_changed_in_place_is_refused_and_changes_nothing(tiny_llava, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llava, model)
+    data = instances(tmp_path / "a")
+    other = instances(tmp_path / "b", prompt="describe the image .")  # the same ids, other prompts
+    out = tmp_path / "runs" / "crops.jsonl"
+    common = ["--model", model, "--out", out, "--max-new-tokens", 2]
+    main(s01, *common, "--data", data)
+    before = snapshot(out.parent)
+    with pytest.raises(SystemExit, match="holds lines made with data_identity="):
+        main(s01, *common, "--data", other)
+    weights = model / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    os.utime(weights, ns=(mtime, mtime + 10**9))  # a model retrained or replaced in place, same folder
+    with pytest.raises(SystemExit, match="holds lines made with model_identity="):
+        main(s01, *common, "--data", data)
+    assert snapshot(out.parent) == before  # no args.json rewritten, no lock left behind
+    os.utime(weights, ns=(mtime, mtime))
+    main(s01, *common, "--data", data, "--limit", 1)  # the same inputs resume (a --limit changes no line)
+    assert lines(out) == [json.loads(x) for x in before["crops.jsonl"].decode().splitlines()]
+
+
+def test_an_out_that_is_an_input_is_refused_naming_both(tiny_llava, tmp_path):
+    data = instances(tmp_path)
+    kept = data.read_bytes()
+    with pytest.raises(SystemExit, match=f"--out {data} is also the input --data {data}"):
+        main(s01, "--model", tiny_llava, "--data", data, "--out", data)
+    with pytest.raises(SystemExit, match="is also the input --model"):  # 04 would save over the base model
+        main(s04, "--model", tiny_llava, "--data", data, "--out", tiny_llava)
+    assert data.read_bytes() == kept
+
+
+# ---- one run per --out ----
+def test_a_second_run_into_one_out_refuses_and_a_killed_runs_lock_is_taken_over(tiny_llava, tmp_path, capsys):
+    """Two real processes: the first holds the lock (stopped with SIGSTOP so that it cannot finish first), the
+    second refuses and changes nothing; once the first is killed (SIGKILL: no clean-up), its lock is taken over."""
+    data = instances(tmp_path, n=24)
+    out = tmp_path / "crops.jsonl"
+    lock = tmp_path / "crops.jsonl.lock"
+    args = ["--model", tiny_llava, "--data", data, "--out", out, "--max-new-tokens", 2, "--batch-size", 1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, str(ROOT / "01_attention_crop.py"), *map(str, args)], cwd=ROOT,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t = time.time()
+        while not (lock.exists() and f"pid {first.pid} " in lock.read_text()) and time.time() - t < 300:
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)
+        assert first.poll() is None, "the first run ended before it could be stopped"
+        held = out.read_bytes() if out.exists() else None
+        with pytest.raises(SystemExit, match=f"in use by pid {first.pid} on host"):
+            main(s01, *args)
+        assert (out.read_bytes() if out.exists() else None) == held
+    finally:
+        first.kill()
+        first.wait()
+    assert lock.exists()  # SIGKILL: the first run could not remove it
+    main(s01, *args)
+    assert f"taking over the lock of pid {first.pid} " in capsys.readouterr().out
+    assert [r["id"] for r in lines(out)] == [f"q{i}" for i in range(24)] and not lock.exists()
+
+
+# ---- stage 04: checkpoints by default; --resume and a trained --out ----
+def test_04_checkpoints_by_default_and_resume_equals_one_run(tiny_llava, tmp_path, monkeypatch):
+    data = train_data(tmp_path / "data")
+    common = ["--model", tiny_llava, "--data", data, "--effective-batch", 2, "--batch-size", 2, "--epochs", 2,
+              "--lr", 1e-3, "--lora-dropout", 0]  # 6 lines: 6 steps
+    main(s04, *common, "--out", tmp_path / "full")
+    micro_step = s04.micro_step
+    calls = []
+
+    def crash_at_step_4(*a, **k):  # a kill mid-run (one micro-step per step here)
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return micro_step(*a, **k)
+    monkeypatch.setattr(s04, "micro_step", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        main(s04, *common, "--out", tmp_path / "crashed")  # default flags
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "crashed" / "checkpoint.pt")["step"] == 3  # every ceil(3% of 6) = 1 step
+    main(s04, *common, "--out", tmp_path / "crashed", "--resume")
+    np.testing.assert_allclose(curve(tmp_path / "crashed"), curve(tmp_path / "full"), atol=1e-6)
+
+
+def test_04_resume_refuses_other_data_or_settings_and_a_trained_out_needs_overwrite(tiny_llava, tmp_path):
+    data = train_data(tmp_path / "data")
+    other = train_data(tmp_path / "other", n=5)
+    out = tmp_path / "p2dpo"
+    common = ["--model", tiny_llava, "--epochs", 1, "--effective-batch", 2, "--batch-size", 2, "--out", out]
+    main(s04, *common, "--data", data)
+    before = snapshot(out)
+    with pytest.raises(SystemExit, match="holds a trained model or a checkpoint: --resume continues it, "
+                                         "--overwrite starts over"):
+        main(s04, *common, "--data", data)
+    with pytest.raises(SystemExit, match="trained with lr=1e-05, not 0.0001"):
+        main(s04, *common, "--data", data, "--resume", "--lr", 1e-4)
+    with pytest.raises(SystemExit, match="trained with no_calib=False, not True"):
+        main(s04, *common, "--data", data, "--resume", "--no-calib")
+    with pytest.raises(SystemExit, match="trained with data_identity="):
+        main(s04, *common, "--data", other, "--resume")
+    with pytest.raises(SystemExit, match="holds no checkpoint.pt to continue from"):
+        main(s04, *common[:-1], tmp_path / "fresh", "--data", data, "--resume")
+    assert snapshot(out) == before  # args.json, metrics.jsonl, the model: untouched
+    main(s04, *common, "--data", other, "--overwrite", "--stop-after", 1)
+    assert len(lines(out / "metrics.jsonl")) == 1 and not (out / "config.json").exists()  # no stale model
+    assert json.loads((out / "args.json").read_text())["lines"] == 5
+
+
+# ---- inputs that crashed or passed silently ----
+def test_decompression_bomb_and_prompt_past_the_context_are_per_line_errors(tiny_llava, tmp_path):
+    data = instances(tmp_path, n=2)
+    bomb_png(tmp_path / "bomb.png")
+    with open(data, "a") as f:
+        f.write(json.dumps({"id": "bomb", "image": "bomb.png", "prompt": "what colour is the circle ?"}) + "\n")
+        f.write(json.dumps({"id": "long", "image": "im.png", "prompt": "red " * 600}) + "\n")  # 512 positions
+    out = tmp_path / "crops.jsonl"
+    main(s01, "--model", tiny_llava, "--data", data, "--out", out, "--max-new-tokens", 2)
+    assert [r["id"] for r in lines(out)] == ["q0", "q1"]  # the good lines of the batch are written
+    errors = {e["id"]: e["error"] for e in lines(out.with_suffix(".errors.jsonl"))}
+    assert "20000x20000 pixels, over the limit of 89478485" in errors["bomb"] and "--max-image-pixels" in errors["bomb"]
+    assert "over the model's context of 512 positions" in errors["long"] and f"{data}:4:" in errors["long"]
+
+
+def test_empty_and_all_bad_inputs_say_exactly_that(tiny_llava, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit, match="no input lines \\(the file is empty\\)"):
+        main(s01, "--model", tiny_llava, "--data", empty, "--out", tmp_path / "crops.jsonl")
+    with pytest.raises(SystemExit, match="no input lines \\(the file is empty\\)"):  # not "the thresholds"
+        main(s03, "--model", tiny_llava, "--clip", "none", "--data", empty, "--out", tmp_path / "train.jsonl")
+    with pytest.raises(SystemExit, match="no input lines \\(the file is empty\\)"):  # not "reasons above"
+        main(s04, "--model", tiny_llava, "--data", empty, "--out", tmp_path / "p2dpo")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "image": "missing.png", "prompt": "x"}\n{broken\n')
+    with pytest.raises(SystemExit, match="every line failed: all 2 input lines are bad"):
+        main(s01, "--model", tiny_llava, "--data", bad, "--out", tmp_path / "crops.jsonl")
+
+
+def test_04_refuses_an_empty_prompt_or_a_response_that_is_not_text(tmp_path):
+    row = json.loads(train_data(tmp_path).read_text().splitlines()[0])
+    args = s04.parse_args([])
+    assert s04.parse_line(row, str(tmp_path), args)["prompt"] == "describe the image ."
+    for field, value, why in (("prompt", " ", "'prompt' must be non-empty text"),
+                              ("focus", {"chosen": None, "rejected": "no"}, "'focus.chosen' must be")):
+        with pytest.raises(ValueError, match=why):
+            s04.parse_line({**row, field: value}, str(tmp_path), args)
+
+
+def test_odd_jsonl_lines_are_per_line_errors(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": "bom"}\n'  # a UTF-8 BOM (Windows editors): fine
+                     b'{"id": "\xff"}\n'  # not UTF-8
+                     + b"[" * 100000 + b"\n"  # nested past the recursion limit
+                     b'{"id": "last"}\n')
+    errors = []
+    rows = s01.read_jsonl(path, on_error=lambda n, message: errors.append((n, message)))
+    assert [r["id"] for _, r in rows] == ["bom", "last"] and [n for n, _ in errors] == [2, 3]
+    assert all(f"{path}:{n}: bad JSON line" in message for n, message in errors)
+
+
+# ---- errors a user can cause: one sentence naming the file, line or flag ----
+def test_model_that_is_missing_empty_or_not_cached_is_one_sentence(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "config.json").write_text("{}")
+    cases = {str(tmp_path / "nope"): "no such folder$",
+             str(tmp_path / "empty"): "holds no config.json, so it is not a saved model",
+             "nobody/no-such-model": "no model of that name in your Hugging Face cache",
+             str(tmp_path / "config_only"): "no image-text model and processor load from it"}
+    for path, why in cases.items():
+        with pytest.raises(SystemExit, match=why):
+            s01.load_model(path, "cpu")
+
+
+def test_unwritable_out_is_refused_before_the_model_loads(tmp_path):
+    data = instances(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="--out .*a_file/crops.jsonl: cannot write there"):
+        main(s01, "--model", tmp_path / "no_model", "--data", data, "--out", tmp_path / "a_file" / "crops.jsonl")
+    with pytest.raises(SystemExit, match="exists and is not a folder"):  # 05 writes a folder
+        main(s05, "--model", tmp_path / "no_model", "--questions", data, "--out", tmp_path / "a_file")
+
+
+def test_debug_shows_the_traceback_behind_the_sentence(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        s01.load_model(str(tmp_path / "nobody"), "cpu")
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["01_attention_crop.py", "--debug"])
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        s01.load_model(str(tmp_path / "config_only"), "cpu")
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_help_shows_every_default(name, capsys):
+    with pytest.raises(SystemExit):
+        STAGES[name].parse_args(["--help"])
+    text = capsys.readouterr().out
+    options = text.split("options:")[1].split("\n  -")[2:]  # each flag's entry, after -h
+    assert options and all("(default:" in " ".join(o.split()) for o in options), text
+
+
+@pytest.mark.parametrize("name, flag, value", [("01_attention_crop.py", "--batch-size", "0"),
+                                               ("02_make_pairs.py", "--limit", "-1"),
+                                               ("03_filter.py", "--batch-size", "x"),
+                                               ("04_train_calibrated_dpo.py", "--lr", "nan"),
+                                               ("04_train_calibrated_dpo.py", "--epochs", "0"),
+                                               ("05_eval_pope.py", "--noise-sigma", "inf")])
+def test_odd_flag_values_are_refused_naming_the_flag(name, flag, value, capsys):
+    with pytest.raises(SystemExit):
+        STAGES[name].parse_args([flag, value])
+    assert f"argument {flag}" in capsys.readouterr().err
