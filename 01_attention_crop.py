@@ -113,7 +113,7 @@ def parse_args(argv=None):
                    help="answer length cap, greedy (SPEC: 32)")
     p.add_argument("--viz", default=None,
                    help="folder for one PNG per instance: image, heat map, bbox")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=at_least(0), default=0,
                    help="global seed (decoding is greedy: nothing here is random)")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="instances per forward")
     p.add_argument("--device", type=device_name,
@@ -416,8 +416,8 @@ def main(argv=None):
 # ---- plumbing: one batch, defaults from the data and the processor, the viz PNG ----
 def crop_batch(model, processor, args, batch):
     """run_rows' work: B input rows -> B output rows (or an error message for a row whose image is
-    unreadable, or whose prompt + --max-new-tokens does not fit the model's context). SPEC's steps
-    in order: the answer y, the map A, grid -> pixels, the crop."""
+    unreadable, or whose prompt the model cannot take: prompt_problems). SPEC's steps in order:
+    the answer y, the map A, grid -> pixels, the crop."""
     images = {}  # row index -> its image, for the rows whose image could be read
     results = [None] * len(batch)
     for i, row in enumerate(batch):
@@ -426,8 +426,9 @@ def crop_batch(model, processor, args, batch):
         except (OSError, ValueError) as e:
             results[i] = f"unreadable image {row['_image']}: {e}"
     texts = {i: chat_prompt(processor, batch[i]["prompt"]) for i in images}
-    fits = too_long(model, processor, list(texts.values()), [[im] for im in images.values()],
-                    [args.max_new_tokens] * len(images), "answer tokens (--max-new-tokens)")
+    fits = prompt_problems(model, processor, list(texts.values()),
+                           [[im] for im in images.values()], [args.max_new_tokens] * len(images),
+                           "answer tokens (--max-new-tokens)")
     for i, problem in zip(list(images), fits):
         if problem:
             results[i] = problem
@@ -630,6 +631,7 @@ def load_model(path, device, attn_implementation=None):
     try:
         processor = AutoProcessor.from_pretrained(path)
         processor.tokenizer.padding_side = "left"
+        chat_prompt(processor, "?")  # a processor without a chat template fails here, not mid-run
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation)
     except Exception as e:  # noqa: BLE001 (whatever the folder lacks; --debug shows the traceback)
@@ -696,28 +698,29 @@ def build_batch(processor, prompts, responses, images):
 
 
 # ---- shared: context ----
-def too_long(model, processor, texts, images, extra, what):
-    """For each row None, or why it does not fit the model's context (max_position_embeddings):
-    its tokens as the processor makes them (image tokens included) + extra[i] more (the tokens to
-    generate, or a response) would run past the positions the model was trained for, where it
-    gives garbage without an error. texts: R chat prompts; images: R lists of images; what: the
-    extra tokens' name, for the message."""
+def prompt_problems(model, processor, texts, images, extra, what):
+    """For each row None, or why the model cannot take it: its text holds an image placeholder
+    itself (the processor would count one image too many and fail the whole batch), or its tokens
+    as the processor makes them (image tokens included) + extra[i] more (tokens to generate, or a
+    response) run past max_position_embeddings, where the model gives garbage without an error.
+    texts: R chat prompts; images: R lists of images; what: the extra tokens' name."""
+    marks = [getattr(processor, k, None) for k in ("image_token", "video_token")]
+    problems = [None] * len(texts)
+    for r, text in enumerate(texts):
+        for mark, n in zip(marks, (len(images[r]), 0)):
+            if isinstance(mark, str) and text.count(mark) != n:
+                problems[r] = f"the text holds the model's image placeholder {mark!r}"
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if not (limit and texts):
-        return [None] * len(texts)
-    lengths = []
-    for k in range(0, len(texts), 16):  # a few rows at a time: pixel values add up
-        flat = [im for imgs in images[k:k + 16] for im in imgs]
-        enc = processor(text=texts[k:k + 16], images=flat or None, padding=True,
+    ok = [r for r, problem in enumerate(problems) if problem is None]
+    for k in range(0, len(ok) if limit else 0, 16):  # a few rows at a time: pixel values add up
+        rows = ok[k:k + 16]
+        flat = [im for r in rows for im in images[r]]
+        enc = processor(text=[texts[r] for r in rows], images=flat or None, padding=True,
                         return_tensors="pt")
-        lengths += enc["attention_mask"].sum(1).tolist()
-    problems = []
-    for n, more in zip(lengths, extra):
-        problem = None
-        if n + more > limit:
-            problem = (f"the prompt is {n} tokens (images included), + {more} {what} is over the "
-                       f"model's context of {limit} positions")
-        problems.append(problem)
+        for r, n in zip(rows, enc["attention_mask"].sum(1).tolist()):
+            if n + extra[r] > limit:
+                problems[r] = (f"the prompt is {n} tokens (images included), + {extra[r]} {what} "
+                               f"is over the model's context of {limit} positions")
     return problems
 # ---- end shared ----
 

@@ -118,7 +118,7 @@ def parse_args(argv=None):
                    help="nucleus sampling mass (authors: 0.9)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=256,
                    help="response length cap (authors: 256)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=at_least(0), default=0,
                    help="seed of the image noise and of every response's sampler")
     p.add_argument("--batch-size", type=at_least(1), default=8,
                    help="instances per step (a plain forward holds up to 4 rows each, "
@@ -486,8 +486,9 @@ def make_work(model, processor, args):
             mine = focus_pair_contexts(key, prompt, prompt_enh, image, views, full_crop)
             mine += robust_pair_contexts(key, prompt, image, views)
             texts = [chat_prompt(processor, job.prompt, len(job.images)) for job in mine]
-            fits = too_long(model, processor, texts, [job.images for job in mine],
-                            [args.max_new_tokens] * len(mine), "new tokens (--max-new-tokens)")
+            fits = prompt_problems(model, processor, texts, [job.images for job in mine],
+                                   [args.max_new_tokens] * len(mine),
+                                   "new tokens (--max-new-tokens)")
             if any(fits):  # a context past the model's positions: garbage, so a bad line
                 results[i] = next(problem for problem in fits if problem)
                 continue
@@ -670,6 +671,7 @@ def load_model(path, device, attn_implementation=None):
     try:
         processor = AutoProcessor.from_pretrained(path)
         processor.tokenizer.padding_side = "left"
+        chat_prompt(processor, "?")  # a processor without a chat template fails here, not mid-run
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation)
     except Exception as e:  # noqa: BLE001 (whatever the folder lacks; --debug shows the traceback)
@@ -1001,28 +1003,29 @@ def device_name(text):
 
 
 # ---- shared: context ----
-def too_long(model, processor, texts, images, extra, what):
-    """For each row None, or why it does not fit the model's context (max_position_embeddings):
-    its tokens as the processor makes them (image tokens included) + extra[i] more (the tokens to
-    generate, or a response) would run past the positions the model was trained for, where it
-    gives garbage without an error. texts: R chat prompts; images: R lists of images; what: the
-    extra tokens' name, for the message."""
+def prompt_problems(model, processor, texts, images, extra, what):
+    """For each row None, or why the model cannot take it: its text holds an image placeholder
+    itself (the processor would count one image too many and fail the whole batch), or its tokens
+    as the processor makes them (image tokens included) + extra[i] more (tokens to generate, or a
+    response) run past max_position_embeddings, where the model gives garbage without an error.
+    texts: R chat prompts; images: R lists of images; what: the extra tokens' name."""
+    marks = [getattr(processor, k, None) for k in ("image_token", "video_token")]
+    problems = [None] * len(texts)
+    for r, text in enumerate(texts):
+        for mark, n in zip(marks, (len(images[r]), 0)):
+            if isinstance(mark, str) and text.count(mark) != n:
+                problems[r] = f"the text holds the model's image placeholder {mark!r}"
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if not (limit and texts):
-        return [None] * len(texts)
-    lengths = []
-    for k in range(0, len(texts), 16):  # a few rows at a time: pixel values add up
-        flat = [im for imgs in images[k:k + 16] for im in imgs]
-        enc = processor(text=texts[k:k + 16], images=flat or None, padding=True,
+    ok = [r for r, problem in enumerate(problems) if problem is None]
+    for k in range(0, len(ok) if limit else 0, 16):  # a few rows at a time: pixel values add up
+        rows = ok[k:k + 16]
+        flat = [im for r in rows for im in images[r]]
+        enc = processor(text=[texts[r] for r in rows], images=flat or None, padding=True,
                         return_tensors="pt")
-        lengths += enc["attention_mask"].sum(1).tolist()
-    problems = []
-    for n, more in zip(lengths, extra):
-        problem = None
-        if n + more > limit:
-            problem = (f"the prompt is {n} tokens (images included), + {more} {what} is over the "
-                       f"model's context of {limit} positions")
-        problems.append(problem)
+        for r, n in zip(rows, enc["attention_mask"].sum(1).tolist()):
+            if n + extra[r] > limit:
+                problems[r] = (f"the prompt is {n} tokens (images included), + {extra[r]} {what} "
+                               f"is over the model's context of {limit} positions")
     return problems
 # ---- end shared ----
 

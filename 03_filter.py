@@ -106,7 +106,7 @@ def parse_args(argv=None):
     p.add_argument("--score-only", action="store_true",
                    help="score a preference JSONL (chosen / rejected, prompt or question, image) "
                    "and write the IPS report only: on- vs off-policy pairs (paper)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=at_least(0), default=0,
                    help="global seed (scoring is deterministic; kept for the chain)")
     p.add_argument("--batch-size", type=at_least(1), default=16,
                    help="scoring rows per forward (a line has up to 8), and lines per step of the "
@@ -499,11 +499,10 @@ def score_batch(batch, args, reference, clip, out):
     rows = [(i, r) for i, line in lines.items() for r in scoring_rows(line, terms)]
     if rows:  # a context + response past the model's positions: garbage, so a bad line
         model, processor = reference()
-        texts = [chat_prompt(processor, r[1], len(r[3])) for _, r in rows]
-        n_resp = [len(processor.tokenizer(r[2], add_special_tokens=False)["input_ids"]) + 1
-                  for _, r in rows]  # + EOS
-        fits = too_long(model, processor, texts, [r[3] for _, r in rows], n_resp,
-                        "response tokens")
+        # the response as text after its prompt: its tokens count, a placeholder in it is found
+        texts = [chat_prompt(processor, r[1], len(r[3])) + r[2] for _, r in rows]
+        fits = prompt_problems(model, processor, texts, [r[3] for _, r in rows], [1] * len(rows),
+                               "EOS token")
         for (i, r), problem in zip(rows, fits):
             if problem and i in lines:
                 results[i] = f"{r[0]}: {problem}"
@@ -730,6 +729,7 @@ def load_model(path, device, attn_implementation=None):
     try:
         processor = AutoProcessor.from_pretrained(path)
         processor.tokenizer.padding_side = "left"
+        chat_prompt(processor, "?")  # a processor without a chat template fails here, not mid-run
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation)
     except Exception as e:  # noqa: BLE001 (whatever the folder lacks; --debug shows the traceback)
@@ -1115,28 +1115,29 @@ def device_name(text):
 
 
 # ---- shared: context ----
-def too_long(model, processor, texts, images, extra, what):
-    """For each row None, or why it does not fit the model's context (max_position_embeddings):
-    its tokens as the processor makes them (image tokens included) + extra[i] more (the tokens to
-    generate, or a response) would run past the positions the model was trained for, where it
-    gives garbage without an error. texts: R chat prompts; images: R lists of images; what: the
-    extra tokens' name, for the message."""
+def prompt_problems(model, processor, texts, images, extra, what):
+    """For each row None, or why the model cannot take it: its text holds an image placeholder
+    itself (the processor would count one image too many and fail the whole batch), or its tokens
+    as the processor makes them (image tokens included) + extra[i] more (tokens to generate, or a
+    response) run past max_position_embeddings, where the model gives garbage without an error.
+    texts: R chat prompts; images: R lists of images; what: the extra tokens' name."""
+    marks = [getattr(processor, k, None) for k in ("image_token", "video_token")]
+    problems = [None] * len(texts)
+    for r, text in enumerate(texts):
+        for mark, n in zip(marks, (len(images[r]), 0)):
+            if isinstance(mark, str) and text.count(mark) != n:
+                problems[r] = f"the text holds the model's image placeholder {mark!r}"
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if not (limit and texts):
-        return [None] * len(texts)
-    lengths = []
-    for k in range(0, len(texts), 16):  # a few rows at a time: pixel values add up
-        flat = [im for imgs in images[k:k + 16] for im in imgs]
-        enc = processor(text=texts[k:k + 16], images=flat or None, padding=True,
+    ok = [r for r, problem in enumerate(problems) if problem is None]
+    for k in range(0, len(ok) if limit else 0, 16):  # a few rows at a time: pixel values add up
+        rows = ok[k:k + 16]
+        flat = [im for r in rows for im in images[r]]
+        enc = processor(text=[texts[r] for r in rows], images=flat or None, padding=True,
                         return_tensors="pt")
-        lengths += enc["attention_mask"].sum(1).tolist()
-    problems = []
-    for n, more in zip(lengths, extra):
-        problem = None
-        if n + more > limit:
-            problem = (f"the prompt is {n} tokens (images included), + {more} {what} is over the "
-                       f"model's context of {limit} positions")
-        problems.append(problem)
+        for r, n in zip(rows, enc["attention_mask"].sum(1).tolist()):
+            if n + extra[r] > limit:
+                problems[r] = (f"the prompt is {n} tokens (images included), + {extra[r]} {what} "
+                               f"is over the model's context of {limit} positions")
     return problems
 # ---- end shared ----
 

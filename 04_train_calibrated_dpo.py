@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import socket
 import sys
 import time
@@ -695,7 +696,12 @@ def full_state(frozen=False):
 
 def load_checkpoint(path, model, optimizer):
     """Load checkpoint.pt into the unwrapped model and the optimizer; returns its step."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        reason = (str(e).strip().splitlines() or ["an empty file"])[0]
+        fail(f"--resume: {path} is damaged ({type(e).__name__}: {reason}); start over with "
+             f"--overwrite")
     dcp_sd.set_state_dict(model, optimizer, model_state_dict=ck["model"],
                           optim_state_dict=ck["optim"], options=full_state())
     return ck["step"]
@@ -842,6 +848,7 @@ def load_model(path, device, attn_implementation=None):
     try:
         processor = AutoProcessor.from_pretrained(path)
         processor.tokenizer.padding_side = "left"
+        chat_prompt(processor, "?")  # a processor without a chat template fails here, not mid-run
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation)
     except Exception as e:  # noqa: BLE001 (whatever the folder lacks; --debug shows the traceback)

@@ -100,7 +100,7 @@ def parse_args(argv=None):
                    help="description length cap")
     p.add_argument("--truth", default=None,
                    help="truth.jsonl for CHAIR (default: by the describe file, or one up)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image noise")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the image noise")
     p.add_argument("--batch-size", type=at_least(1), default=32, help="prompts per generate call")
     p.add_argument("--device", type=device_name,
                    default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
@@ -670,6 +670,7 @@ def load_model(path, device, attn_implementation=None):
     try:
         processor = AutoProcessor.from_pretrained(path)
         processor.tokenizer.padding_side = "left"
+        chat_prompt(processor, "?")  # a processor without a chat template fails here, not mid-run
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation)
     except Exception as e:  # noqa: BLE001 (whatever the folder lacks; --debug shows the traceback)

@@ -188,6 +188,9 @@ def test_04_resume_refuses_other_data_or_settings_and_a_trained_out_needs_overwr
     with pytest.raises(SystemExit, match="holds no checkpoint.pt to continue from"):
         main(s04, *common[:-1], tmp_path / "fresh", "--data", data, "--resume")
     assert snapshot(out) == before  # args.json, metrics.jsonl, the model: untouched
+    (out / "checkpoint.pt").write_bytes(before["checkpoint.pt"][:100])  # a disk that filled up
+    with pytest.raises(SystemExit, match="checkpoint.pt is damaged .*; start over with --overwrite"):
+        main(s04, *common, "--data", data, "--resume")
     main(s04, *common, "--data", other, "--overwrite", "--stop-after", 1)
     assert len(lines(out / "metrics.jsonl")) == 1 and not (out / "config.json").exists()  # no stale model
     assert json.loads((out / "args.json").read_text())["lines"] == 5
@@ -206,6 +209,18 @@ def test_decompression_bomb_and_prompt_past_the_context_are_per_line_errors(tiny
     errors = {e["id"]: e["error"] for e in lines(out.with_suffix(".errors.jsonl"))}
     assert "20000x20000 pixels, over the limit of 89478485" in errors["bomb"] and "--max-image-pixels" in errors["bomb"]
     assert "over the model's context of 512 positions" in errors["long"] and f"{data}:4:" in errors["long"]
+
+
+def test_a_prompt_holding_the_image_placeholder_is_a_per_line_error(tiny_llava, tmp_path):
+    """The processor counts "<image>" typed in a prompt as one image too many: before, the whole batch failed
+    with its ValueError, on every rerun."""
+    data = instances(tmp_path, n=2)
+    with open(data, "a") as f:
+        f.write(json.dumps({"id": "mark", "image": "im.png", "prompt": "what is <image> here ?"}) + "\n")
+    out = tmp_path / "crops.jsonl"
+    main(s01, "--model", tiny_llava, "--data", data, "--out", out, "--max-new-tokens", 2)
+    assert [r["id"] for r in lines(out)] == ["q0", "q1"]
+    assert "holds the model's image placeholder '<image>'" in lines(out.with_suffix(".errors.jsonl"))[0]["error"]
 
 
 def test_empty_and_all_bad_inputs_say_exactly_that(tiny_llava, tmp_path):
@@ -246,14 +261,17 @@ def test_odd_jsonl_lines_are_per_line_errors(tmp_path):
 
 
 # ---- errors a user can cause: one sentence naming the file, line or flag ----
-def test_model_that_is_missing_empty_or_not_cached_is_one_sentence(tmp_path):
+def test_model_that_is_missing_empty_or_not_cached_is_one_sentence(tiny_llava, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "config_only").mkdir()
     (tmp_path / "config_only" / "config.json").write_text("{}")
     cases = {str(tmp_path / "nope"): "no such folder$",
              str(tmp_path / "empty"): "holds no config.json, so it is not a saved model",
              "nobody/no-such-model": "no model of that name in your Hugging Face cache",
-             str(tmp_path / "config_only"): "no image-text model and processor load from it"}
+             str(tmp_path / "config_only"): "no image-text model and processor load from it",
+             str(tmp_path / "no_template"): "no image-text model and processor load from it"}
+    shutil.copytree(tiny_llava, tmp_path / "no_template")
+    (tmp_path / "no_template" / "chat_template.jinja").unlink()  # it would fail at the first prompt
     for path, why in cases.items():
         with pytest.raises(SystemExit, match=why):
             s01.load_model(path, "cpu")
