@@ -2,8 +2,9 @@
 
 Paper: hallucination measured on POPE (Li et al., 2023) with the LLaVA-1.5 protocol, also on noisy
 images I_noise.
-  prompt   = question + " Answer the question using a single word or phrase."
-             (chat template; --no-suffix drops it)
+  prompt   = question + "\n" + "Answer the question using a single word or phrase."
+             (the join of LLaVA-1.5's own POPE questions, haotian-liu/LLaVA:
+             playground/data/eval/pope/llava_pope_test.jsonl; chat template; --no-suffix drops it)
   decoding = greedy, at most 128 new tokens, stop at EOS   (LLaVA-1.5's model_vqa_loader settings)
   parse    = "no" if {"No", "not", "no"} meets text.split(".")[0].replace(",", "").split(" ")
              else "yes"   (official)
@@ -60,7 +61,8 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-SUFFIX = " Answer the question using a single word or phrase."  # LLaVA-1.5's POPE prompt
+# LLaVA-1.5's POPE prompt: its question files join question and suffix with a newline
+SUFFIX = "\nAnswer the question using a single word or phrase."
 # resuming into an --out needs these arguments equal to those of the run that wrote its answers
 ANSWER_ARGS = ("model", "no_suffix", "max_new_tokens", "describe_max_new_tokens", "seed")
 
@@ -447,10 +449,17 @@ def cached_model(path, device):
 def generate_all(args, jobs, out_path, max_new_tokens, desc, parse=None):
     """Answer every job whose key is not yet in out_path, appending one row per answer as it comes
     (the file is the checkpoint). jobs: dicts with key, prompt, path (image file), noise_key, sigma
-    and row (the fields to write); parse(text), when given, adds the parsed "answer"."""
+    and row (the fields to write); parse(text), when given, adds the parsed "answer". A row already
+    there with another prompt for the same key stops the run: its answer was asked differently
+    (e.g. POPE's suffix joined by a space before LLaVA's newline)."""
+    prompts = {j["key"]: j["prompt"] for j in jobs}
     done = set()
     for r in continue_jsonl(out_path):
-        done.add((r.get("split"), float(r["sigma"]), str(r["question_id"])))
+        key = (r.get("split"), float(r["sigma"]), str(r["question_id"]))
+        done.add(key)
+        if key in prompts and r.get("prompt", prompts[key]) != prompts[key]:
+            raise SystemExit(f"{out_path}: question_id {r['question_id']!r} was asked "
+                             f"{r['prompt']!r} there, not {prompts[key]!r}: use another --out")
     todo = [j for j in jobs if j["key"] not in done]
     if not todo:
         return
