@@ -54,6 +54,14 @@ def test_amber_metrics_by_hand():
     # relation: both types; acc 2/2.001 = 99.95002 -> 100.0; P = R = 1/1.001 -> 99.9; F1 -> 99.9
     assert [m["relation"][k] for k in ("accuracy", "precision", "recall", "f1", "n")] == \
         [100.0, 99.9, 99.9, 99.9, 2]
+    # existence's F1 adds 1e-3, the others 1e-4: the same four answers (truth no; No, No, Yes, Yes) give
+    # P = 2/2.001 -> 100.0, R = 2/4.001 -> 50.0, F1 = 1/(1.5 + 1e-3) = 66.62 -> 66.6 as existence but
+    # 1/(1.5 + 1e-4) = 66.66 -> 66.7 as relation
+    answers = [("no", "No"), ("no", "No"), ("no", "Yes"), ("no", "Yes")]
+    existence = ev.amber_metrics([("discriminative-hallucination", *a) for a in answers])["existence"]
+    relation = ev.amber_metrics([("relation", *a) for a in answers])["relation"]
+    assert (existence["precision"], existence["recall"], existence["f1"]) == (100.0, 50.0, 66.6)
+    assert (relation["precision"], relation["recall"], relation["f1"]) == (100.0, 50.0, 66.7)
 
 
 @pytest.mark.parametrize("text, response", [
