@@ -34,9 +34,9 @@ open questions (AMBER's descriptions, MMHal-Bench) get --open-max-new-tokens:
   MMHal-Bench  model_answer filled into the template, in its order (the GPT-4 judge takes the
              question type from the position); its score is the user's GPT-4 run.
 Where each rule comes from (repository: path):
-  POPE suffix and "\n" join  haotian-liu/LLaVA: playground/data/eval/pope/llava_pope_test.jsonl
-                             (in LLaVA's eval.zip; stored in commit 32cebc3); decoding:
-                             llava/eval/model_vqa_loader.py; parse: llava/eval/eval_pope.py
+  POPE     haotian-liu/LLaVA: playground/data/eval/pope/llava_pope_test.jsonl (suffix and "\n"
+           join; shipped in eval.zip, docs/Evaluation.md; a copy sits in commit 32cebc3, off the
+           main branch), llava/eval/model_vqa_loader.py (decoding), llava/eval/eval_pope.py (parse)
   AMBER    junyangwang0410/AMBER: README.md (query {id, image, query}; answers a JSON list
            [{id, response}]; ids 1-1004 generative), inference.py (json.load of the answers, the
            annotation of id at position id - 1, its "type", exact "Yes"/"No", the rates),
@@ -50,6 +50,10 @@ Where each rule comes from (repository: path):
            position % 8, reads image_content, question, gt_answer, model_answer),
            MMHal-Bench-eval/get_response.py at 6a0df2d (fills model_answer into
            response_template.json, reads image_src and question)
+  Not checked here: MMHal-Bench's response_template.json (a Hugging Face dataset; its images/
+  by file name as TideDra/VL-RLHF: src/vlrlhf/eval/mmhal/eval.py reads them), the image zips of
+  AMBER and HallusionBench (Google Drive; HallusionBench's README unzips hallusion_bench/ beside
+  HallusionBench.json, whose filenames start ./VD/ or ./VS/).
 
 Input   questions, one file per split (split = file name less "coco_pope_" and extension),
           images relative to --images, else to the file:
