@@ -1,9 +1,11 @@
-"""POPE evaluation: greedy yes/no answers, the official POPE parser and metrics, a noise sweep, CHAIR on the toy world.
+"""POPE and the paper's other benchmarks (AMBER, HallusionBench, MMHal-Bench): greedy answers in
+each benchmark's official format, the official string-rule scores, a noise sweep, CHAIR on the toy
+world.
 
 Paper: hallucination measured on POPE (Li et al., 2023) with the LLaVA-1.5 protocol, also on noisy
-images I_noise.
-  prompt   = question + " Answer the question using a single word or phrase."
-             (chat template; --no-suffix drops it)
+images I_noise, and on AMBER, HallusionBench and MMHal-Bench.
+  prompt   = question + "\n" + "Answer the question using a single word or phrase."
+             (the join of LLaVA-1.5's own POPE questions; chat template; --no-suffix drops it)
   decoding = greedy, at most 128 new tokens, stop at EOS   (LLaVA-1.5's model_vqa_loader settings)
   parse    = "no" if {"No", "not", "no"} meets text.split(".")[0].replace(",", "").split(" ")
              else "yes"   (official)
@@ -17,6 +19,41 @@ images I_noise.
              classes mentioned; a mention is a class name as whole words of the lowercased text,
              counted once per description.
 Answers are matched to questions by question_id (the official scorer relies on line order).
+The other benchmarks (--benchmark) ask each question as their files write it, with no suffix;
+open questions (AMBER's descriptions, MMHal-Bench) get --open-max-new-tokens:
+  AMBER    yes/no answers -> exactly "Yes" / "No" by the POPE parse; scored as AMBER scores them:
+             exact match, "No" positive, accuracy, precision = (No & truth no) / No,
+             recall = (No & truth no) / truth no, F1 = 2PR/(P+R+1e-4) from P, R in percent
+             rounded to 0.1 (existence: +1e-3), counts starting at 0.001; overall, existence,
+             attribute (state, number, action), relation = every other non-generative type.
+             Descriptions are exported for AMBER's own scorer (it needs spaCy and nltk).
+  HallusionBench  model_prediction added to each question. aAcc, fAcc, qAcc with a string rule in
+             place of the GPT-4 judge, so an APPROXIMATION: verdict "Yes"/"No"/"Unknown" as
+             VLMEvalKit extracts it, right if it is gt_answer ("1" yes); "Unknown" is right only
+             on VS questions without a figure (the official "uncertain" rule).
+  MMHal-Bench  model_answer filled into the template, in its order (the GPT-4 judge takes the
+             question type from the position); its score is the user's GPT-4 run.
+Where each rule comes from (repository: path):
+  POPE     haotian-liu/LLaVA: playground/data/eval/pope/llava_pope_test.jsonl (suffix and "\n"
+           join; shipped in eval.zip, docs/Evaluation.md; a copy sits in commit 32cebc3, off the
+           main branch), llava/eval/model_vqa_loader.py (decoding), llava/eval/eval_pope.py (parse)
+  AMBER    junyangwang0410/AMBER: README.md (query {id, image, query}; answers a JSON list
+           [{id, response}]; ids 1-1004 generative), inference.py (json.load of the answers, the
+           annotation of id at position id - 1, its "type", exact "Yes"/"No", the rates),
+           data/metrics.txt (counts start at 0.001), data/annotations.json (975
+           "discriminative-relation" + 689 "relation" items, both relation)
+  HallusionBench  tianyi-lab/HallusionBench: README.md (HallusionBench.json, model_prediction,
+           HallusionBench_result.json), evaluation.py (reads that file), utils.py
+           (assign_correctness, get_eval_all, get_eval_fig, get_eval_pair_all: aAcc, fAcc, qAcc);
+           the verdict: open-compass/VLMEvalKit: vlmeval/dataset/utils/yorn.py (YOrN_Extraction)
+  MMHal    llava-rlhf/LLaVA-RLHF: Eval/eval_gpt_mmhal.py (asserts 96 items, question type =
+           position % 8, reads image_content, question, gt_answer, model_answer),
+           MMHal-Bench-eval/get_response.py at 6a0df2d (fills model_answer into
+           response_template.json, reads image_src and question)
+  Not checked here: MMHal-Bench's response_template.json (a Hugging Face dataset; its images/
+  by file name as TideDra/VL-RLHF: src/vlrlhf/eval/mmhal/eval.py reads them), the image zips of
+  AMBER and HallusionBench (Google Drive; HallusionBench's README unzips hallusion_bench/ beside
+  HallusionBench.json, whose filenames start ./VD/ or ./VS/).
 
 Input   questions, one file per split (split = file name less "coco_pope_" and extension),
           images relative to --images, else to the file:
@@ -25,12 +62,21 @@ Input   questions, one file per split (split = file name less "coco_pope_" and e
           (LLaVA's answer files as is)
         --describe (toy world): {"question_id", "image", "text"};
           truth.jsonl: {"image", "objects": [{"class"}]}
+        --benchmark amber: a query file [{"id", "image", "query"}] and annotations.json
+          [{"id", "type", "truth"}]; --answers: an AMBER answer file [{"id", "response"}]
+        --benchmark hallusionbench: HallusionBench.json [{"category", "subcategory", "set_id",
+          "figure_id", "question_id", "question", "gt_answer", "filename" (null: no image), ...}];
+          --answers: a HallusionBench_result.json
+        --benchmark mmhal: response_template.json [{"question", "image_src", ...}], images by the
+          file name of image_src
 Output  <out>/answers.jsonl {"question_id", "split", "sigma", "prompt", "text", "answer"},
-          appended as produced;
+          appended as produced (a benchmark's name is its split; AMBER's "answer" is "Yes"/"No");
         <out>/describe.jsonl {"question_id", "sigma", "image", "prompt", "text"};
         <out>/args.json;
         <out>/metrics.json {"model", "questions", "sigmas", "pope": {sigma: {split: metrics}},
-          "mean", "chair"}
+          "mean", "chair"}, or {"model", "benchmark", "questions", "sigmas", "files",
+          <benchmark>: {sigma: scores}};
+        <out>/sigma<s>/amber_responses.json, HallusionBench_result.json or mmhal_responses.json
 Shapes: B = prompts in a batch.
 
 Launch (single process: POPE is small, one device is enough, so there is no torchrun path):
@@ -39,6 +85,9 @@ Launch (single process: POPE is small, one device is enough, so there is no torc
       --describe world/describe.jsonl        # toy world: trained model, noise sweep, CHAIR
   python 05_eval_pope.py --model llava-hf/llava-1.5-7b-hf --questions /path/to/pope/coco \
       --images /path/to/val2014 --out runs/eval_llava          # one GPU, real model
+  python 05_eval_pope.py --benchmark amber --model llava-hf/llava-1.5-7b-hf \
+      --questions AMBER/data/query/query_all.json --images /path/to/AMBER/image \
+      --out runs/amber_llava                 # one GPU: AMBER, scored here and exported
   python 05_eval_pope.py --questions coco_pope_random.json --answers answers.jsonl \
       --out runs/rescore                     # re-score an answers file, no model
 A rerun into the same --out resumes: (split, sigma, question_id) already in answers.jsonl are
@@ -59,6 +108,7 @@ import time
 import traceback
 import zlib
 from pathlib import Path
+from urllib.parse import urlparse
 
 # a model is a local folder or the user's own cache: never download
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,29 +119,41 @@ from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import cached_file
 
-SUFFIX = " Answer the question using a single word or phrase."  # LLaVA-1.5's POPE prompt
+# LLaVA-1.5's POPE prompt: its question files join question and suffix with a newline
+SUFFIX = "\nAnswer the question using a single word or phrase."
+BENCHMARKS = ("pope", "amber", "hallusionbench", "mmhal")
 # resuming into an --out needs these arguments equal to those of the run that wrote its answers
 ANSWER_ARGS = ("model", "no_suffix", "max_new_tokens", "describe_max_new_tokens", "seed",
-               "model_identity")
+               "benchmark", "open_max_new_tokens", "model_identity")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--benchmark", choices=BENCHMARKS, default="pope",
+                   help="pope, or the paper's other benchmarks in their official formats")
     p.add_argument("--model", default="world/model",
                    help="model folder or a name in your own HF cache")
-    p.add_argument("--questions", default="world/pope",
-                   help="POPE question file or folder of them")
+    p.add_argument("--questions", default=None,
+                   help="POPE question file or folder of them (default world/pope); AMBER's query "
+                        "file, HallusionBench.json or MMHal-Bench's response_template.json")
     p.add_argument("--images", default=None,
-                   help="image folder (default: each question file's folder)")
+                   help="image folder (default: each question file's folder; HallusionBench: its "
+                        "hallusion_bench/ beside it; MMHal-Bench: its images/ beside it)")
+    p.add_argument("--annotations", default=None,
+                   help="AMBER's annotations.json (default: beside the query file or one up)")
     p.add_argument("--out", default="runs/eval_base",
                    help="output folder (a rerun into it resumes)")
     p.add_argument("--answers", default=None,
-                   help="re-score this answers file instead of running a model")
+                   help="re-score this answers file instead of running a model (POPE: answers "
+                        "JSONL; AMBER and HallusionBench: their own answer file)")
     p.add_argument("--no-suffix", action="store_true",
-                   help="ask the bare question, without LLaVA-1.5's suffix")
+                   help="ask the bare question, without LLaVA-1.5's suffix (POPE)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=128,
                    help="answer length cap (LLaVA-1.5's setting: 128)")
+    p.add_argument("--open-max-new-tokens", type=at_least(1), default=1024,
+                   help="cap for AMBER's descriptions and MMHal-Bench's open answers "
+                        "(LLaVA-RLHF's Eval/model_vqa_mmhal.py: 1024)")
     p.add_argument("--noise-sigma", type=at_least(0.0, float), nargs="+", default=[0.0],
                    help="I_noise sigmas, e.g. 0 0.1 0.2 0.3")
     p.add_argument("--describe", default=None,
@@ -105,7 +167,7 @@ def parse_args(argv=None):
     p.add_argument("--device", type=device_name,
                    default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--limit", type=at_least(1), default=None,
-                   help="use only the first N questions of each split")
+                   help="use only the first N questions of each split or benchmark file")
     return p.parse_args(argv)
 
 
@@ -233,6 +295,148 @@ def chair(descriptions, objects, vocabulary):
             "hallucinated": n_hallucinated}
 
 
+# ---- the other benchmarks' rules ----
+def amber_response(text):
+    """A yes/no answer as AMBER's scorer compares it: exactly "Yes" or "No" (inference.py tests
+    `response == 'Yes'` and `response == 'No'`, so "yes" or "No." would score as wrong), read by
+    the POPE rule so that both benchmarks parse answers alike."""
+    return "No" if parse_yes_no(text) == "no" else "Yes"
+
+
+# AMBER's inference.py counts each yes/no item in one counter set chosen by its annotation's
+# "type" (an if/elif chain); every other non-generative type falls to its `else`, relation: the
+# 689 items typed "relation" are scored there beside the 975 typed "discriminative-relation".
+AMBER_DIMENSION = {"discriminative-hallucination": "existence",
+                   "discriminative-attribute-state": "state",
+                   "discriminative-attribute-number": "number",
+                   "discriminative-attribute-action": "action"}
+# the groups inference.py prints, each the sum of these counter sets (overall has its own)
+AMBER_GROUPS = {"overall": ("overall",), "existence": ("existence",),
+                "attribute": ("state", "number", "action"), "state": ("state",),
+                "number": ("number",), "action": ("action",), "relation": ("relation",)}
+
+
+def amber_metrics(rows):
+    """AMBER's yes/no scores as its inference.py computes and prints them, "No" positive:
+      accuracy  = correct / n         (correct: truth "yes" and "Yes", or truth "no" and "No")
+      precision = TP / said "No",     recall = TP / truth "no",    TP = said "No" and truth "no"
+      F1        = 2PR / (P + R + eps) from P and R already rounded; eps = 1e-4, existence 1e-3
+    in percent rounded to 0.1. Every count starts at 0.001 (data/metrics.txt), so an empty group
+    scores 0.0 and attribute, the sum of three counter sets, divides by n + 0.003. A response that
+    is not exactly "Yes" or "No" is wrong and is not a "No".
+    rows: [(annotation type, truth "yes"|"no", response)]. Returns {group: counts and rates}."""
+    counters = {}  # {counter set: {count: value}}, accumulated in inference.py's order
+    for name in ("overall", "existence", "state", "number", "action", "relation"):
+        counters[name] = {"n": 0.001, "correct": 0, "truth_no": 0.001, "said_no": 0.001, "tp": 0}
+    for kind, truth, response in rows:
+        for name in ("overall", AMBER_DIMENSION.get(kind, "relation")):
+            c = counters[name]
+            c["n"] += 1
+            c["correct"] += (truth, response) in (("yes", "Yes"), ("no", "No"))
+            c["truth_no"] += truth == "no"
+            c["said_no"] += response == "No"
+            c["tp"] += (truth, response) == ("no", "No")
+    metrics = {}
+    for group, names in AMBER_GROUPS.items():
+        total = {k: sum(counters[name][k] for name in names) for k in counters["overall"]}
+        precision = round(total["tp"] / total["said_no"] * 100, 1)
+        recall = round(total["tp"] / total["truth_no"] * 100, 1)
+        eps = 0.001 if group == "existence" else 0.0001
+        f1 = 2 * (precision / 100) * (recall / 100) / ((precision / 100) + (recall / 100) + eps)
+        metrics[group] = {"accuracy": round(total["correct"] / total["n"] * 100, 1),
+                          "precision": precision,
+                          "recall": recall,
+                          "f1": round(f1 * 100, 1),
+                          **{k: int(v) for k, v in total.items()}}  # the counts, less 0.001s
+    return metrics
+
+
+# VLMEvalKit's process_punctuation (from the VQA evaluation), which YOrN_Extraction applies
+VQA_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
+             "@", "`", ",", "?", "!"]
+
+
+def yes_no_verdict(text):
+    """"Yes", "No" or "Unknown" as VLMEvalKit's YOrN_Extraction reads an answer: lowercase, its
+    VQA punctuation handling (a mark touching a space, or any text with a digit,digit, is dropped,
+    else it becomes a space; a '.' not before a digit is dropped), split on whitespace; "Yes" if
+    the word "yes" occurs and "no" does not, "No" the other way round, else "Unknown". (Its
+    re.sub passes re.UNICODE as the count, capping the '.' removal at 32; not copied.)"""
+    text = text.lower()
+    out = text
+    for p in VQA_PUNCT:
+        if p + " " in text or " " + p in text or re.search(r"(\d)(,)(\d)", text):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    words = re.sub(r"\.(?!\d)", "", out).split()
+    if "yes" in words and "no" not in words:
+        return "Yes"
+    if "no" in words and "yes" not in words:
+        return "No"
+    return "Unknown"
+
+
+def hallusion_metrics(rows):
+    """HallusionBench's accuracies with a string verdict in place of the GPT-4 judge, so an
+    approximation of the official scores:
+      right = verdict == gt_answer ("1" Yes, "0" No), or "Unknown" on a VS question without a
+              figure (figure_id "0"), which the official assign_correctness counts right when
+              the judge says "uncertain"
+      aAcc  = right questions / questions                               (utils.py get_eval_all)
+      fAcc  = figures (category, subcategory, set_id, figure_id) with every question right /
+              figures, VS figure "0" (no figure) left out               (get_eval_fig)
+      qAcc  = question pairs (category, subcategory, set_id, question_id) with every question
+              right / pairs                                             (get_eval_pair_all)
+    in percent, overall and per category (VD, VS). rows: HallusionBench items with
+    "model_prediction"."""
+    scores = {}
+    for group in ("overall", "VD", "VS"):
+        figures = {}  # {figure: [right]}
+        pairs = {}  # {question pair: [right]}
+        right = []
+        for r in rows:
+            if group != "overall" and r["category"] != group:
+                continue
+            verdict = yes_no_verdict(r["model_prediction"])
+            no_figure = r["category"] == "VS" and str(r["figure_id"]) == "0"
+            truth = {"1": "Yes", "0": "No"}[str(r["gt_answer"])]
+            right.append(verdict == truth or (verdict == "Unknown" and no_figure))
+            stem = [r["category"], r["subcategory"], str(r["set_id"])]
+            if not no_figure:
+                figures.setdefault("_".join(stem + [str(r["figure_id"])]), []).append(right[-1])
+            pairs.setdefault("_".join(stem + [str(r["question_id"])]), []).append(right[-1])
+        scores[group] = {"aAcc": 100 * ratio(sum(right), len(right)),
+                         "fAcc": 100 * ratio(sum(map(all, figures.values())), len(figures)),
+                         "qAcc": 100 * ratio(sum(map(all, pairs.values())), len(pairs)),
+                         "n": len(right)}
+    return scores
+
+
+def mmhal_responses(template, answers):
+    """The template's items in the template's order, each with "model_answer" filled: LLaVA-RLHF's
+    eval_gpt_mmhal.py asserts 96 items and takes the question type as position % 8 ("assuming
+    order of 96 questions is not changed"). template: [item]; answers: {str(position): text}, in
+    any order; items without an answer (a --limit run) are left out."""
+    return [{**item, "model_answer": answers[str(i)]}
+            for i, item in enumerate(template) if str(i) in answers]
+
+
+def score_benchmark(benchmark, items, responses):
+    """In-repo scores of one sigma's answer file. items: read_benchmark's; responses: the rows of
+    the benchmark's own answer file (what its official scorer reads)."""
+    if benchmark == "amber":
+        said = {str(r["id"]): r["response"] for r in responses}
+        rows = [(it["type"], it["truth"], said[it["id"]])
+                for it in items if not it["open"] and it["id"] in said]
+        generative = sum(it["open"] and it["id"] in said for it in items)
+        return {"discriminative": amber_metrics(rows), "generative_exported": generative}
+    if benchmark == "hallusionbench":
+        return {"approximate": hallusion_metrics(responses),
+                "note": "rule-based verdict, not the official GPT-4 judge"}
+    return {"n": len(responses), "note": "scored by GPT-4 with LLaVA-RLHF's eval_gpt_mmhal.py"}
+
+
 def main(argv=None):
     args = parse_args(argv)
     # a repeated sigma would answer every question twice
@@ -241,8 +445,27 @@ def main(argv=None):
     inputs = {"--questions": args.questions, "--answers": args.answers, "--model": args.model}
     claim_out(out, inputs, folder=True)  # one run per --out
     out.mkdir(parents=True, exist_ok=True)
-    questions = read_questions(args.questions, args.limit)
+    if args.questions is None:
+        if args.benchmark != "pope":
+            raise SystemExit(f"--benchmark {args.benchmark} needs --questions (its question file)")
+        args.questions = "world/pope"
+    if args.benchmark == "pope":
+        metrics = evaluate_pope(args, out)
+    else:
+        metrics = evaluate_benchmark(args, out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if args.benchmark == "pope":
+        print_table(metrics)
+    else:
+        print_benchmark(metrics)
+    release_locks()  # --out is free for the next run, even in this process (a notebook)
+    return metrics
 
+
+def evaluate_pope(args, out):
+    """POPE's metrics per sigma and split (from a model, or re-scored from --answers), and CHAIR
+    on the toy world's descriptions."""
+    questions = read_questions(args.questions, args.limit)
     if args.answers:  # re-score only, like POPE's evaluate.py
         if args.describe:
             raise SystemExit("--describe needs a model; "
@@ -282,10 +505,44 @@ def main(argv=None):
             descriptions = [(j["path"], texts[j["key"]])
                             for j in chair_jobs if j["sigma"] == sigma]
             metrics["chair"][f"{sigma:g}"] = chair(descriptions, objects, vocabulary)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print_table(metrics)
-    release_locks()  # --out is free for the next run, even in this process (a notebook)
     return metrics
+
+
+def evaluate_benchmark(args, out):
+    """AMBER, HallusionBench or MMHal-Bench: per sigma, the answers in the benchmark's own file
+    (<out>/sigma<s>/) and the in-repo scores; or --answers, that file re-scored."""
+    if args.describe:
+        raise SystemExit("--describe (CHAIR) is the toy world's, on POPE runs")
+    items = read_benchmark(args)
+    if args.answers:
+        if args.benchmark == "mmhal":
+            raise SystemExit("MMHal-Bench is scored by a GPT-4 judge (LLaVA-RLHF's "
+                             "Eval/eval_gpt_mmhal.py), not here")
+        if (out / "answers.jsonl").exists():
+            raise SystemExit(f"{out} holds a run's answers.jsonl: re-score into another --out")
+        args.model = None
+        args.model_identity = None
+        check_resume(args, out)
+        files = {0.0: read_answer_file(args, items)}
+        written = {}
+    else:
+        if Path(args.model).exists():
+            args.model = str(Path(args.model).resolve())
+        args.model_identity = model_identity(args.model)  # a model retrained in place is another
+        check_resume(args, out)
+        jobs = benchmark_jobs(args, items)
+        parse = amber_response if args.benchmark == "amber" else None
+        generate_all(args, [j for j in jobs if not j["open"]], out / "answers.jsonl",
+                     args.max_new_tokens, args.benchmark, parse=parse)
+        generate_all(args, [j for j in jobs if j["open"]], out / "answers.jsonl",
+                     args.open_max_new_tokens, f"{args.benchmark} (open)")
+        answered = rows_by_sigma(jobs, out / "answers.jsonl")
+        files = {s: answer_file(args.benchmark, items, answered[s]) for s in args.noise_sigma}
+        written = write_answer_files(args.benchmark, files, out)
+    return {"model": args.model, "benchmark": args.benchmark, "questions": str(args.questions),
+            "sigmas": sorted(files), "files": written,
+            args.benchmark: {f"{s:g}": score_benchmark(args.benchmark, items, rows)
+                             for s, rows in files.items()}}
 
 
 # ==================================================================================================
@@ -405,6 +662,148 @@ def descriptions_by_key(path):
 # ---- end plumbing ----
 
 
+# ---- plumbing: the other benchmarks' files ----
+HALLUSION_FIELDS = ("category", "subcategory", "set_id", "figure_id", "question_id", "question",
+                    "gt_answer", "filename")
+ANSWER_FILES = {"amber": "amber_responses.json", "hallusionbench": "HallusionBench_result.json",
+                "mmhal": "mmhal_responses.json"}
+IMAGE_FOLDERS = {"amber": ".", "hallusionbench": "hallusion_bench", "mmhal": "images"}
+
+
+def read_json_list(path, fields, limit=None):
+    """The first `limit` items of a JSON list file, each checked to be an object with `fields`."""
+    try:
+        items = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: expected a JSON list, got {type(items).__name__}")
+    items = items[:limit]
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}: item {i} is not a JSON object")
+        missing = [f for f in fields if f not in item]
+        if missing:
+            raise ValueError(f"{path}: item {i}: missing field '{missing[0]}'")
+    return items
+
+
+def hallusion_key(row):
+    """A HallusionBench question's id: the key its get_eval_all asserts unique."""
+    fields = ("category", "subcategory", "set_id", "figure_id", "question_id")
+    return "_".join(str(row[f]) for f in fields)
+
+
+def read_amber_annotations(path, queries):
+    """{id: annotation} of AMBER's annotations.json (default: beside the query file, or one up as
+    in AMBER's data/query/ and data/annotations.json). inference.py reads id's annotation at
+    position id - 1, so each item must sit there."""
+    if path:
+        candidates = [Path(path)]
+    else:
+        candidates = [Path(queries).parent / "annotations.json",
+                      Path(queries).parent.parent / "annotations.json"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"no AMBER annotations.json in "
+                                f"{', '.join(map(str, candidates))}: pass --annotations")
+    annotations = read_json_list(path, ("id", "type", "truth"))
+    for i, a in enumerate(annotations):
+        if a["id"] != i + 1:
+            raise ValueError(f"{path}: item {i} has id {a['id']!r}, but AMBER's inference.py "
+                             f"reads an id's annotation at position id - 1")
+    return {a["id"]: a for a in annotations}
+
+
+def read_benchmark(args):
+    """The questions of an AMBER, HallusionBench or MMHal-Bench file as items {id (str), image
+    (relative; None: no image), prompt, open (a long answer), fields (the item as read), index}
+    and, for AMBER, its annotation's type and truth."""
+    path = Path(args.questions)
+    items = []
+    if args.benchmark == "amber":
+        annotations = read_amber_annotations(args.annotations, path)
+        for i, q in enumerate(read_json_list(path, ("id", "image", "query"), args.limit)):
+            if q["id"] not in annotations:
+                raise ValueError(f"{path}: item {i}: id {q['id']!r} has no annotation")
+            a = annotations[q["id"]]
+            items.append({"id": str(q["id"]), "image": q["image"], "prompt": q["query"],
+                          "open": a["type"] == "generative", "fields": q, "index": i,
+                          "type": a["type"], "truth": a["truth"]})
+    elif args.benchmark == "hallusionbench":
+        for i, q in enumerate(read_json_list(path, HALLUSION_FIELDS, args.limit)):
+            items.append({"id": hallusion_key(q), "image": q["filename"], "prompt": q["question"],
+                          "open": False, "fields": q, "index": i})
+    else:  # mmhal: the images folder holds each image_src under its file name
+        for i, q in enumerate(read_json_list(path, ("question", "image_src"), args.limit)):
+            image = Path(urlparse(q["image_src"]).path).name
+            items.append({"id": str(i), "image": image, "prompt": q["question"], "open": True,
+                          "fields": q, "index": i})
+    seen = {}
+    for it in items:
+        first = seen.setdefault(it["id"], it["index"])
+        if first != it["index"]:
+            raise ValueError(f"{path}: item {it['index']}: id {it['id']!r} repeats item {first}")
+    return items
+
+
+def read_answer_file(args, items):
+    """The rows of an AMBER or HallusionBench answer file to re-score, each checked to answer one
+    of the questions."""
+    if args.benchmark == "amber":
+        rows = read_json_list(args.answers, ("id", "response"))
+        ids = [str(r["id"]) for r in rows]
+    else:
+        rows = read_json_list(args.answers, (*HALLUSION_FIELDS, "model_prediction"))
+        ids = [hallusion_key(r) for r in rows]
+    known = {it["id"] for it in items}
+    for i, qid in enumerate(ids):
+        if qid not in known:
+            raise ValueError(f"{args.answers}: item {i}: {qid} is not among the questions")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{args.answers}: an id is answered twice")
+    return rows
+
+
+def answer_file(benchmark, items, answered):
+    """One sigma's answer file in the benchmark's official format, in question-file order.
+    answered: {id: answers.jsonl row}."""
+    if benchmark == "amber":  # a yes/no response is the normalised "answer"
+        return [{"id": it["fields"]["id"],
+                 "response": answered[it["id"]].get("answer", answered[it["id"]]["text"])}
+                for it in items if it["id"] in answered]
+    if benchmark == "hallusionbench":
+        return [{**it["fields"], "model_prediction": answered[it["id"]]["text"]}
+                for it in items if it["id"] in answered]
+    texts = {qid: row["text"] for qid, row in answered.items()}
+    return mmhal_responses([it["fields"] for it in items], texts)
+
+
+def write_answer_files(benchmark, files, out):
+    """Write each sigma's answer file (JSON, as the official scorers json.load it); returns
+    {sigma: path}."""
+    written = {}
+    for sigma, rows in files.items():
+        path = out / f"sigma{sigma:g}" / ANSWER_FILES[benchmark]
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(rows, indent=1))
+        written[f"{sigma:g}"] = str(path)
+    return written
+
+
+def rows_by_sigma(jobs, path):
+    """{sigma: {id: answers.jsonl row}} of the rows that answer these jobs."""
+    wanted = {j["key"] for j in jobs}
+    rows = {sigma: {} for _, sigma, _ in wanted}
+    for r in continue_jsonl(path):
+        key = (r["split"], float(r["sigma"]), str(r["question_id"]))
+        if key in wanted:
+            rows[key[1]][key[2]] = r
+    return rows
+
+# ---- end plumbing ----
+
+
 # ---- plumbing: generation jobs ----
 def pope_jobs(args, questions):
     """One generation job per question per sigma; the noise key is the image path as written, as
@@ -423,6 +822,29 @@ def pope_jobs(args, questions):
                              "noise_key": q["image"],
                              "sigma": sigma,
                              "row": row})
+    return jobs
+
+
+def benchmark_jobs(args, items):
+    """One generation job per benchmark item per sigma, its split the benchmark's name; every image
+    checked to exist first (HallusionBench's text-only questions have none)."""
+    folder = Path(args.images or Path(args.questions).parent / IMAGE_FOLDERS[args.benchmark])
+    for it in items:
+        it["path"] = None if it["image"] is None else folder / it["image"]
+        if it["path"] is not None and not it["path"].is_file():
+            raise FileNotFoundError(f"{args.questions}: item {it['index']}: image not found: "
+                                    f"{it['path']}")
+    jobs = []
+    for sigma in args.noise_sigma:
+        for it in items:
+            row = {"question_id": it["id"], "split": args.benchmark, "sigma": sigma}
+            jobs.append({"key": (args.benchmark, sigma, it["id"]),
+                         "prompt": it["prompt"],
+                         "path": it["path"],
+                         "noise_key": it["image"],
+                         "sigma": sigma,
+                         "open": it["open"],
+                         "row": row})
     return jobs
 
 
@@ -462,28 +884,40 @@ def cached_model(path, device):
 
 def generate_all(args, jobs, out_path, max_new_tokens, desc, parse=None):
     """Answer every job whose key is not yet in out_path, appending one row per answer as it comes
-    (the file is the checkpoint). jobs: dicts with key, prompt, path (image file), noise_key, sigma
-    and row (the fields to write); parse(text), when given, adds the parsed "answer"."""
+    (the file is the checkpoint). jobs: dicts with key, prompt, path (image file; None: none),
+    noise_key, sigma and row (the fields to write); parse(text), when given, adds the parsed
+    "answer". A row already there with another prompt for the same key stops the run: its answer
+    was asked differently (e.g. POPE's suffix joined by a space before LLaVA's newline)."""
+    prompts = {j["key"]: j["prompt"] for j in jobs}
     done = set()
     for r in continue_jsonl(out_path):
-        done.add((r.get("split"), float(r["sigma"]), str(r["question_id"])))
+        key = (r.get("split"), float(r["sigma"]), str(r["question_id"]))
+        done.add(key)
+        if key in prompts and r.get("prompt", prompts[key]) != prompts[key]:
+            raise SystemExit(f"{out_path}: question_id {r['question_id']!r} was asked "
+                             f"{r['prompt']!r} there, not {prompts[key]!r}: use another --out")
     todo = [j for j in jobs if j["key"] not in done]
     if not todo:
         return
     model, processor = cached_model(args.model, args.device)
+    # a batch is all with an image or all without (HallusionBench's text-only questions)
+    groups = [[j for j in todo if j["path"] is not None], [j for j in todo if j["path"] is None]]
     with open(out_path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc) as bar:
-        for i in range(0, len(todo), args.batch_size):
-            batch = todo[i:i + args.batch_size]
-            images = [add_noise(load_image(j["path"]), j["sigma"], args.seed, j["noise_key"])
-                      for j in batch]
-            texts = [chat_prompt(processor, j["prompt"]) for j in batch]
-            outputs = generate_greedy(model, processor, texts, images, max_new_tokens)
-            for j, text in zip(batch, outputs):
-                row = {**j["row"], "prompt": j["prompt"], "text": text}
-                if parse:
-                    row["answer"] = parse(text)
-                append_jsonl(f, row)
-            bar.update(len(batch))
+        for group in groups:
+            for i in range(0, len(group), args.batch_size):
+                batch = group[i:i + args.batch_size]
+                images = [add_noise(load_image(j["path"]), j["sigma"], args.seed, j["noise_key"])
+                          for j in batch if j["path"] is not None]
+                texts = [chat_prompt(processor, j["prompt"], 1 if images else 0)
+                         for j in batch]
+                outputs = generate_greedy(model, processor, texts, images or None,
+                                          max_new_tokens)
+                for j, text in zip(batch, outputs):
+                    row = {**j["row"], "prompt": j["prompt"], "text": text}
+                    if parse:
+                        row["answer"] = parse(text)
+                    append_jsonl(f, row)
+                bar.update(len(batch))
 
 
 def check_resume(args, out):
@@ -512,6 +946,32 @@ def print_table(metrics):
     for s, c in metrics.get("chair", {}).items():
         print(f"{s:>5} CHAIR_i {c['chair_i']:.3f}  CHAIR_s {c['chair_s']:.3f}  "
               f"recall {c['recall']:.3f}  n {c['n']}")
+
+
+def print_benchmark(metrics):
+    """AMBER's yes/no scores as AMBER prints them (percent), HallusionBench's approximate
+    accuracies, and where each sigma's answer file is."""
+    benchmark = metrics["benchmark"]
+    for s, scores in metrics[benchmark].items():
+        if benchmark == "amber":
+            print(f"{'sigma':>5} {'AMBER':<10} {'acc':>6} {'prec':>6} {'rec':>6} {'F1':>6} "
+                  f"{'n':>6}")
+            for group, m in scores["discriminative"].items():
+                print(f"{s:>5} {group:<10} {m['accuracy']:6.1f} {m['precision']:6.1f} "
+                      f"{m['recall']:6.1f} {m['f1']:6.1f} {m['n']:6d}")
+            print(f"{s:>5} {scores['generative_exported']} descriptions exported for AMBER's "
+                  f"inference.py (CHAIR, Cover, Hal, Cog)")
+        elif benchmark == "hallusionbench":
+            print(f"{'sigma':>5} {'HallusionBench':<14} {'aAcc':>6} {'fAcc':>6} {'qAcc':>6} "
+                  f"{'n':>6}   (rule-based: approximates the GPT-4-judged scores)")
+            for group, m in scores["approximate"].items():
+                print(f"{s:>5} {group:<14} {m['aAcc']:6.2f} {m['fAcc']:6.2f} {m['qAcc']:6.2f} "
+                      f"{m['n']:6d}")
+        else:
+            print(f"{s:>5} MMHal-Bench: {scores['n']} answers; score them with LLaVA-RLHF's "
+                  f"Eval/eval_gpt_mmhal.py (GPT-4)")
+        if s in metrics["files"]:
+            print(f"{s:>5} answer file: {metrics['files'][s]}")
 
 # ---- end plumbing ----
 

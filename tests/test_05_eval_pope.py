@@ -209,3 +209,25 @@ def test_read_truth_finds_truth_one_folder_up_and_uses_world_classes(toy_pope):
     objects, vocabulary = ev.read_truth(toy_pope / "describe" / "describe.jsonl")
     assert vocabulary == {"red circle", "red square", "green circle", "green square", "blue circle", "blue square"}
     assert objects[(toy_pope / "pope" / "images" / "1.png").resolve()] == {"green circle"}
+
+
+def test_pope_prompt_is_llava_15s_newline_join(toy_pope):
+    """LLaVA-1.5's own POPE file (llava_pope_test.jsonl, first line) joins question and suffix with a newline."""
+    llava_line = "Is there a snowboard in the image?\nAnswer the question using a single word or phrase."
+    assert "Is there a snowboard in the image?" + ev.SUFFIX == llava_line
+    args = ev.parse_args(["--questions", str(toy_pope / "pope")])
+    jobs = ev.pope_jobs(args, ev.read_questions(args.questions))
+    assert jobs[0]["prompt"] == "is there a blue circle in the image ?\nAnswer the question using a single word or phrase."
+    args = ev.parse_args(["--questions", str(toy_pope / "pope"), "--no-suffix"])
+    assert ev.pope_jobs(args, ev.read_questions(args.questions))[0]["prompt"] == "is there a blue circle in the image ?"
+
+
+def test_resume_refuses_answers_asked_with_another_prompt(toy_pope, tmp_path):
+    """An --out written before the newline join (space-joined prompts) is not silently mixed with new answers."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    old = {"question_id": 1, "split": "popular", "sigma": 0.0, "text": "yes", "answer": "yes",
+           "prompt": "is there a blue circle in the image ? Answer the question using a single word or phrase."}
+    (out / "answers.jsonl").write_text(json.dumps(old) + "\n")
+    with pytest.raises(SystemExit, match=r"question_id 1 was asked 'is there a blue circle in the image \? Answer"):
+        ev.main(["--model", str(tmp_path / "m"), "--questions", str(toy_pope / "pope"), "--out", str(out)])
