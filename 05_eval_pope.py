@@ -58,8 +58,9 @@ Where each rule comes from (repository: path):
 Input   questions, one file per split (split = file name less "coco_pope_" and extension),
           images relative to --images, else to the file:
           {"question_id", "image", "text", "label": "yes"|"no"}
-        --answers (re-score, no model): {"question_id", "text", ["split"], ["sigma"]}
-          (LLaVA's answer files as is)
+        --answers (re-score, no model): {"question_id", "text", ["split"], ["sigma"], ["prompt"],
+          ["image"]} (LLaVA's answer files as is); an answer whose prompt does not start with its
+          question's text, or whose image is another, is refused (another split's answers)
         --describe (toy world): {"question_id", "image", "text"};
           truth.jsonl: {"image", "objects": [{"class"}]}
         --benchmark amber: a query file [{"id", "image", "query"}] and annotations.json
@@ -69,7 +70,7 @@ Input   questions, one file per split (split = file name less "coco_pope_" and e
           --answers: a HallusionBench_result.json
         --benchmark mmhal: response_template.json [{"question", "image_src", ...}], images by the
           file name of image_src
-Output  <out>/answers.jsonl {"question_id", "split", "sigma", "prompt", "text", "answer"},
+Output  <out>/answers.jsonl {"question_id", "split", "sigma", "image", "prompt", "text", "answer"},
           appended as produced (a benchmark's name is its split; AMBER's "answer" is "Yes"/"No");
         <out>/describe.jsonl {"question_id", "sigma", "image", "prompt", "text"};
         <out>/args.json;
@@ -91,7 +92,11 @@ Launch (single process: POPE is small, one device is enough, so there is no torc
   python 05_eval_pope.py --questions coco_pope_random.json --answers answers.jsonl \
       --out runs/rescore                     # re-score an answers file, no model
 A rerun into the same --out resumes: (split, sigma, question_id) already in answers.jsonl are
-skipped.
+skipped when they were asked the same prompt about the same image, by the same model (files and
+all) and settings; anything else is refused. args.json is written once the model has loaded; one
+run per --out at a time (<out>.lock). A question whose image is unreadable, or whose prompt + the
+length cap runs past the model's context, ends the run naming its file and line: every question
+needs its answer.
 """
 import argparse
 import atexit
@@ -238,6 +243,15 @@ def match_by_id(questions, answers, where):
     if missing:
         raise ValueError(f"{where}: no answer for question_id {missing[0]!r} "
                          f"({len(missing)} missing)")
+    for q in questions:  # an answer that says what it answered must answer this question
+        n, row = by_id[str(q["question_id"])]
+        asked = " ".join(str(row.get("prompt", q["text"])).split())  # (the suffix may follow)
+        if not asked.startswith(" ".join(q["text"].split())):
+            raise ValueError(f"{where}:{n}: question_id {q['question_id']!r} answers "
+                             f"{row['prompt']!r}, not {q['text']!r} (another split's answers?)")
+        if row.get("image", q["image"]) != q["image"]:
+            raise ValueError(f"{where}:{n}: question_id {q['question_id']!r} answers about "
+                             f"{row['image']!r}, not {q['image']!r} (another split's answers?)")
     return [by_id[str(q["question_id"])][1]["text"] for q in questions]
 
 
@@ -246,6 +260,10 @@ def score_pope(questions, answers, where):
     questions: {split: [row]}; answers: [(line, row)], grouped by their "split" and "sigma" fields
     (absent: the only split, sigma 0)."""
     splits = ", ".join(questions)
+    blind = sum("split" not in row and "prompt" not in row for _, row in answers)
+    if blind:
+        print(f"warning: {where}: {blind} answers carry neither 'split' nor 'prompt', so nothing "
+              f"shows they answer these questions")
     groups = {}  # {sigma: {split: [(line, row)]}}
     for n, row in answers:
         for field in ("question_id", "text"):
@@ -449,10 +467,13 @@ def main(argv=None):
         if args.benchmark != "pope":
             raise SystemExit(f"--benchmark {args.benchmark} needs --questions (its question file)")
         args.questions = "world/pope"
-    if args.benchmark == "pope":
-        metrics = evaluate_pope(args, out)
-    else:
-        metrics = evaluate_benchmark(args, out)
+    try:
+        if args.benchmark == "pope":
+            metrics = evaluate_pope(args, out)
+        else:
+            metrics = evaluate_benchmark(args, out)
+    except (ValueError, FileNotFoundError) as e:  # the readers' and scorers' "file:line: why"
+        fail(str(e))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     if args.benchmark == "pope":
         print_table(metrics)
@@ -478,16 +499,17 @@ def evaluate_pope(args, out):
         answers = read_answers(args.answers, questions, args.limit)
         check_resume(args, out)
         pope = score_pope(questions, answers, args.answers)
+        record_args(args, out)
     else:
         # a local folder: resumes compare where it is, not how it was spelled
         if Path(args.model).exists():
             args.model = str(Path(args.model).resolve())
-        args.model_identity = model_identity(args.model)  # a model retrained in place is another
-        check_resume(args, out)
         jobs = pope_jobs(args, questions)
         if args.describe:  # read and checked before any generation
             objects, vocabulary = read_truth(args.describe, args.truth)
             chair_jobs = describe_jobs(args, objects)
+        args.model_identity = model_identity(args.model)  # a model retrained in place is another
+        check_resume(args, out)
         generate_all(args, jobs, out / "answers.jsonl", args.max_new_tokens, "POPE",
                      parse=parse_yes_no)
         answers = answers_to(jobs, out / "answers.jsonl")
@@ -525,12 +547,13 @@ def evaluate_benchmark(args, out):
         check_resume(args, out)
         files = {0.0: read_answer_file(args, items)}
         written = {}
+        record_args(args, out)
     else:
         if Path(args.model).exists():
             args.model = str(Path(args.model).resolve())
+        jobs = benchmark_jobs(args, items)
         args.model_identity = model_identity(args.model)  # a model retrained in place is another
         check_resume(args, out)
-        jobs = benchmark_jobs(args, items)
         parse = amber_response if args.benchmark == "amber" else None
         generate_all(args, [j for j in jobs if not j["open"]], out / "answers.jsonl",
                      args.max_new_tokens, args.benchmark, parse=parse)
@@ -815,8 +838,10 @@ def pope_jobs(args, questions):
     for sigma in args.noise_sigma:
         for split, rows in questions.items():
             for q in rows:
-                row = {"question_id": q["question_id"], "split": split, "sigma": sigma}
+                row = {"question_id": q["question_id"], "split": split, "sigma": sigma,
+                       "image": q["image"]}
                 jobs.append({"key": (split, sigma, str(q["question_id"])),
+                             "where": f"{q['file']}:{q['line']}",
                              "prompt": q["text"] + suffix,
                              "path": q["path"],
                              "noise_key": q["image"],
@@ -837,8 +862,10 @@ def benchmark_jobs(args, items):
     jobs = []
     for sigma in args.noise_sigma:
         for it in items:
-            row = {"question_id": it["id"], "split": args.benchmark, "sigma": sigma}
+            row = {"question_id": it["id"], "split": args.benchmark, "sigma": sigma,
+                   "image": it["image"]}
             jobs.append({"key": (args.benchmark, sigma, it["id"]),
+                         "where": f"{args.questions}: item {it['index']}",
                          "prompt": it["prompt"],
                          "path": it["path"],
                          "noise_key": it["image"],
@@ -864,6 +891,7 @@ def describe_jobs(args, objects):
         for r in rows:
             row = {"question_id": r["question_id"], "sigma": sigma, "image": r["image"]}
             jobs.append({"key": (None, sigma, str(r["question_id"])),
+                         "where": f"{args.describe}:{r['line']}",
                          "prompt": r["text"],
                          "path": r["path"].resolve(),
                          "noise_key": r["image"],
@@ -884,32 +912,44 @@ def cached_model(path, device):
 
 def generate_all(args, jobs, out_path, max_new_tokens, desc, parse=None):
     """Answer every job whose key is not yet in out_path, appending one row per answer as it comes
-    (the file is the checkpoint). jobs: dicts with key, prompt, path (image file; None: none),
-    noise_key, sigma and row (the fields to write); parse(text), when given, adds the parsed
-    "answer". A row already there with another prompt for the same key stops the run: its answer
-    was asked differently (e.g. POPE's suffix joined by a space before LLaVA's newline)."""
-    prompts = {j["key"]: j["prompt"] for j in jobs}
+    (the file is the checkpoint). jobs: dicts with key, where (the question's file and line),
+    prompt, path (image file; None: none), noise_key, sigma and row (the fields to write);
+    parse(text), when given, adds the parsed "answer". A row already there with another prompt or
+    image for the same key stops the run: it answers another question (e.g. POPE's suffix joined
+    by a space before LLaVA's newline, or other question files under the same split names)."""
+    asked = {j["key"]: (j["prompt"], j["noise_key"]) for j in jobs}  # the image as written
     done = set()
     for r in continue_jsonl(out_path):
         key = (r.get("split"), float(r["sigma"]), str(r["question_id"]))
         done.add(key)
-        if key in prompts and r.get("prompt", prompts[key]) != prompts[key]:
-            raise SystemExit(f"{out_path}: question_id {r['question_id']!r} was asked "
-                             f"{r['prompt']!r} there, not {prompts[key]!r}: use another --out")
+        if key not in asked:
+            continue
+        prompt, image = asked[key]
+        was = (r.get("prompt", prompt), r.get("image", image))  # (older rows lack "image")
+        if was != (prompt, image):
+            fail(f"{out_path}: question_id {r['question_id']!r} was asked {was[0]!r} about "
+                 f"{was[1]!r} there, not {prompt!r} about {image!r} (other question files "
+                 f"under the same names?): use another --out")
     todo = [j for j in jobs if j["key"] not in done]
     if not todo:
         return
     model, processor = cached_model(args.model, args.device)
+    record_args(args, Path(out_path).parent)  # the model loads: this run's answers are valid
     # a batch is all with an image or all without (HallusionBench's text-only questions)
     groups = [[j for j in todo if j["path"] is not None], [j for j in todo if j["path"] is None]]
     with open(out_path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc) as bar:
         for group in groups:
             for i in range(0, len(group), args.batch_size):
                 batch = group[i:i + args.batch_size]
-                images = [add_noise(load_image(j["path"]), j["sigma"], args.seed, j["noise_key"])
-                          for j in batch if j["path"] is not None]
+                images = [noisy_image(j, args.seed) for j in batch if j["path"] is not None]
                 texts = [chat_prompt(processor, j["prompt"], 1 if images else 0)
                          for j in batch]
+                per_row = [[im] for im in images] or [[] for _ in batch]
+                fits = prompt_problems(model, processor, texts, per_row,
+                                       [max_new_tokens] * len(batch), "new tokens at most")
+                for j, problem in zip(batch, fits):  # every question needs its answer
+                    if problem:
+                        fail(f"{j['where']}: {problem}")
                 outputs = generate_greedy(model, processor, texts, images or None,
                                           max_new_tokens)
                 for j, text in zip(batch, outputs):
@@ -920,9 +960,20 @@ def generate_all(args, jobs, out_path, max_new_tokens, desc, parse=None):
                 bar.update(len(batch))
 
 
+def noisy_image(job, seed):
+    """A job's image as the model sees it (I_noise at the job's sigma); an unreadable file ends the
+    run naming the question (every question needs its answer; those before it are kept)."""
+    try:
+        image = load_image(job["path"])
+    except (OSError, ValueError) as e:
+        fail(f"{job['where']}: unreadable image {job['path']}: {e}")
+    return add_noise(image, job["sigma"], seed, job["noise_key"])
+
+
 def check_resume(args, out):
-    """Refuse to mix answers of different models or settings in one --out; then record this run's
-    arguments."""
+    """Refuse to mix answers of different models or settings in one --out. Nothing is written:
+    record_args does that once the model has loaded, so a run with a wrong --model leaves no
+    args.json to refuse the corrected run."""
     path = out / "args.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     if not old.get("answers"):  # an earlier model run (a re-score holds no answers of its own)
@@ -931,8 +982,12 @@ def check_resume(args, out):
             if k in old and old[k] != new:
                 raise SystemExit(f"{out} holds answers made with {k}={old[k]!r}, not {new!r}: "
                                  f"use another --out or delete it")
+
+
+def record_args(args, out):
+    """<out>/args.json: this run's arguments, which check_resume compares a rerun with."""
     record = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    path.write_text(json.dumps(record, indent=1))
+    (out / "args.json").write_text(json.dumps(record, indent=1))
 
 
 def print_table(metrics):
@@ -1272,6 +1327,34 @@ def release_locks():
             lock.unlink()
         f.close()
     LOCKS.clear()
+# ---- end shared ----
+
+
+# ---- shared: context ----
+def prompt_problems(model, processor, texts, images, extra, what):
+    """For each row None, or why the model cannot take it: its text holds an image placeholder
+    itself (the processor would count one image too many and fail the whole batch), or its tokens
+    as the processor makes them (image tokens included) + extra[i] more (tokens to generate, or a
+    response) run past max_position_embeddings, where the model gives garbage without an error.
+    texts: R chat prompts; images: R lists of images; what: the extra tokens' name."""
+    marks = [getattr(processor, k, None) for k in ("image_token", "video_token")]
+    problems = [None] * len(texts)
+    for r, text in enumerate(texts):
+        for mark, n in zip(marks, (len(images[r]), 0)):
+            if isinstance(mark, str) and text.count(mark) != n:
+                problems[r] = f"the text holds the model's image placeholder {mark!r}"
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    ok = [r for r, problem in enumerate(problems) if problem is None]
+    for k in range(0, len(ok) if limit else 0, 16):  # a few rows at a time: pixel values add up
+        rows = ok[k:k + 16]
+        flat = [im for r in rows for im in images[r]]
+        enc = processor(text=[texts[r] for r in rows], images=flat or None, padding=True,
+                        return_tensors="pt")
+        for r, n in zip(rows, enc["attention_mask"].sum(1).tolist()):
+            if n + extra[r] > limit:
+                problems[r] = (f"the prompt is {n} tokens (images included), + {extra[r]} {what} "
+                               f"is over the model's context of {limit} positions")
+    return problems
 # ---- end shared ----
 
 

@@ -5,6 +5,7 @@ lines listed while the others (L, RGBA, P, I;16 images) are scored, every line f
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,6 +177,7 @@ def llava_run(tiny_llava, tiny_clip, tmp_path_factory):
     procs = [run_script(SCRIPT, "--model", tiny_llava, *args, "--batch-size", 4, check=False)]
     procs.append({"dropped": jsonl(out.with_suffix(".dropped.jsonl")), "train": out.read_text(),
                   "report": json.loads(out.with_suffix(".report.json").read_text())})
+    shutil.copytree(tiny_llava, root / "another_model")  # a model that loads, but another one
     procs.append(run_script(SCRIPT, "--model", root / "another_model", *args, *WIDE, check=False))
     procs.append(run_script(SCRIPT, "--model", tiny_llava, *args, *WIDE))
     return root, data, out, procs

@@ -80,7 +80,7 @@ def test_rescore_official_popular_file(tmp_path):
     assert got["pope"]["0"]["popular"] == expected
     assert got["mean"]["0"]["f1"] == pytest.approx(expected["f1"])
     # the same answers against the folder of all three splits cannot be told apart: ids repeat across files
-    with pytest.raises(ValueError, match=r"answers.jsonl:1: no 'split' field.*3 question files.*pass one question"):
+    with pytest.raises(SystemExit, match=r"answers.jsonl:1: no 'split' field.*3 question files.*pass one question"):
         ev.main(["--questions", str(OFFICIAL), "--answers", str(tmp_path / "answers.jsonl"),
                  "--out", str(tmp_path / "out2")])
 
@@ -110,7 +110,7 @@ def test_bad_input_exits_nonzero_with_file_and_line(tmp_path):
                       check=False)
     assert proc.returncode != 0 and "random.jsonl:2: bad JSON line" in proc.stderr
     (tmp_path / "random.jsonl").write_text(good)  # checked before any model is loaded
-    with pytest.raises(FileNotFoundError, match=r"random.jsonl:1: image not found: .*gone.png"):
+    with pytest.raises(SystemExit, match=r"random.jsonl:1: image not found: .*gone.png"):
         ev.main(["--model", str(tmp_path / "m"), "--questions", str(tmp_path), "--out", str(tmp_path / "o")])
 
 
@@ -199,8 +199,9 @@ def test_end_to_end_rescore_and_resume(model, toy_pope, tmp_path, request):
     assert json.loads((out / "metrics.json").read_text()) == metrics
 
     # resuming with another model (or settings that change the answers) is refused before anything is loaded
+    other = request.getfixturevalue("tiny_qwen" if model == "tiny_llava" else "tiny_llava")
     with pytest.raises(SystemExit, match="holds answers made with model="):
-        ev.main(list(map(str, [args[0], tmp_path / "another_model", *args[2:]])))
+        ev.main(list(map(str, [args[0], other, *args[2:]])))
     with pytest.raises(SystemExit, match="holds answers made with max_new_tokens=6, not 7"):
         ev.main(list(map(str, args + ["--max-new-tokens", "7"])))
 
@@ -222,7 +223,7 @@ def test_pope_prompt_is_llava_15s_newline_join(toy_pope):
     assert ev.pope_jobs(args, ev.read_questions(args.questions))[0]["prompt"] == "is there a blue circle in the image ?"
 
 
-def test_resume_refuses_answers_asked_with_another_prompt(toy_pope, tmp_path):
+def test_resume_refuses_answers_asked_with_another_prompt(toy_pope, tmp_path, tiny_llava):
     """An --out written before the newline join (space-joined prompts) is not silently mixed with new answers."""
     out = tmp_path / "eval"
     out.mkdir()
@@ -230,4 +231,4 @@ def test_resume_refuses_answers_asked_with_another_prompt(toy_pope, tmp_path):
            "prompt": "is there a blue circle in the image ? Answer the question using a single word or phrase."}
     (out / "answers.jsonl").write_text(json.dumps(old) + "\n")
     with pytest.raises(SystemExit, match=r"question_id 1 was asked 'is there a blue circle in the image \? Answer"):
-        ev.main(["--model", str(tmp_path / "m"), "--questions", str(toy_pope / "pope"), "--out", str(out)])
+        ev.main(["--model", str(tiny_llava), "--questions", str(toy_pope / "pope"), "--out", str(out)])

@@ -317,3 +317,67 @@ def test_odd_flag_values_are_refused_naming_the_flag(name, flag, value, capsys):
     with pytest.raises(SystemExit):
         STAGES[name].parse_args([flag, value])
     assert f"argument {flag}" in capsys.readouterr().err
+
+
+# ---- stage 05: answers say what they answer ----
+def pope_split(folder, split="random", image="a.png", colours=("red", "blue")):
+    """<folder>/<split>.jsonl: one question per colour about one random image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(image))
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / image)
+    rows = [{"question_id": i + 1, "image": image, "text": f"is there a {c} circle in the image ?",
+             "label": ["yes", "no"][i % 2]} for i, c in enumerate(colours)]
+    (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / f"{split}.jsonl"
+
+
+def test_05_rerun_with_other_questions_under_the_same_split_name_is_refused(tiny_llava, tmp_path):
+    """The same ids and texts about another image (POPE's questions repeat across images): before, the old
+    answers were reused and scored against the new labels."""
+    first = pope_split(tmp_path / "a", image="a.png")
+    other = pope_split(tmp_path / "b", image="b.png")
+    out = tmp_path / "eval"
+    main(s05, "--model", tiny_llava, "--questions", first, "--out", out, "--max-new-tokens", 2)
+    before = snapshot(out)
+    with pytest.raises(SystemExit, match="question_id 1 was asked .* about 'a.png' there, not .* about 'b.png'"):
+        main(s05, "--model", tiny_llava, "--questions", other, "--out", out, "--max-new-tokens", 2)
+    assert snapshot(out) == before
+    assert all(r["image"] == "a.png" and r["split"] == "random" for r in lines(out / "answers.jsonl"))
+
+
+def test_05_rescoring_refuses_answers_to_another_splits_questions(tmp_path):
+    questions = pope_split(tmp_path, split="popular", colours=("green", "blue"))
+    answers = tmp_path / "answers.jsonl"  # LLaVA's format: no split; the prompts are random's questions
+    answers.write_text("".join(json.dumps({"question_id": i + 1, "text": "yes",
+                                           "prompt": f"is there a {c} circle in the image ?" + s05.SUFFIX}) + "\n"
+                               for i, c in enumerate(("red", "blue"))))
+    with pytest.raises(SystemExit, match="answers.jsonl.*:1: question_id 1 answers 'is there a red circle"):
+        main(s05, "--questions", questions, "--answers", answers, "--out", tmp_path / "rescored")
+    assert not (tmp_path / "rescored" / "args.json").exists()
+
+
+def test_05_writes_args_json_only_once_the_model_loads(tiny_llava, tmp_path):
+    """Before, a run with a wrong --model wrote args.json first, and the corrected run was refused."""
+    questions = pope_split(tmp_path / "q")
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "wrong" / "config.json").write_text("{}")
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit, match="no image-text model and processor load"):
+        main(s05, "--model", tmp_path / "wrong", "--questions", questions, "--out", out)
+    assert not (out / "args.json").exists()
+    main(s05, "--model", tiny_llava, "--questions", questions, "--out", out, "--max-new-tokens", 2)
+    assert json.loads((out / "args.json").read_text())["model"] == str(tiny_llava.resolve())
+
+
+def test_05_an_unreadable_image_or_a_bad_line_is_a_sentence_naming_it(tiny_llava, tmp_path):
+    questions = pope_split(tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with open(questions, "a") as f:
+        f.write(json.dumps({"question_id": 9, "image": "broken.png", "text": "is there a cat ?", "label": "no"}) + "\n")
+    with pytest.raises(SystemExit, match=f"{questions}:3: unreadable image"):
+        main(s05, "--model", tiny_llava, "--questions", questions, "--out", tmp_path / "eval", "--max-new-tokens", 2,
+             "--batch-size", 1)
+    assert len(lines(tmp_path / "eval" / "answers.jsonl")) == 2  # the questions before it are kept
+    questions.write_text(questions.read_text() + "{broken\n")
+    with pytest.raises(SystemExit, match=f"{questions}:4: bad JSON line"):  # before: a ValueError traceback
+        main(s05, "--model", tiny_llava, "--questions", questions, "--out", tmp_path / "eval2")
