@@ -674,6 +674,8 @@ def load_image(path):
         except Image.DecompressionBombError as e:  # a frame larger than the header said
             raise ValueError(f"{path}: {e}") from None
         img = ImageOps.exif_transpose(img)
+        if img.mode == "F":  # 32-bit float: no range says what is white (1.0? 255? 65535?)
+            raise ValueError(f"{path}: a 32-bit float image; convert it to 8 or 16 bits")
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
             # 16-bit grayscale: scale to 8 bits, not clip
             a = np.asarray(img, dtype=np.float64)
@@ -866,6 +868,8 @@ def read_instances(path, fields, limit=None):
                 problem = f"empty field '{field}'"
             elif field in ("image", "prompt") and not isinstance(value, str):
                 problem = f"field '{field}' must be text, not {type(value).__name__}"
+            elif field == "id" and (type(value) not in (str, int)):  # a list, NaN: no file name
+                problem = f"field 'id' must be text or an integer, not {type(value).__name__}"
             if problem:
                 break
         if problem is None and str(row["id"]) in seen:

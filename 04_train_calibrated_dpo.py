@@ -793,6 +793,8 @@ def load_image(path):
         except Image.DecompressionBombError as e:  # a frame larger than the header said
             raise ValueError(f"{path}: {e}") from None
         img = ImageOps.exif_transpose(img)
+        if img.mode == "F":  # 32-bit float: no range says what is white (1.0? 255? 65535?)
+            raise ValueError(f"{path}: a 32-bit float image; convert it to 8 or 16 bits")
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
             # 16-bit grayscale: scale to 8 bits, not clip
             a = np.asarray(img, dtype=np.float64)

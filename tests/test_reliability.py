@@ -381,3 +381,24 @@ def test_05_an_unreadable_image_or_a_bad_line_is_a_sentence_naming_it(tiny_llava
     questions.write_text(questions.read_text() + "{broken\n")
     with pytest.raises(SystemExit, match=f"{questions}:4: bad JSON line"):  # before: a ValueError traceback
         main(s05, "--model", tiny_llava, "--questions", questions, "--out", tmp_path / "eval2")
+
+
+def test_odd_ids_and_float_or_rotated_images(tmp_path):
+    """An id that is a list, a bool, a float or NaN (Python's json reads NaN) was written back as is, NaN as
+    invalid JSON; a 32-bit float image turned black; an EXIF-rotated photo reached the model on its side."""
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "im.png")
+    rows = [{"id": i, "image": "im.png", "prompt": "p"} for i in ("a", 7, ["a"], True, 1.5)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) +
+                                       '{"id": NaN, "image": "im.png", "prompt": "p"}\n')
+    good, bad = s01.read_instances(tmp_path / "in.jsonl", ("image", "prompt"))
+    assert [r["id"] for r in good] == ["a", 7] and [e["line"] for e in bad] == [3, 4, 5, 6]
+    assert all("field 'id' must be text or an integer" in e["error"] for e in bad)
+    Image.fromarray((rgb[..., 0] / 255.0).astype(np.float32), mode="F").save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match="a 32-bit float image; convert it to 8 or 16 bits"):
+        s01.load_image(tmp_path / "float.tif")
+    photo = Image.fromarray(rgb)
+    exif = photo.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    photo.save(tmp_path / "rotated.jpg", exif=exif)
+    assert s01.load_image(tmp_path / "rotated.jpg").size == (40, 48)  # upright: what a viewer shows
