@@ -309,7 +309,7 @@ def test_help_shows_every_default(name, capsys):
 
 @pytest.mark.parametrize("name, flag, value", [("01_attention_crop.py", "--batch-size", "0"),
                                                ("02_make_pairs.py", "--limit", "-1"),
-                                               ("03_filter.py", "--batch-size", "x"),
+                                               ("03_filter.py", "--batch-size", "0"),
                                                ("04_train_calibrated_dpo.py", "--lr", "nan"),
                                                ("04_train_calibrated_dpo.py", "--epochs", "0"),
                                                ("05_eval_pope.py", "--noise-sigma", "inf")])
