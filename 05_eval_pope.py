@@ -245,11 +245,11 @@ def match_by_id(questions, answers, where):
                          f"({len(missing)} missing)")
     for q in questions:  # an answer that says what it answered must answer this question
         n, row = by_id[str(q["question_id"])]
-        asked = " ".join(str(row.get("prompt", q["text"])).split())  # (the suffix may follow)
-        if not asked.startswith(" ".join(q["text"].split())):
+        asked = " ".join(str(row.get("prompt", "")).split())  # (the suffix may follow)
+        if "prompt" in row and not asked.startswith(" ".join(q.get("text", "").split())):
             raise ValueError(f"{where}:{n}: question_id {q['question_id']!r} answers "
                              f"{row['prompt']!r}, not {q['text']!r} (another split's answers?)")
-        if row.get("image", q["image"]) != q["image"]:
+        if row.get("image", q.get("image")) != q.get("image"):
             raise ValueError(f"{where}:{n}: question_id {q['question_id']!r} answers about "
                              f"{row['image']!r}, not {q['image']!r} (another split's answers?)")
     return [by_id[str(q["question_id"])][1]["text"] for q in questions]
