@@ -1012,16 +1012,17 @@ def fail(message):
     raise SystemExit(message)
 
 
-def at_least(minimum, kind=int):
-    """An argparse type: a finite number of `kind` >= minimum, else argparse's one-line error
-    naming the flag (a batch size of 0, a NaN learning rate, a negative --limit)."""
+def at_least(minimum, kind=int, most=math.inf):
+    """An argparse type: a finite number of `kind` in [minimum, most], else argparse's one-line
+    error naming the flag (a batch size of 0, a NaN learning rate, a negative --limit)."""
     def number(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of type {kind.__name__}")
-        if not (math.isfinite(value) and value >= minimum):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number >= {minimum}")
+        if not (math.isfinite(value) and minimum <= value <= most):
+            bounds = f">= {minimum}" if most == math.inf else f"in [{minimum}, {most}]"
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number {bounds}")
         return value
     return number
 

@@ -108,13 +108,13 @@ def parse_args(argv=None):
                         "or its stitched adaptation)")
     p.add_argument("--sigma", type=at_least(0.0, float), default=0.2,
                    help="I_noise std in [0, 1] pixel units (paper: 0.2)")
-    p.add_argument("--lambda-ca", type=float, default=0.1,
+    p.add_argument("--lambda-ca", type=at_least(0.0, float), default=0.1,
                    help="contrastive amplification strength (authors: 0.1; VCD: 1.0)")
-    p.add_argument("--beta-head", type=float, default=0.1,
+    p.add_argument("--beta-head", type=at_least(0.0, float, most=1.0), default=0.1,
                    help="V_head cut-off, share of max p_EP (authors, VCD: 0.1)")
     p.add_argument("--temperature", type=at_least(0.0, float), default=0.2,
                    help="sampling temperature (authors: 0.2); 0 = greedy")
-    p.add_argument("--top-p", type=at_least(0.0, float), default=0.9,
+    p.add_argument("--top-p", type=at_least(1e-6, float, most=1.0), default=0.9,
                    help="nucleus sampling mass (authors: 0.9)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=256,
                    help="response length cap (authors: 256)")
@@ -977,16 +977,17 @@ def fail(message):
     raise SystemExit(message)
 
 
-def at_least(minimum, kind=int):
-    """An argparse type: a finite number of `kind` >= minimum, else argparse's one-line error
-    naming the flag (a batch size of 0, a NaN learning rate, a negative --limit)."""
+def at_least(minimum, kind=int, most=math.inf):
+    """An argparse type: a finite number of `kind` in [minimum, most], else argparse's one-line
+    error naming the flag (a batch size of 0, a NaN learning rate, a negative --limit)."""
     def number(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of type {kind.__name__}")
-        if not (math.isfinite(value) and value >= minimum):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number >= {minimum}")
+        if not (math.isfinite(value) and minimum <= value <= most):
+            bounds = f">= {minimum}" if most == math.inf else f"in [{minimum}, {most}]"
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number {bounds}")
         return value
     return number
 

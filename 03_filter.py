@@ -97,11 +97,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/train.jsonl",
                    help="train.jsonl for stage 04; the other files are named after it "
                    "(.dropped.jsonl, .report.json, .scores, .errors.jsonl, .args.json)")
-    p.add_argument("--max-ppl", type=float, default=2.5,
+    p.add_argument("--max-ppl", type=at_least(0.0, float), default=2.5,
                    help="keep a pair when PPL(y_w), PPL(y_l) < this (authors)")
-    p.add_argument("--margin-low", type=float, default=-0.174,
+    p.add_argument("--margin-low", type=at_least(-math.inf, float), default=-0.174,
                    help="keep a pair when M >= this (authors)")
-    p.add_argument("--margin-high", type=float, default=0.208,
+    p.add_argument("--margin-high", type=at_least(-math.inf, float), default=0.208,
                    help="keep a pair when M <= this (authors)")
     p.add_argument("--score-only", action="store_true",
                    help="score a preference JSONL (chosen / rejected, prompt or question, image) "
@@ -1089,16 +1089,17 @@ def fail(message):
     raise SystemExit(message)
 
 
-def at_least(minimum, kind=int):
-    """An argparse type: a finite number of `kind` >= minimum, else argparse's one-line error
-    naming the flag (a batch size of 0, a NaN learning rate, a negative --limit)."""
+def at_least(minimum, kind=int, most=math.inf):
+    """An argparse type: a finite number of `kind` in [minimum, most], else argparse's one-line
+    error naming the flag (a batch size of 0, a NaN learning rate, a negative --limit)."""
     def number(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of type {kind.__name__}")
-        if not (math.isfinite(value) and value >= minimum):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number >= {minimum}")
+        if not (math.isfinite(value) and minimum <= value <= most):
+            bounds = f">= {minimum}" if most == math.inf else f"in [{minimum}, {most}]"
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number {bounds}")
         return value
     return number
 

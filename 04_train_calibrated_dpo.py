@@ -88,15 +88,15 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/p2dpo",
                    help="output folder: merged model, metrics, checkpoint")
     g = p.add_argument_group("the paper's loss")
-    g.add_argument("--beta", type=float, default=0.1,
+    g.add_argument("--beta", type=at_least(0.0, float), default=0.1,
                    help="DPO temperature (paper; DPO's usual 0.1)")
-    g.add_argument("--lambda-calib", type=float, default=0.3,
+    g.add_argument("--lambda-calib", type=at_least(0.0, float), default=0.3,
                    help="weight of L_calib inside L_focus (paper: 0.3)")
     g.add_argument("--calib-ref", choices=("win", "lose"), default="win",
                    help="Delta pi_ref on y_w or y_l (authors)")
-    g.add_argument("--w-base", type=float, default=0.5,
+    g.add_argument("--w-base", type=at_least(0.0, float), default=0.5,
                    help="DDW base weight of each branch (paper: 0.5)")
-    g.add_argument("--alpha-max", type=float, default=0.2,
+    g.add_argument("--alpha-max", type=at_least(0.0, float), default=0.2,
                    help="DDW largest shift of the weights (paper: 0.2)")
     g.add_argument("--tau", type=at_least(1e-6, float), default=0.1,
                    help="DDW temperature of tanh((r - 1) / tau) (paper: 0.1)")
@@ -110,16 +110,16 @@ def parse_args(argv=None):
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-rank", type=at_least(0), default=32,
                    help="LoRA rank r (authors: 32); 0 = full fine-tuning")
-    g.add_argument("--lora-alpha", type=float, default=32,
+    g.add_argument("--lora-alpha", type=at_least(0.0, float), default=32,
                    help="LoRA alpha, scale alpha / r (authors: 32)")
-    g.add_argument("--lora-dropout", type=float, default=0.05,
+    g.add_argument("--lora-dropout", type=at_least(0.0, float, most=0.99), default=0.05,
                    help="dropout on the LoRA input (authors: 0.05)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=at_least(0.0, float), default=1e-5,
                    help="AdamW peak learning rate (authors: 1e-5)")
-    g.add_argument("--weight-decay", type=float, default=0.05,
+    g.add_argument("--weight-decay", type=at_least(0.0, float), default=0.05,
                    help="AdamW weight decay (authors: 0.05)")
-    g.add_argument("--warmup-ratio", type=float, default=0.03,
+    g.add_argument("--warmup-ratio", type=at_least(0.0, float, most=1.0), default=0.03,
                    help="linear warm-up share, then cosine (authors: 3%%)")
     g.add_argument("--epochs", type=at_least(1), default=4,
                    help="passes over the data (authors: 4)")
@@ -129,7 +129,7 @@ def parse_args(argv=None):
                    help="lines per micro-step per process")
     g.add_argument("--grad-accum", type=at_least(0), default=0,
                    help="micro-steps per update (0: derived from the above)")
-    g.add_argument("--max-grad-norm", type=float, default=1.0,
+    g.add_argument("--max-grad-norm", type=at_least(0.0, float), default=1.0,
                    help="clip the gradient norm to this (HF/TRL default)")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in backward (less memory)")
@@ -1053,16 +1053,17 @@ def fail(message):
     raise SystemExit(message)
 
 
-def at_least(minimum, kind=int):
-    """An argparse type: a finite number of `kind` >= minimum, else argparse's one-line error
-    naming the flag (a batch size of 0, a NaN learning rate, a negative --limit)."""
+def at_least(minimum, kind=int, most=math.inf):
+    """An argparse type: a finite number of `kind` in [minimum, most], else argparse's one-line
+    error naming the flag (a batch size of 0, a NaN learning rate, a negative --limit)."""
     def number(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of type {kind.__name__}")
-        if not (math.isfinite(value) and value >= minimum):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number >= {minimum}")
+        if not (math.isfinite(value) and minimum <= value <= most):
+            bounds = f">= {minimum}" if most == math.inf else f"in [{minimum}, {most}]"
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number {bounds}")
         return value
     return number
 

@@ -312,7 +312,10 @@ def test_help_shows_every_default(name, capsys):
                                                ("03_filter.py", "--batch-size", "0"),
                                                ("04_train_calibrated_dpo.py", "--lr", "nan"),
                                                ("04_train_calibrated_dpo.py", "--epochs", "0"),
-                                               ("05_eval_pope.py", "--noise-sigma", "inf")])
+                                               ("05_eval_pope.py", "--noise-sigma", "inf"),
+                                               ("02_make_pairs.py", "--top-p", "0"),  # an empty nucleus
+                                               ("04_train_calibrated_dpo.py", "--lora-dropout", "1.5"),
+                                               ("03_filter.py", "--margin-low", "nan")])
 def test_odd_flag_values_are_refused_naming_the_flag(name, flag, value, capsys):
     with pytest.raises(SystemExit):
         STAGES[name].parse_args([flag, value])
