@@ -24,7 +24,10 @@ Input   {"id", "image", "prompt"} JSONL (image paths relative to the file).
 Output  crops.jsonl: input fields ("image" rewritten relative to the output file) + "answer",
         "bbox": [x1, y1, x2, y2] (int px, x2/y2 exclusive), "grid": [h, w],
         "attn": [[...]] (h x w, sums to 1, 4 decimals), "method", "crop": "full" | "window";
-        <out>.args.json; <out>.errors.jsonl (file:line: why, per skipped line).
+        <out>.args.json; <out>.errors.jsonl (file:line: why, per skipped line). A rerun into the
+        same --out resumes, with the same --data file, model and RESULT_ARGS only (else refused);
+        one run per --out at a time (<out>.lock). A bad line (an unreadable image or one over
+        --max-image-pixels, a prompt the model cannot take: prompt_problems) is that line's error.
 Shapes: B rows in a batch, T tokens, H heads, N image tokens, (h, w) patch grid, (Y, X) image pixels.
 
   # toy world on CPU: world/model on world/instances.jsonl

@@ -31,7 +31,10 @@ Output  pairs.jsonl: input fields ("image" made relative to the output file)
           (PNGs in <out stem>_images/, relative to the output file), "prompt_enh",
           "focus": {"chosen", "rejected"} | null, "robust": {"chosen", "rejected", "init"} | null,
           "gen": {decoding settings};
-        <out>.errors.jsonl (bad lines), <out>.args.json. A rerun into the same --out resumes.
+        <out>.errors.jsonl (bad lines), <out>.args.json. A rerun into the same --out resumes, with
+        the same --data file, model and RESULT_ARGS only (else refused); one run per --out at a
+        time (<out>.lock). A context + --max-new-tokens past the model's positions, or a prompt
+        holding the image placeholder, is that line's error (prompt_problems).
 Shapes: B instances, R rows of a forward (2B with contrastive amplification: experts, then
         amateurs), T tokens, V vocabulary.
 

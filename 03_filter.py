@@ -34,7 +34,9 @@ Output  <out> (train.jsonl), the lines that keep a branch: the input fields (pat
         <out>.report.json: counts per branch and reason, IPS, PPL, margin and CLIP-ratio summaries;
         <out>.errors.jsonl: bad input lines;  <out>.args.json;
         <out>.scores: every scored line before the filter (JSONL, the resume checkpoint: a rerun
-        scores only new ids and re-applies the filter, so other thresholds need no model).
+        scores only new ids and re-applies the filter, so other thresholds need no model; the
+        same --data file, model and SCORE_ARGS only, else refused; one run at a time: <out>.lock).
+        A prompt + response past the model's positions is that line's error (prompt_problems).
         --score-only writes no <out> nor dropped.
 Shapes: R scoring rows in a forward (up to 8 a line), B lines, D CLIP embedding width.
 

@@ -21,7 +21,12 @@ Input   train.jsonl (stage 03; paths relative to its folder): "image", "prompt",
         "clip": {"crop", "image"} | null, "keep": {"focus", "robust"}.
         A branch is used if its pair is non-null and kept.
 Output  <out>/: the LoRA-merged model + processor (save_pretrained), metrics.jsonl (a row per
-        step), args.json, checkpoint.pt (trainable weights + optimizer state, for --resume).
+        step), args.json, checkpoint.pt (trainable weights + optimizer state, for --resume; by
+        default every 3% of the run or 10 minutes, whichever comes first). --resume takes only
+        the data and settings args.json records (RESUME_MAY_CHANGE lists the exceptions); a run
+        into an --out holding a model or checkpoint needs --resume or --overwrite. The prompts
+        are not checked against the model's context here: stage 03 scored every line in the
+        same contexts and made that check.
 Shapes: B lines in a micro-batch, R rows of a forward (2B: chosen + rejected), T tokens,
         n response tokens, V vocab.
 
@@ -563,7 +568,7 @@ def parse_line(row, root, args):
             texts.update({f"{b}.{k}": pair.get(k) for k in ("chosen", "rejected")})
     for name, text in texts.items():
         if not isinstance(text, str) or (name.startswith("prompt") and not text.strip()):
-            raise ValueError(f"'{name}' must be non-empty text, got {text!r}"[:200])
+            raise ValueError(f"'{name}' must be non-empty text, got {text!r:.80}")
     side = args.calib_ref[0]  # "w" or "l": whose Delta pi_ref
     need = {}  # term -> its key in "ref"
     paths = {}  # image role -> file
