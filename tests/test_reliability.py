@@ -248,6 +248,14 @@ def test_04_refuses_an_empty_prompt_or_a_response_that_is_not_text(tmp_path):
             s04.parse_line({**row, field: value}, str(tmp_path), args)
 
 
+def test_a_damaged_line_inside_an_output_is_one_sentence(tmp_path):
+    """Two writers (before the lock) could interleave lines; every rerun then crashed in read_jsonl's ValueError."""
+    out = tmp_path / "crops.jsonl"
+    out.write_text('{"id": "a"}\n{"id": "b"{"id": "c"}\n{"id": "d"}\n')
+    with pytest.raises(SystemExit, match=f"{out}:2: bad JSON line .*a line inside the output is damaged"):
+        s01.continue_jsonl(out)
+
+
 def test_odd_jsonl_lines_are_per_line_errors(tmp_path):
     path = tmp_path / "odd.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"id": "bom"}\n'  # a UTF-8 BOM (Windows editors): fine
@@ -315,7 +323,11 @@ def test_help_shows_every_default(name, capsys):
                                                ("05_eval_pope.py", "--noise-sigma", "inf"),
                                                ("02_make_pairs.py", "--top-p", "0"),  # an empty nucleus
                                                ("04_train_calibrated_dpo.py", "--lora-dropout", "1.5"),
-                                               ("03_filter.py", "--margin-low", "nan")])
+                                               ("03_filter.py", "--margin-low", "nan"),
+                                               ("02_make_pairs.py", "--seed", "-1"),  # numpy's noise seed
+                                               pytest.param("01_attention_crop.py", "--device", "cuda",
+                                                            marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                                     reason="a GPU is here"))])
 def test_odd_flag_values_are_refused_naming_the_flag(name, flag, value, capsys):
     with pytest.raises(SystemExit):
         STAGES[name].parse_args([flag, value])
