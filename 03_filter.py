@@ -66,6 +66,7 @@ import socket
 import sys
 import time
 import traceback
+import weakref
 import zlib
 from pathlib import Path
 
@@ -1122,12 +1123,19 @@ def device_name(text):
 
 
 # ---- shared: context ----
+# processor -> {image sizes: tokens the processor adds for those images}; weak: a processor
+# collected (tests, notebooks) cannot pass its counts to a new one at its address
+IMAGE_TOKENS = weakref.WeakKeyDictionary()
+
+
 def prompt_problems(model, processor, texts, images, extra, what):
     """For each row None, or why the model cannot take it: its text holds an image placeholder
     itself (the processor would count one image too many and fail the whole batch), or its tokens
     as the processor makes them (image tokens included) + extra[i] more (tokens to generate, or a
     response) run past max_position_embeddings, where the model gives garbage without an error.
-    texts: R chat prompts; images: R lists of images; what: the extra tokens' name."""
+    The image tokens depend on the images' sizes alone: measured once per sizes (on blank images),
+    so a row costs a tokenizer call. texts: R chat prompts; images: R lists of images; what: the
+    extra tokens' name."""
     marks = [getattr(processor, k, None) for k in ("image_token", "video_token")]
     problems = [None] * len(texts)
     for r, text in enumerate(texts):
@@ -1135,16 +1143,20 @@ def prompt_problems(model, processor, texts, images, extra, what):
             if isinstance(mark, str) and text.count(mark) != n:
                 problems[r] = f"the text holds the model's image placeholder {mark!r}"
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    ok = [r for r, problem in enumerate(problems) if problem is None]
-    for k in range(0, len(ok) if limit else 0, 16):  # a few rows at a time: pixel values add up
-        rows = ok[k:k + 16]
-        flat = [im for r in rows for im in images[r]]
-        enc = processor(text=[texts[r] for r in rows], images=flat or None, padding=True,
-                        return_tensors="pt")
-        for r, n in zip(rows, enc["attention_mask"].sum(1).tolist()):
-            if n + extra[r] > limit:
-                problems[r] = (f"the prompt is {n} tokens (images included), + {extra[r]} {what} "
-                               f"is over the model's context of {limit} positions")
+    if not (limit and texts):
+        return problems
+    n_text = [len(ids) for ids in processor.tokenizer(texts)["input_ids"]]  # placeholders: 1 each
+    added = IMAGE_TOKENS.setdefault(processor, {})
+    for r in [r for r, problem in enumerate(problems) if problem is None]:
+        sizes = tuple(im.size for im in images[r])
+        if sizes not in added:
+            blanks = [Image.new("RGB", size) for size in sizes]
+            n = processor(text=[texts[r]], images=blanks or None)["input_ids"][0]
+            added[sizes] = len(n) - n_text[r]
+        n = n_text[r] + added[sizes]
+        if n + extra[r] > limit:
+            problems[r] = (f"the prompt is {n} tokens (images included), + {extra[r]} {what} is "
+                           f"over the model's context of {limit} positions")
     return problems
 # ---- end shared ----
 

@@ -211,6 +211,22 @@ def test_decompression_bomb_and_prompt_past_the_context_are_per_line_errors(tiny
     assert "over the model's context of 512 positions" in errors["long"] and f"{data}:4:" in errors["long"]
 
 
+def test_the_context_check_counts_the_tokens_the_processor_makes(tiny_qwen):
+    """Qwen2.5-VL's image tokens grow with the image: the count measured once per size on blank images, plus the
+    text's tokens, must be the processor's own count for every row."""
+    model, processor = s01.load_model(tiny_qwen, "cpu")
+    rng = np.random.default_rng(0)
+    images = [[Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))]
+              for w, h in ((48, 40), (200, 90), (64, 300), (48, 40))]
+    texts = [s01.chat_prompt(processor, p) for p in ("describe the image .", "what colour is the circle ?",
+                                                     "is there a red square in the image ?", "yes")]
+    limit = model.config.get_text_config().max_position_embeddings
+    problems = s01.prompt_problems(model, processor, texts, images, [limit] * 4, "more")  # every row too long
+    for text, imgs, problem in zip(texts, images, problems):
+        n = len(processor(text=[text], images=imgs)["input_ids"][0])
+        assert f"the prompt is {n} tokens (images included), + {limit} more" in problem, (n, problem)
+
+
 def test_a_prompt_holding_the_image_placeholder_is_a_per_line_error(tiny_llava, tmp_path):
     """The processor counts "<image>" typed in a prompt as one image too many: before, the whole batch failed
     with its ValueError, on every rerun."""
