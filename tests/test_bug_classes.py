@@ -371,3 +371,70 @@ def test_run_rows_resumes_by_id(script, tmp_path):
                                                    ("e", "new")]
     written = [json.loads(line)["id"] for line in open(out)]
     assert written == list("abcde"), written
+
+
+# ---- stage 04: which context each loss term is scored in ----
+def test_term_batches_score_each_term_in_its_context(llava, tmp_path):
+    """SPEC: DPO_focus on (I, P), L_calib on (I_aug = (I, I_crop), P_enh) and (I_deg, P) with y_w, DPO_rob on
+    (I_noise, P). Checked on the pixels and the text of every row the trainer feeds the policy."""
+    model, processor = llava
+    data = write_identical_lines(tmp_path, 1)
+    row = json.loads(open(data).readline())
+    ex = s04.parse_line(row, str(tmp_path), s04.parse_args([]))
+    pil = {k: Image.open(tmp_path / f"{k}.png").convert("RGB") for k in ("image", "crop", "deg", "noise")}
+    f, r = row["focus"], row["robust"]
+    expected = {("focus_w", "focus_l"): ([pil["image"]] * 2, row["prompt"], [f["chosen"], f["rejected"]]),
+                ("robust_w", "robust_l"): ([pil["noise"]] * 2, row["prompt"], [r["chosen"], r["rejected"]]),
+                ("aug",): ([pil["image"], pil["crop"]], row["prompt_enh"], [f["chosen"]]),
+                ("deg",): ([pil["deg"]], row["prompt"], [f["chosen"]])}
+    got = {keys: batch for keys, idx, batch in s04.term_batches(processor, [ex])}
+    assert set(got) == set(expected), got.keys()
+    tok = processor.tokenizer
+    for keys, (images, prompt, responses) in expected.items():
+        inputs, mask = got[keys]
+        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        assert torch.equal(inputs["pixel_values"], pixels), keys
+        for i, response in enumerate(responses):
+            ids = inputs["input_ids"][i]
+            assert tok.decode(ids[mask[i]], skip_special_tokens=True).strip() == response, keys
+            text = tok.decode(ids[~mask[i]], skip_special_tokens=True)
+            assert prompt in text and (prompt == row["prompt_enh"] or "mainly" not in text), (keys, text)
+
+
+# ---- stage 04: sharding a global batch over ranks ----
+def test_micro_batches_give_every_line_of_the_global_batch_once():
+    lines = [{"id": i, "focus": i % 3 != 0, "robust": i % 2 == 0} for i in range(10)]
+    batch = [7, 2, 9, 0, 4, 1, 8, 3]
+    for world, bs, accum in ((1, 4, 2), (2, 2, 2), (4, 1, 2), (2, 4, 1)):
+        seen = []
+        for rank in range(world):
+            for mb in s04.micro_batches(lines, batch, rank, world, bs, accum):
+                assert len([w for _, w in mb if w > 0]) <= bs
+                seen += [ex["id"] for ex, w in mb if w > 0]
+        assert sorted(seen) == sorted(batch), (world, bs, accum, seen)
+
+
+# ---- stage 03: the two CLIP scores, stored under their names ----
+def test_clip_scores_crop_and_image_in_order():
+    """A fake CLIP whose image embedding is the mean (R, G) colour and whose text embedding is (1, 0):
+    CLIPScore(red crop) = 2.5, CLIPScore(yellow image) = 2.5 cos 45 deg."""
+    s03 = load_script("03_filter.py")
+
+    class Clip(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def encode_text(self, tokens):
+            return torch.tensor([[1.0, 0.0]]).expand(len(tokens), 2)
+
+        def encode_image(self, pixels):
+            return pixels.mean((2, 3))[:, :2]
+    preprocess = lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)
+    tokenizer = lambda prompts: torch.zeros(len(prompts), 3, dtype=torch.long)
+    image = Image.new("RGB", (8, 8), (255, 255, 0))
+    crop = Image.new("RGB", (8, 8), (255, 0, 0))  # (preprocess resizes; this one does not)
+    [got] = s03.clip_scores((Clip(), preprocess, tokenizer), ["p"], [image], [crop])
+    assert got["crop"] == pytest.approx(2.5, abs=1e-6)
+    assert got["image"] == pytest.approx(2.5 / math.sqrt(2), abs=1e-6)
+    assert got["ratio"] == pytest.approx(math.sqrt(2), abs=1e-6)
