@@ -438,3 +438,23 @@ def test_clip_scores_crop_and_image_in_order():
     assert got["crop"] == pytest.approx(2.5, abs=1e-6)
     assert got["image"] == pytest.approx(2.5 / math.sqrt(2), abs=1e-6)
     assert got["ratio"] == pytest.approx(math.sqrt(2), abs=1e-6)
+
+
+# ---- stage 02: a null pair; stage 03: the filter's band is closed ----
+def test_identical_responses_make_a_null_pair_and_the_line_stays():
+    said = {"focus_w": "a red circle", "focus_l": "a red circle", "robust_w": "yes", "robust_l": "no", "init": "yes"}
+    focus, robust = s02.preference_pairs(said)
+    assert focus is None and robust == {"chosen": "yes", "rejected": "no", "init": "yes"}
+    focus, robust = s02.preference_pairs(dict(said, focus_l="a blue square", robust_l="yes"))
+    assert focus == {"chosen": "a red circle", "rejected": "a blue square"} and robust is None
+
+
+def test_filter_keeps_the_band_ends_and_drops_outside():
+    """SPEC: kept when PPL < max_ppl and theta_low <= M <= theta_high (closed band, open PPL bound)."""
+    s03 = load_script("03_filter.py")
+    assert s03.filter_reasons(2.0, 2.0, 0.25, 2.5, -0.5, 0.25) == []
+    assert s03.filter_reasons(2.0, 2.0, -0.5, 2.5, -0.5, 0.25) == []
+    assert s03.filter_reasons(2.5, 1.0, 0.3, 2.5, -0.5, 0.25) == ["ppl chosen", "margin high"]
+    assert s03.filter_reasons(1.0, 2.5, -0.75, 2.5, -0.5, 0.25) == ["ppl rejected", "margin low"]
+    assert s03.mean_margin(-6.0, 3, -10.0, 4) == pytest.approx(-2.0 + 2.5)
+    assert s03.perplexity(-6.0, 3) == pytest.approx(math.exp(2.0))
