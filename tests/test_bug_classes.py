@@ -458,3 +458,15 @@ def test_filter_keeps_the_band_ends_and_drops_outside():
     assert s03.filter_reasons(1.0, 2.5, -0.75, 2.5, -0.5, 0.25) == ["ppl rejected", "margin low"]
     assert s03.mean_margin(-6.0, 3, -10.0, 4) == pytest.approx(-2.0 + 2.5)
     assert s03.perplexity(-6.0, 3) == pytest.approx(math.exp(2.0))
+
+
+def test_next_token_equals_the_naive_sampler_at_several_temperatures():
+    """softmax(logits / T) on the top-p nucleus, inverse CDF: the module's batched sampler against naive_sample
+    above (T 0.5 and 2 make a forgotten or misplaced temperature show; the stage tests run at T 1)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 30, generator=g) * 2
+    uniforms = torch.rand(6, generator=g)
+    for temperature, top_p in ((0.5, 0.8), (2.0, 0.6), (1.0, 1.0)):
+        got = s02.next_token(logits, uniforms, temperature, top_p).tolist()
+        want = [naive_sample(logits[i], uniforms[i].item(), temperature, top_p) for i in range(6)]
+        assert got == want, (temperature, top_p, got, want)
