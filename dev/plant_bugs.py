@@ -106,11 +106,12 @@ BUGS = [
         "head = p_ep >= beta_head", "02", "V_head absolute, not relative to max p_EP"),
     bug("nucleus_before_ca", F02,
         "            logits = contrastive_logits(logits[:B], logits[B:], lambda_ca, beta_head)  # (B, V)\n",
-        "            p_s, o_s = torch.softmax(logits[:B] / max(temperature, 1e-6), -1).sort(-1, descending=True)\n"
-        "            keep = torch.zeros_like(p_s, dtype=torch.bool).scatter(-1, o_s, p_s.cumsum(-1) - p_s < top_p)\n"
-        "            logits = contrastive_logits(logits[:B].masked_fill(~keep, float('-inf')), logits[B:],\n"
-        "                                        lambda_ca, beta_head)\n"
-        "            top_p = 1.0\n", "02", "top-p on the expert's logits before the contrast"),
+        "            if temperature > 0:  # greedy decoding has no nucleus\n"
+        "                p_s, o_s = torch.softmax(logits[:B] / temperature, -1).sort(-1, descending=True)\n"
+        "                keep = torch.zeros_like(p_s, dtype=torch.bool).scatter(-1, o_s, p_s.cumsum(-1) - p_s < top_p)\n"
+        "                logits = torch.cat([logits[:B].masked_fill(~keep, float('-inf')), logits[B:]])\n"
+        "                top_p = 1.0\n"
+        "            logits = contrastive_logits(logits[:B], logits[B:], lambda_ca, beta_head)  # (B, V)\n", "02", "top-p on the expert's logits before the contrast"),
     bug("no_temperature", F02, "probs = torch.softmax(logits.float() / temperature, -1)",
         "probs = torch.softmax(logits.float(), -1)", "02", "temperature ignored"),
     bug("nucleus_strict", F02, "p = torch.where(p.cumsum(-1) - p < top_p, p, 0.0)",
@@ -149,7 +150,7 @@ BUGS = [
 
 def selection(b, tests_dir):
     path, k = FAST[b["stage"]]
-    files = [f for f in [path, NEW, *b["extra"]] if (tests_dir / Path(f).name).exists()]
+    files = [f for f in [NEW, path, *b["extra"]] if (tests_dir / Path(f).name).exists()]
     return files, k
 
 
