@@ -1,51 +1,70 @@
 """Stage 00 (real data): RLHF-V's parquet or a LLaVA-format JSON -> instances.jsonl, the images, and the human pairs.
 
-Paper: P2-DPO (ICLR 2026) makes its on-policy pairs from the images and prompts of RLHF-V (SPEC.md "Layout"), and its
-implicit preference strength (IPS) analysis sets them against the dataset's own human-written (off-policy) chosen /
-rejected pairs (SPEC.md "Stage 03", --score-only). No equation lives here; this stage fixes what stage 01 reads:
-  P = the first user turn (RLHF-V: "question") with every "<image>" tag removed (the chat template places the
-      image) and surrounding whitespace stripped
+Paper: P2-DPO (ICLR 2026) makes its on-policy pairs from the images and prompts of RLHF-V
+(SPEC.md "Layout"), and its implicit preference strength (IPS) analysis sets them against the
+dataset's own human-written (off-policy) chosen / rejected pairs (SPEC.md "Stage 03",
+--score-only). No equation lives here; this stage fixes what stage 01 reads:
+  P = the first user turn (RLHF-V: "question") with every "<image>" tag removed (the chat
+      template places the image) and surrounding whitespace stripped
   a row whose (image bytes, P) equals an earlier row's exactly is dropped, with its pair
 
 Input   --data FILE, the format told by its extension:
-  .parquet  RLHF-V as published (huggingface.co/datasets/openbmb/RLHF-V-Dataset, RLHF-V-Dataset.parquet, 5.7k rows;
-            features per its dataset card): "idx", "image" = {"bytes", "path"}, "text" = a JSON string {"question",
-            "chosen", "rejected"}, "ds_name", "origin_dataset", "origin_split", "image_path"; or LLaMA-Factory's copy
-            (huggingface.co/datasets/llamafactory/RLHF-V, rlhf-v.parquet): the JSON rows below, "images" = [{"bytes",
-            "path"}]. Read in row batches (pyarrow.parquet.ParquetFile.iter_batches); pyarrow is the one package beyond
-            requirements.txt and is imported only here.
-  .json     a list of LLaVA-format rows, read with the standard library: {"id", "image": path (or "images": [path]),
-            "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]}
+  .parquet  RLHF-V as published (huggingface.co/datasets/openbmb/RLHF-V-Dataset,
+            RLHF-V-Dataset.parquet, 5.7k rows; features per its dataset card): "idx",
+            "image" = {"bytes", "path"}, "text" = a JSON string {"question", "chosen",
+            "rejected"}, "ds_name", "origin_dataset", "origin_split", "image_path";
+            or LLaMA-Factory's copy (huggingface.co/datasets/llamafactory/RLHF-V,
+            rlhf-v.parquet): the JSON rows below, "images" = [{"bytes", "path"}].
+            Read in row batches (pyarrow.parquet.ParquetFile.iter_batches); pyarrow is the one
+            package beyond requirements.txt and is imported only here.
+  .json     a list of LLaVA-format rows, read with the standard library:
+            {"id", "image": path (or "images": [path]),
+             "conversations": [{"from": "human", "value": "<image>\\n..."},
+                               {"from": "gpt", "value": ...}, ...]}
             (LLaVA's own SFT files: instances only) and two ways of carrying a pair:
-              V-DPO (github.com/YuxiXie/V-DPO, llava_dpo/train/dpo_train.py, LazyContrastiveDataset): "conversations"
-                = [human, gpt: chosen], "contrastive_conversations" = [human, gpt: rejected]
-              LLaMA-Factory's sharegpt preference rows (github.com/hiyouga/LLaMA-Factory, data/README.md; the
-                "rlhf_v" entry of data/dataset_info.json): "conversations" = [human], "chosen" / "rejected" =
-                {"from": "gpt", "value"} (plain strings are read too), "images": [path], no "id"
-            "messages" with {"role": "user" | "assistant", "content"} turns (LLaMA-Factory's openai tags) is read
-            like "conversations". Image paths are relative to --images (default: the JSON file's folder).
-Output  DIR/instances.jsonl     {"id", "image", "prompt"}: stage 01's input; image paths relative to DIR
-        DIR/human_pairs.jsonl   {"id", "image", "prompt", "chosen", "rejected"}: 03 --score-only's input, one line
-                                per written instance whose row holds a pair for a single user turn
-        DIR/images/<sha256 of the bytes, 16 hex>.<format>   the image bytes exactly as the data holds them (checked
-                                to decode the way stages 01-03 read them, never re-encoded); one file per image
-        DIR/instances.errors.jsonl  {"file", "row", "id", "error"}: bad rows (image missing or undecodable, no
-                                question, ...);  DIR/instances.duplicates.jsonl {"id", "row", "duplicate_of"};
-                                DIR/instances.args.json. A rerun into the same DIR resumes.
+              V-DPO (github.com/YuxiXie/V-DPO, llava_dpo/train/dpo_train.py,
+                LazyContrastiveDataset): "conversations" = [human, gpt: chosen],
+                "contrastive_conversations" = [human, gpt: rejected]
+              LLaMA-Factory's sharegpt preference rows (github.com/hiyouga/LLaMA-Factory,
+                data/README.md; the "rlhf_v" entry of data/dataset_info.json):
+                "conversations" = [human], "chosen" / "rejected" = {"from": "gpt", "value"}
+                (plain strings are read too), "images": [path], no "id"
+            "messages" with {"role": "user" | "assistant", "content"} turns (LLaMA-Factory's
+            openai tags) is read like "conversations". Image paths are relative to --images
+            (default: the JSON file's folder).
+Output  DIR/instances.jsonl     {"id", "image", "prompt"}: stage 01's input; image paths
+                                relative to DIR
+        DIR/human_pairs.jsonl   {"id", "image", "prompt", "chosen", "rejected"}: 03
+                                --score-only's input, one line per written instance whose row
+                                holds a pair for a single user turn
+        DIR/images/<sha256 of the bytes, 16 hex>.<format>
+                                the image bytes exactly as the data holds them (checked to
+                                decode the way stages 01-03 read them, never re-encoded); one
+                                file per image
+        DIR/instances.errors.jsonl  {"file", "row", "id", "error"}: bad rows (image missing or
+                                undecodable, no question, ...)
+        DIR/instances.duplicates.jsonl  {"id", "row", "duplicate_of"}
+        DIR/instances.args.json. A rerun into the same DIR resumes.
 Rows are numbered from 0 in file order (the JSON list's index, the parquet file's row).
 
-  python 00_real_instances.py --data RLHF-V-Dataset.parquet --out rlhfv          # the paper's data; CPU, no model
-  python 00_real_instances.py --data RLHF-V-Dataset-5.7k.json --images RLHF-V/images --out rlhfv   # V-DPO's export
-  python 01_attention_crop.py --model llava-hf/llava-1.5-7b-hf --data rlhfv/instances.jsonl   # then stages 01-05
-  python 03_filter.py --score-only --model llava-hf/llava-1.5-7b-hf --data rlhfv/human_pairs.jsonl --out runs/human
+  # the paper's data; CPU, no model
+  python 00_real_instances.py --data RLHF-V-Dataset.parquet --out rlhfv
+  # V-DPO's export
+  python 00_real_instances.py --data RLHF-V-Dataset-5.7k.json --images RLHF-V/images --out rlhfv
+  # then stages 01-05
+  python 01_attention_crop.py --model llava-hf/llava-1.5-7b-hf --data rlhfv/instances.jsonl
+  python 03_filter.py --score-only --model llava-hf/llava-1.5-7b-hf \
+      --data rlhfv/human_pairs.jsonl --out runs/human
   (no torchrun line: nothing here runs a model; one process reads the file once, at disk speed)
-Choices where SPEC is silent: the prompt is the first user turn and a pair is kept only when the row has one user
-turn (a later turn's answer needs the conversation before it, which a single-turn instance drops); chosen and rejected
-are stripped like P; ids are the row's "id" (JSON) or "idx" (RLHF-V), else the row number, and an id an earlier row
-already had gets "-row<N>" appended; a parquet image struct that holds a path but no bytes is read from --images.
-Memory: pyarrow decodes a nested binary column a row group at a time, so the peak is one row group of the file plus
-one batch. Hugging Face `datasets` writes image data in groups of 100 rows (older releases) or about 100 MB (newer);
-a file written as a single row group is decoded whole (measured: 0.4 GB of pyarrow memory for a 200 MB such file).
+Choices where SPEC is silent: the prompt is the first user turn and a pair is kept only when the
+row has one user turn (a later turn's answer needs the conversation before it, which a
+single-turn instance drops); chosen and rejected are stripped like P; ids are the row's "id"
+(JSON) or "idx" (RLHF-V), else the row number, and an id an earlier row already had gets
+"-row<N>" appended; a parquet image struct that holds a path but no bytes is read from --images.
+Memory: pyarrow decodes a nested binary column a row group at a time, so the peak is one row
+group of the file plus one batch. Hugging Face `datasets` writes image data in groups of 100
+rows (older releases) or about 100 MB (newer); a file written as a single row group is decoded
+whole (measured: 0.4 GB of pyarrow memory for a 200 MB such file).
 """
 import argparse
 import hashlib
@@ -60,22 +79,30 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 IMAGE_TAG = "<image>"  # LLaVA's placeholder for the image in a user turn
-USER, ASSISTANT = ("human", "user"), ("gpt", "assistant")  # sharegpt / LLaVA tags, openai tags
-SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
+USER = ("human", "user")  # sharegpt / LLaVA tag, openai tag
+ASSISTANT = ("gpt", "assistant")
+SUFFIXES = {
+    "JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif",
+}
 RESULT_ARGS = ("data", "images")  # resuming into a DIR needs these equal
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="RLHF-V's RLHF-V-Dataset.parquet, LLaMA-Factory's rlhf-v.parquet, or "
-                   "a LLaVA-format .json list (V-DPO's or LLaMA-Factory's RLHF-V export; module docstring)")
-    p.add_argument("--out", default="rlhfv", help="output folder: instances.jsonl, human_pairs.jsonl, images/ "
+    p.add_argument("--data", required=True,
+                   help="RLHF-V's RLHF-V-Dataset.parquet, LLaMA-Factory's rlhf-v.parquet, or "
+                   "a LLaVA-format .json list (V-DPO's or LLaMA-Factory's RLHF-V export; "
+                   "module docstring)")
+    p.add_argument("--out", default="rlhfv",
+                   help="output folder: instances.jsonl, human_pairs.jsonl, images/ "
                    "(a rerun into it resumes)")
-    p.add_argument("--images", default=None, help="folder the JSON's image paths are relative to (default: the JSON "
-                   "file's folder, as V-DPO's --image_folder); parquet: where an image stored as a path only is read")
-    p.add_argument("--batch-size", type=int, default=64, help="parquet rows per read batch (64 RLHF-V rows: ~10 MB "
-                   "of images)")
+    p.add_argument("--images", default=None,
+                   help="folder the JSON's image paths are relative to (default: the JSON "
+                   "file's folder, as V-DPO's --image_folder); parquet: where an image stored "
+                   "as a path only is read")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="parquet rows per read batch (64 RLHF-V rows: ~10 MB of images)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N rows of --data")
     p.add_argument("--max-image-pixels", type=int, default=Image.MAX_IMAGE_PIXELS,
                    help="an image with more pixels is a bad row (PIL's guard against "
@@ -84,7 +111,8 @@ def parse_args(argv=None):
 
 
 def prompt_of(question):
-    """P: the question with every "<image>" tag removed and surrounding whitespace stripped. ValueError if empty."""
+    """P: the question with every "<image>" tag removed and surrounding whitespace stripped.
+    ValueError if empty."""
     if not isinstance(question, str):
         raise ValueError("missing question")
     prompt = question.replace(IMAGE_TAG, "").strip()
@@ -101,11 +129,15 @@ def pair_of(chosen, rejected):
 
 
 def turn_text(turn, roles):
-    """The text of a conversation turn ({"from", "value"} or {"role", "content"}) whose role is in roles, else None."""
+    """The text of a conversation turn ({"from", "value"} or {"role", "content"}) whose role is
+    in roles, else None."""
     if not isinstance(turn, dict):
         return None
     text = turn.get("value", turn.get("content"))
-    return text if turn.get("from", turn.get("role")) in roles and isinstance(text, str) else None
+    role = turn.get("from", turn.get("role"))
+    if role in roles and isinstance(text, str):
+        return text
+    return None
 
 
 def answer_text(answer):
@@ -114,20 +146,23 @@ def answer_text(answer):
 
 
 def rlhfv_row(row):
-    """(P, pair or None, image) of a row of RLHF-V's parquet: "text" = JSON {question, chosen, rejected}, "image" =
-    {bytes, path}. ValueError says why the row cannot be used."""
+    """(P, pair or None, image) of a row of RLHF-V's parquet: "text" = JSON {question, chosen,
+    rejected}, "image" = {bytes, path}. ValueError says why the row cannot be used."""
     try:
         text = json.loads(row.get("text") or "")
     except ValueError as e:
         raise ValueError(f"'text' is not JSON ({e})") from None
     if not isinstance(text, dict):
         raise ValueError(f"'text' is JSON {type(text).__name__}, not an object with 'question'")
-    return prompt_of(text.get("question")), pair_of(text.get("chosen"), text.get("rejected")), row.get("image")
+    prompt = prompt_of(text.get("question"))
+    pair = pair_of(text.get("chosen"), text.get("rejected"))
+    return prompt, pair, row.get("image")
 
 
 def llava_row(row):
-    """(P, pair or None, image) of a LLaVA-format row (module docstring: LLaVA, V-DPO and LLaMA-Factory). P is the
-    first user turn; the pair is kept only when it answers the one user turn of the row."""
+    """(P, pair or None, image) of a LLaVA-format row (module docstring: LLaVA, V-DPO and
+    LLaMA-Factory). P is the first user turn; the pair is kept only when it answers the one user
+    turn of the row."""
     turns = row.get("conversations", row.get("messages"))
     if not (isinstance(turns, list) and turns):
         raise ValueError("no 'conversations' (or 'messages') list")
@@ -139,18 +174,21 @@ def llava_row(row):
     if len(images) != 1:
         raise ValueError(f"{len(images)} images: an instance has one image")
     pair = None
-    if len(users) == 1 and "contrastive_conversations" in row:  # V-DPO: the last answer replaced by the rejected one
+    if len(users) == 1 and "contrastive_conversations" in row:
+        # V-DPO: the last answer replaced by the rejected one
         worse = row["contrastive_conversations"]
         if isinstance(worse, list) and len(worse) == len(turns):
             pair = pair_of(turn_text(turns[-1], ASSISTANT), turn_text(worse[-1], ASSISTANT))
-    elif len(users) == 1 and turns[-1] is users[0]:  # LLaMA-Factory: the answers to the last turn, the user's
+    elif len(users) == 1 and turns[-1] is users[0]:
+        # LLaMA-Factory: the answers to the last turn, the user's
         pair = pair_of(answer_text(row.get("chosen")), answer_text(row.get("rejected")))
     return prompt_of(turn_text(users[0], USER)), pair, images[0]
 
 
 def image_bytes(image, root):
-    """The bytes of an image: a parquet {"bytes", "path"} struct (bytes, else the path read from root) or a path
-    relative to root (absolute stays absolute). ValueError says why there are none."""
+    """The bytes of an image: a parquet {"bytes", "path"} struct (bytes, else the path read from
+    root) or a path relative to root (absolute stays absolute). ValueError says why there are
+    none."""
     if isinstance(image, dict):
         if image.get("bytes"):
             return bytes(image["bytes"])
@@ -164,24 +202,30 @@ def image_bytes(image, root):
 
 
 def image_suffix(data):
-    """The file suffix of an image's format, read from its bytes, after checking that they decode the way stages 01-03
-    will read the file (load_image). ValueError if they do not."""
+    """The file suffix of an image's format, read from its bytes, after checking that they decode
+    the way stages 01-03 will read the file (load_image). ValueError if they do not."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format
         load_image(io.BytesIO(data))  # the full decode (a truncated file fails here, not at open)
-    except Image.UnidentifiedImageError:  # its message names the BytesIO object, which differs from run to run
+    except Image.UnidentifiedImageError:
+        # its message names the BytesIO object, which differs from run to run
         raise ValueError("undecodable image (no format PIL knows)") from None
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...: all "unusable"
+    except Exception as e:
+        # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...: all "unusable"
         raise ValueError(f"undecodable image ({type(e).__name__}: {e})") from None
     return SUFFIXES.get(fmt, "." + fmt.lower())
 
 
 def row_id(row, n, seen):
-    """The instance id: the row's "id" (LLaVA) or "idx" (RLHF-V) as text, else the row number n; an id an earlier
-    row already had gets "-row<n>" appended, so ids stay unique (and the same on every run: rows come in file order)."""
+    """The instance id: the row's "id" (LLaVA) or "idx" (RLHF-V) as text, else the row number n;
+    an id an earlier row already had gets "-row<n>" appended, so ids stay unique (and the same on
+    every run: rows come in file order)."""
     raw = row.get("id", row.get("idx"))
-    rid = str(n) if raw is None or not str(raw).strip() else str(raw)
+    if raw is None or not str(raw).strip():
+        rid = str(n)
+    else:
+        rid = str(raw)
     if rid in seen:
         rid = f"{rid}-row{n}"
     seen.add(rid)
@@ -189,13 +233,18 @@ def row_id(row, n, seen):
 
 
 def convert(rows, parse, args, out, total):
-    """Write instances.jsonl, human_pairs.jsonl and the images for rows [(row number, row dict)] parsed by `parse`.
-    Ids already in instances.jsonl are skipped (resume). Returns (counts, errors, duplicates)."""
+    """Write instances.jsonl, human_pairs.jsonl and the images for rows [(row number, row dict)]
+    parsed by `parse`. Ids already in instances.jsonl are skipped (resume).
+    Returns (counts, errors, duplicates)."""
     done = continue_jsonl(out / "instances.jsonl")
     done_ids = {r["id"] for r in done}
     paired = {r["id"] for r in continue_jsonl(out / "human_pairs.jsonl")}
-    kept = {(r["image"], r["prompt"]): r["id"] for r in done}  # image names are content hashes: same name, same bytes
-    seen, counts, errors, duplicates = set(), Counter(), [], []
+    # image names are content hashes: same name, same bytes
+    kept = {(r["image"], r["prompt"]): r["id"] for r in done}
+    seen = set()
+    counts = Counter()
+    errors = []
+    duplicates = []
     (out / "images").mkdir(parents=True, exist_ok=True)
     with open(out / "instances.jsonl", "a", encoding="utf-8") as fi, \
             open(out / "human_pairs.jsonl", "a", encoding="utf-8") as fp:
@@ -209,17 +258,22 @@ def convert(rows, parse, args, out, total):
                     counts["earlier"] += 1
                     continue
                 data = image_bytes(image, args.images)
-                name = f"images/{hashlib.sha256(data).hexdigest()[:16]}{image_suffix(data)}"
+                digest = hashlib.sha256(data).hexdigest()[:16]
+                name = f"images/{digest}{image_suffix(data)}"
             except ValueError as e:
-                errors.append({"file": args.data, "row": n, "id": rid, "error": f"{args.data}:row {n}: {e}"})
+                message = f"{args.data}:row {n}: {e}"
+                errors.append({"file": args.data, "row": n, "id": rid, "error": message})
                 continue
             if (name, prompt) in kept:
                 duplicates.append({"id": rid, "row": n, "duplicate_of": kept[name, prompt]})
                 continue
             kept[name, prompt] = rid
             save_image(out / name, data)
-            if pair and rid not in paired:  # the pair first: an instance line means its row is complete
-                append_jsonl(fp, {"id": rid, "image": name, "prompt": prompt, "chosen": pair[0], "rejected": pair[1]})
+            if pair and rid not in paired:
+                # the pair first: an instance line means its row is complete
+                chosen, rejected = pair
+                append_jsonl(fp, {"id": rid, "image": name, "prompt": prompt,
+                                  "chosen": chosen, "rejected": rejected})
             append_jsonl(fi, {"id": rid, "image": name, "prompt": prompt})
             counts["written"] += 1
             counts["unpaired"] += pair is None
@@ -241,7 +295,8 @@ def main(argv=None):
     elif data.suffix == ".json":
         total, parse, rows = json_rows(data, args.limit)
     else:
-        raise SystemExit(f"{data}: the format is told by the extension, .parquet (RLHF-V) or .json (LLaVA format)")
+        raise SystemExit(f"{data}: the format is told by the extension, "
+                         f".parquet (RLHF-V) or .json (LLaVA format)")
     counts, errors, duplicates = convert(rows, parse, args, out, total)
     report(out, counts, errors, duplicates)
 
@@ -254,29 +309,35 @@ def main(argv=None):
 # ==================================================================================================
 # ---- plumbing: reading the data, writing and printing ----
 def parquet_rows(path, batch_size, limit=None):
-    """(rows to read, row parser, iterator of (row number, row dict)) over a parquet file read in batches of
-    batch_size rows, only the columns the parser needs; reading stops at `limit` rows. The columns tell the layout:
-    RLHF-V's "text" + "image", or LLaVA-format rows ("conversations" or "messages", "images")."""
+    """(rows to read, row parser, iterator of (row number, row dict)) over a parquet file read in
+    batches of batch_size rows, only the columns the parser needs; reading stops at `limit` rows.
+    The columns tell the layout: RLHF-V's "text" + "image", or LLaVA-format rows
+    ("conversations" or "messages", "images")."""
     try:
         import pyarrow.parquet as pq  # only this path needs pyarrow
     except ImportError:
-        raise SystemExit("reading a .parquet file needs pyarrow, which requirements.txt leaves out: "
-                         "pip install pyarrow==26.0.1 (a LLaVA-format .json needs only the standard library)")
-    f = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)  # column chunks in 1 MiB reads, none read ahead
+        raise SystemExit("reading a .parquet file needs pyarrow, which requirements.txt leaves "
+                         "out: pip install pyarrow==26.0.1 (a LLaVA-format .json needs only the "
+                         "standard library)")
+    # column chunks in 1 MiB reads, none read ahead
+    f = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
     names = f.schema_arrow.names
     if "text" in names and "image" in names:
-        parse, wanted = rlhfv_row, ("idx", "text", "image")
+        parse = rlhfv_row
+        wanted = ("idx", "text", "image")
     elif "conversations" in names or "messages" in names:
-        parse, wanted = llava_row, ("id", "conversations", "messages", "contrastive_conversations", "chosen",
-                                    "rejected", "images", "image")
+        parse = llava_row
+        wanted = ("id", "conversations", "messages", "contrastive_conversations",
+                  "chosen", "rejected", "images", "image")
     else:
-        raise SystemExit(f"{path}: columns {names}: neither RLHF-V's ('text', 'image') nor LLaVA-format rows "
-                         f"('conversations' or 'messages')")
+        raise SystemExit(f"{path}: columns {names}: neither RLHF-V's ('text', 'image') "
+                         f"nor LLaVA-format rows ('conversations' or 'messages')")
     total = f.metadata.num_rows if limit is None else min(limit, f.metadata.num_rows)
 
     def rows():
         n = 0
-        for batch in f.iter_batches(batch_size=batch_size, columns=[c for c in wanted if c in names]):
+        columns = [c for c in wanted if c in names]
+        for batch in f.iter_batches(batch_size=batch_size, columns=columns):
             for row in batch.to_pylist():
                 if n >= total:
                     return
@@ -286,32 +347,37 @@ def parquet_rows(path, batch_size, limit=None):
 
 
 def json_rows(path, limit=None):
-    """(rows to read, row parser, iterator of (row number, row)) over a JSON list of LLaVA-format rows."""
+    """(rows to read, row parser, iterator of (row number, row)) over a JSON list of LLaVA-format
+    rows."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except ValueError as e:
         raise SystemExit(f"{path}: not JSON ({e})")
     if not isinstance(data, list):
-        raise SystemExit(f"{path}: expected a JSON list of LLaVA-format rows, got a {type(data).__name__}")
+        raise SystemExit(f"{path}: expected a JSON list of LLaVA-format rows, "
+                         f"got a {type(data).__name__}")
     data = data[:limit]
     return len(data), llava_row, enumerate(data)
 
 
 def check_settings(args, out):
-    """Write DIR/instances.args.json; refuse when DIR already holds instances made from other data or images."""
+    """Write DIR/instances.args.json; refuse when DIR already holds instances made from other data
+    or images."""
     path = out / "instances.args.json"
-    old = json.loads(path.read_text()) if path.is_file() and (out / "instances.jsonl").is_file() else {}
+    old = {}
+    if path.is_file() and (out / "instances.jsonl").is_file():
+        old = json.loads(path.read_text())
     for k in RESULT_ARGS:
         if k in old and old[k] != vars(args)[k]:
-            raise SystemExit(f"{out} holds instances made with {k}={old[k]!r}, not {vars(args)[k]!r}: "
-                             f"use another --out or delete it")
+            raise SystemExit(f"{out} holds instances made with {k}={old[k]!r}, "
+                             f"not {vars(args)[k]!r}: use another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(vars(args), indent=1))
 
 
 def save_image(path, data):
-    """Write an image once (its name is its content hash), through a temporary file: a crash never leaves part of
-    an image under the final name, where a resume would take it as done."""
+    """Write an image once (its name is its content hash), through a temporary file: a crash never
+    leaves part of an image under the final name, where a resume would take it as done."""
     if path.is_file():
         return
     tmp = path.with_name(path.name + ".tmp")
@@ -320,7 +386,8 @@ def save_image(path, data):
 
 
 def write_lines(path, rows):
-    """Write a whole JSONL file atomically: a crash leaves the old file, never half of the new one."""
+    """Write a whole JSONL file atomically: a crash leaves the old file, never half of the new
+    one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -328,19 +395,24 @@ def write_lines(path, rows):
 
 
 def report(out, counts, errors, duplicates):
-    """Write this run's bad rows and dropped duplicates (every run reads the whole input, so both are complete) and
-    print the counts. Exits non-zero when the data gave no instance at all."""
+    """Write this run's bad rows and dropped duplicates (every run reads the whole input, so both
+    are complete) and print the counts. Exits non-zero when the data gave no instance at all."""
     write_lines(out / "instances.errors.jsonl", errors)
     write_lines(out / "instances.duplicates.jsonl", duplicates)
     for e in errors[:10]:
         print(e["error"])
     n = counts["written"] + counts["earlier"]
     n_pairs = sum(1 for _ in open(out / "human_pairs.jsonl", encoding="utf-8"))
-    print(f"{out / 'instances.jsonl'}: {n} instances ({counts['earlier']} from an earlier run), {len(duplicates)} "
-          f"exact duplicates of (image, prompt) dropped, {len(errors)} bad rows skipped"
-          + (f" (see {out / 'instances.errors.jsonl'})" if errors else ""))
-    print(f"{out / 'human_pairs.jsonl'}: {n_pairs} human pairs"
-          + (f"; {counts['unpaired']} new instances have no single-turn pair" if counts["unpaired"] else ""))
+    summary = (f"{out / 'instances.jsonl'}: {n} instances ({counts['earlier']} from an earlier "
+               f"run), {len(duplicates)} exact duplicates of (image, prompt) dropped, "
+               f"{len(errors)} bad rows skipped")
+    if errors:
+        summary += f" (see {out / 'instances.errors.jsonl'})"
+    print(summary)
+    pairs_line = f"{out / 'human_pairs.jsonl'}: {n_pairs} human pairs"
+    if counts["unpaired"]:
+        pairs_line += f"; {counts['unpaired']} new instances have no single-turn pair"
+    print(pairs_line)
     if n == 0:
         raise SystemExit(f"no row gave an instance: nothing in {out / 'instances.jsonl'}")
 # ---- end plumbing ----

@@ -12,9 +12,18 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path):
     flags = ["--world", world, "--runs", runs, "--filter-flags", "--max-ppl=1e9 --margin-low=-1e9 --margin-high=1e9",
              "--train-flags", "--epochs 1 --batch-size 2", "--jobs", "1"]
     first = run_script("pipeline.py", *flags).stdout
-    for stage in ("00", "01", "02", "03", "04 seed 0 full", "05 eval_base_test", "05 eval_full_test"):
-        assert f"  {stage}" in first or stage == "00", (stage, first)
-    assert "is built: skipped" in first  # the world was there
+    for stage in ("01", "02", "03", "04 seed 0 full", "05 eval_base_test", "05 eval_full_test"):
+        assert f"  {stage}" in first, (stage, first)
+    assert "is built: skipped" in first  # 00: the world was there, so it was not rebuilt
+    instances = [json.loads(x)["id"] for x in open(world / "instances.jsonl")]
+    crops = [json.loads(x) for x in open(runs / "crops.jsonl")]
+    assert [c["id"] for c in crops] == instances and all(len(c["bbox"]) == 4 for c in crops)  # 01: every line
+    pairs = [json.loads(x) for x in open(runs / "seed0" / "pairs.jsonl")]
+    assert [p["id"] for p in pairs] == instances and any(p["focus"] or p["robust"] for p in pairs)  # 02
+    train = [json.loads(x) for x in open(runs / "seed0" / "train.jsonl")]
+    assert train and {t["id"] for t in train} <= set(instances) and all("ref" in t and "keep" in t for t in train)
+    steps = [json.loads(x) for x in open(runs / "seed0" / "full" / "metrics.jsonl")]  # 04: one row a step
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1)) and steps
     table = (runs / "results.md").read_text()
     assert "| base |" in table and "| P2-DPO |" in table and "CHAIR" in table, table
     metrics = json.loads((runs / "seed0" / "eval_full_test" / "metrics.json").read_text())
