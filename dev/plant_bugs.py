@@ -9,6 +9,10 @@ selection: a failure means caught. Prints a markdown table.
   OMP_NUM_THREADS=1 python dev/plant_bugs.py --tests-from 3f29c62     # the tests as they were at a commit
   python dev/plant_bugs.py --list;  python dev/plant_bugs.py --only calib_sign --only lora_scale
   python dev/plant_bugs.py --baseline                                 # each selection passes unplanted
+  python dev/plant_bugs.py --check      # every snippet occurs exactly once in the current tree (every run checks)
+
+A file refactored after its bugs were written can leave an `old` snippet that no longer occurs: --check (and the
+start of every run) names such stale bugs and exits 1, and tests/test_plant_bugs.py runs the same check.
 
 Selections are the fast tests a forker runs for the file they touched (the stage's unit tests, not its
 subprocess runs) plus tests/test_bug_classes.py; files missing from the chosen tests/ are dropped.
@@ -51,24 +55,27 @@ BUGS = [
         "losses = -F.logsigmoid(beta * (ref_logratios - pi_logratios))", "04", "DPO sign flipped"),
     bug("dpo_no_beta", F04, "losses = -F.logsigmoid(beta * (pi_logratios - ref_logratios))",
         "losses = -F.logsigmoid(pi_logratios - ref_logratios)", "04", "DPO without beta"),
-    bug("calib_deg_ref_sign", F04, "for a, b in ((pi_aug_w, pi_deg_w), (ref_aug, ref_deg)))",
-        "for a, b in ((pi_aug_w, pi_deg_w), (ref_deg, ref_aug)))", "04", "Delta pi_ref reversed (deg - aug)"),
+    bug("calib_deg_ref_sign", F04, "delta_ref = fp32(ref_aug) - fp32(ref_deg)",
+        "delta_ref = fp32(ref_deg) - fp32(ref_aug)", "04", "Delta pi_ref reversed (deg - aug)"),
     bug("ddw_swap", F04, "return w_base + alpha, w_base - alpha", "return w_base - alpha, w_base + alpha",
         "04", "DDW weights swapped between branches"),
-    bug("ddw_no_minus1", F04, "(clip_image + 1e-6) - 1) / tau)", "(clip_image + 1e-6)) / tau)",
+    bug("ddw_no_minus1", F04, "alpha = alpha_max * torch.tanh((r - 1) / tau)",
+        "alpha = alpha_max * torch.tanh(r / tau)",
         "04", "DDW tanh(r / tau) instead of tanh((r - 1) / tau)"),
-    bug("ddw_tau_mul", F04, "(clip_image + 1e-6) - 1) / tau)", "(clip_image + 1e-6) - 1) * tau)",
+    bug("ddw_tau_mul", F04, "alpha = alpha_max * torch.tanh((r - 1) / tau)",
+        "alpha = alpha_max * torch.tanh((r - 1) * tau)",
         "04", "DDW (r - 1) * tau"),
     bug("lambda_on_both", F04, "torch.where(has_focus, dpo_f + lambda_calib * calib, 0.0)",
         "torch.where(has_focus, lambda_calib * (dpo_f + calib), 0.0)", "04", "lambda_calib scales DPO_focus too"),
-    bug("one_branch_half", F04, "torch.where(has_robust, torch.where(scored, w_focus, w_base), 1.0) * has_focus",
-        "torch.where(has_robust, torch.where(scored, w_focus, w_base), w_base) * has_focus",
+    bug("one_branch_half", F04, "w_focus = torch.where(both, w_focus, 1.0) * has_focus",
+        "w_focus = torch.where(both, w_focus, w_base) * has_focus",
         "04", "a focus-only line weighted w_base, not 1.0"),
     bug("batch_sum", F04, "ctx, world / len(batch))", "ctx, world)", "04",
         "L_total summed over the global batch"),
     bug("micro_mean", F04, "ctx, world / len(batch))", "ctx, world / len(mb))", "04",
         "L_total averaged per micro-batch (grad x accum)"),
-    bug("clip_order_04", F04, 'map(clip.get, ("crop", "image"))', 'map(clip.get, ("image", "crop"))', "04",
+    bug("clip_order_04", F04, 'scores = [clip.get("crop"), clip.get("image")]',
+        'scores = [clip.get("image"), clip.get("crop")]', "04",
         "the two CLIP scores read swapped (04)"),
     bug("calib_ref_swap", F04, 'need.update(aug=f"calib_aug_{side}", deg=f"calib_deg_{side}")',
         'need.update(aug=f"calib_deg_{side}", deg=f"calib_aug_{side}")', "04", "calib ref terms swapped"),
@@ -76,15 +83,14 @@ BUGS = [
         '("robust", robust, ("robust_w", "robust_l"), "prompt", "image")', "04", "DPO_rob scored on clean I"),
     bug("calib_prompt", F04, '("focus", focus, ("aug",), "prompt_enh", "aug")',
         '("focus", focus, ("aug",), "prompt", "aug")', "04", "I_aug scored with P, not P_enh"),
-    bug("lora_scale", F04, "self.base, self.scale, self.dropout = base, alpha / r, nn.Dropout(dropout)",
-        "self.base, self.scale, self.dropout = base, r / alpha, nn.Dropout(dropout)", "04",
+    bug("lora_scale", F04, "self.scale = alpha / r", "self.scale = r / alpha", "04",
         "LoRA scale r / alpha"),
     bug("merge_no_scale", F04, "w.float() + module.scale * (module.lora_B.float()",
         "w.float() + (module.lora_B.float()", "04", "merge without alpha / r"),
     bug("lora_everywhere", F04, "    lm = model.model.language_model\n", "    lm = model\n", "04",
         "LoRA on vision tower, projector, lm_head too"),
-    bug("shard_overlap", F04, "shares, out = [batch[r::world] for r in range(world)], []",
-        "shares, out = [batch[r:] for r in range(world)], []", "04", "ranks' shares overlap"),
+    bug("shard_overlap", F04, "shares = [batch[r::world] for r in range(world)]",
+        "shares = [batch[r:] for r in range(world)]", "04", "ranks' shares overlap"),
     # ---- 02: pairs ----
     bug("focus_swap", F02, 'focus = {"chosen": said["focus_w"], "rejected": said["focus_l"]}',
         'focus = {"chosen": said["focus_l"], "rejected": said["focus_w"]}', "02", "focus chosen/rejected swapped"),
@@ -148,6 +154,25 @@ BUGS = [
 ]
 
 
+def stale(bugs=BUGS, root=ROOT):
+    """The bugs whose `old` snippet does not occur exactly once in root's file: [(id, file, count)]."""
+    out = []
+    for b in bugs:
+        path = Path(root) / b["file"]
+        n = path.read_text().count(b["old"]) if path.exists() else 0
+        if n != 1:
+            out.append((b["id"], b["file"], n))
+    return out
+
+
+def check(bugs=BUGS, root=ROOT):
+    """Print the stale bugs; True when there is none."""
+    bad = stale(bugs, root)
+    for id, file, n in bad:
+        print(f"stale: {id}: its snippet occurs {n} times in {file} (must be once)", file=sys.stderr)
+    return not bad
+
+
 def selection(b, tests_dir):
     path, k = FAST[b["stage"]]
     files = [f for f in [NEW, path, *b["extra"]] if (tests_dir / Path(f).name).exists()]
@@ -196,7 +221,17 @@ def main():
     p.add_argument("--tests-from", default=None, help="a commit whose tests/ replaces the current one")
     p.add_argument("--baseline", action="store_true", help="run each selection unplanted (must pass)")
     p.add_argument("--timeout", type=int, default=600, help="seconds per pytest run")
+    p.add_argument("--check", action="store_true",
+                   help="only check that every bug's snippet occurs exactly once in the current tree")
     args = p.parse_args()
+    unknown = set(args.only or ()) - {b["id"] for b in BUGS}
+    if unknown:
+        p.error(f"unknown bug id: {', '.join(sorted(unknown))}")
+    if not check():
+        sys.exit(1)
+    if args.check:
+        print(f"{len(BUGS)} bugs, every snippet occurs once")
+        return
     bugs = [b for b in BUGS if not args.only or b["id"] in args.only]
     if args.list:
         for b in bugs:
