@@ -30,16 +30,16 @@ ROOT = Path(__file__).resolve().parent
 VARIANTS = {"full": [], "no_focus": ["--no-focus"], "no_robust": ["--no-robust"], "no_calib": ["--no-calib"],
             "no_ddw": ["--no-ddw"]}
 PAPER_F1 = {"base": 85.10, "full": 87.44, "no_focus": 85.84, "no_robust": 85.27, "no_calib": 86.17, "no_ddw": 86.68}
-# Toy-world settings of the stages, each a flag of that stage; why each differs from SPEC's default is said here.
+# Extra flags of the stages (empty: each stage's defaults). The toy world's tuned settings (04's lr 2e-4: why,
+# and the values tried, in 00_toy_world.py's STAGE_SETTINGS) live in world/world.json, which each stage reads
+# when its --model is world/model, so `python 04_train_calibrated_dpo.py` alone trains the same model.
 # Everything else is SPEC's default (authors' filter thresholds, beta 0.1, lambda_calib 0.3, 4 epochs, batch 16).
 PAIR_FLAGS = ""
+# Looser filters (PPL < 10, margin in [-2, 2], then scored in the DPO context: 375 lines, most of them robustness
+# pairs) gave accuracy 0.874 clean / 0.618 at sigma 0.2 on world/val at lr 1e-4 and drove the sigma-0.2 yes-ratio
+# to 0.18 at 5e-4.
 FILTER_FLAGS = ""
-# lr 2e-4, not 1e-5: the 64-wide toy model barely moves in its 28 steps at 1e-5. Chosen on world/val (seed 0, one
-# run each; base: accuracy 0.868 clean / 0.596 at sigma 0.2, CHAIR_i 0.516): lr 1e-4 0.870 / 0.622, CHAIR_i 0.513;
-# 2e-4 0.870 / 0.659, 0.513; 3e-4 0.864 / 0.695, 0.528; 5e-4 0.859 / 0.749, 0.583: past 2e-4 the noise gain is
-# bought with clean accuracy and CHAIR_i. Looser filters (PPL < 10, margin in [-2, 2]: 375 lines, most of them
-# robustness pairs) gave 0.874 / 0.618 at 1e-4 and drove the sigma-0.2 yes-ratio to 0.18 at 5e-4.
-TRAIN_FLAGS = "--lr 2e-4"
+TRAIN_FLAGS = ""
 
 
 def parse_args(argv=None):
@@ -56,10 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--pair-flags", default=PAIR_FLAGS, help="extra flags for 02_make_pairs.py (one string)")
     p.add_argument("--filter-flags", default=FILTER_FLAGS, help="extra flags for 03_filter.py (one string; a "
                    "negative number needs '=': --margin-low=-0.5)")
-    p.add_argument("--train-flags", default=TRAIN_FLAGS, help=f"extra flags for 04_train_calibrated_dpo.py (one "
-                   f"string; default {TRAIN_FLAGS!r}, the toy world's learning rate, chosen on world/val: see the "
-                   f"source; a value given here replaces it; a saved model is not retrained: after changing these, use another "
-                   f"--runs)")
+    p.add_argument("--train-flags", default=TRAIN_FLAGS, help="extra flags for 04_train_calibrated_dpo.py (one "
+                   "string; a flag given here overrides world.json's toy setting, e.g. --lr; a saved model is "
+                   "not retrained: after changing these, use another --runs)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="trainings / evaluations run side by side (tiny models use one thread each)")
     return p.parse_args(argv)
