@@ -356,17 +356,29 @@ def clip_caption(objects):
     return "a photo of " + describe(objects)[len("there is "):-2]
 
 
-def write_clip_pairs(path, scenes, pool):
+def write_clip_pairs(path, scenes, pool, seed):
     """Step 2: CLIP's (view, caption of the scene) and (zoom crop, caption of the objects wholly
-    inside it, else of the zoomed one) pairs, in a file for CLIP's own process."""
+    inside it, else of the zoomed one) pairs, in a file for CLIP's own process. Each image also
+    comes with a prompt of the kinds P2-DPO's instances use (an open question it answers, or
+    "describe the image ."), so that CLIPScore(P, I) of DDW measures how well I shows what P asks
+    about. With captions alone, CLIPScore(P, I) was 0 for 91 of 248 focus lines and r reached 130
+    (DDW's alpha saturated); with the prompts none is 0 and r's 5-95% range on the lines that keep
+    both branches is 0.88-1.24 (median 0.99; stage 03's report, seed 0)."""
+    rng = np.random.default_rng([seed, 13])  # its own stream: the model's data is unchanged
     images = []
     captions = []
     for scene, zoom in zip(scenes, pool):
         x1, y1, x2, y2 = zoom["box"]
         inside = [o for o in scene["objects"] if o["box"][0] >= x1 and o["box"][1] >= y1
                   and o["box"][2] <= x2 and o["box"][3] <= y2]
-        images += [np.asarray(zoom["view"]), np.asarray(zoom["crop"])]
+        images += [np.asarray(zoom["view"]), np.asarray(zoom["crop"])] * 2
         captions += [clip_caption(scene["objects"]), clip_caption(inside or [zoom["object"]])]
+        for objects in (scene["objects"], inside or [zoom["object"]]):
+            question = open_question(rng, objects)
+            if question is None or rng.random() < 0.2:
+                captions.append(PROMPTS["describe"])
+            else:
+                captions.append(question[1])
     images = [torch.from_numpy(a.copy()) for a in images]
     torch.save({"images": images, "captions": captions}, path)
 
@@ -748,7 +760,7 @@ def main(argv=None):
     # step 2: CLIP pairs, and CLIP trained from them in a second process
     pool = zoom_the_pool(rng, scenes["pool"], args.canvas)
     pairs_path = out / "clip_pairs.pt"
-    write_clip_pairs(pairs_path, scenes["pool"], pool)
+    write_clip_pairs(pairs_path, scenes["pool"], pool, args.seed)
     clip_job = start_clip(out / "clip", pairs_path, args)
     # step 3: the base model, copied or trained, meanwhile
     val_questions, val_view = validation_questions(out, rendered)

@@ -352,7 +352,10 @@ def filter_report(lines, branches, args):
     both = [x for x in lines if len(branches) > 1 and all(x["keep"].values())]
     report["kept_both"] = len(both)
     ratios = [x["clip"]["ratio"] for x in both if x.get("clip") and x["clip"]["ratio"] is not None]
-    report["clip_ratio_kept_both"] = summary(ratios)
+    spread = dict.fromkeys(("p05", "p95"))  # where DDW's alpha = 0.2 tanh((r - 1) / 0.1) lands
+    if ratios:
+        spread = dict(zip(("p05", "p95"), np.percentile(ratios, [5, 95]).tolist()))
+    report["clip_ratio_kept_both"] = {**summary(ratios), **spread}
     return report
 
 
