@@ -1,8 +1,10 @@
 """Stage 02: on-policy preference pairs, focus (zoomed vs degraded view) and robustness (contrastive amplification).
 
 Paper: P2-DPO (ICLR 2026), vision-grounded preference data; SPEC.md "Stage 02". M is the reference
-(base) model; every response is decoded with temperature 0.2, top-p 0.9, at most 256 new tokens
-(authors' settings):
+(base) model. Decoding per branch as the authors' scripts: focus responses greedy, at most 150 new
+tokens; robustness responses temperature 0.2, top-p 0.9, at most 256 new tokens, with the fixed
+instruction "Strictly answer the following question according to the facts of the image, and
+control the length of the output." before P (the toy world's world.json turns it off: see below):
   I_crop  = I.crop(bbox)
   I_deg   = I with the bbox rectangle filled by I's mean RGB colour
   I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) seeded by (seed, id),
@@ -74,11 +76,16 @@ ENH_TEMPLATE = ("Answer the question mainly based on the first image, refer to t
 STITCH_TEMPLATE = ("Answer the question mainly based on the left part of the image, the right "
                    "part shows a zoomed detail of it, refer to the zoomed detail if necessary, "
                    "answer this question: {question}")
+FOCUS = ("focus_w", "focus_l")  # the roles decoded with the focus settings
+# the instruction the authors' robust-pair script puts before P
+ROBUST_INSTRUCTION = ("Strictly answer the following question according to the facts of the image, "
+                      "and control the length of the output.")
 # a resumed --out must have been made with the same values of these
 RESULT_ARGS = ("model", "combine", "enh_template", "sigma", "lambda_ca", "beta_head",
-               "temperature", "top_p", "max_new_tokens", "seed")
-GEN_ARGS = ("temperature", "top_p", "max_new_tokens", "lambda_ca", "beta_head", "combine",
-            "sigma", "seed")
+               "temperature", "top_p", "max_new_tokens", "focus_temperature",
+               "focus_max_new_tokens", "robust_instruction", "seed")
+GEN_ARGS = ("temperature", "top_p", "max_new_tokens", "focus_temperature", "focus_max_new_tokens",
+            "robust_instruction", "lambda_ca", "beta_head", "combine", "sigma", "seed")
 
 
 def parse_args(argv=None):
@@ -102,10 +109,19 @@ def parse_args(argv=None):
     p.add_argument("--beta-head", type=float, default=0.1,
                    help="V_head cut-off, share of max p_EP (authors, VCD: 0.1)")
     p.add_argument("--temperature", type=float, default=0.2,
-                   help="sampling temperature (authors: 0.2); 0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (authors: 0.9)")
+                   help="robustness responses: sampling temperature (authors: 0.2); 0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9,
+                   help="robustness responses: nucleus sampling mass (authors: 0.9)")
     p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="response length cap (authors: 256)")
+                   help="robustness responses: length cap (authors: 256)")
+    p.add_argument("--robust-instruction", default=None,
+                   help="robustness responses: text put before P ('' = none; default: the authors' "
+                   "instruction; the toy world's world.json beside --model: '', its words are "
+                   "outside the toy vocabulary)")
+    p.add_argument("--focus-temperature", type=float, default=0.0,
+                   help="focus responses: sampling temperature (authors: greedy, 0); top-p as above")
+    p.add_argument("--focus-max-new-tokens", type=int, default=150,
+                   help="focus responses: length cap (authors: 150)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the image noise and of every response's sampler")
     p.add_argument("--batch-size", type=int, default=8,
@@ -178,8 +194,8 @@ def focus_pair_contexts(key, prompt, prompt_enh, image, views, full_crop):
 
 def robust_pair_contexts(key, prompt, image, views):
     """Robust pair: y_w by contrastive amplification of the expert (I, P) over the amateur
-    (I_noise, P); y_l = M(I_noise, P); y_init = M(I, P), stored beside the pair.
-    [Job y_w, Job y_l, Job y_init]."""
+    (I_noise, P); y_l = M(I_noise, P); y_init = M(I, P), stored beside the pair. prompt: P after
+    the authors' instruction (--robust-instruction). [Job y_w, Job y_l, Job y_init]."""
     chosen = Job(key, "robust_w", prompt, [image], amateur_images=[views["noise"]])
     rejected = Job(key, "robust_l", prompt, [views["noise"]])
     init = Job(key, "init", prompt, [image])
@@ -335,6 +351,9 @@ def main(argv=None):
     if Path(args.model).exists():
         args.model = str(Path(args.model).resolve())
     rows, errors = read_instances(args.data, ("image", "prompt", "bbox"), args.limit)
+    settings = world_settings(args, "02", {"robust_instruction": ROBUST_INSTRUCTION})
+    if rank == 0:
+        print(settings, flush=True)
     model, processor = load_model(args.model, device)
     args.combine = resolve_combine(processor, args.combine)
     if args.enh_template is None:
@@ -413,9 +432,10 @@ def file_stem(key):
     return f"{safe}-{zlib.crc32(str(key).encode()):08x}"
 
 
-def respond(model, processor, jobs, args, contrastive=False):
+def respond(model, processor, jobs, args, contrastive=False, focus=False):
     """Texts for a list of Jobs, decoded in one batch. contrastive: rows [0, B) are the experts (each
-    job's images) and rows [B, 2B) their amateurs (its amateur_images), with the same prompts."""
+    job's images) and rows [B, 2B) their amateurs (its amateur_images), with the same prompts.
+    focus: the focus responses' decoding (--focus-*), else the robustness responses'."""
     if not jobs:
         return []
     texts = [chat_prompt(processor, job.prompt, len(job.images)) for job in jobs]
@@ -426,8 +446,10 @@ def respond(model, processor, jobs, args, contrastive=False):
     inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
     generators = [response_generator(args.seed, job.key, job.role) for job in jobs]
     lambda_ca = args.lambda_ca if contrastive else None
-    ids = decode(model, dict(inputs), generators, eos_token_ids(model, processor), args.max_new_tokens,
-                 args.temperature, args.top_p, lambda_ca, args.beta_head,
+    max_new_tokens = args.focus_max_new_tokens if focus else args.max_new_tokens
+    temperature = args.focus_temperature if focus else args.temperature
+    ids = decode(model, dict(inputs), generators, eos_token_ids(model, processor), max_new_tokens,
+                 temperature, args.top_p, lambda_ca, args.beta_head,
                  suppress_ids=placeholder_ids(processor))
     return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
 
@@ -462,16 +484,20 @@ def make_work(model, processor, args):
             prompt_enh = args.enh_template.format(question=prompt)
             full_crop = row.get("crop") == "full"
             jobs += focus_pair_contexts(key, prompt, prompt_enh, image, views, full_crop)
-            jobs += robust_pair_contexts(key, prompt, image, views)
+            instructed = f"{args.robust_instruction} {prompt}".strip()
+            jobs += robust_pair_contexts(key, instructed, image, views)
             results[i] = {**row, "image": relpath_for(out, row["_image"]),
                           "images": {name: relpath_for(out, p) for name, p in paths.items()},
                           "prompt_enh": prompt_enh, "focus": None, "robust": None, "gen": gen}
-        # one plain batch (up to 4 rows an instance), then one contrastive batch (2 rows an instance)
-        plain = [job for job in jobs if job.amateur_images is None]
+        # one focus batch (2 rows an instance), one plain robustness batch (y_l, y_init: 2 rows),
+        # one contrastive batch (2 rows an instance): each branch has its own decoding
+        focus = [job for job in jobs if job.role in FOCUS]
+        plain = [job for job in jobs if job.amateur_images is None and job.role not in FOCUS]
         contrast = [job for job in jobs if job.amateur_images is not None]
         said = {}  # id -> {role: response}; ids are unique (read_instances)
-        for group, contrastive in ((plain, False), (contrast, True)):
-            texts = respond(model, processor, group, args, contrastive)
+        for group, contrastive, is_focus in ((focus, False, True), (plain, False, False),
+                                             (contrast, True, False)):
+            texts = respond(model, processor, group, args, contrastive, is_focus)
             for job, text in zip(group, texts):
                 said.setdefault(job.key, {})[job.role] = text
         for result in results:
@@ -741,6 +767,30 @@ def run_rows(rows, errors, work, out, batch_size, rank=0, world=1, desc="rows"):
     if n_out == 0 and errors:
         raise SystemExit(f"every line failed: nothing written to {out}")
     return [r for r in result if str(r["id"]) in order]
+# ---- end shared ----
+
+
+# ---- shared: world ----
+def world_settings(args, stage, defaults):
+    """Resolve the flags in `defaults` (name -> the paper's value) that were left unset (None): the
+    toy world's tuned value when --model is a folder beside a world.json (world/model: 00 writes
+    world.json's "stages"), else the paper's. Returns the line the stage prints first."""
+    path = os.path.join(os.path.dirname(os.path.abspath(args.model)), "world.json")
+    tuned = {}
+    if os.path.isdir(args.model) and os.path.isfile(path):
+        with open(path) as f:
+            tuned = json.load(f).get("stages", {}).get(stage, {})
+    taken = []
+    for name, paper in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tuned.get(name, paper))
+            if name in tuned:
+                taken.append(f"--{name.replace('_', '-')} {tuned[name]!r}")
+    if taken:
+        return f"settings from {path}: {', '.join(taken)} (a flag overrides them)"
+    if tuned:
+        return f"settings from {path}: none taken (the flags given override them)"
+    return f"settings: the paper's defaults (no toy-world setting for stage {stage})"
 # ---- end shared ----
 
 
