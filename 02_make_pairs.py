@@ -78,8 +78,8 @@ STITCH_TEMPLATE = ("Answer the question mainly based on the left part of the ima
                    "answer this question: {question}")
 FOCUS = ("focus_w", "focus_l")  # the roles decoded with the focus settings
 # the instruction the authors' robust-pair script puts before P
-ROBUST_INSTRUCTION = ("Strictly answer the following question according to the facts of the image, "
-                      "and control the length of the output.")
+ROBUST_INSTRUCTION = ("Strictly answer the following question according to the facts of the "
+                      "image, and control the length of the output.")
 # a resumed --out must have been made with the same values of these
 RESULT_ARGS = ("model", "combine", "enh_template", "sigma", "lambda_ca", "beta_head",
                "temperature", "top_p", "max_new_tokens", "focus_temperature",
@@ -115,11 +115,12 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="robustness responses: length cap (authors: 256)")
     p.add_argument("--robust-instruction", default=None,
-                   help="robustness responses: text put before P ('' = none; default: the authors' "
-                   "instruction; the toy world's world.json beside --model: '', its words are "
-                   "outside the toy vocabulary)")
+                   help="robustness responses: text put before P ('' = none; default: the "
+                   "authors' instruction; the toy world's world.json beside --model: '', its "
+                   "words are outside the toy vocabulary)")
     p.add_argument("--focus-temperature", type=float, default=0.0,
-                   help="focus responses: sampling temperature (authors: greedy, 0); top-p as above")
+                   help="focus responses: sampling temperature (authors: greedy, 0); "
+                   "top-p as above")
     p.add_argument("--focus-max-new-tokens", type=int, default=150,
                    help="focus responses: length cap (authors: 150)")
     p.add_argument("--seed", type=int, default=0,

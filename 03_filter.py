@@ -53,6 +53,9 @@ a question, so no "A photo depicts" prefix), cut to the CLIP context; r is null 
 CLIPScore(P, I) = 0; a line with both pairs null is dropped with the reason "no pair"; the report
 counts every check a pair fails (one pair can fail several); std is the population std; --clip
 defaults to the toy world's CLIP (SPEC's command line), a real run names an open_clip model.
+Measured on the toy world (seed 0): the own contexts keep 187 of 229 focus and 162 of 362 robust
+pairs; --filter-context dpo keeps 83 and 20 (PPL(y_w) under I_noise >= 2.5 for most robust y_w,
+which were not generated from I_noise).
 """
 import argparse
 import functools
@@ -138,15 +141,15 @@ PAIR_TERMS = {
     "pair_w": ("pair", "chosen", "prompt", "image"),
     "pair_l": ("pair", "rejected", "prompt", "image"),
 }
-# branch -> its DPO terms (y_w, y_l): the context c of IPS (and of the filter with --filter-context dpo)
+# branch -> its DPO terms (y_w, y_l): the context c of IPS (and of --filter-context dpo)
 DPO_TERMS = {
     "focus": ("focus_w", "focus_l"),
     "robust": ("robust_w", "robust_l"),
     "pair": ("pair_w", "pair_l"),
 }
-# --filter-context -> branch -> the terms (y_w, y_l) whose contexts PPL and M read. own: each response
-# where it was generated (authors' code): focus y_w = M(I_aug, P_enh), y_l = M(I_deg, P); robust y_w
-# by contrastive amplification of the expert (I, P), y_l = M(I_noise, P)
+# --filter-context -> branch -> the terms (y_w, y_l) whose contexts PPL and M read. own: each
+# response where it was generated (authors' code): focus y_w = M(I_aug, P_enh), y_l = M(I_deg, P);
+# robust y_w by contrastive amplification of the expert (I, P), y_l = M(I_noise, P)
 FILTER_TERMS = {
     "own": {
         "focus": ("calib_aug_w", "calib_deg_l"),
@@ -242,9 +245,10 @@ def mean_margin(logp_w, ntok_w, logp_l, ntok_l):
 
 
 def ppl_and_margin(scores, branches, terms):
-    """PPL(y_w), PPL(y_l) and M of each branch, y_w and y_l each scored by its term in terms[branch]
-    (FILTER_TERMS: own contexts or the DPO context); None where the line has no such pair.
-    scores: {term: (summed logp, ntok)} of one line. -> ({"<branch>_w" / "_l": PPL}, {branch: M})."""
+    """PPL(y_w), PPL(y_l) and M of each branch, y_w and y_l each scored by its term in
+    terms[branch] (FILTER_TERMS: own contexts or the DPO context); None where the line has no such
+    pair. scores: {term: (summed logp, ntok)} of one line.
+    -> ({"<branch>_w" / "_l": PPL}, {branch: M})."""
     ppl = {}
     margin = {}
     for b in branches:
@@ -563,7 +567,8 @@ def print_report(report):
           f"min {num(s['min'])}  max {num(s['max'])}  share > 1 {num(s['above_1'])}")
     s = report["clip_ratio_kept_both"]
     print(f"{report['kept_both']} lines keep both branches (DDW weighs only these); their r: "
-          f"mean {num(s['mean'])}  median {num(s['median'])}  min {num(s['min'])}  max {num(s['max'])}")
+          f"mean {num(s['mean'])}  median {num(s['median'])}  min {num(s['min'])}  "
+          f"max {num(s['max'])}")
 
 
 def with_ppl_and_margin(line, branches, context):
