@@ -31,7 +31,8 @@ Writes (paths inside JSONL files are relative to that file's folder):
   val/pope/*.jsonl, val/describe.jsonl   the same on separate images, for tuning (pope/: reports)
   model/                  LlavaForConditionalGeneration + LlavaProcessor (chat template)
   clip/                   open_clip: open_clip.create_model_and_transforms("local-dir:world/clip")
-  world.json              settings, classes, prompts (enhanced-prompt template, crop_base)
+  world.json              settings, classes, prompts (enhanced-prompt template, crop_base), and
+                          "stages": later stages' settings tuned here (STAGE_SETTINGS)
 Shapes in comments: B batch, T tokens, N image patches, C classes, V vocabulary.
 
   python 00_toy_world.py                      # full world: 2 min, copying the committed model
