@@ -774,7 +774,7 @@ def world_settings(args, stage, defaults):
         if getattr(args, name) is None:
             setattr(args, name, tuned.get(name, paper))
             if name in tuned:
-                taken.append(f"--{name.replace('_', '-')} {tuned[name]}")
+                taken.append(f"--{name.replace('_', '-')} {tuned[name]!r}")
     if taken:
         return f"settings from {path}: {', '.join(taken)} (a flag overrides them)"
     if tuned:
