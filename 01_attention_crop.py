@@ -390,12 +390,19 @@ def main(argv=None):
     model.requires_grad_(False)  # grad_att differentiates activations only
     n_layers = len(decoder_layers(model))
     toy = toy_world(args.data)
+    taken = []  # the settings taken from the toy world, said first
     if args.layers:
         args.layers = sorted(set(args.layers))
     elif toy:
         args.layers = [0]  # measured best there (module docstring)
+        taken.append("--layers 0")
     else:
         args.layers = [n_layers // 2]  # SPEC: the middle layer
+    if toy and not args.crop_base and toy.get("crop_base"):
+        taken.append(f"--crop-base {toy['crop_base']}")
+    if rank == 0 and taken:
+        print(f"settings from {Path(args.data).parent / 'world.json'}: {', '.join(taken)} "
+              f"(a flag overrides them)", flush=True)
     if not all(0 <= i < n_layers for i in args.layers):
         fail(f"--layers {args.layers}: the model has layers 0 to {n_layers - 1}")
     args.crop_base = args.crop_base or int(toy.get("crop_base", 0)) or input_side(processor)

@@ -1,8 +1,10 @@
 """Stage 02: on-policy preference pairs, focus (zoomed vs degraded view) and robustness (contrastive amplification).
 
 Paper: P2-DPO (ICLR 2026), vision-grounded preference data; SPEC.md "Stage 02". M is the reference
-(base) model; every response is decoded with temperature 0.2, top-p 0.9, at most 256 new tokens
-(authors' settings):
+(base) model. Decoding per branch as the authors' scripts: focus responses greedy, at most 150 new
+tokens; robustness responses temperature 0.2, top-p 0.9, at most 256 new tokens, with the fixed
+instruction "Strictly answer the following question according to the facts of the image, and
+control the length of the output." before P (the toy world's world.json turns it off: see below):
   I_crop  = I.crop(bbox)
   I_deg   = I with the bbox rectangle filled by I's mean RGB colour
   I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) seeded by (seed, id),
@@ -88,11 +90,17 @@ ENH_TEMPLATE = ("Answer the question mainly based on the first image, refer to t
 STITCH_TEMPLATE = ("Answer the question mainly based on the left part of the image, the right "
                    "part shows a zoomed detail of it, refer to the zoomed detail if necessary, "
                    "answer this question: {question}")
+FOCUS = ("focus_w", "focus_l")  # the roles decoded with the focus settings
+# the instruction the authors' robust-pair script puts before P
+ROBUST_INSTRUCTION = ("Strictly answer the following question according to the facts of the "
+                      "image, and control the length of the output.")
 # a resumed --out must have been made with the same values of these
 RESULT_ARGS = ("model", "combine", "enh_template", "sigma", "lambda_ca", "beta_head",
-               "temperature", "top_p", "max_new_tokens", "seed", "data_identity", "model_identity")
-GEN_ARGS = ("temperature", "top_p", "max_new_tokens", "lambda_ca", "beta_head", "combine",
-            "sigma", "seed")
+               "temperature", "top_p", "max_new_tokens", "focus_temperature",
+               "focus_max_new_tokens", "robust_instruction", "seed", "data_identity",
+               "model_identity")
+GEN_ARGS = ("temperature", "top_p", "max_new_tokens", "focus_temperature", "focus_max_new_tokens",
+            "robust_instruction", "lambda_ca", "beta_head", "combine", "sigma", "seed")
 
 
 def parse_args(argv=None):
@@ -117,11 +125,20 @@ def parse_args(argv=None):
     p.add_argument("--beta-head", type=at_least(0.0, float, most=1.0), default=0.1,
                    help="V_head cut-off, share of max p_EP (authors, VCD: 0.1)")
     p.add_argument("--temperature", type=at_least(0.0, float), default=0.2,
-                   help="sampling temperature (authors: 0.2); 0 = greedy")
+                   help="robustness responses: sampling temperature (authors: 0.2); 0 = greedy")
     p.add_argument("--top-p", type=at_least(1e-6, float, most=1.0), default=0.9,
-                   help="nucleus sampling mass (authors: 0.9)")
+                   help="robustness responses: nucleus sampling mass (authors: 0.9)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=256,
-                   help="response length cap (authors: 256)")
+                   help="robustness responses: length cap (authors: 256)")
+    p.add_argument("--robust-instruction", default=None,
+                   help="robustness responses: text put before P ('' = none; default: the "
+                   "authors' instruction; the toy world's world.json beside --model: '', its "
+                   "words are outside the toy vocabulary)")
+    p.add_argument("--focus-temperature", type=at_least(0.0, float), default=0.0,
+                   help="focus responses: sampling temperature (authors: greedy, 0); "
+                   "top-p as above")
+    p.add_argument("--focus-max-new-tokens", type=at_least(1), default=150,
+                   help="focus responses: length cap (authors: 150)")
     p.add_argument("--seed", type=at_least(0), default=0,
                    help="seed of the image noise and of every response's sampler")
     p.add_argument("--batch-size", type=at_least(1), default=8,
@@ -200,8 +217,8 @@ def focus_pair_contexts(key, prompt, prompt_enh, image, views, full_crop):
 
 def robust_pair_contexts(key, prompt, image, views):
     """Robust pair: y_w by contrastive amplification of the expert (I, P) over the amateur
-    (I_noise, P); y_l = M(I_noise, P); y_init = M(I, P), stored beside the pair.
-    [Job y_w, Job y_l, Job y_init]."""
+    (I_noise, P); y_l = M(I_noise, P); y_init = M(I, P), stored beside the pair. prompt: P after
+    the authors' instruction (--robust-instruction). [Job y_w, Job y_l, Job y_init]."""
     chosen = Job(key, "robust_w", prompt, [image], amateur_images=[views["noise"]])
     rejected = Job(key, "robust_l", prompt, [views["noise"]])
     init = Job(key, "init", prompt, [image])
@@ -359,6 +376,9 @@ def main(argv=None):
         args.model = str(Path(args.model).resolve())
     on_rank0(lambda: claim_out(args.out, {"--data": args.data}), rank, world)
     rows, errors = read_instances(args.data, ("image", "prompt", "bbox"), args.limit)
+    settings = world_settings(args, "02", {"robust_instruction": ROBUST_INSTRUCTION})
+    if rank == 0:
+        print(settings, flush=True)
     if not rows:  # every line bad: run_rows lists them and exits non-zero, before a model loads
         return run_rows(rows, errors, None, args.out, args.batch_size, rank, world)
     # a rerun into --out compares these: the input and the model, not only their names
@@ -442,9 +462,10 @@ def file_stem(key):
     return f"{safe}-{zlib.crc32(str(key).encode()):08x}"
 
 
-def respond(model, processor, jobs, args, contrastive=False):
+def respond(model, processor, jobs, args, contrastive=False, focus=False):
     """Texts for a list of Jobs, decoded in one batch. contrastive: rows [0, B) are the experts (each
-    job's images) and rows [B, 2B) their amateurs (its amateur_images), with the same prompts."""
+    job's images) and rows [B, 2B) their amateurs (its amateur_images), with the same prompts.
+    focus: the focus responses' decoding (--focus-*), else the robustness responses'."""
     if not jobs:
         return []
     texts = [chat_prompt(processor, job.prompt, len(job.images)) for job in jobs]
@@ -455,8 +476,10 @@ def respond(model, processor, jobs, args, contrastive=False):
     inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
     generators = [response_generator(args.seed, job.key, job.role) for job in jobs]
     lambda_ca = args.lambda_ca if contrastive else None
-    ids = decode(model, dict(inputs), generators, eos_token_ids(model, processor), args.max_new_tokens,
-                 args.temperature, args.top_p, lambda_ca, args.beta_head,
+    max_new_tokens = args.focus_max_new_tokens if focus else args.max_new_tokens
+    temperature = args.focus_temperature if focus else args.temperature
+    ids = decode(model, dict(inputs), generators, eos_token_ids(model, processor), max_new_tokens,
+                 temperature, args.top_p, lambda_ca, args.beta_head,
                  suppress_ids=placeholder_ids(processor))
     return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
 
@@ -488,7 +511,8 @@ def make_work(model, processor, args):
             prompt_enh = args.enh_template.format(question=prompt)
             full_crop = row.get("crop") == "full"
             mine = focus_pair_contexts(key, prompt, prompt_enh, image, views, full_crop)
-            mine += robust_pair_contexts(key, prompt, image, views)
+            instructed = f"{args.robust_instruction} {prompt}".strip()
+            mine += robust_pair_contexts(key, instructed, image, views)
             texts = [chat_prompt(processor, job.prompt, len(job.images)) for job in mine]
             fits = prompt_problems(model, processor, texts, [job.images for job in mine],
                                    [args.max_new_tokens] * len(mine),
@@ -503,12 +527,15 @@ def make_work(model, processor, args):
             results[i] = {**row, "image": relpath_for(out, row["_image"]),
                           "images": {name: relpath_for(out, p) for name, p in paths.items()},
                           "prompt_enh": prompt_enh, "focus": None, "robust": None, "gen": gen}
-        # one plain batch (up to 4 rows an instance), then one contrastive batch (2 rows an instance)
-        plain = [job for job in jobs if job.amateur_images is None]
+        # one focus batch (2 rows an instance), one plain robustness batch (y_l, y_init: 2 rows),
+        # one contrastive batch (2 rows an instance): each branch has its own decoding
+        focus = [job for job in jobs if job.role in FOCUS]
+        plain = [job for job in jobs if job.amateur_images is None and job.role not in FOCUS]
         contrast = [job for job in jobs if job.amateur_images is not None]
         said = {}  # id -> {role: response}; ids are unique (read_instances)
-        for group, contrastive in ((plain, False), (contrast, True)):
-            texts = respond(model, processor, group, args, contrastive)
+        for group, contrastive, is_focus in ((focus, False, True), (plain, False, False),
+                                             (contrast, True, False)):
+            texts = respond(model, processor, group, args, contrastive, is_focus)
             for job, text in zip(group, texts):
                 said.setdefault(job.key, {})[job.role] = text
         for result in results:
@@ -1047,6 +1074,27 @@ def prompt_problems(model, processor, texts, images, extra, what):
             problems[r] = (f"the prompt is {n} tokens (images included), + {extra[r]} {what} is "
                            f"over the model's context of {limit} positions")
     return problems
+# ---- shared: world ----
+def world_settings(args, stage, defaults):
+    """Resolve the flags in `defaults` (name -> the paper's value) that were left unset (None): the
+    toy world's tuned value when --model is a folder beside a world.json (world/model: 00 writes
+    world.json's "stages"), else the paper's. Returns the line the stage prints first."""
+    path = os.path.join(os.path.dirname(os.path.abspath(args.model)), "world.json")
+    tuned = {}
+    if os.path.isdir(args.model) and os.path.isfile(path):
+        with open(path) as f:
+            tuned = json.load(f).get("stages", {}).get(stage, {})
+    taken = []
+    for name, paper in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tuned.get(name, paper))
+            if name in tuned:
+                taken.append(f"--{name.replace('_', '-')} {tuned[name]!r}")
+    if taken:
+        return f"settings from {path}: {', '.join(taken)} (a flag overrides them)"
+    if tuned:
+        return f"settings from {path}: none taken (the flags given override them)"
+    return f"settings: the paper's defaults (no toy-world setting for stage {stage})"
 # ---- end shared ----
 
 

@@ -120,8 +120,9 @@ def parse_args(argv=None):
     g.add_argument("--lora-dropout", type=at_least(0.0, float, most=0.99), default=0.05,
                    help="dropout on the LoRA input (authors: 0.05)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=at_least(0.0, float), default=1e-5,
-                   help="AdamW peak learning rate (authors: 1e-5)")
+    g.add_argument("--lr", type=at_least(0.0, float), default=None,
+                   help="AdamW peak learning rate (default: authors' 1e-5; the toy world's "
+                        "world.json beside --model sets its own: 2e-4)")
     g.add_argument("--weight-decay", type=at_least(0.0, float), default=0.05,
                    help="AdamW weight decay (authors: 0.05)")
     g.add_argument("--warmup-ratio", type=at_least(0.0, float, most=1.0), default=0.03,
@@ -381,9 +382,11 @@ def micro_step(model, processor, mb, args, ctx, scale, batches=None):
 def main(argv=None):
     args = parse_args(argv)
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
+    settings = world_settings(args, "04", {"lr": 1e-5})  # the toy world's lr, else the paper's
     rank, world, device = dist_setup(args.device)  # torchrun: a process group, and a GPU each
     device = torch.device(device)
     say = tqdm.write if rank == 0 else (lambda *a, **k: None)
+    say(settings)
     inputs = {"--data": args.data, "--model": args.model}
     on_rank0(lambda: claim_out(args.out, inputs, folder=True), rank, world)
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
@@ -1085,6 +1088,30 @@ def device_name(text):
         raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} "
                                          f"CUDA devices")
     return text
+# ---- end shared ----
+
+
+# ---- shared: world ----
+def world_settings(args, stage, defaults):
+    """Resolve the flags in `defaults` (name -> the paper's value) that were left unset (None): the
+    toy world's tuned value when --model is a folder beside a world.json (world/model: 00 writes
+    world.json's "stages"), else the paper's. Returns the line the stage prints first."""
+    path = os.path.join(os.path.dirname(os.path.abspath(args.model)), "world.json")
+    tuned = {}
+    if os.path.isdir(args.model) and os.path.isfile(path):
+        with open(path) as f:
+            tuned = json.load(f).get("stages", {}).get(stage, {})
+    taken = []
+    for name, paper in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, tuned.get(name, paper))
+            if name in tuned:
+                taken.append(f"--{name.replace('_', '-')} {tuned[name]!r}")
+    if taken:
+        return f"settings from {path}: {', '.join(taken)} (a flag overrides them)"
+    if tuned:
+        return f"settings from {path}: none taken (the flags given override them)"
+    return f"settings: the paper's defaults (no toy-world setting for stage {stage})"
 # ---- end shared ----
 
 

@@ -8,12 +8,14 @@ Every stage resumes, so a second run only redoes what is missing (04 counts as d
 Stage 01 is greedy, so its crops do not depend on the seed; 02 (sampling), 03 and 04 run once per seed.
 The held-out POPE files (world/pope) are only ever evaluated; tuning used world/val (--split val).
 
-Variants (the paper's ablation table): full, no_focus, no_robust, no_calib, no_ddw (04's --no-* switches).
+Variants (the paper's ablation table): full, no_focus, no_robust, no_calib, no_ddw (04's --no-* switches); and
+filter_dpo (03 with --filter-context dpo), offpolicy (the paper's baseline: plain DPO on human-style corrections,
+analysis/offpolicy_pairs.py).
 Output: <runs>/results.md (main command) or <runs>/ablations.md (--ablations): tables of POPE accuracy / F1 /
 yes-ratio per split and mean at each sigma, and CHAIR on descriptions, mean +- std over seeds.
 
   python pipeline.py                   # 00 -> 05, seed 0: base vs P2-DPO; 3.5 min on 2 CPU cores (00: 1.6 of them)
-  python pipeline.py --ablations       # + the four ablations, seeds 0 1 2: 7 more minutes
+  python pipeline.py --ablations       # + the four ablations, filter_dpo, offpolicy, seeds 0 1 2
   python pipeline.py --split val --runs runs/tune      # the same on the validation split, for tuning
 """
 import argparse
@@ -28,18 +30,23 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VARIANTS = {"full": [], "no_focus": ["--no-focus"], "no_robust": ["--no-robust"], "no_calib": ["--no-calib"],
-            "no_ddw": ["--no-ddw"]}
+            "no_ddw": ["--no-ddw"], "filter_dpo": [], "offpolicy": ["--no-calib"]}
+# the variants trained on another train.jsonl than 03's default one (both made per seed with --ablations):
+# filter_dpo: 03 with --filter-context dpo (both responses scored in the branch's DPO context);
+# offpolicy: the paper's baseline, plain DPO on human-style corrections (analysis/offpolicy_pairs.py), as many
+# lines as P2-DPO's (the same steps, the same lr), 03's filter open as for RLHF-V's human pairs
+VARIANT_DATA = {"filter_dpo": "train_filter_dpo.jsonl", "offpolicy": "train_offpolicy.jsonl"}
 PAPER_F1 = {"base": 85.10, "full": 87.44, "no_focus": 85.84, "no_robust": 85.27, "no_calib": 86.17, "no_ddw": 86.68}
-# Toy-world settings of the stages, each a flag of that stage; why each differs from SPEC's default is said here.
+# Extra flags of the stages (empty: each stage's defaults). The toy world's tuned settings (04's lr 2e-4: why,
+# and the values tried, in 00_toy_world.py's STAGE_SETTINGS) live in world/world.json, which each stage reads
+# when its --model is world/model, so `python 04_train_calibrated_dpo.py` alone trains the same model.
 # Everything else is SPEC's default (authors' filter thresholds, beta 0.1, lambda_calib 0.3, 4 epochs, batch 16).
 PAIR_FLAGS = ""
+# Looser filters (PPL < 10, margin in [-2, 2], then scored in the DPO context: 375 lines, most of them robustness
+# pairs) gave accuracy 0.874 clean / 0.618 at sigma 0.2 on world/val at lr 1e-4 and drove the sigma-0.2 yes-ratio
+# to 0.18 at 5e-4.
 FILTER_FLAGS = ""
-# lr 2e-4, not 1e-5: the 64-wide toy model barely moves in its 28 steps at 1e-5. Chosen on world/val (seed 0, one
-# run each; base: accuracy 0.868 clean / 0.596 at sigma 0.2, CHAIR_i 0.516): lr 1e-4 0.870 / 0.622, CHAIR_i 0.513;
-# 2e-4 0.870 / 0.659, 0.513; 3e-4 0.864 / 0.695, 0.528; 5e-4 0.859 / 0.749, 0.583: past 2e-4 the noise gain is
-# bought with clean accuracy and CHAIR_i. Looser filters (PPL < 10, margin in [-2, 2]: 375 lines, most of them
-# robustness pairs) gave 0.874 / 0.618 at 1e-4 and drove the sigma-0.2 yes-ratio to 0.18 at 5e-4.
-TRAIN_FLAGS = "--lr 2e-4"
+TRAIN_FLAGS = ""
 
 
 def parse_args(argv=None):
@@ -49,17 +56,17 @@ def parse_args(argv=None):
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="evaluate on the held-out world/pope (test) or on world/val (val: for tuning)")
     p.add_argument("--ablations", action="store_true", help="also train --no-focus, --no-robust, --no-calib, "
-                   "--no-ddw (the paper's ablation table); default seeds become 0 1 2")
+                   "--no-ddw (the paper's ablation table), --filter-context dpo and the off-policy baseline; "
+                   "default seeds become 0 1 2")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of stages 02-04 (default: 0; with "
                    "--ablations: 0 1 2)")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.2], help="POPE noise levels (paper: 0, 0.2)")
     p.add_argument("--pair-flags", default=PAIR_FLAGS, help="extra flags for 02_make_pairs.py (one string)")
     p.add_argument("--filter-flags", default=FILTER_FLAGS, help="extra flags for 03_filter.py (one string; a "
                    "negative number needs '=': --margin-low=-0.5)")
-    p.add_argument("--train-flags", default=TRAIN_FLAGS, help=f"extra flags for 04_train_calibrated_dpo.py (one "
-                   f"string; default {TRAIN_FLAGS!r}, the toy world's learning rate, chosen on world/val: see the "
-                   f"source; a value given here replaces it; a saved model is not retrained: after changing these, use another "
-                   f"--runs)")
+    p.add_argument("--train-flags", default=TRAIN_FLAGS, help="extra flags for 04_train_calibrated_dpo.py (one "
+                   "string; a flag given here overrides world.json's toy setting, e.g. --lr; a saved model is "
+                   "not retrained: after changing these, use another --runs)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="trainings / evaluations run side by side (tiny models use one thread each)")
     return p.parse_args(argv)
@@ -133,6 +140,29 @@ def results_table(results, sigmas, splits):
     return "\n".join(lines)
 
 
+def data_table(runs, seeds, variants):
+    """Markdown: per training file (03's report beside it), the lines and the pairs each branch keeps, the lines
+    that keep both (the only ones DDW weighs) and the CLIP gain ratio r over those, mean ± std over seeds."""
+    lines = ["\n**Training data** (stage 03's report; DDW weighs only the lines that keep both branches)\n",
+             "| train file (variants) | lines | focus kept / pairs | robust kept / pairs | both branches | "
+             "r of those: median | 5-95% |", "|---|---|---|---|---|---|---|"]
+    files = {}
+    for v in variants:
+        files.setdefault(VARIANT_DATA.get(v, "train.jsonl"), []).append(v)
+    for name, users in files.items():
+        reports = [json.loads((runs / f"seed{s}" / name).with_suffix(".report.json").read_text()) for s in seeds]
+        get = lambda key: fmt([key(r) for r in reports], 0)  # noqa: E731
+        branch = lambda b: get(lambda r: r["branches"].get(b, {}).get("kept", 0)) + " / " + get(  # noqa: E731
+            lambda r: r["branches"].get(b, {}).get("pairs", 0))
+        r_both = [r.get("clip_ratio_kept_both", {}) for r in reports]
+        median = fmt([x["median"] for x in r_both if x.get("median") is not None] or [0.0], 2)
+        low = fmt([x["p05"] for x in r_both if x.get("p05") is not None] or [0.0], 2)
+        high = fmt([x["p95"] for x in r_both if x.get("p95") is not None] or [0.0], 2)
+        lines.append(f"| {name} ({', '.join(users)}) | {get(lambda r: r['written'])} | {branch('focus')} | "
+                     f"{branch('robust')} | {get(lambda r: r.get('kept_both', 0))} | {median} | {low} - {high} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
@@ -161,8 +191,20 @@ def main(argv=None):
                     *shlex.split(args.pair_flags)), d / "02_make_pairs.log", "02")
         run(command("03_filter.py", "--model", model, "--clip", world / "clip", "--data", d / "pairs.jsonl",
                     "--out", d / "train.jsonl", *shlex.split(args.filter_flags)), d / "03_filter.log", "03")
+        if "filter_dpo" in variants:
+            run(command("03_filter.py", "--model", model, "--clip", world / "clip", "--data", d / "pairs.jsonl",
+                        "--out", d / VARIANT_DATA["filter_dpo"], *shlex.split(args.filter_flags),
+                        "--filter-context", "dpo"), d / "03_filter_dpo.log", "03 --filter-context dpo")
+        if "offpolicy" in variants:
+            run(command("analysis/offpolicy_pairs.py", "--pairs", d / "pairs.jsonl", "--world", world,
+                        "--lines", d / "train.jsonl", "--out", d / "offpolicy_pairs.jsonl", "--seed", seed),
+                d / "offpolicy_pairs.log", "off-policy pairs")
+            run(command("03_filter.py", "--model", model, "--clip", "none", "--data", d / "offpolicy_pairs.jsonl",
+                        "--out", d / VARIANT_DATA["offpolicy"], "--max-ppl", "1e9", "--margin-low=-1e9",
+                        "--margin-high", "1e9"), d / "03_offpolicy.log", "03 off-policy (no filter)")
     print(f"04 training ({', '.join(variants)} x seeds {', '.join(map(str, seeds))})", flush=True)
-    train = [(command("04_train_calibrated_dpo.py", "--model", model, "--data", runs / f"seed{s}" / "train.jsonl",
+    data = lambda s, v: runs / f"seed{s}" / VARIANT_DATA.get(v, "train.jsonl")  # noqa: E731
+    train = [(command("04_train_calibrated_dpo.py", "--model", model, "--data", data(s, v),
                       "--out", runs / f"seed{s}" / v, "--seed", s, *VARIANTS[v], *shlex.split(args.train_flags),
                       *(["--resume"] if (runs / f"seed{s}" / v / "checkpoint.pt").is_file() else [])),
               runs / f"seed{s}" / f"04_{v}.log", f"04 seed {s} {v}")
@@ -181,7 +223,8 @@ def main(argv=None):
     splits = list(results["base"][0]["pope"][args.sigmas[0]])
     title = (f"P2-DPO on the toy world: {args.split} split, seeds {', '.join(map(str, seeds))} "
              f"(mean ± std over seeds; the base model is one model), {time.time() - t_start:.0f}s")
-    table = f"# {title}\n" + results_table(results, args.sigmas, splits) + "\n"
+    table = (f"# {title}\n" + results_table(results, args.sigmas, splits) + "\n"
+             + data_table(runs, seeds, variants) + "\n")
     out = runs / ("ablations.md" if args.ablations else "results.md")
     out.write_text(table)
     print("\n" + table + f"\nwritten to {out}")

@@ -210,7 +210,8 @@ def test_stage_writes_pairs(request, tmp_path, name, combine):
     data = write_crops(tmp_path / "data")
     out = tmp_path / "data" / "run" / "pairs.jsonl"
     run_script(SCRIPT, "--model", request.getfixturevalue(f"tiny_{name}"), "--data", data, "--out", out,
-               "--combine", combine, "--max-new-tokens", "8", "--batch-size", "3", "--device", "cpu")
+               "--combine", combine, "--max-new-tokens", "8", "--focus-max-new-tokens", "3", "--batch-size", "3",
+               "--device", "cpu")
     rows = read_out(out)
     assert [r["id"] for r in rows] == ["x0", "odd/id 1", "x2", "x3", "x4", "x5"]  # every image mode, input order
     errors = {e["id"]: e["error"] for e in read_out(out.with_suffix(".errors.jsonl"))}
@@ -232,6 +233,13 @@ def test_stage_writes_pairs(request, tmp_path, name, combine):
         assert r["answer"] == "" and r["method"] == "test"  # input fields are copied
         for branch, keys in (("focus", {"chosen", "rejected"}), ("robust", {"chosen", "rejected", "init"})):
             assert r[branch] is None or (set(r[branch]) == keys and r[branch]["chosen"] != r[branch]["rejected"])
+        # decoding per branch (authors'): focus greedy, its own length cap; robust sampled after the instruction
+        # (no world.json beside this model: the authors' sentence); word-level tokenizer: a word is a token
+        gen = r["gen"]
+        assert (gen["focus_temperature"], gen["temperature"], gen["top_p"]) == (0.0, 0.2, 0.9)
+        assert gen["robust_instruction"] == stage.ROBUST_INSTRUCTION
+        assert all(len(t.split()) <= 3 for t in (r["focus"] or {}).values()), r["focus"]
+        assert all(len(t.split()) <= 8 for t in (r["robust"] or {}).values()), r["robust"]
     assert rows[-1]["focus"] is None  # the "full" crop
 
 
@@ -241,7 +249,8 @@ def torchrun(nproc, *args):
 
 def test_resume_after_sigkill_and_two_processes_equal_one_uninterrupted_run(tiny_llava, tmp_path):
     data = write_crops(tmp_path, n_good=10, bad=False)
-    flags = ["--model", tiny_llava, "--data", data, "--max-new-tokens", "24", "--batch-size", "1", "--device", "cpu"]
+    flags = ["--model", tiny_llava, "--data", data, "--max-new-tokens", "24", "--focus-max-new-tokens", "24",
+             "--batch-size", "1", "--device", "cpu"]
     full, resumed, two = (tmp_path / d / "pairs.jsonl" for d in ("full", "resumed", "two"))
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen([sys.executable, str(ROOT / SCRIPT), *map(str, flags), "--out", str(resumed)], cwd=ROOT,

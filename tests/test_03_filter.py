@@ -123,6 +123,29 @@ def scored(id, w, nw, l, nl):
             "margin": {"focus": stage.mean_margin(w, nw, l, nl), "robust": None}}
 
 
+def test_filter_reads_each_response_in_its_own_context_or_the_dpo_one():
+    """--filter-context own (default): PPL and M of focus y_w from (I_aug, P_enh), y_l from (I_deg, P); robust y_w
+    from (I, P), y_l from (I_noise, P). dpo: both from (I, P) (focus) or (I_noise, P) (robust). Every term has its
+    own log-prob here (n = 2 tokens each), so a wrong pick shows."""
+    logp = {"focus_w": -0.2, "focus_l": -0.4, "calib_aug_w": -0.6, "calib_deg_w": -0.8, "calib_aug_l": -1.0,
+            "calib_deg_l": -1.2, "robust_w": -1.4, "robust_l": -1.6, "robust_expert_w": -1.8}
+    assert set(logp) == set(stage.TERMS)
+    line = {"id": "a", "ref": logp, "ntok": dict.fromkeys(logp, 2)}
+    own = stage.with_ppl_and_margin(line, ("focus", "robust"), "own")
+    assert own["ppl"]["focus_w"] == pytest.approx(math.exp(0.3)) and own["ppl"]["focus_l"] == pytest.approx(math.exp(0.6))
+    assert own["ppl"]["robust_w"] == pytest.approx(math.exp(0.9)) and own["ppl"]["robust_l"] == pytest.approx(math.exp(0.8))
+    assert own["margin"] == {"focus": pytest.approx(-0.3 + 0.6), "robust": pytest.approx(-0.9 + 0.8)}
+    dpo = stage.with_ppl_and_margin(line, ("focus", "robust"), "dpo")
+    assert dpo["ppl"]["focus_w"] == pytest.approx(math.exp(0.1)) and dpo["ppl"]["focus_l"] == pytest.approx(math.exp(0.2))
+    assert dpo["ppl"]["robust_w"] == pytest.approx(math.exp(0.7)) and dpo["ppl"]["robust_l"] == pytest.approx(math.exp(0.8))
+    assert dpo["margin"] == {"focus": pytest.approx(-0.1 + 0.2), "robust": pytest.approx(-0.7 + 0.8)}
+    assert (own["filter_context"], dpo["filter_context"]) == ("own", "dpo")
+    no_robust = {"id": "b", "ref": {**logp, "robust_w": None, "robust_l": None, "robust_expert_w": None},
+                 "ntok": line["ntok"]}
+    x = stage.with_ppl_and_margin(no_robust, ("focus", "robust"), "own")
+    assert x["margin"]["robust"] is None and x["ppl"]["robust_w"] is None
+
+
 def test_filter_report_counts_by_hand():
     args = stage.parse_args([])
     lines = [scored("a", -2.0, 4, -2.4, 4),  # PPL 1.65, 1.82; M = 0.1: kept, IPS 0.4
@@ -156,7 +179,7 @@ def test_summed_logprobs_equal_token_by_token(family, request, tmp_path):
     rows = [pair_row(tmp_path, 0, rng), pair_row(tmp_path, 1, rng, shape="stitched")]
     lines = [stage.read_line({**r, "_file": str(tmp_path / "pairs.jsonl")}, False) for r in rows]
     todo = [r for line in lines for r in stage.scoring_rows(line, stage.TERMS)]
-    assert len(todo) == 16 and {r[0] for r in todo} == set(stage.TERMS)
+    assert len(todo) == 18 and {r[0] for r in todo} == set(stage.TERMS)
     logp, ntok = stage.score_rows(model, processor, [r[1:] for r in todo], batch_size=3)  # lines mix in chunks
     assert [len(r[3]) for r in todo if r[4] == "aug"] == [2, 2, 1, 1]  # I_aug = (I, I_crop), then stitched
     with torch.no_grad():
@@ -203,10 +226,15 @@ def check_train_lines(out, tiny_clip):
         for term, (branch, *_) in stage.TERMS.items():
             assert (x["ref"][term] is None) == (x[branch] is None) == (x["ntok"][term] is None), (x["id"], term)
         assert x["keep"] == {"focus": x["focus"] is not None, "robust": x["robust"] is not None}
-        for b in ("focus", "robust"):  # ppl and margin follow from ref and ntok
+        # ppl and margin follow from ref and ntok, each response in the context that generated it: focus
+        # y_w (I_aug, P_enh), y_l (I_deg, P); robust y_w (I, P) (contrastive amplification's expert), y_l (I_noise, P)
+        own = {"focus": ("calib_aug_w", "calib_deg_l"), "robust": ("robust_expert_w", "robust_l")}
+        assert x["filter_context"] == "own"
+        for b in ("focus", "robust"):
             if x[b]:
-                w, l = f"{b}_w", f"{b}_l"
-                assert x["ppl"][w] == pytest.approx(math.exp(-x["ref"][w] / x["ntok"][w]))
+                w, l = own[b]
+                assert x["ppl"][f"{b}_w"] == pytest.approx(math.exp(-x["ref"][w] / x["ntok"][w]))
+                assert x["ppl"][f"{b}_l"] == pytest.approx(math.exp(-x["ref"][l] / x["ntok"][l]))
                 assert x["margin"][b] == pytest.approx(x["ref"][w] / x["ntok"][w] - x["ref"][l] / x["ntok"][l])
     assert lines["p1"]["clip"] is None and lines["p2"]["robust"] is None and lines["p3"]["images"]["aug"]
     assert lines["p0"]["ntok"]["focus_w"] == 6 and lines["p0"]["ntok"]["robust_l"] == 9  # words + EOS

@@ -344,3 +344,24 @@ def test_qwen_full_finetune_fsdp_two_processes_equal_one(tiny_qwen, tmp_path):
     np.testing.assert_allclose(curve(tmp_path / "two"), curve(tmp_path / "one"), atol=1e-5)
     from transformers import AutoModelForImageTextToText
     AutoModelForImageTextToText.from_pretrained(tmp_path / "two")
+
+
+def test_world_settings_toy_world_lr_else_paper(tmp_path):
+    """world.json's "stages"["04"] beside a --model folder sets the flags left unset (toy world: lr 2e-4);
+    a flag given wins; a model folder without world.json (a real model) keeps the paper's 1e-5."""
+    import argparse
+    (tmp_path / "model").mkdir()
+    (tmp_path / "world.json").write_text(json.dumps({"stages": {"04": {"lr": 2e-4}, "03": {"x": 1}}}))
+    args = argparse.Namespace(model=str(tmp_path / "model"), lr=None)
+    line = stage.world_settings(args, "04", {"lr": 1e-5})
+    assert args.lr == 2e-4 and "--lr 0.0002" in line and "world.json" in line
+    args = argparse.Namespace(model=str(tmp_path / "model"), lr=3e-4)
+    line = stage.world_settings(args, "04", {"lr": 1e-5})
+    assert args.lr == 3e-4 and "none taken" in line
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "model").mkdir()
+    args = argparse.Namespace(model=str(tmp_path / "real" / "model"), lr=None)
+    line = stage.world_settings(args, "04", {"lr": 1e-5})
+    assert args.lr == 1e-5 and "paper's defaults" in line
+    args = argparse.Namespace(model="llava-hf/llava-1.5-7b-hf", lr=None)  # a name, not a folder
+    assert stage.world_settings(args, "04", {"lr": 1e-5}) and args.lr == 1e-5

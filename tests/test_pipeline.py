@@ -43,3 +43,15 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path):
     ips = json.loads((tmp_path / "ips" / "ips.json").read_text())
     assert set(ips) == {"on-policy", "off-policy", "rephrased"} and "share < 0" in out
     assert ips["on-policy"]["n"] == ips["rephrased"]["n"] > 0
+
+    # the off-policy baseline's pairs (pipeline.py --ablations): 02's format, chosen = the truth rephrased,
+    # rejected = the model's own greedy answer (01), at most as many lines as P2-DPO's train.jsonl
+    out = runs / "seed0" / "offpolicy_pairs.jsonl"
+    run_script("analysis/offpolicy_pairs.py", "--pairs", runs / "seed0" / "pairs.jsonl", "--world", world,
+               "--lines", runs / "seed0" / "train.jsonl", "--out", out)
+    rows = [json.loads(line) for line in open(out)]
+    pairs = {r["id"]: r for r in map(json.loads, open(runs / "seed0" / "pairs.jsonl"))}
+    assert 0 < len(rows) <= sum(1 for _ in open(runs / "seed0" / "train.jsonl"))
+    for r in rows:
+        assert r["robust"] is None and r["focus"]["rejected"] == pairs[r["id"]]["answer"]
+        assert r["focus"]["chosen"] != r["focus"]["rejected"] and r["images"] == pairs[r["id"]]["images"]
