@@ -1074,6 +1074,9 @@ def prompt_problems(model, processor, texts, images, extra, what):
             problems[r] = (f"the prompt is {n} tokens (images included), + {extra[r]} {what} is "
                            f"over the model's context of {limit} positions")
     return problems
+# ---- end shared ----
+
+
 # ---- shared: world ----
 def world_settings(args, stage, defaults):
     """Resolve the flags in `defaults` (name -> the paper's value) that were left unset (None): the

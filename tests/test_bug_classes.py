@@ -323,8 +323,10 @@ def test_each_role_of_a_pair_saw_its_own_images_and_prompt(llava, tmp_path):
                      "bbox": [4, 6, 30, 28]})
     (folder / "crops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = s02.parse_args(["--out", str(folder / "pairs.jsonl"), "--seed", "3", "--sigma", "0.5", "--lambda-ca",
-                           "3", "--temperature", "1", "--max-new-tokens", "6", "--combine", "multi"])
+                           "3", "--temperature", "1", "--max-new-tokens", "6", "--combine", "multi",
+                           "--focus-temperature", "1", "--focus-max-new-tokens", "6"])
     args.enh_template = s02.ENH_TEMPLATE
+    args.robust_instruction = s02.ROBUST_INSTRUCTION  # main() resolves it: a real model's default
     batch, errors = s02.read_instances(folder / "crops.jsonl", ("image", "prompt", "bbox"))
     out = s02.make_work(model, processor, args)(batch)
     tok = processor.tokenizer
@@ -337,9 +339,10 @@ def test_each_role_of_a_pair_saw_its_own_images_and_prompt(llava, tmp_path):
             assert np.array_equal(np.asarray(Image.open(folder / res["images"][name])), np.asarray(view)), name
         p, p_enh = row["prompt"], s02.ENH_TEMPLATE.format(question=row["prompt"])
         assert res["prompt_enh"] == p_enh
+        p_rob = f"{s02.ROBUST_INSTRUCTION} {p}"  # the authors' instruction before P, robust branch only
         roles = {"focus_w": (p_enh, [image, views["crop"]], None), "focus_l": (p, [views["deg"]], None),
-                 "robust_w": (p, [image], [views["noise"]]), "robust_l": (p, [views["noise"]], None),
-                 "init": (p, [image], None)}
+                 "robust_w": (p_rob, [image], [views["noise"]]), "robust_l": (p_rob, [views["noise"]], None),
+                 "init": (p_rob, [image], None)}
         said = {}
         for role, (prompt, images, amateur) in roles.items():
             gen = torch.Generator().manual_seed(zlib.crc32(f"3/{key}/{role}".encode()))
