@@ -78,7 +78,8 @@ def worker(model_dir, variant, args):
     """One variant's steps in this process; prints a JSON line {"step_s", "peak_mb"}."""
     torch.set_num_threads(args.threads)
     s04 = load_stage("04_train_calibrated_dpo.py")
-    targs = s04.parse_args(["--lora-rank", str(args.lora_rank)] + ["--grad-checkpointing"] * args.grad_checkpointing)
+    targs = s04.parse_args(["--lora-rank", str(args.lora_rank), "--lr", "1e-5"]  # the paper's lr
+                        + ["--grad-checkpointing"] * args.grad_checkpointing)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         exs = make_examples(Path(tmp), args.batch_size, 64)

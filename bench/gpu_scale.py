@@ -204,7 +204,8 @@ def part_train(s04, model, processor, args, meter, folder):
     AdamW's state, so the timed step's peak is a steady-state step's): first with 03's precomputed reference
     log-probs ("precomputed", what 04 does), then ("live_ref", TRL's default) with a second copy of the model in
     memory as the reference, whose no-grad forwards score the same six terms before every micro-step."""
-    targs = s04.parse_args(["--lora-rank", str(args.lora_rank), "--grad-checkpointing", "--seed", str(args.seed)])
+    targs = s04.parse_args(["--lora-rank", str(args.lora_rank), "--grad-checkpointing", "--seed", str(args.seed),
+                          "--lr", "1e-5"])  # the paper's lr: main() resolves a None default, not this
     n = args.train_batch * args.accum
     exs = make_examples(folder, n, IMAGE, args.seed)  # six terms per line; 12-20 word responses
     torch.manual_seed(args.seed)
