@@ -61,8 +61,8 @@ word-level one (tests/conftest.py), its vocabulary padded with the words "w0", "
 LLaVA-1.5's 32064 ids), so every id the random model picks is a word that reads back as that id; image_token_id is
 its <image> id (4), not 32000.
 
-  python bench/gpu_scale.py                                           # small config on CPU, about a minute
-  python bench/gpu_scale.py --size 7b --json runs/gpu_scale_7b.json   # one GPU, every part (H200: about 6 min)
+  python bench/gpu_scale.py                                           # small config on CPU, 1-2 minutes
+  python bench/gpu_scale.py --size 7b --json runs/gpu_scale_7b.json   # one GPU, every part (budget: < 10 min)
   CUDA_VISIBLE_DEVICES=3 python bench/gpu_scale.py --size 7b --parts decode pope   # a subset, another card
 """
 import argparse
@@ -400,7 +400,8 @@ def part_filter(s03, model, processor, args, meter, pairs, clip_folder):
     ratio) over one pairs line per instance; CLIP alone timed after it (clip_scores on the same lines)."""
     targs = s03.parse_args(["--data", str(pairs), "--out", str(pairs.parent / "out03" / "train.jsonl"),
                             "--clip", str(clip_folder), "--device", args.device])
-    clip = s03.load_clip(targs.clip, targs.clip_pretrained, args.device)  # 03's own loader, local-dir format
+    with cpu_threads(args):  # open_clip builds the model on the CPU before loading the weights
+        clip = s03.load_clip(targs.clip, targs.clip_pretrained, args.device)  # 03's own loader, local-dir format
     rows, errors = s03.read_instances(pairs, ("image", "prompt"))
     assert rows and not errors, errors
     scores = pairs.parent / "out03" / "train.scores"
@@ -648,6 +649,17 @@ class FlopCount:
             h.remove()
 
 
+@contextlib.contextmanager
+def cpu_threads(args):
+    """Every core for CPU work that is setup, not measured (a 428M-parameter CLIP's init), when a GPU does the
+    measured work; --threads otherwise."""
+    torch.set_num_threads(os.cpu_count() if args.device.startswith("cuda") else args.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(args.threads)
+
+
 def status_mb(field):
     """VmRSS (resident now) or VmHWM (peak resident since the last reset) of this process, in MiB."""
     with open("/proc/self/status") as f:
@@ -755,7 +767,10 @@ def main():
         pairs = None
         if {"filter", "train"} & set(args.parts):  # the lines 03 scores and 04 trains on
             pairs = make_pairs(s02, instances, args.pairs_new_tokens, SIZES[args.size]["vocab"], args.seed)
-        clip = make_clip(args.size, Path(tmp) / "clip", args.seed) if "filter" in args.parts else None
+        clip = None
+        if "filter" in args.parts:
+            with cpu_threads(args):
+                clip = make_clip(args.size, Path(tmp) / "clip", args.seed)
         save("setup", t0)
         for part in [p for p in PARTS if p in args.parts]:
             t0 = time.perf_counter()

@@ -6,47 +6,127 @@ import sys
 from conftest import ROOT, load_script, run_script
 
 
+def projected_hours(res):
+    """The paper's run from the JSON's per-stage rates, recomputed here: 5,733 RLHF-V instances through 01-03 at
+    their s/instance; 4 epochs of 04 over 65% of them at the best lines/s; 9,000 POPE questions x 4 noise levels at
+    05's questions/s. Hours per stage."""
+    n = 5733
+    return {"01": n * res["crop"]["s_per_instance"] / 3600, "02": n * res["pairs"]["s_per_instance"] / 3600,
+            "03": n * res["filter"]["s_per_instance"] / 3600,
+            "04": 4 * 0.65 * n / res["train"]["best"]["lines_per_s"] / 3600,
+            "05": 9000 * 4 / res["pope"]["questions_per_s"] / 3600}
+
+
 def test_gpu_scale_small_on_cpu(tmp_path):
     """bench/gpu_scale.py --size small runs every part on a CPU (the code path --size 7b takes on a GPU) and writes
-    positive times, throughputs and memory; output_attentions' measured stack equals L x B x H x T^2 x bytes."""
+    positive times, throughputs and memory; output_attentions' measured stack equals L x B x H x T^2 x bytes; the
+    hooks count 2 x parameters x positions of 02's decoding (prefill + one position a step, lm_head at one position,
+    the tower at 577 a image); every per-instance part covers its instances at its caps (random weights never stop
+    at EOS); MFU = FLOPs / s / --peak-tflops; the projected hours, recomputed from the per-stage rates, are the
+    JSON's and the printed total."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    gpu_scale = load_script("bench/gpu_scale.py")
     out = tmp_path / "gpu_scale.json"
-    proc = run_script("bench/gpu_scale.py", "--size", "small", "--device", "cpu", "--new-tokens", "4",
-                      "--batch-sizes", "1", "2", "--reps", "1", "--train-batch", "1", "--accum", "2", "--json", out)
+    proc = run_script("bench/gpu_scale.py", "--size", "small", "--device", "cpu", "--batch-sizes", "1", "2",
+                      "--reps", "1", "--peak-tflops", "1", "--json", out)
     assert "not judged (small config)" in proc.stdout, proc.stdout
     res = json.loads(out.read_text())
     assert res["size"] == "small" and res["card"] == "cpu" and res["dtype"] == "float32", res
-    assert res["params_b"] > 0.01 and res["weights_gb"] > 0 and res["build_s"] > 0 and res["wall_s"] > 0, res
+    assert res["params_b"] > 0.005 and res["weights_gb"] > 0 and res["build_s"] > 0 and res["wall_s"] > 0, res
+    assert res["instances"] == 4 and res["peak_tflops"] == 1, res
+    parts = ("setup", "attention", "crop", "decode", "pairs", "filter", "pope", "train")
+    assert list(res["part_wall_s"]) == list(parts) and min(res["part_wall_s"].values()) > 0, res["part_wall_s"]
+    assert sum(res["part_wall_s"].values()) <= res["wall_s"], res["part_wall_s"]
+
+    def check(m, what):  # a measured part: time, memory, FLOPs and MFU against the 1 TFLOPS peak given
+        assert m["s"] > 0 and m["peak_gb"] > 0 and m["extra_mb"] >= 0 and m["tflop"] > 0, (what, m)
+        assert math.isclose(m["mfu"], m["tflop"] / m["s"] / 1.0), (what, m)
     a = res["attention"]
     assert a["tokens"] > 576 and a["layer"] == 2, a  # 576 image tokens + prompt + answer; 01's middle layer of 4
     for part in ("attention", "grad_att", "output_attentions"):
-        assert a[part]["s"] > 0 and a[part]["peak_gb"] > 0 and a[part]["extra_mb"] >= 0, (part, a[part])
+        check(a[part], part)
     stack = 4 * 1 * 4 * a["tokens"] ** 2 * 4 / 2**20  # L x B x H x T^2 x fp32 bytes, MiB
     assert math.isclose(a["stack_mb"], stack) and math.isclose(a["output_attentions"]["kept_mb"], stack), a
     assert math.isclose(a["one_layer_mb"] * 4, stack), a
+
+    # 01: every instance through crop_batch, each answer at 01's 32-token cap
+    c = res["crop"]
+    check(c, "crop")
+    assert (c["instances"], c["batch_size"], c["answer_words"]) == (4, 8, 32), c
+    assert math.isclose(c["s_per_instance"], c["s"] / 4), c
+
+    # 02 decoding: FLOPs by hand from the small model's parameter counts (built on the meta device)
+    model, _ = gpu_scale.build_model("small", "meta", 0)
+    inner = model.model
+    n_text = sum(p.numel() for n, p in inner.language_model.named_parameters() if "embed_tokens" not in n)
+    n_vision = sum(p.numel() for p in inner.vision_tower.parameters()) + sum(
+        p.numel() for p in inner.multi_modal_projector.parameters())
+    n_head = 4096 * 256
     assert set(res["decode"]) == {"B1", "B2"}, res["decode"].keys()
     for key, r in res["decode"].items():
-        B = int(key[1:])
-        for mode in ("plain", "ca"):
+        B, T, new = int(key[1:]), r["prompt_tokens"], 8
+        for mode, rows in (("plain", B), ("ca", 2 * B)):
             m = r[mode]
-            assert m["s"] > 0 and m["peak_gb"] > 0 and m["extra_mb"] >= 0, (key, mode, m)
-            assert math.isclose(m["tok_per_s"], B * 4 / m["s"]), (key, mode, m)
+            check(m, (key, mode))
+            assert math.isclose(m["tok_per_s"], B * new / m["s"]), (key, mode, m)
+            flop = 2 * n_text * rows * (T + new - 1) + 2 * n_head * rows * new + 2 * n_vision * rows * 577
+            assert math.isclose(m["tflop"], flop / 1e12), (key, mode, m["tflop"], flop / 1e12)
         assert math.isclose(r["ca_over_plain"], r["ca"]["s"] / r["plain"]["s"]), r
+
+    # 02's whole work, 03's scoring (9 terms a line) + CLIP, 05's answering at 2 sigmas, each at its caps
+    p = res["pairs"]
+    check(p, "pairs")
+    assert (p["instances"], p["new_tokens"]) == (2, [6, 8]) and p["focus_pairs"] + p["robust_pairs"] <= 4, p
+    assert math.isclose(p["s_per_instance"], p["s"] / 2), p
+    f = res["filter"]
+    check(f, "filter")
+    assert (f["instances"], f["rows"], f["batch_size"]) == (4, 36, 16) and f["clip_params_m"] > 1, f
+    assert math.isclose(f["s_per_instance"], f["s"] / 4) and 0 < f["clip_s_per_instance"] < f["s_per_instance"], f
+    q = res["pope"]
+    check(q, "pope")
+    assert (q["questions"], q["sigmas"], q["new_tokens"], q["answer_words"]) == (8, [0.0, 0.2], 4, 4), q
+    assert math.isclose(q["questions_per_s"], 8 / q["s"]), q
+
+    # 04: the step as before, then the micro-batch sweep and its best
     for variant in ("precomputed", "live_ref"):
         t = res["train"][variant]
-        assert (t["lines"], t["micro_batch"], t["accum"], t["lora_rank"]) == (2, 1, 2, 32), t
+        check(t, variant)
+        assert (t["lines"], t["micro_batch"], t["accum"], t["lora_rank"]) == (1, 1, 1, 32), t
         # LoRA r 32 on every linear of 4 layers: q, k, v, o (256 -> 256), gate, up (256 -> 688), down (688 -> 256)
         assert math.isclose(t["trainable_m"], 4 * 32 * (4 * 512 + 3 * (256 + 688)) / 1e6), t
-        assert t["s"] > 0 and t["examples_per_s"] > 0 and t["peak_gb"] > 0 and math.isfinite(t["loss"]), t
+        assert math.isclose(t["lines_per_s"], 1 / t["s"]) and math.isfinite(t["loss"]), t
     pre, live, ratio = res["train"]["precomputed"], res["train"]["live_ref"], res["train"]["ratio"]
     assert math.isclose(ratio["time"], pre["s"] / live["s"]), ratio
     assert math.isclose(ratio["memory"], pre["peak_gb"] / live["peak_gb"]) and ratio["memory"] < 1, ratio  # + a model
+    assert live["tflop"] > pre["tflop"], (pre, live)  # the reference's forwards on top
+    sizes = res["train"]["sizes"]
+    assert set(sizes) == {"1", "2"} and (sizes["2"]["lines"], sizes["2"]["accum"]) == (2, 1), sizes
+    for r in sizes.values():
+        check(r, r["micro_batch"])
+        assert math.isclose(r["lines_per_s"], r["lines"] / r["s"]), r
+    best = max(sizes.values(), key=lambda r: r["lines_per_s"])
+    assert res["train"]["best"]["micro_batch"] == best["micro_batch"], (res["train"]["best"], sizes)
+
+    # the projection: recomputed from the per-stage rates, against the JSON and the printed total
+    hours = projected_hours(res)
+    proj = res["projection"]
+    assert proj["hours"].keys() == hours.keys(), proj
+    for stage, h in hours.items():
+        assert math.isclose(proj["hours"][stage], h), (stage, proj["hours"][stage], h)
+    assert math.isclose(proj["total_hours"], sum(hours.values())), proj
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("projected"))
+    assert line.endswith(f"total {sum(hours.values()):.2f} hours on this CPU"), line
+    assert "random weights never stop at EOS" in proc.stdout and "upper bounds" in proc.stdout, proc.stdout
 
 
 def test_gpu_scale_7b_config():
     """--size 7b builds LLaVA-1.5-7B's shapes: 7,063,427,072 parameters = Llama-2-7B's 6,738,415,616 + 64 padded
     vocabulary rows x 4096 x 2 (embedding, lm_head) + CLIP ViT-L/14-336's tower 303,507,456 + the projector (1024 x
     4096 + 4096 x 4096 + biases) 20,979,712 (built on the meta device: nothing allocated); its processor makes 576
-    image tokens of a 336 px image."""
+    image tokens of a 336 px image, and its tokenizer has a word for each of the 32064 ids; 03's CLIP is open_clip's
+    own ViT-L-14 config with OpenAI's QuickGELU, 427,616,513 parameters."""
+    import open_clip
+    import torch
     sys.path.insert(0, str(ROOT / "bench"))
     gpu_scale = load_script("bench/gpu_scale.py")
     model, processor = gpu_scale.build_model("7b", "meta", 0)
@@ -55,9 +135,16 @@ def test_gpu_scale_7b_config():
     assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads,
             text.vocab_size) == (4096, 11008, 32, 32, 32064), text
     assert (vision.hidden_size, vision.num_hidden_layers, vision.image_size, vision.patch_size) == (1024, 24, 336, 14)
-    assert model.config.vision_feature_layer == -2 and len(processor.tokenizer) <= text.vocab_size
+    assert model.config.vision_feature_layer == -2 and len(processor.tokenizer) == text.vocab_size
+    tok = processor.tokenizer
+    assert tok(tok.decode([31999, 5000]))["input_ids"] == [31999, 5000]  # a random id reads back as itself
     enc = processor(text=["user : <image> describe the image ."], images=gpu_scale.images(1, 0), return_tensors="pt")
     assert int((enc["input_ids"] == model.config.image_token_id).sum()) == 576
+    cfg = gpu_scale.CLIP_SIZES["7b"]
+    assert {k: v for k, v in cfg.items() if k != "quick_gelu"} == open_clip.get_model_config("ViT-L-14"), cfg
+    with torch.device("meta"):
+        clip = open_clip.model.CLIP(**cfg)
+    assert sum(p.numel() for p in clip.parameters()) == 427_616_513
 
 
 # ---- bench_pope.py and bench_growth.py: on a --tiny toy world built here, so world/ need not exist ----
