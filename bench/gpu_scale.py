@@ -433,8 +433,9 @@ def part_pope(s05, model, processor, args, meter, instances):
     rows = [json.loads(line) for line in instances.read_text().splitlines()]
     questions = folder / "coco_pope_random.jsonl"
     objects = "circle square triangle cross object".split()
-    questions.write_text("".join(json.dumps({"question_id": i, "image": r["image"], "label": str(rng.choice(
-        ["yes", "no"])), "text": f"is there a {rng.choice(objects)} in the image ?"}) + "\n" for i, r in enumerate(rows)))
+    lines = [{"question_id": i, "image": r["image"], "label": str(rng.choice(["yes", "no"])),
+              "text": f"is there a {rng.choice(objects)} in the image ?"} for i, r in enumerate(rows)]
+    questions.write_text("".join(json.dumps(q) + "\n" for q in lines))
     s05.cached_model = lambda path, device: (model, processor)  # generate_all's model: this one, already built
 
     def run(out, new_tokens, limit=None):
@@ -704,7 +705,8 @@ def print_table(res):
             f"{p['s_per_instance']:.3f} s/inst")
     if "filter" in res:
         f = res["filter"]
-        row(f"03 score_batch, {f['instances']} lines ({f['rows']} terms) + CLIP", f, f"{f['s_per_instance']:.3f} s/inst")
+        row(f"03 score_batch, {f['instances']} lines ({f['rows']} terms) + CLIP", f,
+            f"{f['s_per_instance']:.3f} s/inst")
         print(f"   of which CLIP ({f['clip_params_m']:.0f}M parameters) alone: {f['clip_s_per_instance']:.4f} s/inst")
     if "pope" in res:
         p = res["pope"]
@@ -795,7 +797,8 @@ def main():
         missed += [f"wall time {res['wall_s']:.0f} s"] if res["wall_s"] > TARGETS["wall_s_max"] else []
         for k, r in res.get("decode", {}).items():
             most = TARGETS["ca_over_plain_b1_max"] if k == "B1" else TARGETS["ca_over_plain_max"]
-            missed += [f"{k}: contrastive / plain {r['ca_over_plain']:.2f} > {most}"] if r["ca_over_plain"] > most else []
+            if r["ca_over_plain"] > most:
+                missed.append(f"{k}: contrastive / plain {r['ca_over_plain']:.2f} > {most}")
         ratio = res["train"]["ratio"] if "train" in res else {}
         missed += [f"train {k}: precomputed / live {ratio[k]:.2f}" for k in ("time", "memory")
                    if k in ratio and ratio[k] > TARGETS[f"train_{k}"]]
