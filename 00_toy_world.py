@@ -94,14 +94,16 @@ TWO_IMAGE_SHARE = 0.2  # SFT batches whose conversations add a zoom crop as the 
 EVAL_EVERY = 200  # SFT steps between quick val/random checks (world.json's sft_log)
 # Settings of later stages tuned on this world's val split, written to world.json's "stages"; a
 # stage takes them when its --model is this world's (world/model), a real model keeps the paper's.
-# 04 --lr 2e-4, not 1e-5: the 64-wide model barely moves in its 28 steps at 1e-5 (P2-DPO = base:
-# POPE accuracy 0.855 -> 0.856 clean, 0.606 -> 0.609 at sigma 0.2). Chosen on world/val (seed 0,
-# one run each; base: accuracy 0.868 clean / 0.596 at sigma 0.2, CHAIR_i 0.516): lr 1e-4 0.870 /
-# 0.622, CHAIR_i 0.513; 2e-4 0.870 / 0.659, 0.513; 3e-4 0.864 / 0.695, 0.528; 5e-4 0.859 / 0.749,
-# 0.583: past 2e-4 the noise gain is bought with clean accuracy and CHAIR_i.
+# 04 --lr 1e-4, not 1e-5: at 1e-5 the 64-wide model barely moves (P2-DPO = base: POPE accuracy
+# 0.855 -> 0.856 clean, 0.606 -> 0.609 at sigma 0.2). Chosen on world/val, P2-DPO seed 0, by a rule
+# fixed before the runs: the best mean of accuracy and F1 at sigma 0.2 among the lrs whose clean
+# accuracy stays within 0.01 of the base model's and whose sigma-0.2 yes-ratio stays >= 0.5. Base:
+# clean acc 0.868; sigma 0.2 acc / F1 / yes 0.596 / 0.696 / 0.829. lr 3e-5: 0.868; 0.612 / 0.707 /
+# 0.823. 5e-5: 0.868; 0.622 / 0.712 / 0.813. 1e-4: 0.870; 0.657 / 0.717 / 0.713. 2e-4 (tuned with
+# the old DPO-context filter, 104 lines): 0.857; 0.652 / 0.606 / 0.383, an over-correction to "no".
 # 02 --robust-instruction "": 7 of the 21 tokens of the authors' instruction before P are outside
 # this world's word-level vocabulary (<unk>, never seen in training).
-STAGE_SETTINGS = {"02": {"robust_instruction": ""}, "04": {"lr": 2e-4}}
+STAGE_SETTINGS = {"02": {"robust_instruction": ""}, "04": {"lr": 1e-4}}
 TINY = {"n_pool": 64, "n_instances": 12, "n_val": 8, "n_test": 10, "n_describe": 4,  # --tiny
         "vision_steps": 5, "sft_steps": 10, "clip_steps": 5, "min_val_acc": 0.0}
 

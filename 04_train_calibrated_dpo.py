@@ -122,7 +122,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=at_least(0.0, float), default=None,
                    help="AdamW peak learning rate (default: authors' 1e-5; the toy world's "
-                        "world.json beside --model sets its own: 2e-4)")
+                        "world.json beside --model sets its own: 1e-4)")
     g.add_argument("--weight-decay", type=at_least(0.0, float), default=0.05,
                    help="AdamW weight decay (authors: 0.05)")
     g.add_argument("--warmup-ratio", type=at_least(0.0, float, most=1.0), default=0.03,

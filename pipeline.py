@@ -37,7 +37,7 @@ VARIANTS = {"full": [], "no_focus": ["--no-focus"], "no_robust": ["--no-robust"]
 # lines as P2-DPO's (the same steps, the same lr), 03's filter open as for RLHF-V's human pairs
 VARIANT_DATA = {"filter_dpo": "train_filter_dpo.jsonl", "offpolicy": "train_offpolicy.jsonl"}
 PAPER_F1 = {"base": 85.10, "full": 87.44, "no_focus": 85.84, "no_robust": 85.27, "no_calib": 86.17, "no_ddw": 86.68}
-# Extra flags of the stages (empty: each stage's defaults). The toy world's tuned settings (04's lr 2e-4: why,
+# Extra flags of the stages (empty: each stage's defaults). The toy world's tuned settings (04's lr 1e-4: why,
 # and the values tried, in 00_toy_world.py's STAGE_SETTINGS) live in world/world.json, which each stage reads
 # when its --model is world/model, so `python 04_train_calibrated_dpo.py` alone trains the same model.
 # Everything else is SPEC's default (authors' filter thresholds, beta 0.1, lambda_calib 0.3, 4 epochs, batch 16).
