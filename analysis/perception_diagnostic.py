@@ -20,7 +20,8 @@ world.json's "prompts"), drawn with --seed among that image's candidates.
 Output (--out folder): questions.jsonl (01's input: id, image, prompt; world.json copied beside it so 01 takes
 the toy world's settings, layer 0, as it does on world/instances.jsonl), questions_truth.jsonl (id, kind, class,
 box [x1, y1, x2, y2] px, x2/y2 exclusive, answer), <name>/crops.jsonl (stage 01, run once per model as a
-subprocess), metrics.json {name: {n, accuracy, afr, attention_ratio, n_focus, p_acc, model}}, a printed table.
+subprocess; skipped when complete for this model and these questions), metrics.json {name: {n, accuracy, afr,
+attention_ratio, focus_ratio, n_focus, p_acc, model}}, a printed table.
 
   python analysis/perception_diagnostic.py --model base=world/model --model p2dpo=runs/seed0/full \\
       --out runs/perception
@@ -122,9 +123,9 @@ def answer_correct(answer, truth):
 
 
 def perception_metrics(scores, base, focus_ratio=1.0):
-    """{name: {"n", "accuracy", "afr", "attention_ratio", "n_focus", "p_acc"}}. scores: {name: {question id:
-    (mass, ratio, correct)}}, every model on the same questions; the focus subset is the questions whose ratio
-    under `base` is >= focus_ratio, the same for every model."""
+    """{name: {"n", "accuracy", "afr", "attention_ratio", "focus_ratio", "n_focus", "p_acc"}} (percentages for
+    accuracy, afr, p_acc). scores: {name: {question id: (mass, ratio, correct)}}, every model on the same questions;
+    the focus subset is the questions whose ratio under `base` is >= focus_ratio, the same for every model."""
     ids = sorted(scores[base])
     focus = [q for q in ids if scores[base][q][1] >= focus_ratio]
     out = {}
@@ -134,6 +135,7 @@ def perception_metrics(scores, base, focus_ratio=1.0):
                      "accuracy": 100.0 * float(np.mean([s[q][2] for q in ids])),
                      "afr": 100.0 * float(np.mean([s[q][0] for q in ids])),
                      "attention_ratio": float(np.mean([s[q][1] for q in ids])),
+                     "focus_ratio": focus_ratio,
                      "n_focus": len(focus),
                      "p_acc": 100.0 * float(np.mean([s[q][2] for q in focus])) if focus else float("nan")}
     return out
