@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from transformers import CLIPImageProcessor
 
-from conftest import load_script, run_script
+from conftest import load_script
 
 pdiag = load_script("analysis/perception_diagnostic.py")
 stage01 = load_script("01_attention_crop.py")
@@ -68,19 +68,19 @@ def test_questions_ask_only_about_unique_keys():
     assert q["answer"] == q["class"].split()[0 if q["kind"] == "colour" else 1]
 
 
-def test_script_on_a_tiny_world(tmp_path):
-    """As a user runs it: stage 01 once per model, metrics.json; a rerun skips the complete crops."""
-    world = tmp_path / "world"
-    run_script("00_toy_world.py", "--tiny", "--out", world, "--seed", "1")
-    out = tmp_path / "perception"
-    args = ["analysis/perception_diagnostic.py", "--world", world, "--out", out,
-            "--model", f"base={world / 'model'}", "--model", f"again={world / 'model'}"]
-    first = run_script(*args).stdout
-    assert "01 base" in first and "01 again" in first, first
-    metrics = json.loads((out / "metrics.json").read_text())
-    questions = [json.loads(x) for x in open(out / "questions.jsonl")]
-    assert 0 < len(questions) <= 10 and metrics["base"]["n"] == len(questions)
-    assert metrics["base"] == {**metrics["again"], "model": metrics["base"]["model"]}  # 01 is greedy
-    assert 0 < metrics["base"]["afr"] < 100 and metrics["base"]["n_focus"] <= len(questions)
-    second = run_script(*args).stdout
-    assert "01 base" not in second and json.loads((out / "metrics.json").read_text()) == metrics
+def test_complete_crops_are_not_rerun(tmp_path, tiny_llava):
+    """A model's crops.jsonl counts as done only with every question, from these questions and this model (the
+    script itself runs in tests/test_pipeline.py, through pipeline.py --ablations)."""
+    data = tmp_path / "questions.jsonl"
+    data.write_text('{"id": "q1"}\n{"id": "q2"}\n')
+    crops = tmp_path / "base" / "crops.jsonl"
+    crops.parent.mkdir()
+    crops.write_text('{"id": "q1"}\n{"id": "q2"}\n')
+    made = {"data_identity": stage01.file_identity(data), "model_identity": stage01.model_identity(tiny_llava)}
+    crops.with_suffix(".args.json").write_text(json.dumps(made))
+    assert pdiag.complete(crops, data, tiny_llava, stage01)
+    crops.write_text('{"id": "q1"}\n')  # a run cut short
+    assert not pdiag.complete(crops, data, tiny_llava, stage01)
+    crops.write_text('{"id": "q1"}\n{"id": "q2"}\n')
+    data.write_text('{"id": "q1"}\n{"id": "q3"}\n')  # other questions
+    assert not pdiag.complete(crops, data, tiny_llava, stage01)
