@@ -15,7 +15,7 @@ Output: <runs>/results.md (main command) or <runs>/ablations.md (--ablations): t
 yes-ratio per split and mean at each sigma, and CHAIR on descriptions, mean +- std over seeds. --ablations also runs
 the perception diagnostic (analysis/perception_diagnostic.py: stage 01 on one open question per test image, for the
 base model and every trained model) into <runs>/perception/ and adds its table: open-question accuracy, AFR,
-attention ratio, P-Acc. Not in the main command: it costs ~50 s for base and P2-DPO on 2 CPU cores.
+attention ratio, P-Acc. Not in the main command: base and P2-DPO cost 75 s on 2 busy CPU cores.
 
   python pipeline.py                   # 00 -> 05, seed 0: base vs P2-DPO; 3.5 min on 2 CPU cores (00: 1.6 of them)
   python pipeline.py --ablations       # + the four ablations, filter_dpo, offpolicy, seeds 0 1 2, perception
