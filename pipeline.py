@@ -14,7 +14,7 @@ analysis/offpolicy_pairs.py).
 Output: <runs>/results.md (main command) or <runs>/ablations.md (--ablations): tables of POPE accuracy / F1 /
 yes-ratio per split and mean at each sigma, and CHAIR on descriptions, mean +- std over seeds. --ablations also runs
 the perception diagnostic (analysis/perception_diagnostic.py: stage 01 on one open question per test image, for the
-base model and every trained model) into <runs>/perception/ and adds its table: open-question accuracy, AFR,
+base model and every trained model) into <runs>/perception_<split>/ and adds its table: open-question accuracy, AFR,
 attention ratio, P-Acc. Not in the main command: base and P2-DPO cost 75 s on 2 busy CPU cores.
 
   python pipeline.py                   # 00 -> 05, seed 0: base vs P2-DPO; 3.5 min on 2 CPU cores (00: 1.6 of them)
@@ -174,7 +174,7 @@ def perception_table(metrics, seeds, variants):
     <variant>_seed<S>): open-question accuracy, AFR, attention ratio and P-Acc, mean ± std over seeds."""
     base = metrics["base"]
     lines = [f"\n**Perception** (analysis/perception_diagnostic.py: {base['n']} open questions about one object, one "
-             f"per test image; AFR = 100 x stage 01's attention mass inside the object's true box; attention ratio "
+             f"per image of the split; AFR = 100 x stage 01's attention mass inside the object's true box; attention ratio "
              f"= that mass / the box's share of the image (uniform = 1); P-Acc = accuracy on the "
              f"{base['n_focus']} questions whose ratio under the base model is >= {base['focus_ratio']:g}, the "
              f"same questions for every model)\n",
@@ -250,11 +250,12 @@ def main(argv=None):
     if args.ablations:
         print("perception diagnostic (analysis/perception_diagnostic.py)", flush=True)
         models = [f"base={model}"] + [f"{v}_seed{s}={runs / f'seed{s}' / v}" for s in seeds for v in variants]
-        run(command("analysis/perception_diagnostic.py", "--world", world, "--out", runs / "perception",
+        run(command("analysis/perception_diagnostic.py", "--world", world, "--split", args.split,
+                    "--out", runs / f"perception_{args.split}",
                     "--jobs", args.jobs, *[x for m in models for x in ("--model", m)]),
-            runs / "perception.log", "perception")
-        perception = perception_table(json.loads((runs / "perception" / "metrics.json").read_text()), seeds,
-                                      variants)
+            runs / f"perception_{args.split}.log", "perception")
+        metrics = json.loads((runs / f"perception_{args.split}" / "metrics.json").read_text())
+        perception = perception_table(metrics, seeds, variants)
     title = (f"P2-DPO on the toy world: {args.split} split, seeds {', '.join(map(str, seeds))} "
              f"(mean ± std over seeds; the base model is one model), {time.time() - t_start:.0f}s")
     table = (f"# {title}\n" + results_table(results, args.sigmas, splits) + "\n"

@@ -13,9 +13,9 @@ ours, on questions about ONE named object whose true box the toy world knows:
             for every model evaluated
   P-Acc   = 100 x answer accuracy on the focus subset; accuracy = 100 x answer accuracy on every question
   correct = the answer's first word, lower-cased and stripped of punctuation, equals the true colour / shape word
-Questions: one per held-out test image (the images of world/pope) that has an object whose key is unique in the
-image (00's open questions: "what colour is the {shape} ?" / "what shape is the {colour} object ?", from
-world.json's "prompts"), drawn with --seed among that image's candidates.
+Questions: one per held-out test image (the images of world/pope; --split val: world/val/pope's) that has an
+object whose key is unique in the image (00's open questions: "what colour is the {shape} ?" / "what shape is the
+{colour} object ?", from world.json's "prompts"), drawn with --seed among that image's candidates.
 Measured on the toy world (499 questions; the base model of 00, P2-DPO and off-policy DPO from pipeline.py
 --ablations, seeds 0-2): the base model's ratio is 1.3 at least (median 3.6), so at --focus-ratio 1 the focus subset
 is every question and P-Acc equals accuracy; --focus-ratio 3.6 keeps the base model's better-looking half.
@@ -63,6 +63,8 @@ def parse_args(argv=None):
                    help="a model to diagnose, repeatable; the first one is the base model, whose attention "
                         "fixes the focus subset (default: base=<world>/model)")
     p.add_argument("--out", default="runs/perception", help="output folder")
+    p.add_argument("--split", choices=("test", "val"), default="test",
+                   help="the images of world/pope (held out: test) or of world/val/pope (val: for tuning)")
     p.add_argument("--seed", type=int, default=0, help="draws each image's question among its candidates")
     p.add_argument("--focus-ratio", type=float, default=1.0,
                    help="the focus subset: questions whose base attention ratio is >= this (1: at least uniform "
@@ -154,11 +156,12 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "model"}, indent=1))
-    for need in ("truth.jsonl", "world.json", "pope"):
+    pope_dir = world / ("pope" if args.split == "test" else "val/pope")
+    for need in ("truth.jsonl", "world.json", pope_dir.relative_to(world)):
         if not (world / need).exists():
             raise SystemExit(f"--world {world}: no {need} (build it with `python 00_toy_world.py --out {world}`)")
-    # the held-out test images: those world/pope asks about
-    pope = {(f.parent / json.loads(line)["image"]).resolve() for f in sorted((world / "pope").glob("*.jsonl"))
+    # the held-out test images: those world/pope asks about (--split val: world/val/pope's)
+    pope = {(f.parent / json.loads(line)["image"]).resolve() for f in sorted(pope_dir.glob("*.jsonl"))
             for line in open(f) if line.strip()}
     truth = [r for r in map(json.loads, open(world / "truth.jsonl")) if (world / r["image"]).resolve() in pope]
     prompts = json.loads((world / "world.json").read_text())["prompts"]
@@ -172,11 +175,12 @@ def main(argv=None):
     write_if_changed(out / "questions_truth.jsonl",
                      [{k: q[k] for k in ("id", "kind", "class", "box", "answer")} for q in questions])
     shutil.copyfile(world / "world.json", out / "world.json")  # 01: the toy world's settings (layer 0)
-    print(f"{data}: {len(questions)} questions, one per test image of {len(pope)} with a unique key", flush=True)
+    print(f"{data}: {len(questions)} questions, one per {args.split} image of {len(pope)} with a unique key",
+          flush=True)
 
     crops = {name: out / name / "crops.jsonl" for name in args.models}
     todo = [(name, path) for name, path in args.models.items() if not complete(crops[name], data, path, stage01)]
-    for name in args.models.keys() - dict(todo).keys():
+    for name in [n for n in args.models if n not in dict(todo)]:
         print(f"  01 {name}: {crops[name]} holds every question, from this model: not rerun", flush=True)
     run_stage01(todo, data, crops, args.jobs)
     scores = {}

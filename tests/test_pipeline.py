@@ -37,7 +37,7 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path):
     rows = lambda text: [x for x in text.split("\n") if x.startswith(("| base |", "| P2-DPO |"))]  # noqa: E731
     assert rows(table) and rows(ablations)[:len(rows(table))] == rows(table)  # the same POPE and CHAIR numbers
     # the perception table: stage 01 run for the base model and P2-DPO on the test images' open questions
-    perception = json.loads((runs / "perception" / "metrics.json").read_text())
+    perception = json.loads((runs / "perception_test" / "metrics.json").read_text())
     assert set(perception) == {"base", "full_seed0"} and "  perception" in second
     section = ablations.split("**Perception**")[1]
     assert "| model | open-question accuracy % | AFR | attention ratio | P-Acc % |" in section, section
