@@ -12,10 +12,14 @@ Variants (the paper's ablation table): full, no_focus, no_robust, no_calib, no_d
 filter_dpo (03 with --filter-context dpo), offpolicy (the paper's baseline: plain DPO on human-style corrections,
 analysis/offpolicy_pairs.py).
 Output: <runs>/results.md (main command) or <runs>/ablations.md (--ablations): tables of POPE accuracy / F1 /
-yes-ratio per split and mean at each sigma, and CHAIR on descriptions, mean +- std over seeds.
+yes-ratio per split and mean at each sigma, and CHAIR on descriptions, mean +- std over seeds. --ablations also runs
+the perception diagnostic (analysis/perception_diagnostic.py: stage 01 on one open question per test image, for the
+base model and every trained model) into <runs>/perception_<split>/ and adds its table: open-question accuracy, AFR,
+attention ratio, P-Acc. Not in the main command: base and P2-DPO cost 75 s on 2 busy CPU cores.
 
   python pipeline.py                   # 00 -> 05, seed 0: base vs P2-DPO; 3.5 min on 2 CPU cores (00: 1.6 of them)
-  python pipeline.py --ablations       # + the four ablations, filter_dpo, offpolicy, seeds 0 1 2
+  python pipeline.py --ablations       # + the four ablations, filter_dpo, offpolicy, seeds 0 1 2, perception
+  python pipeline.py --ablations --variants full offpolicy     # only these trained variants
   python pipeline.py --split val --runs runs/tune      # the same on the validation split, for tuning
 """
 import argparse
@@ -58,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--ablations", action="store_true", help="also train --no-focus, --no-robust, --no-calib, "
                    "--no-ddw (the paper's ablation table), --filter-context dpo and the off-policy baseline; "
                    "default seeds become 0 1 2")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                   help="trained variants (default: full; with --ablations: all of them)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of stages 02-04 (default: 0; with "
                    "--ablations: 0 1 2)")
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.2], help="POPE noise levels (paper: 0, 0.2)")
@@ -163,11 +169,30 @@ def data_table(runs, seeds, variants):
     return "\n".join(lines)
 
 
+def perception_table(metrics, seeds, variants):
+    """Markdown: the perception diagnostic (analysis/perception_diagnostic.py's metrics.json, names base and
+    <variant>_seed<S>): open-question accuracy, AFR, attention ratio and P-Acc, mean ± std over seeds."""
+    base = metrics["base"]
+    lines = [f"\n**Perception** (analysis/perception_diagnostic.py: {base['n']} open questions about one object, one "
+             f"per image of the split; AFR = 100 x stage 01's attention mass inside the object's true box; attention ratio "
+             f"= that mass / the box's share of the image (uniform = 1); P-Acc = accuracy on the "
+             f"{base['n_focus']} questions whose ratio under the base model is >= {base['focus_ratio']:g}, the "
+             f"same questions for every model)\n",
+             "| model | open-question accuracy % | AFR | attention ratio | P-Acc % |", "|---|---|---|---|---|"]
+    rows = {"base": [base]}
+    rows.update({("P2-DPO" if v == "full" else v): [metrics[f"{v}_seed{s}"] for s in seeds] for v in variants})
+    for name, runs in rows.items():
+        cells = [fmt([m[k] for m in runs], d) for k, d in
+                 (("accuracy", 1), ("afr", 2), ("attention_ratio", 2), ("p_acc", 1))]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
     seeds = args.seeds or ([0, 1, 2] if args.ablations else [0])
-    variants = list(VARIANTS) if args.ablations else ["full"]
+    variants = args.variants or (list(VARIANTS) if args.ablations else ["full"])
     world, runs = Path(args.world), Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
     questions = world / ("pope" if args.split == "test" else "val/pope")
@@ -221,10 +246,20 @@ def main(argv=None):
     results.update({("P2-DPO" if v == "full" else v): [read(runs / f"seed{s}" / f"eval_{v}_{args.split}")
                                                         for s in seeds] for v in variants})
     splits = list(results["base"][0]["pope"][args.sigmas[0]])
+    perception = ""
+    if args.ablations:
+        print("perception diagnostic (analysis/perception_diagnostic.py)", flush=True)
+        models = [f"base={model}"] + [f"{v}_seed{s}={runs / f'seed{s}' / v}" for s in seeds for v in variants]
+        run(command("analysis/perception_diagnostic.py", "--world", world, "--split", args.split,
+                    "--out", runs / f"perception_{args.split}",
+                    "--jobs", args.jobs, *[x for m in models for x in ("--model", m)]),
+            runs / f"perception_{args.split}.log", "perception")
+        metrics = json.loads((runs / f"perception_{args.split}" / "metrics.json").read_text())
+        perception = perception_table(metrics, seeds, variants)
     title = (f"P2-DPO on the toy world: {args.split} split, seeds {', '.join(map(str, seeds))} "
              f"(mean ± std over seeds; the base model is one model), {time.time() - t_start:.0f}s")
     table = (f"# {title}\n" + results_table(results, args.sigmas, splits) + "\n"
-             + data_table(runs, seeds, variants) + "\n")
+             + data_table(runs, seeds, variants) + "\n" + perception)
     out = runs / ("ablations.md" if args.ablations else "results.md")
     out.write_text(table)
     print("\n" + table + f"\nwritten to {out}")

@@ -30,9 +30,21 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path):
     assert set(metrics["mean"]) == {"0", "0.2"}
     model = runs / "seed0" / "full" / "model.safetensors"
     stamp = model.stat().st_mtime_ns
-    second = run_script("pipeline.py", *flags).stdout
+    # the second run: --ablations with P2-DPO alone, so it trains nothing new and adds the perception diagnostic
+    second = run_script("pipeline.py", *flags, "--ablations", "--seeds", "0", "--variants", "full").stdout
     assert "04 seed 0 full" not in second and model.stat().st_mtime_ns == stamp  # a saved model is not retrained
-    assert (runs / "results.md").read_text().split("\n")[1:] == table.split("\n")[1:]  # same numbers (title: time)
+    ablations = (runs / "ablations.md").read_text()
+    rows = lambda text: [x for x in text.split("\n") if x.startswith(("| base |", "| P2-DPO |"))]  # noqa: E731
+    assert rows(table) and rows(ablations)[:len(rows(table))] == rows(table)  # the same POPE and CHAIR numbers
+    # the perception table: stage 01 run for the base model and P2-DPO on the test images' open questions
+    perception = json.loads((runs / "perception_test" / "metrics.json").read_text())
+    assert set(perception) == {"base", "full_seed0"} and "  perception" in second
+    section = ablations.split("**Perception**")[1]
+    assert "| model | open-question accuracy % | AFR | attention ratio | P-Acc % |" in section, section
+    for name, key in (("base", "base"), ("P2-DPO", "full_seed0")):
+        m = perception[key]
+        assert f"| {name} | {m['accuracy']:.1f} | {m['afr']:.2f} | {m['attention_ratio']:.2f} | {m['p_acc']:.1f} |" \
+            in section, (name, section)
 
     # the analysis scripts read what the pipeline wrote
     run_script("analysis/figure_pairs.py", "--pairs", runs / "seed0" / "pairs.jsonl", "--out", tmp_path / "f.png",
