@@ -177,13 +177,15 @@ def perception_table(metrics, seeds, variants):
              f"per image of the split; AFR = 100 x stage 01's attention mass inside the object's true box; attention ratio "
              f"= that mass / the box's share of the image (uniform = 1); P-Acc = accuracy on the "
              f"{base['n_focus']} questions whose ratio under the base model is >= {base['focus_ratio']:g}, the "
-             f"same questions for every model)\n",
-             "| model | open-question accuracy % | AFR | attention ratio | P-Acc % |", "|---|---|---|---|---|"]
+             f"same questions for every model; P-Acc top half: on the {base['n_top']} whose ratio under the base "
+             f"model is >= its median, {base['median_ratio']:.2f})\n",
+             "| model | open-question accuracy % | AFR | attention ratio | P-Acc % | P-Acc top half % |",
+             "|---|---|---|---|---|---|"]
     rows = {"base": [base]}
     rows.update({("P2-DPO" if v == "full" else v): [metrics[f"{v}_seed{s}"] for s in seeds] for v in variants})
     for name, runs in rows.items():
         cells = [fmt([m[k] for m in runs], d) for k, d in
-                 (("accuracy", 1), ("afr", 2), ("attention_ratio", 2), ("p_acc", 1))]
+                 (("accuracy", 1), ("afr", 2), ("attention_ratio", 2), ("p_acc", 1), ("p_acc_top", 1))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -12,13 +12,16 @@ ours, on questions about ONE named object whose true box the toy world knows:
   focus   = the questions whose ratio >= 1 under the BASE model (the first --model): one fixed subset, the same
             for every model evaluated
   P-Acc   = 100 x answer accuracy on the focus subset; accuracy = 100 x answer accuracy on every question
+  P-Acc top half = the same on the questions whose ratio under the base model is >= its median (ours: the
+            toy world's base model looks at every object more than uniformly, so ratio >= 1 is every question)
   correct = the answer's first word, lower-cased and stripped of punctuation, equals the true colour / shape word
 Questions: one per held-out test image (the images of world/pope; --split val: world/val/pope's) that has an
 object whose key is unique in the image (00's open questions: "what colour is the {shape} ?" / "what shape is the
 {colour} object ?", from world.json's "prompts"), drawn with --seed among that image's candidates.
 Measured on the toy world (499 questions; the base model of 00, P2-DPO and off-policy DPO from pipeline.py
 --ablations, seeds 0-2): the base model's ratio is 1.3 at least (median 3.6), so at --focus-ratio 1 the focus subset
-is every question and P-Acc equals accuracy; --focus-ratio 3.6 keeps the base model's better-looking half.
+is every question and P-Acc equals accuracy; P-Acc top half (ratio >= 3.6 here) keeps the base model's
+better-focused half.
 Stage 01 takes 32 s per model here (2 busy CPU cores; 16 s of it the 499 forwards), this script's own import and
 scoring about 15 s.
 
@@ -26,7 +29,7 @@ Output (--out folder): questions.jsonl (01's input: id, image, prompt; world.jso
 the toy world's settings, layer 0, as it does on world/instances.jsonl), questions_truth.jsonl (id, kind, class,
 box [x1, y1, x2, y2] px, x2/y2 exclusive, answer), <name>/crops.jsonl (stage 01, run once per model as a
 subprocess; skipped when complete for this model and these questions), metrics.json {name: {n, accuracy, afr,
-attention_ratio, focus_ratio, n_focus, p_acc, model}}, a printed table.
+attention_ratio, focus_ratio, n_focus, p_acc, median_ratio, n_top, p_acc_top, model}}, a printed table.
 
   python analysis/perception_diagnostic.py --model base=world/model --model p2dpo=runs/seed0/full \\
       --out runs/perception
@@ -130,11 +133,14 @@ def answer_correct(answer, truth):
 
 
 def perception_metrics(scores, base, focus_ratio=1.0):
-    """{name: {"n", "accuracy", "afr", "attention_ratio", "focus_ratio", "n_focus", "p_acc"}} (percentages for
-    accuracy, afr, p_acc). scores: {name: {question id: (mass, ratio, correct)}}, every model on the same questions;
-    the focus subset is the questions whose ratio under `base` is >= focus_ratio, the same for every model."""
+    """{name: {"n", "accuracy", "afr", "attention_ratio", "focus_ratio", "n_focus", "p_acc", "median_ratio",
+    "n_top", "p_acc_top"}} (percentages for accuracy, afr, p_acc, p_acc_top). scores: {name: {question id: (mass,
+    ratio, correct)}}, every model on the same questions; the focus subset is the questions whose ratio under `base`
+    is >= focus_ratio, the top half those whose ratio under `base` is >= its median: each the same for every model."""
     ids = sorted(scores[base])
     focus = [q for q in ids if scores[base][q][1] >= focus_ratio]
+    median = float(np.median([scores[base][q][1] for q in ids]))
+    top = [q for q in ids if scores[base][q][1] >= median]  # the base model's better-focused half
     out = {}
     for name, s in scores.items():
         assert sorted(s) == ids, f"{name}: not the questions of {base}"
@@ -144,7 +150,10 @@ def perception_metrics(scores, base, focus_ratio=1.0):
                      "attention_ratio": float(np.mean([s[q][1] for q in ids])),
                      "focus_ratio": focus_ratio,
                      "n_focus": len(focus),
-                     "p_acc": 100.0 * float(np.mean([s[q][2] for q in focus])) if focus else float("nan")}
+                     "p_acc": 100.0 * float(np.mean([s[q][2] for q in focus])) if focus else float("nan"),
+                     "median_ratio": median,
+                     "n_top": len(top),
+                     "p_acc_top": 100.0 * float(np.mean([s[q][2] for q in top]))}
     return out
 
 
@@ -266,11 +275,11 @@ def score_crops(crops, questions, out, model, stage01):
 
 
 def table(metrics):
-    lines = ["| model | questions | accuracy % | AFR | attention ratio | focus subset (base) | P-Acc % |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | questions | accuracy % | AFR | attention ratio | focus subset (base) | P-Acc % | "
+             "top half (base) | P-Acc top half % |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m in metrics.items():
         lines.append(f"| {name} | {m['n']} | {m['accuracy']:.1f} | {m['afr']:.2f} | {m['attention_ratio']:.2f} | "
-                     f"{m['n_focus']} | {m['p_acc']:.1f} |")
+                     f"{m['n_focus']} | {m['p_acc']:.1f} | {m['n_top']} | {m['p_acc_top']:.1f} |")
     return "\n".join(lines)
 
 

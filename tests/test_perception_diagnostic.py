@@ -42,6 +42,13 @@ def test_focus_subset_is_fixed_by_the_base_model():
     assert m["base"]["afr"] == pytest.approx(100 * 0.35 / 3) and m["other"]["afr"] == pytest.approx(100 * 0.61 / 3)
     assert m["other"]["attention_ratio"] == pytest.approx(6.1 / 3)
     assert pdiag.perception_metrics(scores, "base", focus_ratio=1.5)["base"]["n_focus"] == 1
+    # top half: base's ratios 2.0, 0.5, 1.0 have median 1.0, so q1 and q3 again (base's, not other's q2)
+    assert m["base"]["median_ratio"] == pytest.approx(1.0) and m["other"]["n_top"] == 2
+    assert m["base"]["p_acc_top"] == pytest.approx(50.0) and m["other"]["p_acc_top"] == pytest.approx(0.0)
+    four = {name: {**s, "q4": (0.3, 3.0, name == "other")} for name, s in scores.items()}
+    m4 = pdiag.perception_metrics(four, "base")  # base: 0.5, 1.0, 2.0, 3.0 -> median 1.5: q1, q4
+    assert m4["base"]["n_top"] == 2 and m4["other"]["p_acc_top"] == pytest.approx(50.0)
+    assert m4["base"]["p_acc_top"] == pytest.approx(50.0) and m4["base"]["n_focus"] == 3
 
 
 def test_answer_rule_takes_the_first_word():

@@ -40,11 +40,11 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path):
     perception = json.loads((runs / "perception_test" / "metrics.json").read_text())
     assert set(perception) == {"base", "full_seed0"} and "  perception" in second
     section = ablations.split("**Perception**")[1]
-    assert "| model | open-question accuracy % | AFR | attention ratio | P-Acc % |" in section, section
+    assert "| model | open-question accuracy % | AFR | attention ratio | P-Acc % | P-Acc top half % |" in section
     for name, key in (("base", "base"), ("P2-DPO", "full_seed0")):
         m = perception[key]
-        assert f"| {name} | {m['accuracy']:.1f} | {m['afr']:.2f} | {m['attention_ratio']:.2f} | {m['p_acc']:.1f} |" \
-            in section, (name, section)
+        assert (f"| {name} | {m['accuracy']:.1f} | {m['afr']:.2f} | {m['attention_ratio']:.2f} | {m['p_acc']:.1f} | "
+                f"{m['p_acc_top']:.1f} |") in section, (name, section)
 
     # the analysis scripts read what the pipeline wrote
     run_script("analysis/figure_pairs.py", "--pairs", runs / "seed0" / "pairs.jsonl", "--out", tmp_path / "f.png",
