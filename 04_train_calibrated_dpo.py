@@ -27,7 +27,7 @@ Output  <out>/: the LoRA-merged model + processor (save_pretrained), metrics.jso
         into an --out holding a model or checkpoint needs --resume or --overwrite. The prompts
         are not checked against the model's context here: stage 03 scored every line in the
         same contexts and made that check.
-Shapes: B lines in a micro-batch, R rows of a forward (2B: chosen + rejected), T tokens,
+Shapes: B lines in a micro-batch, R rows of a forward (2B: chosen + rejected, or B), T tokens,
         n response tokens, V vocab.
 
 Toy world on a CPU; one GPU; eight GPUs:
@@ -37,6 +37,12 @@ Toy world on a CPU; one GPU; eight GPUs:
 Choices left open by the paper: a global batch's loss is divided by its line count, so the number
 of processes does not matter (DDP for LoRA, FSDP for --lora-rank 0); dropout is seeded by
 (seed, step, rank); warm-up starts at lr > 0.
+--shared-prefix (default; --no-shared-prefix for a row per response, as stage 03 scores): y_w and
+y_l of a pair share their prompt and image, so the pair is one row [prompt, y_w, y_l] whose 4D
+attention mask hides y_w from y_l and whose positions restart y_l where y_w starts: the prompt,
+its image tokens and the vision tower run once per pair, not twice, for the same log-probs and
+gradients to rounding (tests/test_04_shared_prefix.py). The calibration terms keep a row each.
+Under LoRA dropout the two responses share the prompt's dropout mask (a row each: two masks).
 """
 import argparse
 import atexit
@@ -76,8 +82,8 @@ GROUPS = (("focus_w", "focus_l"), ("robust_w", "robust_l"), ("aug", "deg"))
 # What a --resume may change; every other argument, and what the arguments resolve to, must be
 # those of the run that wrote the checkpoint (data and model: by identity, not by spelling).
 RESUME_MAY_CHANGE = ("resume", "overwrite", "stop_after", "save_every", "save_minutes", "device",
-                     "batch_size", "grad_accum", "grad_checkpointing", "shared_prefix", "world_size",
-                     "max_image_pixels", "debug", "data", "model", "out")
+                     "batch_size", "grad_accum", "grad_checkpointing", "shared_prefix",
+                     "world_size", "max_image_pixels", "debug", "data", "model", "out")
 # Logged each step: each statistic -> the lines it is a mean over (those that have its term).
 STATS = {"loss": "all", "dpo_focus": "focus", "calib": "calib", "acc_focus": "focus",
          "margin_focus": "focus", "delta_pi_w": "calib", "w_focus": "focus",
@@ -540,7 +546,8 @@ def build_pair_batch(processor, prompts, pairs, images):
     (y_w, y_l)) rows as R packed rows [prompt, y_w + EOS, y_l + EOS], left padded. branch: 0 on
     the prompt and the padding, 1 on y_w + EOS, 2 on y_l + EOS. prompts, images: as build_batch's;
     the responses are tokenized as build_batch tokenizes them."""
-    inputs, w_mask = build_batch(processor, prompts, [w for w, _ in pairs], images)  # [prompt, y_w]
+    # rows [prompt, y_w + EOS]; y_l + EOS is appended below, as build_batch appends y_w
+    inputs, w_mask = build_batch(processor, prompts, [w for w, _ in pairs], images)
     tok = processor.tokenizer
     tails = [tok(l, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, l in pairs]
     real = inputs["attention_mask"].bool()  # (R, T0)
@@ -552,9 +559,11 @@ def build_pair_batch(processor, prompts, pairs, images):
             ends = tails
         else:  # attention 1, branch 2, mm type 0 (text) on y_l
             ends = [[{"attention_mask": 1, "branch": 2}.get(k, 0)] * len(t) for t in tails]
-        rows = [torch.cat([row[m], torch.tensor(e, dtype=v.dtype)]) for row, m, e in zip(v, real, ends)]
+        rows = [torch.cat([row[m], torch.tensor(e, dtype=v.dtype)])
+                for row, m, e in zip(v, real, ends)]
         pad = tok.pad_token_id if k == "input_ids" else 0
-        inputs[k] = torch.stack([F.pad(row, (T - len(row), 0), value=pad) for row in rows])  # (R, T)
+        rows = [F.pad(row, (T - len(row), 0), value=pad) for row in rows]
+        inputs[k] = torch.stack(rows)  # (R, T)
     branch = inputs.pop("branch")
     return inputs, branch
 
@@ -598,8 +607,7 @@ def pair_logprobs(model, inputs, branch):
     logits = model(**{**inputs, "attention_mask": mask}, position_ids=positions, use_cache=False,
                    logits_to_keep=n + 1).logits
     assert logits.shape[1] == n + 1, (
-        f"{logits.shape[1]} positions of logits for n + 1 = {n + 1}: logits_to_keep= was ignored "
-        "(renamed in this transformers version?), so log-probs would be read at the wrong positions")
+        f"{logits.shape[1]} positions of logits for n + 1 = {n + 1}: logits_to_keep= was ignored")
     logp = torch.log_softmax(logits.float(), -1)  # (R, n + 1, V)
     tail = branch[:, -n:]  # (R, n): the window's tokens, each predicted at its index in logp ...
     first_l = (tail == 2) & (F.pad(tail, (1, 0))[:, :-1] != 2)
