@@ -588,7 +588,7 @@ def pair_logprobs(model, inputs, branch):
     own = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])  # (R, T, T)
     seen = causal & own & real[:, None, :] | torch.eye(T, dtype=torch.bool, device=p.device)
     mask = seen[:, None]  # (R, 1, T, T): a 4D mask goes to the attention as it is
-    attention = core.config._attn_implementation
+    attention = core.model.language_model.config._attn_implementation
     if attention == "eager":  # an additive mask
         mask = torch.where(mask, 0.0, torch.finfo(p.dtype).min).to(p.dtype)
     elif attention != "sdpa":
