@@ -302,12 +302,13 @@ def lr_at(step, peak, warmup, total):
     return peak * (0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
-def term_batches(processor, exs, terms=TERMS, shared_prefix=False):
+def term_batches(processor, exs, terms=TERMS, shared_prefix=True):
     """The CPU half of scoring a micro-batch (images decoded, the processor run), apart so that a
     live reference can share it with the policy. exs: B examples. Returns, for each context some
     line has and whose terms are all in `terms`, (keys, idx, score, batch): score(model, *batch)
-    gives the log-probs of keys[0] for the lines idx, then those of keys[1]. shared_prefix: a
-    pair's two responses in one row on one prompt and image (build_pair_batch, pair_logprobs)."""
+    gives the log-probs of keys[0] for the lines idx, then those of keys[1]. shared_prefix (as
+    --shared-prefix): a pair's two responses in one row on one prompt and image (build_pair_batch,
+    pair_logprobs); False: a row per response."""
     focus = [i for i, ex in enumerate(exs) if ex["focus"]]
     robust = [i for i, ex in enumerate(exs) if ex["robust"]]
     contexts = [("focus", focus, ("focus_w", "focus_l"), "prompt", "image"),  # (I, P)
@@ -586,7 +587,7 @@ def pair_logprobs(model, inputs, branch):
     # a key is seen by a query if it is earlier, not padding, and in the prompt or the query's own
     # response; a padding query sees itself alone (an empty softmax would be NaN)
     own = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])  # (R, T, T)
-    seen = causal & own & real[:, None, :] | torch.eye(T, dtype=torch.bool, device=p.device)
+    seen = (causal & own & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=p.device)
     mask = seen[:, None]  # (R, 1, T, T): a 4D mask goes to the attention as it is
     attention = core.model.language_model.config._attn_implementation
     if attention == "eager":  # an additive mask

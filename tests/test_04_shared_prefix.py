@@ -107,9 +107,9 @@ def test_flag_and_the_rows_it_packs(tiny_llava, tmp_path):
     assert stage.parse_args([]).shared_prefix and not stage.parse_args(["--no-shared-prefix"]).shared_prefix
     processor = stage.load_model(tiny_llava, "cpu")[1]
     exs = examples(tmp_path, "bb", "llava")
-    packed = stage.term_batches(processor, exs, shared_prefix=True)
+    packed = stage.term_batches(processor, exs)  # (the default, as the flag's)
     rows = {keys: (score.__name__, batch[0]["input_ids"].shape[0]) for keys, _, score, batch in packed}
     assert rows == {("focus_w", "focus_l"): ("pair_logprobs", 2), ("robust_w", "robust_l"): ("pair_logprobs", 2),
                     ("aug",): ("response_logprobs", 2), ("deg",): ("response_logprobs", 2)}
-    apart = stage.term_batches(processor, exs)
+    apart = stage.term_batches(processor, exs, shared_prefix=False)
     assert {keys: score.__name__ for keys, _, score, _ in apart} == dict.fromkeys(rows, "response_logprobs")
