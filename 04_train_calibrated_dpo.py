@@ -27,7 +27,7 @@ Output  <out>/: the LoRA-merged model + processor (save_pretrained), metrics.jso
         into an --out holding a model or checkpoint needs --resume or --overwrite. The prompts
         are not checked against the model's context here: stage 03 scored every line in the
         same contexts and made that check.
-Shapes: B lines in a micro-batch, R rows of a forward (2B: chosen + rejected), T tokens,
+Shapes: B lines in a micro-batch, R rows of a forward (2B: chosen + rejected, or B), T tokens,
         n response tokens, V vocab.
 
 Toy world on a CPU; one GPU; eight GPUs:
@@ -37,6 +37,12 @@ Toy world on a CPU; one GPU; eight GPUs:
 Choices left open by the paper: a global batch's loss is divided by its line count, so the number
 of processes does not matter (DDP for LoRA, FSDP for --lora-rank 0); dropout is seeded by
 (seed, step, rank); warm-up starts at lr > 0.
+--shared-prefix (default; --no-shared-prefix for a row per response, as stage 03 scores): y_w and
+y_l of a pair share their prompt and image, so the pair is one row [prompt, y_w, y_l] whose 4D
+attention mask hides y_w from y_l and whose positions restart y_l where y_w starts: the prompt,
+its image tokens and the vision tower run once per pair, not twice, for the same log-probs and
+gradients to rounding (tests/test_04_shared_prefix.py). The calibration terms keep a row each.
+Under LoRA dropout the two responses share the prompt's dropout mask (a row each: two masks).
 """
 import argparse
 import atexit
@@ -76,8 +82,8 @@ GROUPS = (("focus_w", "focus_l"), ("robust_w", "robust_l"), ("aug", "deg"))
 # What a --resume may change; every other argument, and what the arguments resolve to, must be
 # those of the run that wrote the checkpoint (data and model: by identity, not by spelling).
 RESUME_MAY_CHANGE = ("resume", "overwrite", "stop_after", "save_every", "save_minutes", "device",
-                     "batch_size", "grad_accum", "grad_checkpointing", "world_size",
-                     "max_image_pixels", "debug", "data", "model", "out")
+                     "batch_size", "grad_accum", "grad_checkpointing", "shared_prefix",
+                     "world_size", "max_image_pixels", "debug", "data", "model", "out")
 # Logged each step: each statistic -> the lines it is a mean over (those that have its term).
 STATS = {"loss": "all", "dpo_focus": "focus", "calib": "calib", "acc_focus": "focus",
          "margin_focus": "focus", "delta_pi_w": "calib", "w_focus": "focus",
@@ -139,6 +145,10 @@ def parse_args(argv=None):
                    help="clip the gradient norm to this (HF/TRL default)")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in backward (less memory)")
+    g.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="score a pair's y_w and y_l in one row on one copy of the prompt and "
+                        "image (pair_logprobs); --no-shared-prefix: a row per response, as "
+                        "stage 03 scores them (same values to rounding)")
     g = p.add_argument_group("run")
     g.add_argument("--save-every", type=at_least(0), default=0,
                    help="write checkpoint.pt every N optimizer steps; 0: every 3%% of the run "
@@ -292,11 +302,13 @@ def lr_at(step, peak, warmup, total):
     return peak * (0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
 
 
-def term_batches(processor, exs, terms=TERMS):
+def term_batches(processor, exs, terms=TERMS, shared_prefix=True):
     """The CPU half of scoring a micro-batch (images decoded, the processor run), apart so that a
     live reference can share it with the policy. exs: B examples. Returns, for each context some
-    line has and whose terms are all in `terms`, (keys, idx, (inputs, response_mask)): the rows of
-    keys[0] for the lines idx, then those of keys[1]."""
+    line has and whose terms are all in `terms`, (keys, idx, score, batch): score(model, *batch)
+    gives the log-probs of keys[0] for the lines idx, then those of keys[1]. shared_prefix (as
+    --shared-prefix): a pair's two responses in one row on one prompt and image (build_pair_batch,
+    pair_logprobs); False: a row per response."""
     focus = [i for i, ex in enumerate(exs) if ex["focus"]]
     robust = [i for i, ex in enumerate(exs) if ex["robust"]]
     contexts = [("focus", focus, ("focus_w", "focus_l"), "prompt", "image"),  # (I, P)
@@ -308,12 +320,19 @@ def term_batches(processor, exs, terms=TERMS):
     for branch, idx, keys, prompt_key, image_key in contexts:
         if not idx or not set(keys) <= set(terms):
             continue
+        if shared_prefix and len(keys) == 2:  # one row [prompt, y_w, y_l] per line
+            prompts = [exs[i][prompt_key] for i in idx]
+            pairs = [exs[i][branch] for i in idx]
+            images = [[image(p) for p in exs[i]["images"][image_key]] for i in idx]
+            batch = build_pair_batch(processor, prompts, pairs, images)  # (|idx|, T)
+            out.append((keys, idx, pair_logprobs, batch))
+            continue
         rows = [(i, j) for j in range(len(keys)) for i in idx]  # all chosen, then all rejected
         prompts = [exs[i][prompt_key] for i, _ in rows]
         responses = [exs[i][branch][j] for i, j in rows]
         images = [[image(p) for p in exs[i]["images"][image_key]] for i, _ in rows]
         batch = build_batch(processor, prompts, responses, images)  # (len(keys) * |idx|, T)
-        out.append((keys, idx, batch))
+        out.append((keys, idx, response_logprobs, batch))
     return out
 
 
@@ -322,9 +341,9 @@ def policy_logps(model, batches, B, ctx):
     forward per context, chosen and rejected rows in one forward where they share it. Returns a
     dict over TERMS of (B,) fp32, 0 where a line lacks the term or `batches` does not hold it."""
     out = {}
-    for keys, idx, batch in batches:
+    for keys, idx, score, batch in batches:
         with ctx:
-            logp, _ = response_logprobs(model, *batch)  # (len(keys) * |idx|,)
+            logp, _ = score(model, *batch)  # (len(keys) * |idx|,)
         full = logp.new_zeros(len(keys), B)  # (len(keys), B)
         full[:, idx] = logp.view(len(keys), len(idx))
         out.update(zip(keys, full))
@@ -346,7 +365,7 @@ def micro_step(model, processor, mb, args, ctx, scale, batches=None):
         groups = GROUPS[:2]
         lambda_calib = 0.0
     if batches is None:
-        batches = term_batches(processor, exs, [k for g in groups for k in g])
+        batches = term_batches(processor, exs, [k for g in groups for k in g], args.shared_prefix)
     tensor = functools.partial(torch.tensor, device=next(model.parameters()).device)
     ref = {k: tensor([ex["ref"][k] for ex in exs]) for k in TERMS}
     weight = tensor([w for _, w in mb])  # (B,)
@@ -519,6 +538,87 @@ def micro_batches(lines, batch, rank, world, batch_size, accum):
         if mine:
             out.append(mine)
     return out
+# ---- end plumbing ----
+
+
+# ---- plumbing: a pair's two responses on one shared prefix (--shared-prefix) ----
+def build_pair_batch(processor, prompts, pairs, images):
+    """(inputs, branch (R, T) long) scoring both responses of R (chat prompt with images,
+    (y_w, y_l)) rows as R packed rows [prompt, y_w + EOS, y_l + EOS], left padded. branch: 0 on
+    the prompt and the padding, 1 on y_w + EOS, 2 on y_l + EOS. prompts, images: as build_batch's;
+    the responses are tokenized as build_batch tokenizes them."""
+    # rows [prompt, y_w + EOS]; y_l + EOS is appended below, as build_batch appends y_w
+    inputs, w_mask = build_batch(processor, prompts, [w for w, _ in pairs], images)
+    tok = processor.tokenizer
+    tails = [tok(l, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, l in pairs]
+    real = inputs["attention_mask"].bool()  # (R, T0)
+    T = max(int(m.sum()) + len(t) for m, t in zip(real, tails))
+    per_token = [k for k, v in inputs.items() if torch.is_tensor(v) and v.shape == real.shape]
+    for k in per_token + ["branch"]:  # input_ids, attention_mask, mm_token_type_ids; then branch
+        v = w_mask.long() if k == "branch" else inputs[k]
+        if k == "input_ids":
+            ends = tails
+        else:  # attention 1, branch 2, mm type 0 (text) on y_l
+            ends = [[{"attention_mask": 1, "branch": 2}.get(k, 0)] * len(t) for t in tails]
+        rows = [torch.cat([row[m], torch.tensor(e, dtype=v.dtype)])
+                for row, m, e in zip(v, real, ends)]
+        pad = tok.pad_token_id if k == "input_ids" else 0
+        rows = [F.pad(row, (T - len(row), 0), value=pad) for row in rows]
+        inputs[k] = torch.stack(rows)  # (R, T)
+    branch = inputs.pop("branch")
+    return inputs, branch
+
+
+def pair_logprobs(model, inputs, branch):
+    """Summed log pi(y | prompt, images) of y_w and y_l, from one forward of build_pair_batch's
+    rows: y_l attends to the prompt and to itself but not to y_w, and its positions restart where
+    y_w's do, so each response reads what it reads in a row of its own (response_logprobs), while
+    the prompt and its images are computed once. Log-softmax in fp32. Returns (logp (2R,) fp32,
+    ntok (2R,)): every row's y_w, then every row's y_l, as response_logprobs on term_batches' rows.
+    """
+    core = getattr(model, "module", model)  # (DDP wraps the model)
+    p = next(model.parameters())
+    inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)
+              for k, v in inputs.items()}
+    branch = branch.to(p.device)
+    real = inputs["attention_mask"].bool()  # (R, T)
+    R, T = real.shape
+    causal = torch.ones(T, T, dtype=torch.bool, device=p.device).tril()  # (T, T) [query, key]
+    # a key is seen by a query if it is earlier, not padding, and in the prompt or the query's own
+    # response; a padding query sees itself alone (an empty softmax would be NaN)
+    own = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])  # (R, T, T)
+    seen = (causal & own & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=p.device)
+    mask = seen[:, None]  # (R, 1, T, T): a 4D mask goes to the attention as it is
+    attention = core.model.language_model.config._attn_implementation
+    if attention == "eager":  # an additive mask
+        mask = torch.where(mask, 0.0, torch.finfo(p.dtype).min).to(p.dtype)
+    elif attention != "sdpa":
+        fail(f"--shared-prefix needs the model's attention to be sdpa or eager (a 4D mask), not "
+             f"{attention}; pass --no-shared-prefix")
+    n_w = (branch == 1).sum(1)  # (R,)
+    if hasattr(core.model, "get_rope_index"):  # Qwen-VL's M-RoPE: (3, R, T) from the image grids
+        extra = {k: inputs[k] for k in ("mm_token_type_ids", "image_grid_thw") if k in inputs}
+        positions, _ = core.model.get_rope_index(inputs["input_ids"], attention_mask=real.long(),
+                                                 **extra)
+    else:
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (R, T)
+    positions = positions - torch.where(branch == 2, n_w[:, None], 0)  # y_l starts where y_w does
+    n = int((branch > 0).sum(1).max())
+    # (R, n + 1, V): only the positions that are scored
+    logits = model(**{**inputs, "attention_mask": mask}, position_ids=positions, use_cache=False,
+                   logits_to_keep=n + 1).logits
+    assert logits.shape[1] == n + 1, (
+        f"{logits.shape[1]} positions of logits for n + 1 = {n + 1}: logits_to_keep= was ignored")
+    logp = torch.log_softmax(logits.float(), -1)  # (R, n + 1, V)
+    tail = branch[:, -n:]  # (R, n): the window's tokens, each predicted at its index in logp ...
+    first_l = (tail == 2) & (F.pad(tail, (1, 0))[:, :-1] != 2)
+    # ... but y_l's first token, predicted where y_w's first is: at the prompt's last token
+    source = torch.arange(n, device=p.device) - torch.where(first_l, n_w[:, None], 0)  # (R, n)
+    rows = torch.arange(R, device=p.device)[:, None]
+    logp = logp[rows, source, inputs["input_ids"][:, -n:]]  # (R, n)
+    sums = [torch.where(tail == b, logp, 0.0).sum(1) for b in (1, 2)]  # y_w, y_l: each (R,)
+    ntok = [(tail == b).sum(1) for b in (1, 2)]
+    return torch.cat(sums), torch.cat(ntok)
 # ---- end plumbing ----
 
 
