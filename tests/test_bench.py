@@ -88,7 +88,7 @@ def test_gpu_scale_small_on_cpu(tmp_path):
     assert math.isclose(q["questions_per_s"], 8 / q["s"]), q
 
     # 04: the step as before, then the micro-batch sweep and its best
-    for variant in ("precomputed", "live_ref"):
+    for variant in ("precomputed", "rows", "live_ref"):
         t = res["train"][variant]
         check(t, variant)
         assert (t["lines"], t["micro_batch"], t["accum"], t["lora_rank"]) == (1, 1, 1, 32), t
@@ -99,6 +99,9 @@ def test_gpu_scale_small_on_cpu(tmp_path):
     assert math.isclose(ratio["time"], pre["s"] / live["s"]), ratio
     assert math.isclose(ratio["memory"], pre["peak_gb"] / live["peak_gb"]) and ratio["memory"] < 1, ratio  # + a model
     assert live["tflop"] > pre["tflop"], (pre, live)  # the reference's forwards on top
+    rows = res["train"]["rows"]  # 04 --no-shared-prefix: the prompt and image once per response, not per pair
+    assert rows["tflop"] > pre["tflop"], (pre, rows)
+    assert math.isclose(res["train"]["shared_prefix"]["speedup"], rows["s"] / pre["s"]), res["train"]["shared_prefix"]
     sizes = res["train"]["sizes"]
     assert set(sizes) == {"1", "2"} and (sizes["2"]["lines"], sizes["2"]["accum"]) == (2, 1), sizes
     for r in sizes.values():
