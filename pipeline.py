@@ -173,9 +173,9 @@ def perception_table(metrics, seeds, variants):
     """Markdown: the perception diagnostic (analysis/perception_diagnostic.py's metrics.json, names base and
     <variant>_seed<S>): open-question accuracy, AFR, attention ratio and P-Acc, mean ± std over seeds."""
     base = metrics["base"]
-    lines = [f"\n**Perception** (analysis/perception_diagnostic.py: {base['n']} open questions about one object, one "
-             f"per image of the split; AFR = 100 x stage 01's attention mass inside the object's true box; attention ratio "
-             f"= that mass / the box's share of the image (uniform = 1); P-Acc = accuracy on the "
+    lines = [f"\n**Perception** (analysis/perception_diagnostic.py: {base['n']} open questions about one object, "
+             f"one per image of the split; AFR = 100 x stage 01's attention mass inside the object's true box; "
+             f"attention ratio = that mass / the box's share of the image (uniform = 1); P-Acc = accuracy on the "
              f"{base['n_focus']} questions whose ratio under the base model is >= {base['focus_ratio']:g}, the "
              f"same questions for every model; P-Acc top half: on the {base['n_top']} whose ratio under the base "
              f"model is >= its median, {base['median_ratio']:.2f})\n",
