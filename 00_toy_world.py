@@ -41,6 +41,8 @@ Shapes in comments: B batch, T tokens, N image patches, C classes, V vocabulary.
   (CPU only by design: the world is small enough that a GPU buys nothing.)
 """
 import argparse
+import atexit
+import fcntl
 import json
 import math
 import multiprocessing as mp
@@ -798,10 +800,38 @@ def main(argv=None):
 # ==================================================================================================
 # ---- plumbing: files, messages, the CLIP process, the settings on disk ----
 def fresh_folder(out):
+    lock_world(out)  # before anything is deleted
     if out.exists():
         shutil.rmtree(out)  # a world is rebuilt whole: no stale file from other settings survives
     (out / "images").mkdir(parents=True)
     return out
+
+
+def lock_world(out):
+    """One build per --out at a time: two builds into one folder delete each other's files. An flock
+    on <out>.lock, held until this process ends (the kernel frees it if the process dies), when the
+    file is removed."""
+    lock = out.with_name(out.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(lock, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"{out} is being built by another run (lock {lock}); wait for it to "
+                             f"end, or pass another --out")
+        except OSError as e:  # a filesystem without locks (some network mounts)
+            print(f"warning: cannot lock {lock} ({e.strerror}): nothing stops a second build")
+            return
+        if lock.exists() and lock.stat().st_ino == os.fstat(f.fileno()).st_ino:
+            break
+        f.close()  # its holder ended and removed it between our open and our flock: again
+    atexit.register(unlock_world, lock, f)
+
+
+def unlock_world(lock, f):
+    lock.unlink(missing_ok=True)  # removed while held: a run that opened it meanwhile opens anew
+    f.close()
 
 
 def write_jsonl(path, rows):

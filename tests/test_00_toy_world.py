@@ -158,3 +158,23 @@ def test_committed_base_model_matches_the_default_settings():
     settings = tw.base_model_settings(tw.parse_args([]))
     assert tw.shipped_settings() == json.loads(json.dumps(settings))
     assert (tw.SHIPPED / "model.safetensors").is_file() and (tw.SHIPPED / "config.json").is_file()
+
+
+def test_a_second_build_into_a_world_being_built_refuses(tmp_path):
+    """Two builds into one --out delete each other's files (a second run's rmtree under the first): while a run
+    holds <out>.lock, another refuses before it deletes anything; once the holder is gone, a build takes the lock
+    and removes it when it ends."""
+    import fcntl
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "mine.txt").write_text("the first build's file")
+    with open(tmp_path / "w.lock", "a+") as held:  # as the running build holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit, match="being built by another run"):
+            tw.lock_world(out)
+        proc = run_script("00_toy_world.py", "--tiny", "--out", out, check=False)
+        assert proc.returncode != 0 and "being built by another run" in proc.stderr, proc.stderr[-2000:]
+        assert (out / "mine.txt").read_text() == "the first build's file"  # nothing deleted
+    proc = run_script("00_toy_world.py", "--tiny", "--out", out, "--seed", "3")  # the holder has ended
+    assert not (out / "mine.txt").exists() and (out / "world.json").is_file()
+    assert not (tmp_path / "w.lock").exists()
