@@ -627,19 +627,23 @@ def resolve_images(rows, images):
             raise FileNotFoundError(f"{r['file']}:{r['line']}: image not found: {r['path']}")
 
 
+def beside_or_one_up(given, anchor, name, flag):
+    """The file `given` (a flag's value), else `name` beside the file `anchor` or one folder up."""
+    if given:
+        candidates = [Path(given)]
+    else:
+        candidates = [Path(anchor).parent / name, Path(anchor).parent.parent / name]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"no {name} in {', '.join(map(str, candidates))}: pass {flag}")
+    return path
+
+
 def read_truth(describe, truth=None):
     """({absolute image path: set of classes}, vocabulary) from truth.jsonl; vocabulary =
     world.json's "classes" when it lies beside truth.jsonl, else every class seen in
     truth.jsonl."""
-    if truth:
-        candidates = [Path(truth)]
-    else:
-        candidates = [Path(describe).parent / "truth.jsonl",
-                      Path(describe).parent.parent / "truth.jsonl"]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(f"no truth.jsonl for CHAIR in {', '.join(map(str, candidates))}: "
-                                f"pass --truth")
+    path = beside_or_one_up(truth, describe, "truth.jsonl", "--truth")
     objects = {}
     for r in read_rows(path, ("image", "objects")):
         objects[(path.parent / r["image"]).resolve()] = {o["class"].lower() for o in r["objects"]}
@@ -722,15 +726,7 @@ def read_amber_annotations(path, queries):
     """{id: annotation} of AMBER's annotations.json (default: beside the query file, or one up as
     in AMBER's data/query/ and data/annotations.json). inference.py reads id's annotation at
     position id - 1, so each item must sit there."""
-    if path:
-        candidates = [Path(path)]
-    else:
-        candidates = [Path(queries).parent / "annotations.json",
-                      Path(queries).parent.parent / "annotations.json"]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(f"no AMBER annotations.json in "
-                                f"{', '.join(map(str, candidates))}: pass --annotations")
+    path = beside_or_one_up(path, queries, "annotations.json", "--annotations")
     annotations = read_json_list(path, ("id", "type", "truth"))
     for i, a in enumerate(annotations):
         if a["id"] != i + 1:
