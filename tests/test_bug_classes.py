@@ -390,18 +390,22 @@ def test_term_batches_score_each_term_in_its_context(llava, tmp_path):
                 ("robust_w", "robust_l"): ([pil["noise"]] * 2, row["prompt"], [r["chosen"], r["rejected"]]),
                 ("aug",): ([pil["image"], pil["crop"]], row["prompt_enh"], [f["chosen"]]),
                 ("deg",): ([pil["deg"]], row["prompt"], [f["chosen"]])}
-    got = {keys: batch for keys, idx, batch in s04.term_batches(processor, [ex])}
-    assert set(got) == set(expected), got.keys()
     tok = processor.tokenizer
-    for keys, (images, prompt, responses) in expected.items():
-        inputs, mask = got[keys]
-        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        assert torch.equal(inputs["pixel_values"], pixels), keys
-        for i, response in enumerate(responses):
-            ids = inputs["input_ids"][i]
-            assert tok.decode(ids[mask[i]], skip_special_tokens=True).strip() == response, keys
-            text = tok.decode(ids[~mask[i]], skip_special_tokens=True)
-            assert prompt in text and (prompt == row["prompt_enh"] or "mainly" not in text), (keys, text)
+    for shared in (False, True):  # a row per response; --shared-prefix: a pair's two responses in one row
+        got = {keys: batch for keys, idx, score, batch in s04.term_batches(processor, [ex], shared_prefix=shared)}
+        assert set(got) == set(expected), got.keys()
+        for keys, (images, prompt, responses) in expected.items():
+            inputs, mask = got[keys]  # mask: bool (a row per response) or 0 / 1 / 2 (prompt / y_w / y_l)
+            packed = shared and len(keys) == 2
+            rows = [(0, 1), (0, 2)] if packed else [(i, True) for i in range(len(responses))]
+            images = images[:1] if packed else images  # a pair's image once, in its one row
+            pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            assert torch.equal(inputs["pixel_values"], pixels), (shared, keys)
+            for (i, part), response in zip(rows, responses):
+                ids = inputs["input_ids"][i]
+                assert tok.decode(ids[mask[i] == part], skip_special_tokens=True).strip() == response, keys
+                text = tok.decode(ids[mask[i] == 0], skip_special_tokens=True)
+                assert prompt in text and (prompt == row["prompt_enh"] or "mainly" not in text), (keys, text)
 
 
 # ---- stage 04: sharding a global batch over ranks ----
