@@ -41,8 +41,6 @@ import os
 import re
 import shutil
 import string
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -226,30 +224,17 @@ def complete(crops, data, model, stage01):
 
 
 def run_stage01(todo, data, crops, jobs):
-    """Stage 01 on the questions, once per (name, model path), `jobs` at a time, as a user would run it."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
-    pending = list(todo)
-    running = []
-    while pending or running:
-        while pending and len(running) < max(1, jobs):
-            name, path = pending.pop(0)
-            crops[name].parent.mkdir(parents=True, exist_ok=True)
-            log = crops[name].with_suffix(".log")
-            cmd = [sys.executable, str(ROOT / "01_attention_crop.py"), "--model", str(path), "--data", str(data),
-                   "--out", str(crops[name])]
-            with open(log, "w") as f:
-                running.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), name, log,
-                                time.time()))
-        time.sleep(0.2)
-        for job in [j for j in running if j[0].poll() is not None]:
-            running.remove(job)
-            proc, name, log, t = job
-            if proc.returncode != 0:
-                for other in running:
-                    other[0].kill()
-                raise SystemExit(f"stage 01 on {name} failed (exit {proc.returncode}); {log}:\n"
-                                 f"{log.read_text()[-3000:]}")
-            print(f"  01 {name}: {time.time() - t:.0f}s", flush=True)
+    """Stage 01 on the questions, once per (name, model path), `jobs` at a time, as a user would run it: by
+    pipeline.py's own runner (one thread each, the first failure stops them all and shows its log)."""
+    pipeline = load("pipeline", "pipeline.py")
+    runs = []
+    for name, path in todo:
+        crops[name].parent.mkdir(parents=True, exist_ok=True)
+        model = Path(path).resolve() if Path(path).exists() else path  # (the runner works in the repository root)
+        cmd = pipeline.command("01_attention_crop.py", "--model", model, "--data", Path(data).resolve(),
+                               "--out", crops[name].resolve())
+        runs.append((cmd, crops[name].with_suffix(".log"), f"01 {name}"))
+    pipeline.run_many(runs, max(1, jobs))
 
 
 def score_crops(crops, questions, out, model, stage01):
