@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from common import MODELS, build_model, load_stage  # noqa: E402
+from common import MODELS, build_model, load_stage, status_mb  # noqa: E402
 
 TARGETS = {"memory": 0.6, "time": 0.75}  # live_ref's
 VARIANTS = ("live_ref", "shared_prefix")  # each compared with precomputed
@@ -133,12 +133,6 @@ def worker(model_dir, variant, args):
         peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else status_mb("VmHWM") - rss0)
     print(json.dumps({"step_s": statistics.median(times[1:]), "peak_mb": peak,
                       "params_m": sum(p.numel() for p in model.parameters()) / 1e6}))
-
-
-def status_mb(field):
-    """VmRSS (resident now) or VmHWM (peak resident since the last reset) of this process, in MiB."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def main():

@@ -15,6 +15,12 @@ def load_stage(filename):
     return module
 
 
+def status_mb(field):
+    """VmRSS (resident now) or VmHWM (peak resident since the last reset) of this process, in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
 def build_model(name, folder):
     """toy: the toy world's model (world/model, from 00_toy_world.py); llava35m: a random LLaVA-1.5-shaped model of
     36M parameters (text: 8 layers of width 640; vision: 4 layers of width 256, 64 px images, 8 px patches), where

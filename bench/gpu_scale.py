@@ -90,7 +90,7 @@ from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPVision
 import transformers  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from common import ROOT, load_stage  # noqa: E402
+from common import ROOT, load_stage, status_mb  # noqa: E402
 
 SIZES = {  # LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf's config) and a small model of the same family
     "7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, vision_hidden=1024, vision_intermediate=4096,
@@ -665,12 +665,6 @@ def cpu_threads(args):
         yield
     finally:
         torch.set_num_threads(args.threads)
-
-
-def status_mb(field):
-    """VmRSS (resident now) or VmHWM (peak resident since the last reset) of this process, in MiB."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def peak_tflops(card, given):
