@@ -71,6 +71,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -420,35 +421,26 @@ def report(out, counts, errors, duplicates):
 
 # ---- shared: jsonl ----
 def read_jsonl(path, on_error=None):
-    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings and a UTF-8 BOM
-    are fine).
-
-    A line that is not a JSON object (or not UTF-8, or nested past Python's recursion limit)
-    raises ValueError naming the file and line, or, when on_error is given, is reported as
-    on_error(line_number, message) and skipped.
-    """
+    """[(line number, row)] of a JSONL file's non-blank lines. A line that is not a JSON object
+    raises ValueError naming file and line, or goes to on_error(line number, message)."""
     rows = []
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that line's error
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except (ValueError, RecursionError) as e:
-                message = f"{path}:{n}: bad JSON line ({e})"
+            try:  # a BOM, CRLF: fine; not UTF-8, nested past the recursion limit: that line's error
+                row = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
+                assert isinstance(row, dict), f"expected a JSON object, got {type(row).__name__}"
+                rows.append((n, row))
+            except (ValueError, RecursionError, AssertionError) as e:
                 if on_error is None:
-                    raise ValueError(message) from None
-                on_error(n, message)
-                continue
-            rows.append((n, row))
+                    raise ValueError(f"{path}:{n}: bad JSON line ({e})") from None
+                on_error(n, f"{path}:{n}: bad JSON line ({e})")
     return rows
 
 
 def append_jsonl(f, row):
-    """Write one row and flush, so a crash or Ctrl-C loses at most the line being written."""
+    """Write one row and flush: a crash or Ctrl-C loses at most the line being written."""
     f.write(json.dumps(row) + "\n")
     f.flush()
 # ---- end shared ----
@@ -456,65 +448,46 @@ def append_jsonl(f, row):
 
 # ---- shared: resume ----
 def continue_jsonl(path):
-    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash
-    (appends must start on a fresh line). Any other bad line ends the run, naming it."""
+    """The rows already in an output JSONL, after cutting a last line a crash left unfinished.
+    Any other bad line ends the run, naming it."""
     path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
+    data = path.read_bytes() if path.exists() else b""
+    if not data.endswith(b"\n"):
+        with open(path, "ab") as f:
             f.truncate(data.rfind(b"\n") + 1)
     try:
         return [row for _, row in read_jsonl(path)]
-    except ValueError as e:  # not a crash's trace: an edit, or two writers (see claim_out)
-        raise SystemExit(f"{e}: a line inside the output is damaged; mend or delete that line, "
-                         f"or delete {path} to start over") from None
+    except ValueError as e:  # not a crash's trace: an edit, or two writers
+        raise SystemExit(f"{e}: a line inside the output is damaged; mend or delete that line, or "
+                         f"delete {path} to start over") from None
 # ---- end shared ----
 
 
 # ---- shared: images ----
 def open_image(path):
-    """An image file opened lazily (header only), after checking that it has at most
-    Image.MAX_IMAGE_PIXELS pixels (--max-image-pixels): a small file can claim a huge canvas (a
-    decompression bomb). Raises ValueError naming the file, its size and the limit, or OSError when
-    the file is no image PIL knows."""
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # PIL warns above the limit and refuses twice it: checked here
-    try:
-        img = Image.open(path)
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-    if limit and img.width * img.height > limit:
-        img.close()
-        raise ValueError(f"{path}: {img.width}x{img.height} pixels, over the limit of {limit} "
-                         f"(a guard against decompression bombs; --max-image-pixels raises it)")
-    return img
+    """The image file, opened lazily (header only), behind PIL's decompression-bomb guard
+    (Image.MAX_IMAGE_PIXELS, its warning made an error). OSError / ValueError naming the file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise ValueError(f"{path}: {e} (a guard against decompression bombs; "
+                             f"--max-image-pixels raises it)") from None
 
 
 def load_image(path):
-    """Open an image as 8-bit RGB, upright by its EXIF orientation (what a viewer shows).
-    Grayscale, palette and 16-bit images are converted; transparency is composited on white.
-    Raises OSError/ValueError naming the file when unreadable or too large (open_image)."""
+    """8-bit RGB, upright by its EXIF orientation (what a viewer shows): grayscale, palette and
+    16-bit images converted, transparency composited on white."""
     with open_image(path) as img:
-        try:
-            img.load()
-        except Image.DecompressionBombError as e:  # a frame larger than the header said
-            raise ValueError(f"{path}: {e}") from None
         img = ImageOps.exif_transpose(img)
-        if img.mode == "F":  # 32-bit float: no range says what is white (1.0? 255? 65535?)
-            raise ValueError(f"{path}: a 32-bit float image; convert it to 8 or 16 bits")
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-            # 16-bit grayscale: scale to 8 bits, not clip
-            a = np.asarray(img, dtype=np.float64)
-            a = np.round(a * (255.0 / 65535.0)).clip(0, 255)
-            img = Image.fromarray(a.astype(np.uint8))
-        has_alpha = img.mode in ("RGBA", "LA", "PA")
-        if has_alpha or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)
-        return img.convert("RGB")
+    if img.mode == "F":  # 32-bit float: no range says what is white
+        raise ValueError(f"{path}: a 32-bit float image; convert it to 8 or 16 bits")
+    if img.mode.startswith("I"):  # 16-bit grayscale: scaled to 8 bits, not clipped
+        img = Image.fromarray(np.round(np.asarray(img, np.float64) * 255 / 65535).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return img.convert("RGB")
 # ---- end shared ----
 
 

@@ -60,8 +60,7 @@ pairs; --filter-context dpo keeps 83 and 20 (PPL(y_w) under I_noise >= 2.5 for m
 which were not generated from I_noise).
 """
 import argparse
-import atexit
-import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -71,10 +70,8 @@ import math
 import os
 import socket
 import sys
-import time
 import traceback
-import weakref
-import zlib
+import warnings
 from pathlib import Path
 
 # models and CLIP weights come from local folders or your cache
@@ -382,6 +379,7 @@ def filter_report(lines, branches, args):
 
 
 def main(argv=None):
+    exits_in_one_sentence("rerun the same command: it continues where this run stopped")
     args = parse_args(argv)
     # a local folder: a resume compares where it is, not how it was spelled
     for k in ("model", "clip"):
@@ -417,7 +415,6 @@ def main(argv=None):
     written = 1  # only rank 0 filters (4.), reports (5.) and writes
     if rank == 0:
         written = write_outputs(scored, args, out)
-    release_locks()  # --out is free for the next run, even in this process (a notebook)
     if world > 1:
         dist.destroy_process_group()
     if not written and not args.score_only:
@@ -640,35 +637,26 @@ def write_outputs(scored, args, out):
 
 # ---- shared: jsonl ----
 def read_jsonl(path, on_error=None):
-    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings and a UTF-8 BOM
-    are fine).
-
-    A line that is not a JSON object (or not UTF-8, or nested past Python's recursion limit)
-    raises ValueError naming the file and line, or, when on_error is given, is reported as
-    on_error(line_number, message) and skipped.
-    """
+    """[(line number, row)] of a JSONL file's non-blank lines. A line that is not a JSON object
+    raises ValueError naming file and line, or goes to on_error(line number, message)."""
     rows = []
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that line's error
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except (ValueError, RecursionError) as e:
-                message = f"{path}:{n}: bad JSON line ({e})"
+            try:  # a BOM, CRLF: fine; not UTF-8, nested past the recursion limit: that line's error
+                row = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
+                assert isinstance(row, dict), f"expected a JSON object, got {type(row).__name__}"
+                rows.append((n, row))
+            except (ValueError, RecursionError, AssertionError) as e:
                 if on_error is None:
-                    raise ValueError(message) from None
-                on_error(n, message)
-                continue
-            rows.append((n, row))
+                    raise ValueError(f"{path}:{n}: bad JSON line ({e})") from None
+                on_error(n, f"{path}:{n}: bad JSON line ({e})")
     return rows
 
 
 def append_jsonl(f, row):
-    """Write one row and flush, so a crash or Ctrl-C loses at most the line being written."""
+    """Write one row and flush: a crash or Ctrl-C loses at most the line being written."""
     f.write(json.dumps(row) + "\n")
     f.flush()
 # ---- end shared ----
@@ -676,104 +664,76 @@ def append_jsonl(f, row):
 
 # ---- shared: resume ----
 def continue_jsonl(path):
-    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash
-    (appends must start on a fresh line). Any other bad line ends the run, naming it."""
+    """The rows already in an output JSONL, after cutting a last line a crash left unfinished.
+    Any other bad line ends the run, naming it."""
     path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
+    data = path.read_bytes() if path.exists() else b""
+    if not data.endswith(b"\n"):
+        with open(path, "ab") as f:
             f.truncate(data.rfind(b"\n") + 1)
     try:
         return [row for _, row in read_jsonl(path)]
-    except ValueError as e:  # not a crash's trace: an edit, or two writers (see claim_out)
-        raise SystemExit(f"{e}: a line inside the output is damaged; mend or delete that line, "
-                         f"or delete {path} to start over") from None
+    except ValueError as e:  # not a crash's trace: an edit, or two writers
+        raise SystemExit(f"{e}: a line inside the output is damaged; mend or delete that line, or "
+                         f"delete {path} to start over") from None
 # ---- end shared ----
 
 
 # ---- shared: images ----
 def open_image(path):
-    """An image file opened lazily (header only), after checking that it has at most
-    Image.MAX_IMAGE_PIXELS pixels (--max-image-pixels): a small file can claim a huge canvas (a
-    decompression bomb). Raises ValueError naming the file, its size and the limit, or OSError when
-    the file is no image PIL knows."""
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # PIL warns above the limit and refuses twice it: checked here
-    try:
-        img = Image.open(path)
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-    if limit and img.width * img.height > limit:
-        img.close()
-        raise ValueError(f"{path}: {img.width}x{img.height} pixels, over the limit of {limit} "
-                         f"(a guard against decompression bombs; --max-image-pixels raises it)")
-    return img
+    """The image file, opened lazily (header only), behind PIL's decompression-bomb guard
+    (Image.MAX_IMAGE_PIXELS, its warning made an error). OSError / ValueError naming the file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise ValueError(f"{path}: {e} (a guard against decompression bombs; "
+                             f"--max-image-pixels raises it)") from None
 
 
 def load_image(path):
-    """Open an image as 8-bit RGB, upright by its EXIF orientation (what a viewer shows).
-    Grayscale, palette and 16-bit images are converted; transparency is composited on white.
-    Raises OSError/ValueError naming the file when unreadable or too large (open_image)."""
+    """8-bit RGB, upright by its EXIF orientation (what a viewer shows): grayscale, palette and
+    16-bit images converted, transparency composited on white."""
     with open_image(path) as img:
-        try:
-            img.load()
-        except Image.DecompressionBombError as e:  # a frame larger than the header said
-            raise ValueError(f"{path}: {e}") from None
         img = ImageOps.exif_transpose(img)
-        if img.mode == "F":  # 32-bit float: no range says what is white (1.0? 255? 65535?)
-            raise ValueError(f"{path}: a 32-bit float image; convert it to 8 or 16 bits")
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-            # 16-bit grayscale: scale to 8 bits, not clip
-            a = np.asarray(img, dtype=np.float64)
-            a = np.round(a * (255.0 / 65535.0)).clip(0, 255)
-            img = Image.fromarray(a.astype(np.uint8))
-        has_alpha = img.mode in ("RGBA", "LA", "PA")
-        if has_alpha or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)
-        return img.convert("RGB")
+    if img.mode == "F":  # 32-bit float: no range says what is white
+        raise ValueError(f"{path}: a 32-bit float image; convert it to 8 or 16 bits")
+    if img.mode.startswith("I"):  # 16-bit grayscale: scaled to 8 bits, not clipped
+        img = Image.fromarray(np.round(np.asarray(img, np.float64) * 255 / 65535).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return img.convert("RGB")
 # ---- end shared ----
 
 
 # ---- shared: model ----
 def find_model(path):
-    """The folder of --model: a local folder, or the snapshot of a name in the user's own Hugging
-    Face cache (never downloaded). One sentence when it is neither, or holds no config.json."""
-    if os.path.isdir(path):
-        folder = Path(path)
-    else:
+    """--model's folder: a local folder, or a name in the user's own Hugging Face cache."""
+    folder = Path(path)
+    if not folder.is_dir():
         try:
             folder = Path(cached_file(path, "config.json", local_files_only=True)).parent
         except OSError:
-            if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
-                fail(f"--model {path}: no such folder")
-            fail(f"--model {path}: no such folder, and no model of that name in your Hugging Face "
-                 f"cache (nothing is downloaded here: fetch it first, e.g. `hf download {path}`)")
+            local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1
+            fail(f"--model {path}: no such folder" + ("" if local else
+                 ", and no model of that name in your Hugging Face cache (nothing is downloaded "
+                 f"here: fetch it first, e.g. `hf download {path}`)"))
     if not (folder / "config.json").is_file():
         fail(f"--model {path}: {folder} holds no config.json, so it is not a saved model")
     return folder
 
 
 def model_identity(path):
-    """What a rerun compares to tell a model from another: its folder, and the number, total size
-    and newest modification time (UTC) of the files from_pretrained reads, so a model retrained or
-    replaced in place reads as another one."""
+    """Folder, count, size and newest mtime of a model's files: one replaced in place differs."""
     folder = find_model(path).resolve()
-    kinds = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja", ".tiktoken")
-    files = [p for p in folder.iterdir() if p.suffix in kinds and p.is_file()]
-    size = sum(p.stat().st_size for p in files)
-    newest = max(p.stat().st_mtime_ns for p in files)
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(newest // 10**9))
-    return f"{folder}: {len(files)} files, {size} bytes, newest {when}.{newest % 10**9:09d}"
+    stats = [p.stat() for p in folder.iterdir() if p.is_file()]
+    newest = max(s.st_mtime_ns for s in stats)
+    return f"{folder}: {len(stats)} files, {sum(s.st_size for s in stats)} bytes, mtime {newest}"
 
 
 def load_model(path, device, attn_implementation=None):
-    """(model, processor) from a local folder or a name in the user's own Hugging Face cache
-    (offline). bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the
-    right. A folder that does not hold a loadable model ends the run in one sentence."""
+    """(model, processor), eval mode, bf16 on CUDA, left padding (decoding appends on the right)."""
     find_model(path)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     try:
@@ -790,8 +750,7 @@ def load_model(path, device, attn_implementation=None):
 
 
 def chat_prompt(processor, prompt, n_images=1):
-    """The model's own chat template around one user turn (n_images images, then the text), ready
-    for the answer."""
+    """The model's chat template around one user turn: n_images images, then the text."""
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
     messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -854,8 +813,7 @@ def response_logprobs(model, inputs, response_mask):
 
 # ---- shared: dist ----
 def dist_setup(device):
-    """(rank, world, device). torchrun is detected from WORLD_SIZE: a process group on gloo (CPU)
-    or nccl (CUDA, one GPU per local rank). One process: (0, 1, device)."""
+    """(rank, world, device): torchrun from WORLD_SIZE, gloo on CPU, nccl on CUDA (a GPU per rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
@@ -868,9 +826,7 @@ def dist_setup(device):
 
 
 def on_rank0(step, rank, world):
-    """Run step() on rank 0 alone (checks, the lock, args.json); its refusal (SystemExit) ends
-    every rank with the same message instead of leaving the others waiting at the next
-    collective."""
+    """step() on rank 0 alone; its refusal ends every rank, not only rank 0 (no hung collective)."""
     problem = [None]
     if rank == 0:
         try:
@@ -886,89 +842,72 @@ def on_rank0(step, rank, world):
 
 # ---- shared: stage ----
 def read_instances(path, fields, limit=None):
-    """(rows, errors) from an input JSONL (the first `limit` non-blank lines).
-
-    A row needs "id" and every name in `fields` non-empty; its "image" (when in fields) must be a
-    file, relative to the JSONL's folder unless absolute. Good rows get "_file", "_line" and, with
-    an image, "_image" (a Path). A bad line becomes an error {"file", "line", "id", "error"} and the
-    others go on."""
+    """(rows, errors) of an input JSONL's first `limit` lines: a unique "id" and every field in
+    `fields` (an "image" relative to the file) or the line is an error {"file", "line", "id",
+    "error"}; good rows get "_file", "_line", "_image"."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"{path}: input file not found")
-    lines = []
-    read = read_jsonl(path, on_error=lambda n, message: lines.append((n, message)))
-    lines = sorted(lines + read, key=lambda x: x[0])[:limit]
+        fail(f"{path}: input file not found")
+    bad = []
+    lines = sorted(read_jsonl(path, on_error=lambda n, e: bad.append((n, e))) + bad,
+                   key=lambda x: x[0])[:limit]
     if not lines:
         fail(f"{path}: no input lines (the file is empty)")
-    rows = []
-    errors = []
-    seen = {}  # id -> line
+    rows, errors, seen = [], [], {}  # seen: id -> its line
     for n, row in lines:
-        if isinstance(row, str):  # read_jsonl's message for a line that is not a JSON object
-            errors.append({"file": str(path), "line": n, "id": None, "error": row})
-            continue
-        problem = None
-        for field in ("id", *fields):
-            value = row.get(field)
-            if value is None:
-                problem = f"missing field '{field}'"
-            elif isinstance(value, str) and not value.strip():
-                problem = f"empty field '{field}'"
-            elif field in ("image", "prompt") and not isinstance(value, str):
-                problem = f"field '{field}' must be text, not {type(value).__name__}"
-            elif field == "id" and (type(value) not in (str, int)):  # a list, NaN: no file name
-                problem = f"field 'id' must be text or an integer, not {type(value).__name__}"
-            if problem:
-                break
-        if problem is None and str(row["id"]) in seen:
-            problem = f"id {row['id']!r} repeats line {seen[str(row['id'])]}"
+        key = row.get("id") if isinstance(row, dict) else None
+        if isinstance(row, str):  # read_jsonl's message
+            problem = row.split(": ", 1)[1]
+        elif field_problem("id", key):
+            problem = field_problem("id", key)
+        elif str(key) in seen:
+            problem = f"id {key!r} repeats line {seen[str(key)]}"
+        else:
+            problem = next(filter(None, (field_problem(k, row.get(k)) for k in fields)), None)
         if problem is None and "image" in fields:
-            row["_image"] = path.parent / str(row["image"])
+            row["_image"] = path.parent / row["image"]
             if not row["_image"].is_file():
                 problem = f"image not found: {row['_image']}"
         if problem:
-            message = f"{path}:{n}: {problem}"
-            errors.append({"file": str(path), "line": n, "id": row.get("id"), "error": message})
+            errors.append({"file": str(path), "line": n, "id": key, "error": f"{path}:{n}: {problem}"})
             continue
-        seen[str(row["id"])] = n
+        seen[str(key)] = n
         rows.append({**row, "_file": str(path), "_line": n})
     return rows, errors
 
 
+def field_problem(name, value):
+    """Why an input field is unusable (missing, empty, a wrong type), or None."""
+    if value is None:
+        return f"missing field '{name}'"
+    if isinstance(value, str) and not value.strip():
+        return f"empty field '{name}'"
+    if name == "id" and type(value) not in (str, int):
+        return f"field 'id' must be text or an integer, not {type(value).__name__}"
+    if name in ("image", "prompt") and not isinstance(value, str):
+        return f"field '{name}' must be text, not {type(value).__name__}"
+    return None
+
+
 def relpath_for(out, path):
-    """A path as written inside the JSONL `out`: relative to out's folder (SPEC: paths are relative
-    to the file)."""
+    """A path as written inside the JSONL `out`: relative to its folder."""
     return os.path.relpath(Path(path).resolve(), Path(out).resolve().parent)
 
 
 def save_args(args, out, result_args):
-    """Write <out>.args.json once the run is known to be valid. If `out` (or a rank's part of it)
-    already holds lines, every one of `result_args` (the input file's and the model's identity
-    among them) must equal what the run that wrote them recorded; else refuse in one sentence,
-    before anything is written."""
+    """<out>.args.json; if `out` holds lines, `result_args` must equal what their run recorded."""
     out = Path(out)
-    path = out.with_suffix(".args.json")
-    holds = out.is_file() or any(out.parent.glob(f"{out.name}.rank*"))
-    old = {}
-    if holds and not path.is_file():
-        fail(f"{out} holds lines but no {path} says how they were made: use another --out, or "
-             f"delete {out} to start over")
-    if holds:
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            fail(f"{path} is not JSON: delete it and {out} to start over")
-    for k in result_args:
-        if k in old and old[k] != vars(args)[k]:
-            fail(f"{out} holds lines made with {k}={old[k]!r}, not {vars(args)[k]!r}: "
-                 f"use another --out, or delete {out} to start over")
-    path.parent.mkdir(parents=True, exist_ok=True)  # the first stage run makes runs/
-    resolved = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    path.write_text(json.dumps(resolved, indent=1))
+    holds = [p for p in [out, *out.parent.glob(f"{out.name}.rank*")] if p.is_file() and p.stat().st_size]
+    old = read_args(args_path(out)) if holds else {}
+    if holds and not old:
+        fail(f"{out} holds lines but no {args_path(out)} says how they were made: use another "
+             f"--out, or delete {out} to start over")
+    same_settings(old, vars(args), result_args, f"{out} holds lines made with")
+    write_args(args_path(out), vars(args))
 
 
 def write_jsonl(path, rows):
-    """Write a whole JSONL file atomically: a crash leaves the old file, never half of the new one."""
+    """A whole JSONL file, atomically (a crash leaves the old file, never half a new one)."""
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -976,40 +915,32 @@ def write_jsonl(path, rows):
 
 
 def run_rows(rows, errors, work, out, batch_size, rank=0, world=1, desc="rows"):
-    """Resumable, sharded driver of a stage: returns the output rows (rank 0; None elsewhere) in
-    input order.
-
-    Ids already in `out` (or in a rank's part file left by a crash) are skipped; rank r takes the
-    rest's rows[r::world], calls work(batch) -> [output dict | error message] (one per row) and
-    appends each output line as it comes (to `out` itself with one process, else to
-    `<out>.rank<r>`). Rank 0 then merges the parts into `out` by id, in input order, so the result
-    does not depend on the number of processes, and writes this run's bad lines to
-    `<out>.errors.jsonl`. Exits non-zero when no line of the input gave an output."""
+    """A stage's resumable, sharded loop. Ids already in `out` or a rank's part are skipped; rank r
+    takes rows[r::world] of the rest, calls work(batch) -> [output dict | error message] and
+    appends each output (to `out`, or `<out>.rank<r>` under torchrun); rank 0 merges the parts by
+    id in input order (so the number of processes changes nothing), writes the bad lines to
+    `<out>.errors.jsonl` and returns the rows. Exits non-zero when no line gave an output."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    parts = sorted(out.parent.glob(f"{out.name}.rank*"))
-    done = {str(r["id"]) for p in [out, *parts] for r in continue_jsonl(p)}
+    parts = lambda: sorted(out.parent.glob(f"{out.name}.rank*"))  # noqa: E731
+    done = {str(r["id"]) for p in [out, *parts()] for r in continue_jsonl(p)}
     if world > 1:
-        dist.barrier()  # every rank has read what is done before any rank appends to its part
+        dist.barrier()  # every rank has read what is done before any rank appends
     n_read = len(errors)  # the input's bad lines: every rank found the same ones
-    todo = [r for r in rows if str(r["id"]) not in done]
-    mine = todo[rank::world]
+    mine = [r for r in rows if str(r["id"]) not in done][rank::world]
     part = out if world == 1 else out.with_name(f"{out.name}.rank{rank}")
-    bar = tqdm(total=len(mine), desc=desc, disable=rank != 0)
-    with open(part, "a", encoding="utf-8") as f, bar:
+    with open(part, "a", encoding="utf-8") as f, tqdm(total=len(mine), desc=desc, disable=rank != 0) as bar:
         for i in range(0, len(mine), batch_size):
             batch = mine[i:i + batch_size]
             results = work(batch)
             assert len(results) == len(batch), f"work returned {len(results)} results for {len(batch)} rows"
             for row, result in zip(batch, results):
                 if isinstance(result, str):
-                    where = f"{row['_file']}:{row['_line']}"
                     errors.append({"file": row["_file"], "line": row["_line"], "id": row["id"],
-                                   "error": f"{where}: {result}"})
+                                   "error": f"{row['_file']}:{row['_line']}: {result}"})
                 else:
                     append_jsonl(f, {k: v for k, v in result.items() if not k.startswith("_")})
             bar.update(len(batch))
-    if world > 1:  # every rank's errors and finished part file reach rank 0
+    if world > 1:  # every rank's errors and finished part reach rank 0
         gathered = [None] * world
         dist.all_gather_object(gathered, errors if rank == 0 else errors[n_read:])
         errors = [e for es in gathered for e in es]
@@ -1017,129 +948,145 @@ def run_rows(rows, errors, work, out, batch_size, rank=0, world=1, desc="rows"):
         return None
     order = {str(r["id"]): i for i, r in enumerate(rows)}
     merged = {}
-    for p in [out, *sorted(out.parent.glob(f"{out.name}.rank*"))]:
+    for p in [out, *parts()]:
         for r in continue_jsonl(p):
             merged.setdefault(str(r["id"]), r)
     result = sorted(merged.values(), key=lambda r: order.get(str(r["id"]), len(order)))
-    write_jsonl(out, result)  # a crash here leaves the old file and the parts; a rerun merges again
-    for p in out.parent.glob(f"{out.name}.rank*"):
+    if result:
+        write_jsonl(out, result)  # a crash here leaves the old file and the parts: a rerun merges
+    else:
+        out.unlink(missing_ok=True)  # an empty output must not block the corrected rerun
+    for p in parts():
         p.unlink()
-    err_path = out.with_suffix(".errors.jsonl")
-    write_jsonl(err_path, sorted(errors, key=lambda e: e["line"]))
+    write_jsonl(out.with_suffix(".errors.jsonl"), sorted(errors, key=lambda e: e["line"]))
     for e in errors[:10]:
         print(e["error"])
     n_out = sum(str(r["id"]) in order for r in result)
-    skipped = f"{len(errors)} skipped"
-    if errors:
-        skipped += f" (see {err_path})"
-    print(f"{out}: {n_out} of {len(rows) + n_read} input lines written; {skipped}")
+    see = f" (see {out.with_suffix('.errors.jsonl')})" if errors else ""
+    print(f"{out}: {n_out} of {len(rows) + n_read} input lines written; {len(errors)} skipped{see}")
     if n_out == 0 and errors:
-        fail(f"every line failed: all {len(rows) + n_read} input lines are bad (see {err_path}), "
-             f"nothing written to {out}")
+        fail(f"every line failed: all {len(rows) + n_read} input lines are bad"
+             f"{see}, nothing written to {out}")
     return [r for r in result if str(r["id"]) in order]
 # ---- end shared ----
 
 
 # ---- shared: identity ----
 def file_identity(path):
-    """What a rerun compares to tell an input file from another: where it is, its size and a hash
-    of its bytes (a file edited, replaced or moved reads as another one; the images it names are
-    not hashed)."""
-    path = Path(path)
-    digest = hashlib.sha256()
+    """Where a file is, its size and a hash of its bytes: one edited or moved reads as another."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"{path.resolve()}: {path.stat().st_size} bytes, sha256 {digest.hexdigest()[:16]}"
+        digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    return f"{Path(path).resolve()}: {os.path.getsize(path)} bytes, sha256 {digest}"
 # ---- end shared ----
 
 
 # ---- shared: lock ----
-LOCKS = {}  # lock file -> its open file, held until this process ends
+STAGE = Path(__file__).name  # recorded in each args.json: which stage wrote an output
+LOCKS = {}  # lock file -> its open file: the kernel frees an flock when its process ends
+
+
+def args_path(out, folder=False):
+    """Where a stage records how it made `out`."""
+    return Path(out) / "args.json" if folder else Path(out).with_suffix(".args.json")
+
+
+def read_args(path):
+    """The settings a run recorded ({} if none)."""
+    try:
+        return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    except ValueError:
+        fail(f"{path} is not JSON: delete it, and what it describes, to start over")
+
+
+def write_args(path, settings):
+    """Record a run's settings and which stage wrote them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"stage": STAGE, **{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def same_settings(old, new, keys, what):
+    """Refuse a rerun whose `keys` differ from what the earlier run recorded."""
+    for k in keys:
+        if k in old and old[k] != new.get(k):
+            fail(f"{what} {k}={old[k]!r}, not {new.get(k)!r}: use another --out, or delete it to "
+                 f"start over")
 
 
 def claim_out(out, inputs, folder=False):
-    """One run per output, checked before any model loads. `out` must be none of the `inputs`
-    ({flag: path}), a folder (folder=True) or a file as the stage writes, and writable. Then this
-    process takes `<out>.lock` until it ends: an flock, with the holder's pid and host written
-    inside. A second run refuses, naming the holder; the lock of a run that was killed is free
-    again (the kernel drops a dead process's flock) and is taken over, saying so."""
+    """Before any model loads: `out` is no input ({flag: path}), of this stage's kind, written by this
+    stage or not at all, and writable; then this process holds `<out>.lock` (an flock, freed when
+    the process ends; the file stays) and a second run into `out` refuses, naming the holder."""
     out = Path(out)
     for flag, path in inputs.items():
         if path is not None and Path(path).resolve() == out.resolve():
             fail(f"--out {out} is also the input {flag} {path}: writing it would destroy the "
                  f"input; pass another --out")
     if out.exists() and out.is_dir() != folder:
-        kind = "a folder" if folder else "a file"
-        fail(f"--out {out} exists and is not {kind}: this stage writes {kind} there")
-    if out.exists() and not os.access(out, os.W_OK):
-        fail(f"--out {out}: not writable (permissions)")
+        fail(f"--out {out} exists and is not a {'folder' if folder else 'file'}: this stage "
+             f"writes a {'folder' if folder else 'file'} there")
+    writer = read_args(args_path(out, folder)).get("stage", STAGE)
+    if writer != STAGE:
+        fail(f"--out {out} was written by {writer}, not {STAGE}: pass another --out")
+    if folder and out.is_dir() and not args_path(out, folder).is_file() and any(
+            p.is_file() and p.stat().st_size for p in out.rglob("*")):  # (empty files: a failed run's)
+        fail(f"--out {out} is a folder this stage did not write (no args.json in it): pass a new "
+             f"or empty folder")
     lock = out.with_name(out.name + ".lock")
-    me = f"pid {os.getpid()} on host {socket.gethostname()}"
-    left = ""
+    if lock in LOCKS:  # main() run again in this process (a notebook, a test)
+        return
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            f = open(lock, "a+")
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "another run"
-                f.close()
-                if holder.startswith(me + ","):  # main() run again in this process (a notebook)
-                    return
-                fail(f"{out} is in use by {holder} (lock {lock}): two runs into one --out would "
-                     f"mix or lose lines; wait for that run to end, or pass another --out")
-            except OSError as e:  # a filesystem without locks (some network mounts)
-                print(f"warning: cannot lock {lock} ({e.strerror}): nothing stops a second run "
-                      f"into {out}")
-                break
-            if lock.exists() and lock.stat().st_ino == os.fstat(f.fileno()).st_ino:
-                break
-            f.close()  # its holder ended and removed it between our open and our flock: again
-        atexit.unregister(release_locks)  # (registered once, however often main() runs)
-        atexit.register(release_locks)
-        LOCKS[lock] = f
-        f.seek(0)
-        left = f.read().strip()
-        f.seek(0)
-        f.truncate()
-        f.write(f"{me}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
+        f = open(lock, "a+")
     except OSError as e:
         fail(f"--out {out}: cannot write there ({e.strerror or e})")
-    if left:
-        print(f"{lock}: taking over the lock of {left}, which ended without removing it")
-
-
-def release_locks():
-    """At the end of main() or of the process: each lock file is removed while still held (a run
-    waiting for it then finds it gone and makes a new one), then let go."""
-    for lock, f in LOCKS.items():
-        with contextlib.suppress(OSError):
-            lock.unlink()
-        f.close()
-    LOCKS.clear()
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        fail(f"{out} is in use by {f.read().strip() or 'another run'} (lock {lock}): wait for "
+             f"that run to end, or pass another --out")
+    except OSError as e:  # a filesystem without locks (some network mounts)
+        print(f"warning: cannot lock {lock} ({e.strerror}): nothing stops a second run into {out}")
+    LOCKS[lock] = f
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    f.flush()
 # ---- end shared ----
 
 
 # ---- shared: errors ----
 def fail(message):
-    """End the run with one sentence for the user: the file, line or flag at fault and what to do.
-    A traceback is for bugs: that of the exception being handled, if any, prints only with --debug
-    (read from the command line, so that helpers need not pass it around). The lock on --out is
-    let go first, so that a run refused inside a process that lives on (a notebook, a test)
-    leaves it free."""
+    """End the run with one sentence: what is at fault, what to do (--debug: the traceback too)."""
     if "--debug" in sys.argv[1:] and sys.exc_info()[0] is not None:
         traceback.print_exc()
-    release_locks()
     raise SystemExit(message)
 
 
+def exits_in_one_sentence(rerun):
+    """From here on, Ctrl-C, a full disk or an unreadable file end the process in one sentence
+    saying what is kept and what to do (`rerun`), not a traceback (--debug: the traceback)."""
+    def hook(kind, e, tb):
+        if "--debug" in sys.argv[1:] or not issubclass(kind, (KeyboardInterrupt, OSError)):
+            return sys.__excepthook__(kind, e, tb)
+        if kind is KeyboardInterrupt:
+            what, then = "interrupted", rerun
+        elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+            what, then = f"the disk is full ({e.filename or e})", f"free some space, then {rerun}"
+        elif e.filename:
+            what, then = f"cannot read or write {e.filename} ({e.strerror})", f"mend that, then {rerun}"
+        else:
+            return sys.__excepthook__(kind, e, tb)
+        print(f"\n{what}: what was written so far is kept; {then}", file=sys.stderr)
+    sys.excepthook = hook
+# ---- end shared ----
+
+
+# ---- shared: flags ----
 def at_least(minimum, kind=int, most=math.inf):
-    """An argparse type: a finite number of `kind` in [minimum, most], else argparse's one-line
-    error naming the flag (a batch size of 0, a NaN learning rate, a negative --limit)."""
+    """An argparse type: a finite `kind` in [minimum, most], else an error naming the flag."""
     def number(text):
         try:
             value = kind(text)
@@ -1157,51 +1104,35 @@ def device_name(text):
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device (--device cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} "
-                                         f"CUDA devices")
+        device = None
+    if not device or (device.type != "cpu" and (device.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text!r} is no device of this machine (cpu, or cuda:N "
+                                         f"for N < {torch.cuda.device_count()})")
     return text
 # ---- end shared ----
 
 
 # ---- shared: context ----
-# processor -> {image sizes: tokens the processor adds for those images}; weak: a processor
-# collected (tests, notebooks) cannot pass its counts to a new one at its address
-IMAGE_TOKENS = weakref.WeakKeyDictionary()
-
-
 def prompt_problems(model, processor, texts, images, extra, what):
     """For each row None, or why the model cannot take it: its text holds an image placeholder
-    itself (the processor would count one image too many and fail the whole batch), or its tokens
-    as the processor makes them (image tokens included) + extra[i] more (tokens to generate, or a
-    response) run past max_position_embeddings, where the model gives garbage without an error.
-    The image tokens depend on the images' sizes alone: measured once per sizes (on blank images),
-    so a row costs a tokenizer call. texts: R chat prompts; images: R lists of images; what: the
-    extra tokens' name."""
-    marks = [getattr(processor, k, None) for k in ("image_token", "video_token")]
-    problems = [None] * len(texts)
-    for r, text in enumerate(texts):
-        for mark, n in zip(marks, (len(images[r]), 0)):
-            if isinstance(mark, str) and text.count(mark) != n:
-                problems[r] = f"the text holds the model's image placeholder {mark!r}"
+    (the processor would count one image too many and fail the whole batch), or its tokens, image
+    tokens included, + extra[r] more (`what`) run past max_position_embeddings, where a model
+    gives garbage without an error. texts: R chat prompts; images: R lists of images."""
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if not (limit and texts):
-        return problems
-    n_text = [len(ids) for ids in processor.tokenizer(texts)["input_ids"]]  # placeholders: 1 each
-    added = IMAGE_TOKENS.setdefault(processor, {})
-    for r in [r for r, problem in enumerate(problems) if problem is None]:
-        sizes = tuple(im.size for im in images[r])
-        if sizes not in added:
-            blanks = [Image.new("RGB", size) for size in sizes]
-            n = processor(text=[texts[r]], images=blanks or None)["input_ids"][0]
-            added[sizes] = len(n) - n_text[r]
-        n = n_text[r] + added[sizes]
-        if n + extra[r] > limit:
-            problems[r] = (f"the prompt is {n} tokens (images included), + {extra[r]} {what} is "
-                           f"over the model's context of {limit} positions")
+    marks = [getattr(processor, k, None) for k in ("image_token", "video_token")]
+    problems = []
+    for text, imgs, more in zip(texts, images, extra):
+        problem = None
+        for mark, n in zip(marks, (len(imgs), 0)):
+            if isinstance(mark, str) and text.count(mark) != n:
+                problem = f"the text holds the model's image placeholder {mark!r}"
+        if problem is None and limit:  # image tokens depend on the sizes alone: blank images
+            blanks = [Image.new("RGB", im.size) for im in imgs] or None
+            n = len(processor(text=[text], images=blanks)["input_ids"][0])
+            if n + more > limit:
+                problem = (f"the prompt is {n} tokens (images included), + {more} {what} is over "
+                           f"the model's context of {limit} positions")
+        problems.append(problem)
     return problems
 # ---- end shared ----
 

@@ -99,8 +99,7 @@ length cap runs past the model's context, ends the run naming its file and line:
 needs its answer.
 """
 import argparse
-import atexit
-import contextlib
+import errno
 import fcntl
 import functools
 import json
@@ -109,9 +108,8 @@ import os
 import re
 import socket
 import sys
-import time
 import traceback
-import weakref
+import warnings
 import zlib
 from pathlib import Path
 from urllib.parse import urlparse
@@ -457,6 +455,7 @@ def score_benchmark(benchmark, items, responses):
 
 
 def main(argv=None):
+    exits_in_one_sentence("rerun the same command: the answers written so far are kept")
     args = parse_args(argv)
     # a repeated sigma would answer every question twice
     args.noise_sigma = sorted(set(args.noise_sigma))
@@ -480,7 +479,6 @@ def main(argv=None):
         print_table(metrics)
     else:
         print_benchmark(metrics)
-    release_locks()  # --out is free for the next run, even in this process (a notebook)
     return metrics
 
 
@@ -971,20 +969,14 @@ def check_resume(args, out):
     """Refuse to mix answers of different models or settings in one --out. Nothing is written:
     record_args does that once the model has loaded, so a run with a wrong --model leaves no
     args.json to refuse the corrected run."""
-    path = out / "args.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
+    old = read_args(args_path(out, folder=True))
     if not old.get("answers"):  # an earlier model run (a re-score holds no answers of its own)
-        for k in ANSWER_ARGS:
-            new = getattr(args, k)
-            if k in old and old[k] != new:
-                raise SystemExit(f"{out} holds answers made with {k}={old[k]!r}, not {new!r}: "
-                                 f"use another --out or delete it")
+        same_settings(old, vars(args), ANSWER_ARGS, f"{out} holds answers made with")
 
 
 def record_args(args, out):
     """<out>/args.json: this run's arguments, which check_resume compares a rerun with."""
-    record = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    (out / "args.json").write_text(json.dumps(record, indent=1))
+    write_args(args_path(out, folder=True), vars(args))
 
 
 def print_table(metrics):
@@ -1030,35 +1022,26 @@ def print_benchmark(metrics):
 
 # ---- shared: jsonl ----
 def read_jsonl(path, on_error=None):
-    """[(line_number, row)] for each non-blank line of a JSONL file (CRLF endings and a UTF-8 BOM
-    are fine).
-
-    A line that is not a JSON object (or not UTF-8, or nested past Python's recursion limit)
-    raises ValueError naming the file and line, or, when on_error is given, is reported as
-    on_error(line_number, message) and skipped.
-    """
+    """[(line number, row)] of a JSONL file's non-blank lines. A line that is not a JSON object
+    raises ValueError naming file and line, or goes to on_error(line number, message)."""
     rows = []
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that line's error
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            except (ValueError, RecursionError) as e:
-                message = f"{path}:{n}: bad JSON line ({e})"
+            try:  # a BOM, CRLF: fine; not UTF-8, nested past the recursion limit: that line's error
+                row = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
+                assert isinstance(row, dict), f"expected a JSON object, got {type(row).__name__}"
+                rows.append((n, row))
+            except (ValueError, RecursionError, AssertionError) as e:
                 if on_error is None:
-                    raise ValueError(message) from None
-                on_error(n, message)
-                continue
-            rows.append((n, row))
+                    raise ValueError(f"{path}:{n}: bad JSON line ({e})") from None
+                on_error(n, f"{path}:{n}: bad JSON line ({e})")
     return rows
 
 
 def append_jsonl(f, row):
-    """Write one row and flush, so a crash or Ctrl-C loses at most the line being written."""
+    """Write one row and flush: a crash or Ctrl-C loses at most the line being written."""
     f.write(json.dumps(row) + "\n")
     f.flush()
 # ---- end shared ----
@@ -1066,73 +1049,53 @@ def append_jsonl(f, row):
 
 # ---- shared: resume ----
 def continue_jsonl(path):
-    """Rows already in an output JSONL, after cutting a last line left unfinished by a crash
-    (appends must start on a fresh line). Any other bad line ends the run, naming it."""
+    """The rows already in an output JSONL, after cutting a last line a crash left unfinished.
+    Any other bad line ends the run, naming it."""
     path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
+    data = path.read_bytes() if path.exists() else b""
+    if not data.endswith(b"\n"):
+        with open(path, "ab") as f:
             f.truncate(data.rfind(b"\n") + 1)
     try:
         return [row for _, row in read_jsonl(path)]
-    except ValueError as e:  # not a crash's trace: an edit, or two writers (see claim_out)
-        raise SystemExit(f"{e}: a line inside the output is damaged; mend or delete that line, "
-                         f"or delete {path} to start over") from None
+    except ValueError as e:  # not a crash's trace: an edit, or two writers
+        raise SystemExit(f"{e}: a line inside the output is damaged; mend or delete that line, or "
+                         f"delete {path} to start over") from None
 # ---- end shared ----
 
 
 # ---- shared: images ----
 def open_image(path):
-    """An image file opened lazily (header only), after checking that it has at most
-    Image.MAX_IMAGE_PIXELS pixels (--max-image-pixels): a small file can claim a huge canvas (a
-    decompression bomb). Raises ValueError naming the file, its size and the limit, or OSError when
-    the file is no image PIL knows."""
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # PIL warns above the limit and refuses twice it: checked here
-    try:
-        img = Image.open(path)
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-    if limit and img.width * img.height > limit:
-        img.close()
-        raise ValueError(f"{path}: {img.width}x{img.height} pixels, over the limit of {limit} "
-                         f"(a guard against decompression bombs; --max-image-pixels raises it)")
-    return img
+    """The image file, opened lazily (header only), behind PIL's decompression-bomb guard
+    (Image.MAX_IMAGE_PIXELS, its warning made an error). OSError / ValueError naming the file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise ValueError(f"{path}: {e} (a guard against decompression bombs; "
+                             f"--max-image-pixels raises it)") from None
 
 
 def load_image(path):
-    """Open an image as 8-bit RGB, upright by its EXIF orientation (what a viewer shows).
-    Grayscale, palette and 16-bit images are converted; transparency is composited on white.
-    Raises OSError/ValueError naming the file when unreadable or too large (open_image)."""
+    """8-bit RGB, upright by its EXIF orientation (what a viewer shows): grayscale, palette and
+    16-bit images converted, transparency composited on white."""
     with open_image(path) as img:
-        try:
-            img.load()
-        except Image.DecompressionBombError as e:  # a frame larger than the header said
-            raise ValueError(f"{path}: {e}") from None
         img = ImageOps.exif_transpose(img)
-        if img.mode == "F":  # 32-bit float: no range says what is white (1.0? 255? 65535?)
-            raise ValueError(f"{path}: a 32-bit float image; convert it to 8 or 16 bits")
-        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-            # 16-bit grayscale: scale to 8 bits, not clip
-            a = np.asarray(img, dtype=np.float64)
-            a = np.round(a * (255.0 / 65535.0)).clip(0, 255)
-            img = Image.fromarray(a.astype(np.uint8))
-        has_alpha = img.mode in ("RGBA", "LA", "PA")
-        if has_alpha or (img.mode == "P" and "transparency" in img.info):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)
-        return img.convert("RGB")
+    if img.mode == "F":  # 32-bit float: no range says what is white
+        raise ValueError(f"{path}: a 32-bit float image; convert it to 8 or 16 bits")
+    if img.mode.startswith("I"):  # 16-bit grayscale: scaled to 8 bits, not clipped
+        img = Image.fromarray(np.round(np.asarray(img, np.float64) * 255 / 65535).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return img.convert("RGB")
 # ---- end shared ----
 
 
 # ---- shared: noise ----
 def add_noise(image, sigma, seed, key):
     """I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) from a generator
-    seeded by (seed, key), so the same image gets the same noise in every stage and process.
-    Returns 8-bit RGB."""
+    seeded by (seed, key): the same image gets the same noise in every stage and process."""
     if sigma == 0:
         return image.copy()
     rng = np.random.default_rng([seed, zlib.crc32(str(key).encode("utf-8"))])
@@ -1145,40 +1108,31 @@ def add_noise(image, sigma, seed, key):
 
 # ---- shared: model ----
 def find_model(path):
-    """The folder of --model: a local folder, or the snapshot of a name in the user's own Hugging
-    Face cache (never downloaded). One sentence when it is neither, or holds no config.json."""
-    if os.path.isdir(path):
-        folder = Path(path)
-    else:
+    """--model's folder: a local folder, or a name in the user's own Hugging Face cache."""
+    folder = Path(path)
+    if not folder.is_dir():
         try:
             folder = Path(cached_file(path, "config.json", local_files_only=True)).parent
         except OSError:
-            if os.path.isabs(path) or path.startswith(".") or path.count("/") > 1:
-                fail(f"--model {path}: no such folder")
-            fail(f"--model {path}: no such folder, and no model of that name in your Hugging Face "
-                 f"cache (nothing is downloaded here: fetch it first, e.g. `hf download {path}`)")
+            local = os.path.isabs(path) or path.startswith(".") or path.count("/") > 1
+            fail(f"--model {path}: no such folder" + ("" if local else
+                 ", and no model of that name in your Hugging Face cache (nothing is downloaded "
+                 f"here: fetch it first, e.g. `hf download {path}`)"))
     if not (folder / "config.json").is_file():
         fail(f"--model {path}: {folder} holds no config.json, so it is not a saved model")
     return folder
 
 
 def model_identity(path):
-    """What a rerun compares to tell a model from another: its folder, and the number, total size
-    and newest modification time (UTC) of the files from_pretrained reads, so a model retrained or
-    replaced in place reads as another one."""
+    """Folder, count, size and newest mtime of a model's files: one replaced in place differs."""
     folder = find_model(path).resolve()
-    kinds = (".json", ".safetensors", ".bin", ".model", ".txt", ".jinja", ".tiktoken")
-    files = [p for p in folder.iterdir() if p.suffix in kinds and p.is_file()]
-    size = sum(p.stat().st_size for p in files)
-    newest = max(p.stat().st_mtime_ns for p in files)
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(newest // 10**9))
-    return f"{folder}: {len(files)} files, {size} bytes, newest {when}.{newest % 10**9:09d}"
+    stats = [p.stat() for p in folder.iterdir() if p.is_file()]
+    newest = max(s.st_mtime_ns for s in stats)
+    return f"{folder}: {len(stats)} files, {sum(s.st_size for s in stats)} bytes, mtime {newest}"
 
 
 def load_model(path, device, attn_implementation=None):
-    """(model, processor) from a local folder or a name in the user's own Hugging Face cache
-    (offline). bf16 on CUDA, fp32 on CPU; left padding, since batched decoding appends on the
-    right. A folder that does not hold a loadable model ends the run in one sentence."""
+    """(model, processor), eval mode, bf16 on CUDA, left padding (decoding appends on the right)."""
     find_model(path)
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     try:
@@ -1195,8 +1149,7 @@ def load_model(path, device, attn_implementation=None):
 
 
 def chat_prompt(processor, prompt, n_images=1):
-    """The model's own chat template around one user turn (n_images images, then the text), ready
-    for the answer."""
+    """The model's chat template around one user turn: n_images images, then the text."""
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
     messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -1219,20 +1172,34 @@ def generate_greedy(model, processor, texts, images, max_new_tokens):
 
 # ---- shared: errors ----
 def fail(message):
-    """End the run with one sentence for the user: the file, line or flag at fault and what to do.
-    A traceback is for bugs: that of the exception being handled, if any, prints only with --debug
-    (read from the command line, so that helpers need not pass it around). The lock on --out is
-    let go first, so that a run refused inside a process that lives on (a notebook, a test)
-    leaves it free."""
+    """End the run with one sentence: what is at fault, what to do (--debug: the traceback too)."""
     if "--debug" in sys.argv[1:] and sys.exc_info()[0] is not None:
         traceback.print_exc()
-    release_locks()
     raise SystemExit(message)
 
 
+def exits_in_one_sentence(rerun):
+    """From here on, Ctrl-C, a full disk or an unreadable file end the process in one sentence
+    saying what is kept and what to do (`rerun`), not a traceback (--debug: the traceback)."""
+    def hook(kind, e, tb):
+        if "--debug" in sys.argv[1:] or not issubclass(kind, (KeyboardInterrupt, OSError)):
+            return sys.__excepthook__(kind, e, tb)
+        if kind is KeyboardInterrupt:
+            what, then = "interrupted", rerun
+        elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+            what, then = f"the disk is full ({e.filename or e})", f"free some space, then {rerun}"
+        elif e.filename:
+            what, then = f"cannot read or write {e.filename} ({e.strerror})", f"mend that, then {rerun}"
+        else:
+            return sys.__excepthook__(kind, e, tb)
+        print(f"\n{what}: what was written so far is kept; {then}", file=sys.stderr)
+    sys.excepthook = hook
+# ---- end shared ----
+
+
+# ---- shared: flags ----
 def at_least(minimum, kind=int, most=math.inf):
-    """An argparse type: a finite number of `kind` in [minimum, most], else argparse's one-line
-    error naming the flag (a batch size of 0, a NaN learning rate, a negative --limit)."""
+    """An argparse type: a finite `kind` in [minimum, most], else an error naming the flag."""
     def number(text):
         try:
             value = kind(text)
@@ -1250,121 +1217,112 @@ def device_name(text):
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, ...)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device (--device cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} "
-                                         f"CUDA devices")
+        device = None
+    if not device or (device.type != "cpu" and (device.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text!r} is no device of this machine (cpu, or cuda:N "
+                                         f"for N < {torch.cuda.device_count()})")
     return text
 # ---- end shared ----
 
 
 # ---- shared: lock ----
-LOCKS = {}  # lock file -> its open file, held until this process ends
+STAGE = Path(__file__).name  # recorded in each args.json: which stage wrote an output
+LOCKS = {}  # lock file -> its open file: the kernel frees an flock when its process ends
+
+
+def args_path(out, folder=False):
+    """Where a stage records how it made `out`."""
+    return Path(out) / "args.json" if folder else Path(out).with_suffix(".args.json")
+
+
+def read_args(path):
+    """The settings a run recorded ({} if none)."""
+    try:
+        return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    except ValueError:
+        fail(f"{path} is not JSON: delete it, and what it describes, to start over")
+
+
+def write_args(path, settings):
+    """Record a run's settings and which stage wrote them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"stage": STAGE, **{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def same_settings(old, new, keys, what):
+    """Refuse a rerun whose `keys` differ from what the earlier run recorded."""
+    for k in keys:
+        if k in old and old[k] != new.get(k):
+            fail(f"{what} {k}={old[k]!r}, not {new.get(k)!r}: use another --out, or delete it to "
+                 f"start over")
 
 
 def claim_out(out, inputs, folder=False):
-    """One run per output, checked before any model loads. `out` must be none of the `inputs`
-    ({flag: path}), a folder (folder=True) or a file as the stage writes, and writable. Then this
-    process takes `<out>.lock` until it ends: an flock, with the holder's pid and host written
-    inside. A second run refuses, naming the holder; the lock of a run that was killed is free
-    again (the kernel drops a dead process's flock) and is taken over, saying so."""
+    """Before any model loads: `out` is no input ({flag: path}), of this stage's kind, written by this
+    stage or not at all, and writable; then this process holds `<out>.lock` (an flock, freed when
+    the process ends; the file stays) and a second run into `out` refuses, naming the holder."""
     out = Path(out)
     for flag, path in inputs.items():
         if path is not None and Path(path).resolve() == out.resolve():
             fail(f"--out {out} is also the input {flag} {path}: writing it would destroy the "
                  f"input; pass another --out")
     if out.exists() and out.is_dir() != folder:
-        kind = "a folder" if folder else "a file"
-        fail(f"--out {out} exists and is not {kind}: this stage writes {kind} there")
-    if out.exists() and not os.access(out, os.W_OK):
-        fail(f"--out {out}: not writable (permissions)")
+        fail(f"--out {out} exists and is not a {'folder' if folder else 'file'}: this stage "
+             f"writes a {'folder' if folder else 'file'} there")
+    writer = read_args(args_path(out, folder)).get("stage", STAGE)
+    if writer != STAGE:
+        fail(f"--out {out} was written by {writer}, not {STAGE}: pass another --out")
+    if folder and out.is_dir() and not args_path(out, folder).is_file() and any(
+            p.is_file() and p.stat().st_size for p in out.rglob("*")):  # (empty files: a failed run's)
+        fail(f"--out {out} is a folder this stage did not write (no args.json in it): pass a new "
+             f"or empty folder")
     lock = out.with_name(out.name + ".lock")
-    me = f"pid {os.getpid()} on host {socket.gethostname()}"
-    left = ""
+    if lock in LOCKS:  # main() run again in this process (a notebook, a test)
+        return
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            f = open(lock, "a+")
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "another run"
-                f.close()
-                if holder.startswith(me + ","):  # main() run again in this process (a notebook)
-                    return
-                fail(f"{out} is in use by {holder} (lock {lock}): two runs into one --out would "
-                     f"mix or lose lines; wait for that run to end, or pass another --out")
-            except OSError as e:  # a filesystem without locks (some network mounts)
-                print(f"warning: cannot lock {lock} ({e.strerror}): nothing stops a second run "
-                      f"into {out}")
-                break
-            if lock.exists() and lock.stat().st_ino == os.fstat(f.fileno()).st_ino:
-                break
-            f.close()  # its holder ended and removed it between our open and our flock: again
-        atexit.unregister(release_locks)  # (registered once, however often main() runs)
-        atexit.register(release_locks)
-        LOCKS[lock] = f
-        f.seek(0)
-        left = f.read().strip()
-        f.seek(0)
-        f.truncate()
-        f.write(f"{me}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
+        f = open(lock, "a+")
     except OSError as e:
         fail(f"--out {out}: cannot write there ({e.strerror or e})")
-    if left:
-        print(f"{lock}: taking over the lock of {left}, which ended without removing it")
-
-
-def release_locks():
-    """At the end of main() or of the process: each lock file is removed while still held (a run
-    waiting for it then finds it gone and makes a new one), then let go."""
-    for lock, f in LOCKS.items():
-        with contextlib.suppress(OSError):
-            lock.unlink()
-        f.close()
-    LOCKS.clear()
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        fail(f"{out} is in use by {f.read().strip() or 'another run'} (lock {lock}): wait for "
+             f"that run to end, or pass another --out")
+    except OSError as e:  # a filesystem without locks (some network mounts)
+        print(f"warning: cannot lock {lock} ({e.strerror}): nothing stops a second run into {out}")
+    LOCKS[lock] = f
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    f.flush()
 # ---- end shared ----
 
 
 # ---- shared: context ----
-# processor -> {image sizes: tokens the processor adds for those images}; weak: a processor
-# collected (tests, notebooks) cannot pass its counts to a new one at its address
-IMAGE_TOKENS = weakref.WeakKeyDictionary()
-
-
 def prompt_problems(model, processor, texts, images, extra, what):
     """For each row None, or why the model cannot take it: its text holds an image placeholder
-    itself (the processor would count one image too many and fail the whole batch), or its tokens
-    as the processor makes them (image tokens included) + extra[i] more (tokens to generate, or a
-    response) run past max_position_embeddings, where the model gives garbage without an error.
-    The image tokens depend on the images' sizes alone: measured once per sizes (on blank images),
-    so a row costs a tokenizer call. texts: R chat prompts; images: R lists of images; what: the
-    extra tokens' name."""
-    marks = [getattr(processor, k, None) for k in ("image_token", "video_token")]
-    problems = [None] * len(texts)
-    for r, text in enumerate(texts):
-        for mark, n in zip(marks, (len(images[r]), 0)):
-            if isinstance(mark, str) and text.count(mark) != n:
-                problems[r] = f"the text holds the model's image placeholder {mark!r}"
+    (the processor would count one image too many and fail the whole batch), or its tokens, image
+    tokens included, + extra[r] more (`what`) run past max_position_embeddings, where a model
+    gives garbage without an error. texts: R chat prompts; images: R lists of images."""
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if not (limit and texts):
-        return problems
-    n_text = [len(ids) for ids in processor.tokenizer(texts)["input_ids"]]  # placeholders: 1 each
-    added = IMAGE_TOKENS.setdefault(processor, {})
-    for r in [r for r, problem in enumerate(problems) if problem is None]:
-        sizes = tuple(im.size for im in images[r])
-        if sizes not in added:
-            blanks = [Image.new("RGB", size) for size in sizes]
-            n = processor(text=[texts[r]], images=blanks or None)["input_ids"][0]
-            added[sizes] = len(n) - n_text[r]
-        n = n_text[r] + added[sizes]
-        if n + extra[r] > limit:
-            problems[r] = (f"the prompt is {n} tokens (images included), + {extra[r]} {what} is "
-                           f"over the model's context of {limit} positions")
+    marks = [getattr(processor, k, None) for k in ("image_token", "video_token")]
+    problems = []
+    for text, imgs, more in zip(texts, images, extra):
+        problem = None
+        for mark, n in zip(marks, (len(imgs), 0)):
+            if isinstance(mark, str) and text.count(mark) != n:
+                problem = f"the text holds the model's image placeholder {mark!r}"
+        if problem is None and limit:  # image tokens depend on the sizes alone: blank images
+            blanks = [Image.new("RGB", im.size) for im in imgs] or None
+            n = len(processor(text=[text], images=blanks)["input_ids"][0])
+            if n + more > limit:
+                problem = (f"the prompt is {n} tokens (images included), + {more} {what} is over "
+                           f"the model's context of {limit} positions")
+        problems.append(problem)
     return problems
 # ---- end shared ----
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -21,11 +22,12 @@ from PIL import Image
 from conftest import ROOT, load_script
 
 s01 = load_script("01_attention_crop.py")
+s02 = load_script("02_make_pairs.py")
 s03 = load_script("03_filter.py")
 s04 = load_script("04_train_calibrated_dpo.py")
 s05 = load_script("05_eval_pope.py")
 STAGES = {"00_real_instances.py": load_script("00_real_instances.py"), "01_attention_crop.py": s01,
-          "02_make_pairs.py": load_script("02_make_pairs.py"), "03_filter.py": s03,
+          "02_make_pairs.py": s02, "03_filter.py": s03,
           "04_train_calibrated_dpo.py": s04, "05_eval_pope.py": s05}
 
 
@@ -117,9 +119,9 @@ def test_an_out_that_is_an_input_is_refused_naming_both(tiny_llava, tmp_path):
 
 
 # ---- one run per --out ----
-def test_a_second_run_into_one_out_refuses_and_a_killed_runs_lock_is_taken_over(tiny_llava, tmp_path, capsys):
+def test_a_second_run_into_one_out_refuses_and_a_killed_runs_lock_is_free(tiny_llava, tmp_path):
     """Two real processes: the first holds the lock (stopped with SIGSTOP so that it cannot finish first), the
-    second refuses and changes nothing; once the first is killed (SIGKILL: no clean-up), its lock is taken over."""
+    second refuses and changes nothing; once the first is killed (SIGKILL: no clean-up), the lock is free again."""
     data = instances(tmp_path, n=24)
     out = tmp_path / "crops.jsonl"
     lock = tmp_path / "crops.jsonl.lock"
@@ -140,10 +142,9 @@ def test_a_second_run_into_one_out_refuses_and_a_killed_runs_lock_is_taken_over(
     finally:
         first.kill()
         first.wait()
-    assert lock.exists()  # SIGKILL: the first run could not remove it
-    main(s01, *args)
-    assert f"taking over the lock of pid {first.pid} " in capsys.readouterr().out
-    assert [r["id"] for r in lines(out)] == [f"q{i}" for i in range(24)] and not lock.exists()
+    main(s01, *args)  # the kernel let go of the killed run's flock: its lock file is free to take
+    assert [r["id"] for r in lines(out)] == [f"q{i}" for i in range(24)]
+    assert lock.read_text() == f"pid {os.getpid()} on host {socket.gethostname()}\n"
 
 
 # ---- stage 04: checkpoints by default; --resume and a trained --out ----
@@ -207,7 +208,7 @@ def test_decompression_bomb_and_prompt_past_the_context_are_per_line_errors(tiny
     main(s01, "--model", tiny_llava, "--data", data, "--out", out, "--max-new-tokens", 2)
     assert [r["id"] for r in lines(out)] == ["q0", "q1"]  # the good lines of the batch are written
     errors = {e["id"]: e["error"] for e in lines(out.with_suffix(".errors.jsonl"))}
-    assert "20000x20000 pixels, over the limit of 89478485" in errors["bomb"] and "--max-image-pixels" in errors["bomb"]
+    assert "Image size (400000000 pixels) exceeds limit" in errors["bomb"] and "--max-image-pixels" in errors["bomb"]
     assert "over the model's context of 512 positions" in errors["long"] and f"{data}:4:" in errors["long"]
 
 
@@ -433,3 +434,91 @@ def test_odd_ids_and_float_or_rotated_images(tmp_path):
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
     photo.save(tmp_path / "rotated.jpg", exif=exif)
     assert s01.load_image(tmp_path / "rotated.jpg").size == (40, 48)  # upright: what a viewer shows
+
+
+# ---- second pass: nothing of the user's or of another stage written over; a failed run never blocks its fix ----
+def test_an_out_written_by_another_stage_is_refused_naming_it(tiny_llava, tmp_path):
+    """Before, 05 --out at a 04 model folder replaced its args.json, and a later 04 --resume at another lr was
+    accepted; 01 --out at 02's pairs.jsonl resumed into it."""
+    model = tmp_path / "p2dpo"
+    main(s04, "--model", tiny_llava, "--data", train_data(tmp_path / "data"), "--out", model, "--epochs", 1,
+         "--effective-batch", 2, "--batch-size", 2, "--stop-after", 1)
+    before = snapshot(model)
+    with pytest.raises(SystemExit, match=f"--out {model} was written by 04_train_calibrated_dpo.py, not "
+                                         f"05_eval_pope.py"):
+        main(s05, "--model", tiny_llava, "--questions", pope_split(tmp_path / "q"), "--out", model)
+    assert snapshot(model) == before
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"id": "q0"}\n')
+    s02.write_args(s02.args_path(pairs), {"data": "crops.jsonl"})  # what 02 records beside its output
+    with pytest.raises(SystemExit, match="was written by 02_make_pairs.py, not 01_attention_crop.py"):
+        main(s01, "--model", tiny_llava, "--data", instances(tmp_path / "in"), "--out", pairs)
+    assert pairs.read_text() == '{"id": "q0"}\n'
+
+
+def test_a_folder_of_the_users_is_never_written_into(tiny_llava, tmp_path):
+    """A mistyped folder --out (05, 04) that holds the user's files is refused before anything is written; a folder
+    left with only empty files by a failed run is not the user's."""
+    mine = tmp_path / "my_notes"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for stage, extra in ((s05, ["--questions", pope_split(tmp_path / "q")]),
+                         (s04, ["--data", train_data(tmp_path / "data")])):
+        with pytest.raises(SystemExit, match=f"--out {mine} is a folder this stage did not write"):
+            main(stage, "--model", tiny_llava, *extra, "--out", mine)
+    assert snapshot(mine) == {"notes.txt": b"keep me"}
+    (mine / "notes.txt").write_text("")
+    s05.claim_out(mine, {}, folder=True)  # only an empty file: nothing to lose
+
+
+def test_a_run_where_every_line_failed_leaves_nothing_that_blocks_the_fix(tiny_llava, tmp_path):
+    """Before, 01 left a 0-byte crops.jsonl, and the corrected rerun was refused ("holds lines but no
+    args.json")."""
+    data = instances(tmp_path / "in", n=2)
+    moved = tmp_path / "in" / "im.png"
+    moved.rename(tmp_path / "elsewhere.png")
+    out = tmp_path / "crops.jsonl"
+    with pytest.raises(SystemExit, match="every line failed"):
+        main(s01, "--model", tiny_llava, "--data", data, "--out", out, "--max-new-tokens", 2)
+    assert not out.exists()
+    (tmp_path / "elsewhere.png").rename(moved)
+    main(s01, "--model", tiny_llava, "--data", data, "--out", out, "--max-new-tokens", 2)
+    assert [r["id"] for r in lines(out)] == ["q0", "q1"]
+    out.write_text("")  # a 0-byte output from any older run blocks nothing either
+    s01.args_path(out).unlink()
+    main(s01, "--model", tiny_llava, "--data", data, "--out", out, "--max-new-tokens", 2)
+    assert [r["id"] for r in lines(out)] == ["q0", "q1"]
+
+
+@pytest.mark.parametrize("kind, error, words", [
+    (KeyboardInterrupt, KeyboardInterrupt(), "interrupted: what was written so far is kept; rerun it"),
+    (OSError, OSError(28, "No space left on device", "/x/crops.jsonl"),
+     "the disk is full (/x/crops.jsonl): what was written so far is kept; free some space, then rerun it"),
+    (PermissionError, PermissionError(13, "Permission denied", "/x/in.jsonl"),
+     "cannot read or write /x/in.jsonl (Permission denied): what was written so far is kept; mend that")])
+def test_ctrl_c_a_full_disk_or_an_unreadable_file_end_in_one_sentence(kind, error, words, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored after the test
+    monkeypatch.setattr(sys, "argv", ["01_attention_crop.py"])
+    s01.exits_in_one_sentence("rerun it")
+    sys.excepthook(kind, error, None)
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    monkeypatch.setattr(sys, "argv", ["01_attention_crop.py", "--debug"])
+    sys.excepthook(ValueError, ValueError("a bug"), None)  # anything else: Python's own traceback
+    assert "ValueError: a bug" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_a_real_run_is_one_sentence(tiny_llava, tmp_path):
+    data = instances(tmp_path, n=400)
+    out = tmp_path / "crops.jsonl"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run = subprocess.Popen([sys.executable, str(ROOT / "01_attention_crop.py"), "--model", str(tiny_llava),
+                            "--data", str(data), "--out", str(out), "--batch-size", "1", "--max-new-tokens", "2"],
+                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t = time.time()
+    while not (out.exists() and out.stat().st_size) and time.time() - t < 300:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGINT)
+    err = run.communicate(timeout=120)[1]
+    assert run.returncode != 0 and "Traceback" not in err, err[-2000:]
+    assert "interrupted: what was written so far is kept; rerun the same command" in err
