@@ -26,6 +26,8 @@ model scores lower there by regression to the mean (base 71.6 / P2-DPO 60.8 on t
 Questions: one per held-out test image (the images of world/pope; --split val: world/val/pope's) that has an
 object whose key is unique in the image (00's open questions: "what colour is the {shape} ?" / "what shape is the
 {colour} object ?", from world.json's "prompts"), drawn with --seed among that image's candidates.
+Time here (2 CPU cores shared with other work): stage 01 about 110 s per model, the fixed map and the scoring
+about 30 s.
 
 Output (--out folder): questions.jsonl (01's input: id, image, prompt; world.json copied beside it so 01 takes
 the toy world's settings, layer 0, as it does on world/instances.jsonl), questions_truth.jsonl (id, kind, class,
