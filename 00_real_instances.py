@@ -1,9 +1,8 @@
 """Stage 00 (real data): RLHF-V's parquet or a LLaVA-format JSON -> instances.jsonl, the images, and the human pairs.
 
-Paper: P2-DPO (ICLR 2026) makes its on-policy pairs from the images and prompts of RLHF-V
-(SPEC.md "Layout"), and its implicit preference strength (IPS) analysis sets them against the
-dataset's own human-written (off-policy) chosen / rejected pairs (SPEC.md "Stage 03",
---score-only). No equation lives here; this stage fixes what stage 01 reads:
+Paper: P2-DPO (ICLR 2026) makes its on-policy pairs from the images and prompts of RLHF-V,
+and its implicit preference strength (IPS) analysis sets them against the dataset's own
+human-written (off-policy) chosen / rejected pairs (here: stage 03 --score-only). No equation lives here; this stage fixes what stage 01 reads:
   P = the first user turn (RLHF-V: "question") with every "<image>" tag removed (the chat
       template places the image) and surrounding whitespace stripped
   a row whose (image bytes, P) equals an earlier row's exactly is dropped, with its pair
@@ -58,7 +57,7 @@ Rows are numbered from 0 in file order (the JSON list's index, the parquet file'
   python 03_filter.py --score-only --model llava-hf/llava-1.5-7b-hf \
       --data rlhfv/human_pairs.jsonl --out runs/human
   (no torchrun line: nothing here runs a model; one process reads the file once, at disk speed)
-Choices where SPEC is silent: the prompt is the first user turn and a pair is kept only when the
+Our choices where the paper is silent: the prompt is the first user turn and a pair is kept only when the
 row has one user turn (a later turn's answer needs the conversation before it, which a
 single-turn instance drops); chosen and rejected are stripped like P; ids are the row's "id"
 (JSON) or "idx" (RLHF-V), else the row number, and an id an earlier row already had gets
