@@ -2,7 +2,8 @@
 
 Paper: P2-DPO (ICLR 2026) makes its on-policy pairs from the images and prompts of RLHF-V,
 and its implicit preference strength (IPS) analysis sets them against the dataset's own
-human-written (off-policy) chosen / rejected pairs (here: stage 03 --score-only). No equation lives here; this stage fixes what stage 01 reads:
+human-written (off-policy) chosen / rejected pairs (here: stage 03 --score-only). No equation
+lives here; this stage fixes what stage 01 reads:
   P = the first user turn (RLHF-V: "question") with every "<image>" tag removed (the chat
       template places the image) and surrounding whitespace stripped
   a row whose (image bytes, P) equals an earlier row's exactly is dropped, with its pair
