@@ -1,36 +1,29 @@
 """Stage 05: AMBER, HallusionBench, MMHal-Bench answers in their official files; string-rule scores.
 
-Paper: experiments, main results (AMBER, HallusionBench aAcc, MMHal score beside POPE, which is
-05_eval_pope.py). Each question is asked as its file writes it (none of the benchmarks' own scripts
-adds a suffix), greedily, stop at EOS; yes/no questions get --max-new-tokens (128), open ones
-(AMBER's descriptions, MMHal-Bench) --open-max-new-tokens (1024); --noise-sigma asks about
-I_noise = clip(I + sigma * eps, 0, 1), eps seeded by (seed, image path as written), as stage 02.
-  AMBER    yes/no answers -> exactly "Yes" / "No" by the POPE parse, scored as AMBER's scorer does:
-             exact match, "No" positive; accuracy, precision = (No & truth no) / No,
-             recall = (No & truth no) / truth no, F1 = 2PR/(P+R+1e-4) from P, R in percent
-             rounded to 0.1 (existence: +1e-3), every count starting at 0.001; overall, existence,
-             attribute (state, number, action), relation = every other non-generative type.
-             Descriptions are exported for AMBER's own scorer (it needs spaCy and nltk).
-  HallusionBench  model_prediction added to each question; aAcc, fAcc, qAcc with a string rule in
-             place of the GPT-4 judge, so an APPROXIMATION: verdict "Yes" / "No" / "Unknown" as
-             VLMEvalKit extracts it, right if it is gt_answer ("1": yes); "Unknown" is right only on
-             VS questions without a figure (the official "uncertain" rule).
-  MMHal-Bench  model_answer filled into the template, in its order (the GPT-4 judge takes the
-             question type from the position); its score is the user's GPT-4 run.
-Sources (repository: path):
-  AMBER    junyangwang0410/AMBER: README.md (query {id, image, query}; answers a JSON list
-           [{id, response}]; ids 1-1004 generative), inference.py (json.load of the answers, the
-           annotation of id at position id - 1, its "type", exact "Yes"/"No", the rates),
-           data/metrics.txt (counts start at 0.001), data/annotations.json (975
-           "discriminative-relation" + 689 "relation" items, both relation)
-  HallusionBench  tianyi-lab/HallusionBench: README.md (HallusionBench.json, model_prediction,
-           HallusionBench_result.json; hallusion_bench/ unzipped beside the json, filenames ./VD/
-           or ./VS/), utils.py (assign_correctness, get_eval_all, get_eval_fig, get_eval_pair_all);
-           the verdict: open-compass/VLMEvalKit: vlmeval/dataset/utils/yorn.py (YOrN_Extraction)
-  MMHal    llava-rlhf/LLaVA-RLHF: Eval/eval_gpt_mmhal.py (asserts 96 items, question type =
-           position % 8), MMHal-Bench-eval/get_response.py at 6a0df2d (fills model_answer into
-           response_template.json, reads image_src and question); images/ by file name (TideDra/
-           VL-RLHF: src/vlrlhf/eval/mmhal/eval.py)
+Paper: experiments, main results (AMBER, HallusionBench aAcc, MMHal score; POPE: 05_eval_pope.py).
+Each question is asked as its file writes it (the benchmarks' own scripts add no suffix), greedily,
+up to EOS or --max-new-tokens (128) for yes/no questions, --open-max-new-tokens (1024) for open ones
+(AMBER's descriptions, MMHal-Bench); --noise-sigma asks about I_noise as 05_eval_pope.py does.
+  AMBER    yes/no answers -> exactly "Yes" / "No" by the POPE parse; scored as AMBER scores them,
+           "No" positive: accuracy, precision = (No & truth no) / No, recall = (No & truth no) /
+           truth no, F1 = 2PR/(P+R+1e-4) from P, R in percent rounded to 0.1 (existence: +1e-3),
+           every count starting at 0.001; overall, existence, attribute (state, number, action),
+           relation = every other non-generative type. Descriptions go to AMBER's own scorer.
+  HallusionBench  model_prediction added to each question. aAcc, fAcc, qAcc with a string rule in
+           place of the GPT-4 judge, so an APPROXIMATION: verdict "Yes" / "No" / "Unknown" as
+           VLMEvalKit extracts it, right if it is gt_answer ("1": yes); "Unknown" is right only on
+           VS questions without a figure (the official "uncertain" rule).
+  MMHal-Bench  model_answer filled into the template, in its order (the GPT-4 judge reads the
+           question type from the position); its score is the user's GPT-4 run.
+Sources (repository: path): junyangwang0410/AMBER: README.md (query, answer list, ids 1-1004
+  generative), inference.py (json.load of the answers, annotation of id at position id - 1, its
+  "type", exact "Yes"/"No", the rates), data/metrics.txt (counts from 0.001), data/annotations.json
+  (975 "discriminative-relation" + 689 "relation" items). tianyi-lab/HallusionBench: README.md
+  (HallusionBench.json, hallusion_bench/ beside it, HallusionBench_result.json), utils.py
+  (assign_correctness, get_eval_all, get_eval_fig, get_eval_pair_all); open-compass/VLMEvalKit:
+  vlmeval/dataset/utils/yorn.py (YOrN_Extraction). llava-rlhf/LLaVA-RLHF: Eval/eval_gpt_mmhal.py
+  (96 items, question type = position % 8), MMHal-Bench-eval/get_response.py at 6a0df2d (fills
+  response_template.json); TideDra/VL-RLHF: src/vlrlhf/eval/mmhal/eval.py (images/ by file name).
 
 Input   amber: a query file [{"id": int >= 1, "image", "query"}], annotations.json [{"id", "type",
           "truth": "yes" | "no" (generative: a list)}]; --answers: [{"id", "response"}]
@@ -45,16 +38,15 @@ Output  <out>/answers.jsonl {"question_id", "split" (the benchmark), "sigma", "i
           <benchmark>: {sigma: scores}}
 Shapes: B = prompts in a batch.
 
-  python 05_eval_benchmarks.py --benchmark amber --model world/model \
-      --questions AMBER/data/query/query_all.json --images AMBER/image          # CPU smoke run
+  python 05_eval_benchmarks.py --benchmark amber --questions AMBER/data/query/query_all.json \
+      --images AMBER/image --limit 8                                  # CPU smoke run, world/model
   python 05_eval_benchmarks.py --benchmark hallusionbench --model llava-hf/llava-1.5-7b-hf \
       --questions HallusionBench/HallusionBench.json --out runs/hallusion_llava   # one GPU
   python 05_eval_benchmarks.py --benchmark amber --questions AMBER/data/query/query_all.json \
       --answers runs/amber_base/sigma0/amber_responses.json --out runs/amber_rescore  # no model
 No torchrun path: each benchmark takes one GPU. A rerun into --out resumes what it lacks, made by
-the same model (files and all) and settings, else it is refused; one run per --out at a time
-(<out>.lock). A bad input item, an unreadable image or a prompt past the model's context ends the
-run in one sentence naming its file and item: every question needs its answer.
+the same model (files and all) and settings, else it is refused. A bad input item, an unreadable
+image or a prompt past the context ends the run in one sentence naming its file and item.
 """
 import argparse
 import atexit

@@ -15,11 +15,10 @@ Paper: experiments, main results (POPE average F1, LLaVA-1.5's protocol) and the
   CHAIR_i  = hallucinated mentions / mentions, CHAIR_s = descriptions with one / descriptions,
   recall   = true classes mentioned / true classes; a mention is a class name as whole words of
              the lowercased description, counted once per description
-Sources (repository: path), haotian-liu/LLaVA: playground/data/eval/pope/llava_pope_test.jsonl
-  (the suffix and its newline join; in eval.zip, docs/Evaluation.md), llava/eval/model_vqa_loader.py
-  (decoding), llava/eval/eval_pope.py (parse, metrics). Answers are matched to questions by
-  question_id (the official scorer trusts line order). AMBER, HallusionBench and MMHal-Bench, the
-  paper's other benchmarks: 05_eval_benchmarks.py.
+Sources (repository: path): haotian-liu/LLaVA: playground/data/eval/pope/llava_pope_test.jsonl (the
+  suffix, joined by a newline; in eval.zip, docs/Evaluation.md), llava/eval/model_vqa_loader.py
+  (decoding), llava/eval/eval_pope.py (parse, metrics; it trusts line order: answers are matched to
+  questions by question_id here). AMBER, HallusionBench, MMHal-Bench: 05_eval_benchmarks.py.
 
 Input   question files, one per split (split = file name less "coco_pope_"), images relative to
           --images, else to the file: {"question_id": text | int, "image", "text",
@@ -39,11 +38,9 @@ Shapes: B = prompts in a batch.
   python 05_eval_pope.py --model llava-hf/llava-1.5-7b-hf --questions data/pope_coco \
       --images coco/val2014 --out runs/pope_llava                                   # one GPU
   python 05_eval_pope.py --questions data/pope_coco --answers answers.jsonl --out runs/rescore
-No torchrun path: POPE's 9,000 questions take one GPU. A rerun into --out resumes the (split, sigma,
-question_id) it lacks, made by the same model (files and all) and settings, else it is refused; one
-run per --out at a time (<out>.lock). A bad input line, an unreadable image or a prompt past the
-model's context ends the run in one sentence naming its file and line: every question needs its
-answer.
+No torchrun path: POPE's 9,000 questions take one GPU. A rerun into --out resumes what it lacks,
+made by the same model (files and all) and settings, else it is refused. A bad input line, an
+unreadable image or a prompt past the context ends the run in one sentence naming its file and line.
 """
 import argparse
 import atexit
