@@ -556,7 +556,7 @@ def check_resume(args, out):
     except ValueError:
         raise ValueError(f"{path} is damaged (not JSON): delete it, or use another --out") from None
     # 05 before its split wrote no stage (its --benchmark told the script), other programs none
-    legacy = "05_eval_pope.py" if old.get("benchmark", "pope") == "pope" else "05_eval_benchmarks.py"
+    legacy = {"pope": "05_eval_pope.py"}.get(old.get("benchmark", "pope"), "05_eval_benchmarks.py")
     stage = old.get("stage", legacy if "noise_sigma" in old else "another program")
     if old and stage != STAGE:
         raise SystemExit(f"{out} holds the args.json of {stage}, not of {STAGE}: use another --out")
