@@ -1027,8 +1027,9 @@ def claim_out(out, inputs, folder=False):
     if out.exists() and out.is_dir() != folder:
         fail(f"--out {out} exists and is not a {'folder' if folder else 'file'}: this stage "
              f"writes a {'folder' if folder else 'file'} there")
-    writer = read_args(args_path(out, folder)).get("stage", STAGE)
-    if writer != STAGE:
+    recorded = read_args(args_path(out, folder))
+    if recorded and recorded.get("stage") != STAGE:
+        writer = recorded.get("stage") or "an older version or another program (no stage named)"
         fail(f"--out {out} was written by {writer}, not {STAGE}: pass another --out")
     if folder and out.is_dir() and not args_path(out, folder).is_file() and any(
             p.is_file() and p.stat().st_size for p in out.rglob("*")):  # (empty files: a failed run's)

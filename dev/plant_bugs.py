@@ -38,9 +38,11 @@ FAST = {
     "04": ("tests/test_04_train.py", "not step0 and not resume_equals and not no_usable and not two_processes "
                                      "and not fsdp"),
     "05": ("tests/test_05_eval_pope.py", "not end_to_end"),
+    "05b": ("tests/test_05_benchmarks.py", "not end_to_end"),
 }
 F04, F02, F03, F01, F05 = ("04_train_calibrated_dpo.py", "02_make_pairs.py", "03_filter.py", "01_attention_crop.py",
                            "05_eval_pope.py")
+F05B = "05_eval_benchmarks.py"
 
 
 def bug(id, file, old, new, stage, what, extra=()):
@@ -151,6 +153,13 @@ BUGS = [
         "POPE parser lower-cases (not the official rule)"),
     bug("pope_yes_ratio", F05, '"yes_ratio": ratio(tp + fp, n)', '"yes_ratio": ratio(tp + fn, n)', "05",
         "yes-ratio counts labels, not predictions"),
+    # ---- 05: the other benchmarks ----
+    bug("amber_positive", F05B, 'c["tp"] += (truth, response) == ("no", "No")',
+        'c["tp"] += (truth, response) == ("yes", "Yes")', "05b", "AMBER's positive class Yes, not No"),
+    bug("amber_eps", F05B, 'eps = 0.001 if group == "existence" else 0.0001', "eps = 0.0001", "05b",
+        "AMBER's existence F1 with the others' epsilon"),
+    bug("hallusion_unknown", F05B, 'right.append(verdict == truth or (verdict == "Unknown" and no_figure))',
+        "right.append(verdict == truth)", "05b", "HallusionBench: Unknown on a VS question without a figure wrong"),
 ]
 
 
