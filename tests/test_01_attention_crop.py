@@ -286,6 +286,24 @@ def test_paper_map_is_A_tok_at_A_img(loaded):
         assert np.abs(ours[b] - paper[b]).max() > 100 * 1e-3 * (v.max() - v.min()) / v.sum()
 
 
+@pytest.mark.parametrize("choice", ["paper", "ours"])
+def test_crop_batch_computes_the_map_chosen(loaded, choice, tmp_path):
+    """crop_batch's "attn" is attention_maps' map for the --map chosen, on the answer it wrote."""
+    model, processor = loaded
+    data = write_instances(tmp_path / "data", 2)
+    rows, _ = stage.read_instances(data, ("image", "prompt"))
+    args = stage.parse_args(["--data", str(data), "--out", str(tmp_path / "c.jsonl"), "--map", choice,
+                             "--max-new-tokens", "3"])
+    args.layers, args.crop_base = [0, 1], 16
+    out = stage.crop_batch(model, processor, args, rows)
+    images = [Image.open(r["_image"]).convert("RGB") for r in rows]
+    for direct in (True, False):
+        maps, _ = stage.attention_maps(model, processor, [r["prompt"] for r in rows], [r["answer"] for r in out],
+                                       images, [0, 1], "attention", direct=direct)
+        same = all(np.array_equal(np.round(m, 4), np.array(r["attn"])) for m, r in zip(maps, out))
+        assert same == (direct == (choice == "ours")), (choice, direct)
+
+
 def test_focus_prompt_reaches_the_forward_passes_and_output_keeps_p(loaded, tmp_path):
     """--focus-prompt: every forward that sees the image (the greedy answer's prefill and the map's pass) reads
     the focusing words right before P; the output row's "prompt" is still P."""
