@@ -20,11 +20,12 @@ Adaptive crop (the authors' algorithm): for r in (1, 1.2, ..., 2) a square windo
   score_r = (max S - mean of S at the 4 windows one patch away) / window area;
   the best (r, position) is the bbox. If the r = 1 window covers the whole image: bbox = the image,
   "crop": "full" (no focus pair can be made from it).
-A_dir is OUR term, not the paper's (its A = A_tok (x) A_img has no direct answer -> image path); it
-  stays the default so that the toy world's results, measured with it, reproduce. On the toy world
-  (seed 0, default build) A_dir is 71% of the map's image mass; dropping it changes 63% of the crops
-  of its 400 instances (mean IoU 0.52 with ours), while the queried object lies in the crop about as
-  often (open questions: 56.5% with A_dir, 59.1% without; 45.6% and 44.3% on the 499 held-out ones).
+A_dir is OUR term, not the paper's (its A = A_tok (x) A_img has no direct answer -> image path);
+  it stays the default so that the toy world's results, measured with it, reproduce. On the toy
+  world (seed 0, default build) A_dir is 71% of the map's image mass; dropping it changes 63% of
+  the crops of its 400 instances (mean IoU 0.52 with ours), while the queried object lies in the
+  crop about as often (its open questions: 56.5% with A_dir, 59.1% without; the 499 held-out open
+  questions of analysis/perception_diagnostic.py: 45.6% and 44.3%).
 The paper's "specific prompt guiding the model to focus on key visual areas" is --focus-prompt
   TEXT: y and A come from (I, TEXT P); the output keeps the user's P (later stages ask P). Off by
   default: the paper gives no text, the authors' code (Data_gen/focus_pair) runs this pass on the
@@ -42,16 +43,17 @@ Shapes: B rows in a batch, T tokens, H heads, N image tokens, (h, w) patch grid,
 
   python 01_attention_crop.py      # toy world on CPU: world/model on world/instances.jsonl
   python 01_attention_crop.py --model llava-hf/llava-1.5-7b-hf --data my/instances.jsonl
-  torchrun --nproc_per_node=8 01_attention_crop.py --model Qwen/Qwen2.5-VL-7B-Instruct --data my/in.jsonl
+  torchrun --nproc_per_node=8 01_attention_crop.py --model Qwen/Qwen2.5-VL-7B-Instruct \
+      --data my/instances.jsonl
 
 Our choices where the paper is silent: a forward hook reduces each chosen layer's (B, H, T, T)
-  weights to (B, T) at once (output_attentions=True would keep every layer's: a 7B model's stack does
-  not fit). Answer positions are y's tokens without their closing EOS (an empty answer: that EOS,
-  the model's decision to stop); prompt text = every non-padding, non-image prompt token (chat
+  weights to (B, T) at once (output_attentions=True would keep every layer's: a 7B model's stack
+  does not fit). Answer positions are y's tokens without their closing EOS (an empty answer: that
+  EOS, the model's decision to stop); prompt text = every non-padding, non-image prompt token (chat
   template included); layers are averaged before normalising; a grad_att map that ReLU zeroes
-  everywhere becomes uniform; ties of S go to the tied position nearest their mean (a lone blob sits
-  mid-window). crop_base: world.json's beside --data (toy world), else the processor's fixed input
-  side (336 for LLaVA-1.5), else 336 (Qwen2.5-VL's dynamic size: 12 merged 28-px patches, as LLaVA).
+  everywhere becomes uniform; ties of S go to the tied position nearest their mean (a lone blob
+  sits mid-window). crop_base: world.json's beside --data (toy world), else the processor's fixed
+  input side (336 for LLaVA-1.5), else 336 (Qwen2.5-VL's dynamic size: 12 merged 28-px patches).
   Toy world layer 0, measured on its 400 instances: the queried object lies in the bbox for 55% of
   "what shape is the <colour> object ?" (layer 1: 53%, layer 2: 1%, a random window as large: 20%).
 """
@@ -92,20 +94,20 @@ RESULT_ARGS = ("data_identity", "model_identity", "method", "map", "focus_prompt
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="world/model", help="model folder or a name in your HF cache")
-    p.add_argument("--data", default="world/instances.jsonl", help="instances JSONL: id, image, prompt")
-    p.add_argument("--out", default="runs/crops.jsonl", help="output JSONL (a rerun into it resumes)")
+    p.add_argument("--model", default="world/model", help="model folder or a name in your cache")
+    p.add_argument("--data", default="world/instances.jsonl", help="JSONL: id, image, prompt")
+    p.add_argument("--out", default="runs/crops.jsonl", help="output JSONL (a rerun resumes)")
     p.add_argument("--method", choices=("attention", "grad_att"), default="attention",
                    help="attention: the paper's map (see --map); grad_att: the authors' code's")
     p.add_argument("--map", choices=("ours", "paper"), default="ours",
-                   help="paper: A_tok @ A_img, as the paper writes it; ours: + the direct answer -> "
-                        "image term A_dir (module docstring: why it is the default)")
+                   help="paper: A_tok @ A_img, as the paper writes it; ours: + the direct "
+                        "answer -> image term A_dir (module docstring: why it is the default)")
     p.add_argument("--focus-prompt", default=None,
-                   help="the paper's focusing prompt, put before P for the answer and the map only "
-                        "(the output keeps P); off: the paper gives no text")
+                   help="the paper's focusing prompt, put before P for the answer and the map "
+                        "only (the output keeps P); off: the paper gives no text")
     p.add_argument("--layers", type=at_least(0), nargs="+", default=None,
-                   help="decoder layers, averaged (default: num_hidden_layers // 2, the middle one; "
-                        "the authors' code: 14 of 32); toy world: 0, measured best there")
+                   help="decoder layers, averaged (default: num_hidden_layers // 2, the middle "
+                        "one; the authors' code: 14 of 32); toy world: 0, measured best there")
     p.add_argument("--crop-base", type=at_least(1), default=None,
                    help="window side at r = 1, px (default: the toy world's world.json, else the "
                         "processor's input size: 336 for LLaVA-1.5; 336 for Qwen2.5-VL)")
@@ -120,20 +122,19 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=at_least(1), default=8, help="instances per forward")
     p.add_argument("--device", type=device_name,
                    default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--limit", type=at_least(1), default=None, help="the first N lines of --data only")
+    p.add_argument("--limit", type=at_least(1), default=None, help="the first N lines only")
     p.add_argument("--max-image-pixels", type=at_least(0), default=Image.MAX_IMAGE_PIXELS,
-                   help="an image with more pixels is a bad line (PIL's decompression-bomb guard); "
-                        "0: no limit")
-    p.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
+                   help="an image with more is a bad line (a decompression bomb); 0: no limit")
+    p.add_argument("--debug", action="store_true", help="show an error's traceback")
     args = p.parse_args(argv)
     # flags checked together, before any model loads
     if args.method == "grad_att" and args.map == "paper":
-        p.error("--map paper picks the terms of --method attention's map: grad_att has none of them")
+        p.error("--map paper picks terms of --method attention's map: grad_att has none of them")
     if args.focus_prompt is not None and not args.focus_prompt.strip():
         p.error("--focus-prompt is blank: leave the flag out to run without a focusing prompt")
-    viz = Path(args.viz or ".").resolve()
-    if args.viz and (viz in (Path(args.out).resolve(), Path(args.data).resolve()) or viz.is_file()):
-        p.error(f"--viz {args.viz} is a file (or --out, or --data): pass a folder for the PNGs")
+    viz = Path(args.viz or "")
+    if args.viz and (viz.is_file() or viz.resolve() == Path(args.out).resolve()):
+        p.error(f"--viz {args.viz} is a file, or --out: pass a folder of its own for the PNGs")
     return args
 
 
@@ -166,7 +167,7 @@ def decoder_layers(model):
 def tapped_forward(model, inputs, layers, keep):
     """One forward (no KV cache, last logits only) with hooks on the chosen layers' self-attention:
     each layer's (B, H, T, T) weights (eager attention returns them) go through keep(weights) at
-    once, so one layer's weights live at a time. Returns (logits (B, 1, V), [kept, in layer order])."""
+    once, so one layer's weights live at a time. Returns (logits (B, 1, V), [kept, layer order])."""
     kept = []
 
     def hook(module, args, out):
@@ -368,7 +369,8 @@ def crop_batch(model, processor, args, batch):
     """B input rows -> B output rows (or an error message for a row that cannot run: an unreadable
     image, a prompt the model cannot take). The paper's steps in order: the answer y, the map A,
     grid -> pixels, the crop."""
-    asked = [with_focus(row["prompt"], args.focus_prompt) for row in batch]  # P as the model sees it
+    # P as the model sees it
+    asked = [with_focus(row["prompt"], args.focus_prompt) for row in batch]
     images, results = usable_rows(model, processor, args, batch, asked)  # {row index: image}
     idx = list(images)
     if not idx:
@@ -417,8 +419,6 @@ def main(argv=None):
     model, processor = load_model(args.model, device, attn_implementation="eager")
     model.requires_grad_(False)  # grad_att differentiates activations only
     resolve_defaults(args, model, processor, rank)  # --layers, --crop-base
-    if args.viz:
-        os.makedirs(args.viz, exist_ok=True)
     on_rank0(lambda: save_args(args, args.out, RESULT_ARGS), rank, world)
     # ---- the method, batch by batch (crop_batch): y, the map A, grid -> pixels, the crop ----
     work = functools.partial(crop_batch, model, processor, args)
@@ -444,8 +444,9 @@ def usable_rows(model, processor, args, batch, asked):
             images[i] = load_image(row["_image"])
         except (OSError, ValueError) as e:
             results[i] = f"unreadable image {row['_image']}: {e}"
-    problems = prompt_problems(model, processor, [chat_prompt(processor, asked[i]) for i in images],
-                               [[im] for im in images.values()], [args.max_new_tokens] * len(images),
+    texts = [chat_prompt(processor, asked[i]) for i in images]
+    extra = [args.max_new_tokens] * len(images)
+    problems = prompt_problems(model, processor, texts, [[im] for im in images.values()], extra,
                                "answer tokens (--max-new-tokens)")
     for i, problem in zip(list(images), problems):
         if problem:
@@ -494,14 +495,16 @@ def save_viz(path, image, heat, bbox, caption):
     """PNG: the heat map in red over the image, the bbox in green, the caption below."""
     k = max(1, 256 // max(image.size))  # small images are scaled up, pixels kept sharp
     size = (image.width * k, image.height * k)
-    a = ((heat - heat.min()) / max(heat.max() - heat.min(), 1e-12))[..., None]  # (Y, X, 1) in [0, 1]
-    over = np.asarray(image, np.float32) * (1 - 0.7 * a) + np.array([255, 40, 0]) * 0.7 * a  # (Y, X, 3)
+    a = 0.7 * (heat - heat.min()) / max(heat.max() - heat.min(), 1e-12)  # (Y, X) in [0, 0.7]
+    a = a[..., None]  # (Y, X, 1)
+    over = np.asarray(image, np.float32) * (1 - a) + np.array([255, 40, 0]) * a  # (Y, X, 3)
     canvas = Image.new("RGB", (size[0], size[1] + 28), "white")
     canvas.paste(Image.fromarray(over.round().astype(np.uint8)).resize(size, Image.NEAREST))
     x1, y1, x2, y2 = (v * k for v in bbox)
     draw = ImageDraw.Draw(canvas)
     draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=(0, 220, 0), width=2)
     draw.text((4, size[1] + 6), caption[:120], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 # ---- end plumbing ----
 

@@ -1,8 +1,10 @@
-"""Stage 01: the attention map (hand-computed A = A_tok (x) A_img and grad_att values; hooks = output_attentions=True;
-batched = one by one), the processor geometry (hand-computed and read back from real pixel_values: centre crop, pad to
-square, Qwen's smart resize), the adaptive crop (integral image = brute force, full / clamped windows), and the stage
-run as a subprocess on tiny LLaVA / Qwen2.5-VL models: fields, defaults, bad lines, resume after SIGKILL, 2 processes
-(gloo) = 1 process."""
+"""Stage 01: the attention map (hand-computed A = A_tok (x) A_img with and without our A_dir, and grad_att values;
+--map paper = A_tok @ A_img indexed from output_attentions=True; hooks = output_attentions=True; batched = one by
+one), --focus-prompt in both forward passes but not in the output, flags refused together before a model loads, one
+PNG per id, the processor geometry (hand-computed and read back from real pixel_values: centre crop, pad to square,
+Qwen's smart resize), the adaptive crop (integral image = brute force, full / clamped windows), and (marked slow)
+the stage run as a subprocess on tiny LLaVA / Qwen2.5-VL models: fields, defaults, bad lines, resume after SIGKILL,
+2 processes (gloo) = 1 process."""
 import json
 import os
 import re
@@ -379,7 +381,7 @@ def test_viz_names_are_unique_per_id(tiny_llava, tmp_path):
 # ---- the stage as a user runs it (subprocesses: the slow tier) ----
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava", "qwen"])
-def test_stage_writes_spec_fields(family, request, tmp_path):
+def test_stage_writes_its_fields(family, request, tmp_path):
     model = request.getfixturevalue(f"tiny_{family}")
     data = write_instances(tmp_path / "data", 6)
     out = tmp_path / "out" / "crops.jsonl"
