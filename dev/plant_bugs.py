@@ -147,6 +147,13 @@ BUGS = [
         "A without the direct answer->image path"),
     bug("crop_no_area", F01, "score = (S[y, x] - np.mean([S[p] for p in nbrs])) / (w * h)",
         "score = S[y, x] - np.mean([S[p] for p in nbrs])", "01", "crop score not divided by the area"),
+    bug("paper_map_direct", F01, "if not direct:  # the paper's A = A_tok (x) A_img",
+        "if False:  # the paper's A = A_tok (x) A_img", "01", "--map paper keeps the direct term A_dir"),
+    bug("focus_not_in_map", F01, "attention_maps(model, processor, [asked[i] for i in idx]",
+        "attention_maps(model, processor, [batch[i]['prompt'] for i in idx]", "01",
+        "--focus-prompt reaches the answer but not the map's forward"),
+    bug("viz_name_clash", F01, 'safe += f"-{zlib.crc32(str(key).encode()):08x}"', "pass", "01",
+        "--viz: ids 'a b' and 'a_b' share one PNG"),
     # ---- 05: POPE ----
     bug("pope_lower", F05, "words = text.split(\".\")[0].replace(\",\", \"\").split(\" \")",
         "words = text.lower().split(\".\")[0].replace(\",\", \"\").split(\" \")", "05",
