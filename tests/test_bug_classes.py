@@ -328,7 +328,7 @@ def test_each_role_of_a_pair_saw_its_own_images_and_prompt(llava, tmp_path):
     args.enh_template = s02.ENH_TEMPLATE
     args.robust_instruction = s02.ROBUST_INSTRUCTION  # main() resolves it: a real model's default
     batch, errors = s02.read_instances(folder / "crops.jsonl", ("image", "prompt", "bbox"))
-    out = s02.make_work(model, processor, args)(batch)
+    out = s02.make_pairs(model, processor, args, batch)
     tok = processor.tokenizer
     for row, res in zip(rows, out):
         assert isinstance(res, dict), res
