@@ -18,33 +18,33 @@ Decoding per branch as the authors' scripts: focus greedy, at most 150 new token
 top-p 0.9, at most 256, after their instruction: P_rob = "Strictly answer the following question according
 to the facts of the image, and control the length of the output." + " " + P (P alone with
 --robust-instruction ''; the toy world's world.json sets '': its words are outside the toy vocabulary).
-
-y_init: the paper has contrastive amplification "refine" y_init into y_w, with no rule for how. By default
-(ours) y_w is sampled on its own generator, as VCD decodes, and y_init is stored for reading only (03 and
-04 use y_w and y_l). --refine-init makes the refinement literal: y_w draws y_init's per-step uniforms, so
-with lambda_ca = 0 and beta_head = 0 y_w = y_init, and y_w leaves y_init only from the first token that
-amplification changes. @@MEASURE@@
+y_init: the paper has contrastive amplification "refine" y_init into y_w, and no rule for how. By default
+(ours) y_w is sampled on its own generator, as VCD samples, and y_init is only stored (03 and 04 use y_w and
+y_l). --refine-init makes the refinement literal: y_w draws y_init's per-step uniforms, so y_w = y_init at
+lambda_ca = beta_head = 0, and y_w leaves y_init only from the first token amplification changes. On the toy
+world (01's crops of its first 100 instances, seed 0) y_w differs from y_init in 31 of 89 robustness pairs by
+default (sampling and amplification together), in 19 of 91 with --refine-init (amplification and V_head
+alone). Off by default, so that the pairs (and the README's results) stay what they were.
 
 Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt", "bbox" [x1, y1, x2, y2] (int
         pixels inside the image, x2, y2 exclusive), optional "crop": "full" | "window"; other fields copied.
         A bad field is that line's error (<out>.errors.jsonl); the other lines go on.
 Output  pairs.jsonl: input fields ("image" relative to the output file) + "images": {"crop", "deg", "noise"
-        [, "aug" if stitched]} (PNGs in <out stem>_images/), "prompt_enh", "prompt_robust" (P_rob, the user
+        [, "aug" if stitched]} (PNGs in <out stem>_images/), "prompt_enh", "prompt_robust" (P_rob: the user
         text the robustness responses were decoded after), "focus": {"chosen", "rejected"} | null, "robust":
         {"chosen", "rejected", "init"} | null, "gen": {decoding settings}; <out>.args.json. A rerun into
         the same --out resumes (same --data, model and RESULT_ARGS, else refused).
-Shapes: B instances, R rows of a forward (2B with contrastive amplification: experts, then amateurs),
-        T tokens, V vocabulary.
+Shapes: B instances, R rows of a forward (2B in contrastive amplification: experts, then amateurs), T tokens,
+        V vocabulary.
 
   python 02_make_pairs.py                      # toy world on CPU (world/model, runs/crops.jsonl)
   python 02_make_pairs.py --model llava-hf/llava-1.5-7b-hf --data runs/crops.jsonl       # one GPU
   torchrun --nproc_per_node=8 02_make_pairs.py --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/crops.jsonl
-Ours, where the paper is silent: each response's generator is seeded by crc32("seed/id/role") and draws one
-uniform a step (inverse CDF over the sorted nucleus), so no response depends on batch, order or process
-count; temperature and top-p act on logits_CA; the amateur reads the tokens amplification chose (as VCD);
-responses are equal when their stripped texts are; I_deg's colour is the rounded mean of the whole image;
-image placeholder tokens are never generated (such a response could not be scored with its image); image
-files are named by the id (unsafe characters become "_"; an id so changed, or with capitals, gets its crc32).
+Ours, where the paper is silent: temperature and top-p act on logits_CA; the amateur reads the tokens
+amplification chose (as VCD); responses are equal when their stripped texts are; I_deg's colour is the
+rounded mean of the whole image; image placeholder tokens are never generated (such a response could not be
+scored with its image); a response's sampler is seeded by (seed, id, role), so no response depends on
+batch, order or process count.
 """
 import argparse
 import atexit
@@ -254,10 +254,7 @@ def decode(model, inputs, generators, eos_ids, max_new_tokens, temperature=0.2, 
     first EOS. lambda_ca None: plain decoding of the R = B rows. Else contrastive amplification:
     rows [0, B) are the experts (I, P), rows [B, 2B) their amateurs (I_noise, P), one forward of 2B
     rows a step, logits_t = logits_CA, and both halves read the chosen token.
-
-    inputs: processor output (input_ids, attention_mask (R, T), pixel_values, ...); generators: B
-    torch.Generators (u_t); use_cache=False: the whole sequence each step (what the cache is tested
-    against); stop_at_eos=False: max_new_tokens steps (timing); suppress_ids are never generated
+    inputs: processor output, (R, T) ids and mask; generators: B (u_t); suppress_ids: never chosen
     (image placeholders). Returns B lists of new token ids, EOS excluded."""
     inputs = {k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
               for k, v in inputs.items()}
@@ -314,20 +311,14 @@ def respond(model, processor, jobs, args):
     return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
-def is_null_pair(chosen, rejected):
-    """A pair whose two responses are identical (their stripped texts) is null: there is nothing to
-    prefer. The instance keeps its line, with null for that pair."""
-    return chosen == rejected
-
-
 def preference_pairs(said):
-    """(focus, robust) of one instance from its responses {role: text}: each a pair, or None when
-    it is null or was not decoded (no focus pair for a full-image crop)."""
+    """(focus, robust) of one instance from its responses {role: text}: each a pair, or None when it
+    was not decoded (a full-image crop) or is null: its two responses are equal, nothing to prefer."""
     focus = None
-    if "focus_w" in said and not is_null_pair(said["focus_w"], said["focus_l"]):
+    if "focus_w" in said and said["focus_w"] != said["focus_l"]:
         focus = {"chosen": said["focus_w"], "rejected": said["focus_l"]}
     robust = None
-    if not is_null_pair(said["robust_w"], said["robust_l"]):
+    if said["robust_w"] != said["robust_l"]:
         robust = {"chosen": said["robust_w"], "rejected": said["robust_l"], "init": said["init"]}
     return focus, robust
 
@@ -394,10 +385,9 @@ def main(argv=None):
     result = run_rows(rows, errors, lambda batch: make_pairs(model, processor, args, batch),
                       args.out, args.batch_size, rank, world, desc="pairs")
     if rank == 0:
-        focus = sum(r["focus"] is not None for r in result)
-        robust = sum(r["robust"] is not None for r in result)
-        print(f"{len(result)} lines: {focus} focus pairs, {robust} robustness pairs "
-              f"(null: the two responses were equal, or the crop was the full image)")
+        n = {b: sum(r[b] is not None for r in result) for b in ("focus", "robust")}
+        print(f"{len(result)} lines: {n['focus']} focus pairs, {n['robust']} robustness pairs (the "
+              f"rest null: equal responses, or a full-image crop)")
     if world > 1:
         dist.destroy_process_group()
 
@@ -412,9 +402,8 @@ def main(argv=None):
 def forward_step(model, inputs, use_cache=True):
     """step(ids, mask (R, T + t)) -> (R, V) fp32 next-token logits, for decode: the first call reads
     the prompt and its images (`inputs`) into a KV cache, later calls only the newest token
-    (use_cache=False: every call the whole sequence). Positions count the attention mask, so left
-    padding does not shift the text. Qwen-VL (M-RoPE): the prefill leaves per-row deltas of its 3-D
-    positions in model.model.rope_deltas, for the later steps; mm_token_type_ids mark the text."""
+    (use_cache=False: the whole sequence every call). Positions count the attention mask (left
+    padding); Qwen-VL's 3-D M-RoPE positions add the deltas its prefill leaves in rope_deltas."""
     mrope = hasattr(model.model, "rope_deltas")
     mm = inputs.pop("mm_token_type_ids", None)  # (R, T) 0 text, 1 image
     cache = DynamicCache(config=model.config) if use_cache else None
@@ -505,8 +494,8 @@ def output_line(row, views, prompt_enh, prompt_robust, args):
 def eos_token_ids(model, processor):
     """Every id that ends a response: the generation config's (an int or a list), the tokenizer's."""
     eos = model.generation_config.eos_token_id
-    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    return {e for e in eos + [processor.tokenizer.eos_token_id] if e is not None}
+    eos = eos if isinstance(eos, (list, tuple)) else [eos]
+    return {e for e in [*eos, processor.tokenizer.eos_token_id] if e is not None}
 
 
 def placeholder_ids(processor):

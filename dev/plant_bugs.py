@@ -125,7 +125,7 @@ BUGS = [
         "nucleus drops the token that crosses top_p"),
     bug("seed_no_role", F02, 'f"{seed}/{key}/{role}"', 'f"{seed}/{key}"', "02",
         "one sampler for all roles of an instance"),
-    bug("null_never", F02, "    return chosen == rejected\n", "    return False\n", "02",
+    bug("null_never", F02, 'if said["robust_w"] != said["robust_l"]:', "if True:", "02",
         "identical responses kept as a pair"),
     bug("robust_prompt_bare", F02, "robust_pair_contexts(key, prompt_robust, image, views, args.refine_init)",
         "robust_pair_contexts(key, prompt, image, views, args.refine_init)", "02",
