@@ -18,7 +18,7 @@ that is under 2% of a row). Parts, each calling the stage's own functions on tho
              map, pixel heat, adaptive crop) over all instances, batches of 8 (01's default), eager attention
   decode     02: decode(...) greedy, plain (B rows) vs contrastive amplification (expert + amateur: one forward
              of 2B rows) at each --batch-sizes; tokens/s = B x --new-tokens / wall time (prefill included)
-  pairs      02: s/instance of make_work's work (derived views to disk, focus pair at most 150 new tokens greedy,
+  pairs      02: s/instance of make_pairs (derived views to disk, focus pair at most 150 new tokens greedy,
              robustness pair y_l and y_init then contrastive y_w, at most 256, T 0.2 top-p 0.9) on the first
              --pairs-instances, batches of 8 (02's default)
   filter     03: s/instance of score_batch (every reference log-prob term of a line, 9 rows, + the CLIP gain
@@ -372,7 +372,7 @@ def part_decode(s02, model, processor, args, meter, instances):
 
 
 def part_pairs(s02, model, processor, args, meter, instances):
-    """02's whole work per batch (make_work: views to disk, the five responses of each instance) on the first
+    """02's whole work per batch (make_pairs: views to disk, the five responses of each instance) on the first
     --pairs-instances instances, at 02's caps (--pairs-new-tokens)."""
     focus, robust = args.pairs_new_tokens
     argv = ["--data", str(instances), "--out", str(instances.parent / "out02" / "pairs.jsonl"), "--seed",
@@ -386,8 +386,8 @@ def part_pairs(s02, model, processor, args, meter, instances):
     warm = s02.parse_args(argv[:-4] + ["--focus-max-new-tokens", "2", "--max-new-tokens", "2"])
     for k in ("robust_instruction", "combine", "enh_template"):
         setattr(warm, k, getattr(targs, k))
-    s02.make_work(model, processor, warm)(rows[:1])  # warm-up: the same path, 2 tokens a response
-    work = s02.make_work(model, processor, targs)
+    s02.make_pairs(model, processor, warm, rows[:1])  # warm-up: the same path, 2 tokens a response
+    work = lambda batch: s02.make_pairs(model, processor, targs, batch)  # noqa: E731
     results = []
     with meter.part(model) as m:
         for i in range(0, len(rows), targs.batch_size):
@@ -701,7 +701,7 @@ def print_table(res):
         print(f"   contrastive / plain time: {r['ca_over_plain']:.2f}")
     if "pairs" in res:
         p = res["pairs"]
-        row(f"02 make_work, {p['instances']} instances, caps {p['new_tokens'][0]}/{p['new_tokens'][1]}", p,
+        row(f"02 make_pairs, {p['instances']} instances, caps {p['new_tokens'][0]}/{p['new_tokens'][1]}", p,
             f"{p['s_per_instance']:.3f} s/inst")
     if "filter" in res:
         f = res["filter"]
