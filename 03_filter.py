@@ -87,14 +87,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="world/model",
-                   help="reference model (the base model stage 04 trains): a folder or a name in "
-                   "your own Hugging Face cache")
+                   help="reference model (the base model 04 trains): a folder or a cached name")
     p.add_argument("--clip", default="world/clip",
                    help="open_clip model for DDW: a folder in open_clip's local-dir format (the "
                    "toy world's), a model name such as ViT-L-14 (the paper's CLIP), or none")
     p.add_argument("--clip-pretrained", default="openai",
-                   help="weights of a named --clip, an open_clip tag in your cache or a file "
-                   "(ours: CLIP's original weights)")
+                   help="weights of a named --clip: a cached open_clip tag or a file (ours: "
+                   "CLIP's original weights)")
     p.add_argument("--data", default="runs/pairs.jsonl",
                    help="pairs.jsonl from stage 02 (with --score-only: any preference JSONL)")
     p.add_argument("--out", default="runs/train.jsonl",
@@ -149,32 +148,27 @@ TERMS = {
     "robust_expert_w": ("robust", "chosen", "prompt_robust", "image"),
     "robust_own_l": ("robust", "rejected", "prompt_robust", "noise"),
 }
-PAIR_TERMS = {  # --score-only: one pair a line, under (I, P)
-    "pair_w": ("pair", "chosen", "prompt", "image"),
-    "pair_l": ("pair", "rejected", "prompt", "image"),
-}
+# --score-only: one pair a line, under (I, P)
+PAIR_TERMS = {"pair_w": ("pair", "chosen", "prompt", "image"),
+              "pair_l": ("pair", "rejected", "prompt", "image")}
 # branch -> its DPO terms (y_w, y_l): the context c of IPS (and of --filter-context dpo)
 DPO_TERMS = {"focus": ("focus_w", "focus_l"), "robust": ("robust_w", "robust_l"),
              "pair": ("pair_w", "pair_l")}
-# --filter-context -> branch -> the terms (y_w, y_l) PPL and M read. own: each response where it was
-# decoded (authors' code): focus y_w = M(I_aug, P_enh), y_l = M(I_deg, P); robust y_w by contrastive
+# --filter-context -> branch -> the terms (y_w, y_l) PPL and M read. own: where each was decoded
+# (authors' code): focus y_w = M(I_aug, P_enh), y_l = M(I_deg, P); robust y_w by contrastive
 # amplification of the expert (I, P'), y_l = M(I_noise, P')
-FILTER_TERMS = {
-    "own": {"focus": ("calib_aug_w", "calib_deg_l"), "robust": ("robust_expert_w", "robust_own_l"),
-            "pair": ("pair_w", "pair_l")},
-    "dpo": DPO_TERMS,
-}
+FILTER_TERMS = {"own": {"focus": ("calib_aug_w", "calib_deg_l"),
+                        "robust": ("robust_expert_w", "robust_own_l"), "pair": ("pair_w", "pair_l")},
+                "dpo": DPO_TERMS}
 
 
 def robust_prompt(row):
     """P' = the authors' robust instruction + " " + P (P when it is empty): the user text stage 02
-    decoded the robust pair from. Its "prompt_robust", or, in an older pairs file, rebuilt as 02
-    builds it from "gen": {"robust_instruction"} (P when neither is there). ValueError when one of
-    them is not text."""
+    decoded the robust pair from. The row's "prompt_robust", or, in an older pairs file, rebuilt as
+    02 builds it from "gen": {"robust_instruction"} (P without either). ValueError: not text."""
     if row.get("prompt_robust") is not None:
         if not is_text(row["prompt_robust"]):
-            raise ValueError(f"'prompt_robust' must be non-empty text, not "
-                             f"{row['prompt_robust']!r:.60}")
+            raise ValueError(f"'prompt_robust' must be text, not {row['prompt_robust']!r:.60}")
         return row["prompt_robust"]
     gen = row["gen"] if row.get("gen") is not None else {}
     instruction = gen.get("robust_instruction", "") if isinstance(gen, dict) else None
@@ -188,9 +182,7 @@ def scoring_rows(line, terms):
     in the line (read_line's); robust_own_l only where P' != P, else its row is robust_l's."""
     rows = []
     for term, (branch, side, prompt, context) in terms.items():
-        if term == "robust_own_l" and line["prompt_robust"] == line["prompt"]:
-            continue
-        if branch in line["pairs"]:
+        if branch in line["pairs"] and (term != "robust_own_l" or line[prompt] != line["prompt"]):
             response = line["pairs"][branch][side]
             rows.append((term, line[prompt], response, line["contexts"][context], context))
     return rows
@@ -215,8 +207,8 @@ def score_rows(model, processor, rows, batch_size):
 
 
 def reference_logprobs(lines, results, reference, terms, batch_size):
-    """{i: {term: (summed log pi_ref(y | c), n(y))}} for every scoring row of the lines {i: line}.
-    A line with a context + response past the model's positions (garbage, not an error, in the
+    """{i: {term: (summed log pi_ref(y | c), n(y))}} for the scoring rows of lines {i: line}. A
+    line with a context + response past the model's positions (garbage, not an error, in the
     model) leaves `lines`, its reason in results[i]. reference(): (model, processor)."""
     rows = [(i, r) for i, line in lines.items() for r in scoring_rows(line, terms)]
     if rows:
@@ -247,11 +239,8 @@ def clip_score(text_features, image_features):
 
 def gain_ratio(clip_crop, clip_image):
     """r = CLIPScore(P, I_crop) / CLIPScore(P, I): above 1 when the crop fits the prompt better
-    than the whole image (DDW then leans to the focus branch). None when CLIPScore(P, I) = 0
-    (stage 04 reads the two scores anyway)."""
-    if clip_image > 0:
-        return clip_crop / clip_image
-    return None
+    than the whole image (DDW then leans to the focus branch); None when CLIPScore(P, I) = 0."""
+    return clip_crop / clip_image if clip_image > 0 else None
 
 
 @torch.inference_mode()
@@ -260,8 +249,7 @@ def clip_scores(clip, prompts, images, crops):
     and r."""
     model, preprocess, tokenizer = clip
     device = next(model.parameters()).device
-    tokens = tokenizer(prompts).to(device)  # the tokenizer cuts P to the CLIP context
-    text = model.encode_text(tokens)  # (B, D)
+    text = model.encode_text(tokenizer(prompts).to(device))  # (B, D); P cut to the CLIP context
     pixels = torch.stack([preprocess(im) for im in images + crops]).to(device)  # (2B, C, H, W)
     vision = model.encode_image(pixels)  # (2B, D): the images, then the crops
     full = clip_score(text, vision[:len(images)]).tolist()
@@ -341,8 +329,7 @@ REASONS = ("no pair", "ppl chosen", "ppl rejected", "margin low", "margin high")
 
 def filter_reasons(ppl_w, ppl_l, margin, max_ppl, margin_low, margin_high):
     """Why a pair is dropped ([] = kept): it needs PPL(y_w) < max_ppl, PPL(y_l) < max_ppl and
-    margin_low <= M <= margin_high. Every failed check is listed; a NaN fails the checks it is
-    in."""
+    margin_low <= M <= margin_high. Every failed check is listed; a NaN fails its checks."""
     checks = (
         ("ppl chosen", ppl_w < max_ppl),
         ("ppl rejected", ppl_l < max_ppl),
@@ -382,13 +369,6 @@ def summary(values):
             "negative": float((x < 0).mean())}
 
 
-def ips_summary(lines, term_w, term_l):
-    """summary() of the IPS of the lines' pairs, from their "ref" terms term_w and term_l."""
-    ref_w = [x["ref"][term_w] for x in lines]
-    ref_l = [x["ref"][term_l] for x in lines]
-    return summary(implicit_preference_strength(ref_w, ref_l))
-
-
 def filter_report(lines, branches, args):
     """Counts kept / dropped per branch and reason, IPS over all pairs and over kept ones, PPL,
     margin and r."""
@@ -400,20 +380,21 @@ def filter_report(lines, branches, args):
         w, l = DPO_TERMS[b]
         pairs = [x for x in lines if x["margin"].get(b) is not None]
         kept = [x for x in pairs if x["keep"][b]]
+        ips = {k: summary(implicit_preference_strength([x["ref"][w] for x in xs],
+                                                       [x["ref"][l] for x in xs]))
+               for k, xs in (("ips_all", pairs), ("ips_kept", kept))}
         report["branches"][b] = {
             "pairs": len(pairs),
             "kept": len(kept),
             "dropped": len(lines) - len(kept),
             # a pair can fail several checks: the reasons can add up to more than the dropped
             "reasons": {r: sum(r in x["why"][b] for x in lines) for r in REASONS},
-            "ips_all": ips_summary(pairs, w, l),
-            "ips_kept": ips_summary(kept, w, l),
+            **ips,
             "margin": summary([x["margin"][b] for x in pairs]),
             "ppl_chosen": summary([x["ppl"][f"{b}_w"] for x in pairs]),
             "ppl_rejected": summary([x["ppl"][f"{b}_l"] for x in pairs]),
         }
-    clips = [x["clip"] for x in lines if x.get("clip")]
-    ratios = [c["ratio"] for c in clips if c["ratio"] is not None]
+    ratios = [x["clip"]["ratio"] for x in lines if x.get("clip") and x["clip"]["ratio"] is not None]
     above_1 = float(np.mean(np.array(ratios) > 1)) if ratios else None
     report["clip_ratio"] = {**summary(ratios), "above_1": above_1}
     # DDW weighs the branches of a line only where it keeps both (else 1.0 on the one it keeps)
@@ -484,10 +465,8 @@ def read_line(row, score_only):
     unreadable. Image paths are relative to the row's JSONL unless absolute."""
     images = {} if score_only else row.get("images", {})
     bbox = None if score_only else row.get("bbox")
-    if score_only:
-        pairs = {"pair": row}
-    else:
-        pairs = {b: row[b] for b in ("focus", "robust") if row.get(b) is not None}
+    pairs = {"pair": row} if score_only else {b: row[b] for b in ("focus", "robust")
+                                              if row.get(b) is not None}
     for b, pair in pairs.items():  # an empty response is a response (EOS alone), not an error
         if not (isinstance(pair, dict) and all(isinstance(pair.get(k), str)
                                                for k in ("chosen", "rejected"))):
@@ -510,23 +489,26 @@ def read_line(row, score_only):
             roles["aug"] = images["aug"]
     if "robust" in pairs:
         roles["noise"] = images.get("noise")
-    pil = {}
-    for role, p in roles.items():
-        if not is_text(p):
-            raise ValueError(f"images.{role} must be an image path, not {p!r:.60}")
-        path = Path(row["_file"]).parent / p  # an absolute p stays absolute
-        if not path.is_file():
-            raise ValueError(f"image not found: {path}")
-        try:
-            pil[role] = load_image(path)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"unreadable image {path}: {e}")
+    pil = {role: read_image(Path(row["_file"]).parent, role, p) for role, p in roles.items()}
     aug = [pil["aug"]] if "aug" in pil else [pil["image"], pil.get("crop")]
     contexts = {"image": [pil["image"]], "deg": [pil.get("deg")], "noise": [pil.get("noise")],
                 "aug": aug}
     return {"prompt": prompt, "prompt_enh": row.get("prompt_enh"),
             "prompt_robust": robust_prompt(row) if "robust" in pairs else prompt,
             "pairs": pairs, "contexts": contexts, "pil": pil}
+
+
+def read_image(root, role, path):
+    """The RGB image at `path` (relative to root unless absolute); ValueError naming it."""
+    if not is_text(path):
+        raise ValueError(f"images.{role} must be an image path, not {path!r:.60}")
+    path = root / path
+    if not path.is_file():
+        raise ValueError(f"image not found: {path}")
+    try:
+        return load_image(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"unreadable image {path}: {e}")
 
 
 def is_text(value):
@@ -537,22 +519,16 @@ def relative_paths(row, out):
     """The row with "image" and "images" relative to `out` (paths in a JSONL are relative to it)."""
     root = Path(row["_file"]).parent
     if isinstance(row.get("images"), dict):
-        images = {}
-        for k, v in row["images"].items():
-            if isinstance(v, str) and v:
-                v = relpath_for(out, root / v)
-            images[k] = v
+        images = {k: relpath_for(out, root / v) if isinstance(v, str) and v else v
+                  for k, v in row["images"].items()}
         row = {**row, "images": images}
     return {**row, "image": relpath_for(out, row["_image"])}
-# ---- end plumbing ----
 
 
-# ---- plumbing: loading CLIP ----
 def load_clip(name, pretrained, device):
     """(model, preprocess, tokenizer) of an open_clip model, or None for "none". name: a folder in
-    open_clip's local-dir format (open_clip_config.json + weights, as 00 writes world/clip) or an
-    open_clip model name whose `pretrained` weights (a tag or a file) are already on this machine:
-    nothing is downloaded."""
+    open_clip's local-dir format (as 00 writes world/clip) or a model name whose `pretrained`
+    weights (a tag or a file) are already on this machine: nothing is downloaded."""
     if name == "none":
         return None
     import open_clip  # here: it imports torchvision, which --clip none does without
@@ -562,21 +538,17 @@ def load_clip(name, pretrained, device):
     else:
         cfg = open_clip.get_pretrained_cfg(name, pretrained)
         if cfg.get("url") and not cfg.get("hf_hub"):  # open_clip would fetch it: take the cache's
-            cache = os.path.expanduser("~/.cache/clip")
-            pretrained = os.path.join(cache, os.path.basename(cfg["url"]))
-        quick_gelu = bool(cfg.get("quick_gelu"))  # openai weights: QuickGELU
-        kw = dict(pretrained=pretrained, force_quick_gelu=quick_gelu)
+            pretrained = os.path.join(os.path.expanduser("~/.cache/clip"),
+                                      os.path.basename(cfg["url"]))
+        kw = dict(pretrained=pretrained, force_quick_gelu=bool(cfg.get("quick_gelu")))
     try:
         model, preprocess = open_clip.create_model_from_pretrained(name, device=device, **kw)
     except (OSError, RuntimeError, ValueError) as e:
-        weights = kw.get("pretrained", "folder")
-        fail(f"cannot load CLIP {name} ({weights}) from local files: {e}\nnothing is downloaded: "
-             f"pass a folder, a cached tag or a weights file, or --clip none")
+        fail(f"cannot load CLIP {name} ({kw.get('pretrained', 'folder')}) from local files: {e}\n"
+             f"nothing is downloaded: pass a folder, a cached tag or a weights file, or --clip none")
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
-# ---- end plumbing ----
 
 
-# ---- plumbing: writing and printing ----
 def write_outputs(lines, report, args, out):
     """<out> (the lines that keep a branch), <out>.dropped.jsonl (the others), <out>.report.json;
     the report printed."""
@@ -587,6 +559,7 @@ def write_outputs(lines, report, args, out):
         write_jsonl(dropped, [x for x in lines if not any(x["keep"].values())])
     report_path.write_text(json.dumps(report, indent=1))
     num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    stats = lambda s, *keys: "  ".join(f"{k} {num(s[k])}" for k in keys)  # noqa: E731
     t = report["thresholds"]
     print(f"filter: PPL < {t['max_ppl']:g} (chosen and rejected), "
           f"{t['margin_low']:g} <= M <= {t['margin_high']:g}, each response in "
@@ -596,17 +569,12 @@ def write_outputs(lines, report, args, out):
         print(f"{b}: {r['pairs']} pairs, {r['kept']} kept, {r['dropped']} dropped "
               f"of {report['lines']} lines ({reasons}; a pair can fail several checks)")
         for name, key in (("IPS all ", "ips_all"), ("IPS kept", "ips_kept"), ("margin  ", "margin")):
-            s = r[key]
-            print(f"  {name} n {s['n']:4d}  mean {num(s['mean'])}  std {num(s['std'])}  "
-                  f"min {num(s['min'])}  median {num(s['median'])}  max {num(s['max'])}  "
-                  f"share < 0 {num(s['negative'])}")
+            print(f"  {name} n {r[key]['n']:4d}  "
+                  + stats(r[key], "mean", "std", "min", "median", "max", "negative"))
     s = report["clip_ratio"]
-    print(f"CLIP ratio r: n {s['n']}  mean {num(s['mean'])}  std {num(s['std'])}  "
-          f"min {num(s['min'])}  max {num(s['max'])}  share > 1 {num(s['above_1'])}")
-    s = report["clip_ratio_kept_both"]
+    print(f"CLIP ratio r: n {s['n']}  " + stats(s, "mean", "std", "min", "max", "above_1"))
     print(f"{report['kept_both']} lines keep both branches (DDW weighs only these); their r: "
-          f"mean {num(s['mean'])}  median {num(s['median'])}  min {num(s['min'])}  "
-          f"max {num(s['max'])}")
+          + stats(report["clip_ratio_kept_both"], "mean", "median", "min", "max"))
     if not args.score_only:
         print(f"{out}: {report['written']} lines keep a branch; {len(lines) - report['written']} "
               f"in {dropped}; report in {report_path}")
