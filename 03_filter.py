@@ -38,9 +38,12 @@ Output  <out> (train.jsonl), the lines that keep a branch: the input fields (pat
         "ppl": {"focus_w", "focus_l", "robust_w", "robust_l"}, "margin": {"focus", "robust"},
         "filter_context": "own" | "dpo", "keep": {"focus", "robust"}, "why": {"focus", "robust":
         [reasons dropped]}; --score-only: "pair_w", "pair_l" and "pair" instead, no <out>.
-        <out>.dropped.jsonl: the other lines; <out>.report.json; <out>.errors.jsonl;
-        <out>.args.json; <out>.scores: every scored line, the resume checkpoint (a rerun scores new
-        ids only and re-filters without a model; same --data, model and SCORE_ARGS only).
+        <out>.dropped.jsonl: the other lines; <out>.report.json: "lines", "written", "thresholds",
+        "branches": {branch: {"pairs", "kept", "dropped", "reasons", "ips_all", "ips_kept",
+        "margin", "ppl_chosen", "ppl_rejected"}}, "clip_ratio", "kept_both", "clip_ratio_kept_both";
+        <out>.errors.jsonl; <out>.args.json; <out>.scores: each scored line before the filter (up
+        to "clip"), the resume checkpoint: a rerun scores new ids only and re-filters without a
+        model (the same --data, model and SCORE_ARGS only).
 Shapes: R scoring rows in a forward (up to 10 a line), B lines, D CLIP embedding width.
 
 Launch: the toy world on CPU; one GPU; 8 GPUs:
@@ -365,8 +368,7 @@ def summary(values):
     if not len(x):
         return {"n": 0, **dict.fromkeys(("mean", "std", "min", "median", "max", "negative"))}
     return {"n": len(x), "mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()),
-            "median": float(np.median(x)), "max": float(x.max()),
-            "negative": float((x < 0).mean())}
+            "median": float(np.median(x)), "max": float(x.max()), "negative": float((x < 0).mean())}
 
 
 def filter_report(lines, branches, args):
