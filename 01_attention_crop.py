@@ -58,7 +58,6 @@ Our choices where the paper is silent: a forward hook reduces each chosen layer'
   "what shape is the <colour> object ?" (layer 1: 53%, layer 2: 1%, a random window as large: 20%).
 """
 import argparse
-import contextlib
 import errno
 import fcntl
 import functools
@@ -77,6 +76,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
+import zlib
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
