@@ -117,6 +117,7 @@ def test_an_out_that_is_an_input_is_refused_naming_both(tiny_llava, tmp_path):
 
 
 # ---- one run per --out ----
+@pytest.mark.slow  # a second process that loads the model: 30 s on 2 busy cores
 def test_a_second_run_into_one_out_refuses_and_a_killed_runs_lock_is_taken_over(tiny_llava, tmp_path, capsys):
     """Two real processes: the first holds the lock (stopped with SIGSTOP so that it cannot finish first), the
     second refuses and changes nothing; once the first is killed (SIGKILL: no clean-up), its lock is taken over."""
