@@ -125,8 +125,7 @@ def test_gpu_scale_small_on_cpu(tmp_path):
     assert "random weights never stop at EOS" in proc.stdout and "upper bounds" in proc.stdout, proc.stdout
 
 
-@pytest.mark.slow  # 21 s on 2 busy CPU cores
-def test_gpu_scale_7b_config():
+def test_gpu_scale_7b_config():  # fast: shapes on the meta device, no benchmark run
     """--size 7b builds LLaVA-1.5-7B's shapes: 7,063,427,072 parameters = Llama-2-7B's 6,738,415,616 + 64 padded
     vocabulary rows x 4096 x 2 (embedding, lm_head) + CLIP ViT-L/14-336's tower 303,507,456 + the projector (1024 x
     4096 + 4096 x 4096 + biases) 20,979,712 (built on the meta device: nothing allocated); its processor makes 576
