@@ -60,7 +60,7 @@ Sizes: 7b = LLaVA-1.5-7B (text Llama-2-7B: 32 x 4096, MLP 11008, 32 heads; visio
 16 heads, 336 px, 14 px patches -> 576 image tokens; 2-layer MLP projector; vision_feature_layer -2), CLIP
 ViT-L/14; small = the same family and image geometry (text 4 x 256, vocabulary 4096, vision 2 x 128, a 2 x 64
 CLIP), which runs on a CPU with 4 instances and short caps: it checks the code path. The tokenizer is the tests'
-word-level one (tests/conftest.py), its vocabulary padded with the words "w0", "w1", ... to the model's (7b:
+word-level one (tiny_models.py), its vocabulary padded with the words "w0", "w1", ... to the model's (7b:
 LLaVA-1.5's 32064 ids), so every id the random model picks is a word that reads back as that id; image_token_id is
 its <image> id (4), not 32000.
 
@@ -90,7 +90,7 @@ from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPVision
 import transformers  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from common import ROOT, load_stage, status_mb  # noqa: E402
+from common import load_stage, status_mb  # noqa: E402
 
 SIZES = {  # LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf's config) and a small model of the same family
     "7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, vision_hidden=1024, vision_intermediate=4096,
@@ -184,8 +184,7 @@ def build_model(size, device, seed):
     """(model, processor): a random LLaVA-1.5-shaped model of `size`, made on `device` in the dtype the stages use
     there, sdpa attention; the tests' word-level processor at 336 px, 14 px patches (576 image tokens), its
     vocabulary padded to the model's (word_tokenizer)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_tiny_llava  # the tests' processor; its 0.1M-parameter model is thrown away
+    from tiny_models import make_tiny_llava  # the tests' processor; its 0.1M-parameter model is thrown away
     hf_logging.disable_progress_bar()  # (saving the tiny model draws one)
     with tempfile.TemporaryDirectory() as tmp:
         processor = AutoProcessor.from_pretrained(make_tiny_llava(Path(tmp) / "p", image_size=IMAGE, patch_size=PATCH))

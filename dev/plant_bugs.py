@@ -136,7 +136,8 @@ BUGS = [
         "--refine-init ignored: y_w keeps its own sampler"),
     bug("crop_unchecked", F02, 'if row.get("crop", "window") not in ("full", "window"):', "if False:", "02",
         "a crop field other than full/window read silently as window"),
-    bug("resume_by_count", F02, 'todo = [r for r in rows if str(r["id"]) not in done]', "todo = rows[len(done):]",
+    bug("resume_by_count", F02, 'mine = [r for r in rows if str(r["id"]) not in done][rank::world]',
+        "mine = rows[len(done):][rank::world]",
         "02", "resume skips rows by count, not id", extra=["tests/test_shared_blocks.py"]),
     # ---- 03: scoring ----
     bug("clip_order_03", F03, 'return [{"crop": c, "image": i, "ratio": gain_ratio(c, i)} for c, i in zip(crop, full)]',

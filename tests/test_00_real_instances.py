@@ -297,6 +297,7 @@ def test_unknown_format_and_all_rows_bad_exit_nonzero(tmp_path):
 
 
 @needs_pyarrow
+@pytest.mark.slow  # three scripts as subprocesses
 def test_as_a_user_then_stage_01_and_03_score_only_read_the_outputs(tmp_path):
     data = write_rlhfv(tmp_path / "RLHF-V-Dataset.parquet")
     out = tmp_path / "rlhfv"
