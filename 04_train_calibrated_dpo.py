@@ -82,71 +82,63 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     real = at_least(0.0, float)  # a finite number >= 0
-    p.add_argument("--model", default="world/model", help="base model folder or a name in your HF cache")
+    p.add_argument("--model", default="world/model", help="base model: a folder, or a name in "
+                   "your own HF cache")
     p.add_argument("--data", default="runs/train.jsonl", help="train.jsonl from stage 03")
     p.add_argument("--out", default="runs/p2dpo", help="output folder: model, metrics, checkpoint")
     g = p.add_argument_group("the paper's loss")
-    g.add_argument("--beta", type=real, default=0.1, help="DPO temperature (paper; DPO's usual 0.1)")
-    g.add_argument("--lambda-calib", type=real, default=0.3, help="weight of L_calib in L_focus (paper)")
+    g.add_argument("--beta", type=real, default=0.1, help="DPO temperature (paper; DPO's usual)")
+    g.add_argument("--lambda-calib", type=real, default=0.3, help="L_calib's weight (paper)")
     g.add_argument("--calib-ref", choices=("win", "lose"), default="win",
-                   help="Delta pi_ref on y_w or y_l (authors)")
-    g.add_argument("--w-base", type=real, default=0.5, help="DDW base weight of each branch (paper)")
-    g.add_argument("--alpha-max", type=real, default=0.2,
-                   help="DDW largest shift of the weights, at most --w-base (paper)")
-    g.add_argument("--tau", type=at_least(1e-6, float), default=0.1,
-                   help="DDW temperature of tanh((r - 1) / tau) (paper)")
+                   help="Delta pi_ref on y_w or y_l (lose: the authors' code)")
+    g.add_argument("--w-base", type=real, default=0.5, help="DDW base weight (paper)")
+    g.add_argument("--alpha-max", type=real, default=0.2, help="DDW largest shift (paper)")
+    g.add_argument("--tau", type=at_least(1e-6, float), default=0.1, help="DDW temperature (paper)")
     ablation = "ablation (paper's table): without"
     g.add_argument("--no-focus", action="store_true", help=f"{ablation} DPO_focus and L_calib")
     g.add_argument("--no-robust", action="store_true", help=f"{ablation} the robustness branch")
     g.add_argument("--no-calib", action="store_true", help=f"{ablation} L_calib (and its forwards)")
     g.add_argument("--no-ddw", action="store_true", help=f"{ablation} DDW: static w_base / w_base")
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-rank", type=at_least(0), default=32,
-                   help="LoRA rank r (authors: 32); 0 = full fine-tuning")
-    g.add_argument("--lora-alpha", type=real, default=32, help="LoRA alpha, scale alpha / r (authors)")
+    g = p.add_argument_group("LoRA (the authors' settings)")
+    g.add_argument("--lora-rank", type=at_least(0), default=32, help="LoRA rank r; 0: no LoRA")
+    g.add_argument("--lora-alpha", type=real, default=32, help="LoRA alpha: the scale is alpha / r")
     g.add_argument("--lora-dropout", type=at_least(0.0, float, most=0.99), default=0.05,
-                   help="dropout on the LoRA input (authors)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=real, default=None,
-                   help="AdamW peak learning rate (default: authors' 1e-5; the toy world's "
-                        "world.json beside --model sets its own: 1e-4)")
-    g.add_argument("--weight-decay", type=real, default=0.05, help="AdamW weight decay (authors)")
+                   help="dropout on the LoRA input")
+    g = p.add_argument_group("optimisation (the authors' settings)")
+    g.add_argument("--lr", type=real, default=None, help="AdamW peak learning rate (default: 1e-5; "
+                   "the toy world's world.json beside --model sets its own: 1e-4)")
+    g.add_argument("--weight-decay", type=real, default=0.05, help="AdamW weight decay")
     g.add_argument("--warmup-ratio", type=at_least(0.0, float, most=1.0), default=0.03,
-                   help="linear warm-up share, then cosine (authors)")
-    g.add_argument("--epochs", type=at_least(1), default=4, help="passes over the data (authors)")
-    g.add_argument("--effective-batch", type=at_least(1), default=16,
-                   help="lines per optimizer step, all processes (authors)")
-    g.add_argument("--batch-size", type=at_least(1), default=4, help="lines per micro-step per process")
+                   help="linear warm-up share, then cosine")
+    g.add_argument("--epochs", type=at_least(1), default=4, help="passes over the data")
+    g.add_argument("--effective-batch", type=at_least(1), default=16, help="lines per step, in all")
+    g.add_argument("--batch-size", type=at_least(1), default=4, help="lines per micro-step per GPU")
     g.add_argument("--grad-accum", type=at_least(0), default=0,
-                   help="micro-steps per update (0: derived from the above)")
-    g.add_argument("--max-grad-norm", type=real, default=1.0, help="gradient norm clip (HF/TRL default)")
-    g.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute activations in backward (less memory)")
+                   help="micro-steps per step (0: from the two above)")
+    g.add_argument("--max-grad-norm", type=real, default=1.0, help="gradient norm clip (HF/TRL's)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations")
     g.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
-                   help="score a pair's y_w and y_l in one row (pair_logprobs); "
-                        "--no-shared-prefix: a row per response (same values to rounding)")
+                   help="a pair's y_w, y_l in one row (pair_logprobs); no: a row each, same values")
     g = p.add_argument_group("run")
     g.add_argument("--save-every", type=at_least(0), default=0,
-                   help="write checkpoint.pt every N steps; 0: every 3%% of the run")
-    g.add_argument("--save-minutes", type=real, default=10.0,
-                   help="also write it when this many minutes passed since the last (0: never)")
+                   help="write checkpoint.pt every N steps (0: every 3%% of the run)")
+    g.add_argument("--save-minutes", type=real, default=10.0, help="and every N minutes (0: never)")
     g.add_argument("--stop-after", type=at_least(0), default=0,
-                   help="end after N steps, schedule unchanged (then --resume)")
+                   help="end after N steps, the schedule unchanged (then --resume)")
     g.add_argument("--resume", action="store_true",
-                   help="continue from <out>/checkpoint.pt (same data and settings only)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start over in an --out that holds a trained model or a checkpoint")
+                   help="continue from <out>/checkpoint.pt (the same data and settings only)")
+    g.add_argument("--overwrite", action="store_true", help="start over in a trained --out")
     g.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order and dropout")
-    g.add_argument("--device", type=device_name,
-                   default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    g.add_argument("--limit", type=at_least(1), default=None, help="use the first N lines of --data")
+    g.add_argument("--device", type=device_name, help="cuda or cpu",
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--limit", type=at_least(1), default=None, help="the first N lines of --data")
     g.add_argument("--max-image-pixels", type=at_least(0), default=Image.MAX_IMAGE_PIXELS,
                    help="a larger image makes its line unusable (decompression bombs); 0: no limit")
-    g.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
+    g.add_argument("--debug", action="store_true", help="show the traceback behind an error")
     args = p.parse_args(argv)
     refused = [  # flags that contradict each other, or values that would train nothing
-        (args.resume and args.overwrite, "--resume continues the run in --out, --overwrite starts it "
-                                         "over: pass one of them"),
+        (args.resume and args.overwrite,
+         "--resume continues the run in --out and --overwrite starts it over: pass one of them"),
         (args.no_focus and args.no_robust, "--no-focus with --no-robust leaves nothing to train"),
         (args.beta == 0, "--beta 0 makes every DPO term ln 2, with no gradient"),
         (args.lr == 0, "--lr 0 trains nothing"),
@@ -204,14 +196,10 @@ def ddw_weights(clip_crop, clip_image, w_base, alpha_max, tau):
 def p2dpo_loss(pi, ref, has_focus, has_robust, clip_crop, clip_image, beta=0.1, lambda_calib=0.3,
                w_base=0.5, alpha_max=0.2, tau=0.1, ddw=True):
     """Per line: w_focus * (DPO_focus + lambda_calib * L_calib) + w_rob * DPO_rob (the caller takes
-    the mean).
-
-    pi, ref: dicts over TERMS of (B,) summed log-probs: focus_w, focus_l (c = I, P); aug, deg
-    (y_w under (I_aug, P_enh), (I_deg, P); ref on y_w or y_l); robust_w, robust_l (c = I_noise, P);
-    0 where a line lacks the branch. has_focus, has_robust: (B,) bool. clip_crop, clip_image: (B,),
-    NaN without a score. Weights: DDW for a line with both branches and a score; w_base each
-    without a score or with ddw=False; 1.0 on a one-branch line's branch.
-    Returns (losses (B,), diagnostics: a dict of (B,) tensors)."""
+    the mean). pi, ref: dicts over TERMS of (B,) summed log-probs, 0 where a line lacks the branch.
+    has_focus, has_robust: (B,) bool. clip_crop, clip_image: (B,), NaN without a score. Weights:
+    DDW for a line with both branches and a score; w_base each without a score or with ddw=False;
+    1.0 on a one-branch line's branch. Returns (losses (B,), diagnostics: a dict of (B,))."""
     dpo_f, chosen_f, rejected_f = dpo_loss(pi["focus_w"], pi["focus_l"],
                                            ref["focus_w"], ref["focus_l"], beta)
     calib = calibration_loss(pi["aug"], pi["deg"], ref["aug"], ref["deg"], beta)
@@ -230,8 +218,10 @@ def p2dpo_loss(pi, ref, has_focus, has_robust, clip_crop, clip_image, beta=0.1, 
     losses = w_focus * l_focus + w_robust * l_robust
     delta_pi_w = torch.as_tensor(pi["aug"]) - torch.as_tensor(pi["deg"])
     diagnostics = dict(dpo_focus=dpo_f, calib=calib, dpo_robust=dpo_r, w_focus=w_focus,
-                       acc_focus=(chosen_f > rejected_f).float(), margin_focus=chosen_f - rejected_f,
-                       acc_robust=(chosen_r > rejected_r).float(), margin_robust=chosen_r - rejected_r,
+                       acc_focus=(chosen_f > rejected_f).float(),
+                       margin_focus=chosen_f - rejected_f,
+                       acc_robust=(chosen_r > rejected_r).float(),
+                       margin_robust=chosen_r - rejected_r,
                        delta_pi_w=delta_pi_w.detach().float())
     return losses, diagnostics
 
@@ -279,30 +269,25 @@ def merge_lora(model):
 
 # ---- the policy's log-probs: a pair's two responses on one shared prefix ----
 def build_pair_batch(processor, prompts, pairs, images):
-    """(inputs, branch (R, T) long) scoring both responses of R (chat prompt with images,
-    (y_w, y_l)) rows as R packed rows [prompt, y_w + EOS, y_l + EOS], left padded. branch: 0 on
-    the prompt and the padding, 1 on y_w + EOS, 2 on y_l + EOS. prompts, images: as build_batch's;
-    the responses are tokenized as build_batch tokenizes them."""
-    # rows [prompt, y_w + EOS]; y_l + EOS is appended below, as build_batch appends y_w
-    inputs, w_mask = build_batch(processor, prompts, [w for w, _ in pairs], images)
+    """(inputs, branch (R, T) long): R packed rows [prompt, y_w + EOS, y_l + EOS], left padded, of R
+    (chat prompt with images, (y_w, y_l)); branch: 0 on the prompt and padding, 1 on y_w + EOS, 2 on
+    y_l + EOS. prompts, images: as build_batch's, which tokenizes y_w as y_l is tokenized here."""
+    inputs, w_mask = build_batch(processor, prompts, [w for w, _ in pairs], images)  # [prompt, y_w]
     tok = processor.tokenizer
     tails = [tok(l, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, l in pairs]
     real = inputs["attention_mask"].bool()  # (R, T0)
     T = max(int(m.sum()) + len(t) for m, t in zip(real, tails))
-    per_token = [k for k, v in inputs.items() if torch.is_tensor(v) and v.shape == real.shape]
-    for k in per_token + ["branch"]:  # input_ids, attention_mask, mm_token_type_ids; then branch
-        v = w_mask.long() if k == "branch" else inputs[k]
-        if k == "input_ids":
-            ends = tails
-        else:  # attention 1, branch 2, mm type 0 (text) on y_l
-            ends = [[{"attention_mask": 1, "branch": 2}.get(k, 0)] * len(t) for t in tails]
-        rows = [torch.cat([row[m], torch.tensor(e, dtype=v.dtype)])
-                for row, m, e in zip(v, real, ends)]
+    for k in [k for k, v in inputs.items() if torch.is_tensor(v) and v.shape == real.shape]:
+        # input_ids, attention_mask, mm_token_type_ids: y_l's ids, attention 1, type 0 (text)
+        ends = tails if k == "input_ids" else [[int(k == "attention_mask")] * len(t) for t in tails]
+        rows = [torch.cat([row[m], torch.tensor(e, dtype=row.dtype)])
+                for row, m, e in zip(inputs[k], real, ends)]
         pad = tok.pad_token_id if k == "input_ids" else 0
-        rows = [F.pad(row, (T - len(row), 0), value=pad) for row in rows]
-        inputs[k] = torch.stack(rows)  # (R, T)
-    branch = inputs.pop("branch")
-    return inputs, branch
+        inputs[k] = torch.stack([F.pad(r, (T - len(r), 0), value=pad) for r in rows])  # (R, T)
+    n_l = torch.tensor([len(t) for t in tails])[:, None]  # (R, 1)
+    n_w = w_mask.sum(1, keepdim=True)  # (R, 1)
+    t = torch.arange(T)
+    return inputs, (t >= T - n_l - n_w).long() + (t >= T - n_l).long()  # (R, T)
 
 
 def pair_logprobs(model, inputs, branch):
@@ -362,11 +347,10 @@ def pair_logprobs(model, inputs, branch):
 
 
 def term_batches(processor, exs, terms=TERMS, shared_prefix=True):
-    """The CPU half of scoring a micro-batch (images decoded, the processor run), apart so that a
-    live reference can share it with the policy. exs: B examples. Returns, for each context some
-    line has and whose terms are all in `terms`, (keys, idx, score, batch): score(model, *batch)
-    gives the log-probs of keys[0] for the lines idx, then those of keys[1]. shared_prefix: a
-    pair's two responses in one row (pair_logprobs); False: a row per response."""
+    """The CPU half of scoring B examples `exs` (images decoded, the processor run; apart, so that a
+    live reference can share it). For each context some line has, its terms all in `terms`:
+    (keys, idx, score, batch), where score(model, *batch) gives keys[0]'s log-probs of the lines
+    idx, then keys[1]'s. shared_prefix: a pair in one row (pair_logprobs), else a row each."""
     focus = [i for i, ex in enumerate(exs) if ex["focus"]]
     robust = [i for i, ex in enumerate(exs) if ex["robust"]]
     contexts = [("focus", focus, ("focus_w", "focus_l"), "prompt", "image"),  # (I, P)
@@ -408,11 +392,10 @@ def policy_logps(model, batches, B, ctx):
 
 # ---- one optimizer step ----
 def micro_step(model, processor, mb, args, ctx, scale, batches=None):
-    """Forward and backward of a micro-batch of (example, weight), one group of terms at a time, so
-    only one group's activations are alive at once. Each backward adds scale * d sum(weight * loss)
-    / d theta to .grad. batches: term_batches of the micro-batch, if the caller made them. Returns,
-    detached, (losses (B,), sums (2 * len(STATS),): each STATS entry's weighted sum, then the count
-    it is a mean over; dummy lines (weight 0) count nowhere)."""
+    """Forward and backward of a micro-batch of (example, weight), a group of terms at a time (one
+    group's activations alive at once), adding scale * d sum(weight * loss) / d theta to .grad.
+    batches: its term_batches, if made. Returns, detached, (losses (B,), sums (2 * len(STATS),):
+    each STATS entry's weighted sum, then its count; weight-0 lines count nowhere)."""
     exs = [ex for ex, _ in mb]
     groups = GROUPS[:2] if args.no_calib else GROUPS
     lambda_calib = 0.0 if args.no_calib else args.lambda_calib
@@ -450,19 +433,18 @@ def micro_step(model, processor, mb, args, ctx, scale, batches=None):
 
 
 def train_step(model, processor, lines, batch, lr, args, ctx, optimizer, accum, rank, world):
-    """One AdamW step at learning rate lr on a global batch (`batch`: indices into `lines`, every
-    rank's share): the gradient of L_total, the mean over the batch's lines whatever the number of
-    processes and micro-steps, clipped. Returns the step's log: each STATS mean and the gradient
-    norm before clipping; a non-finite one raises FloatingPointError before the update."""
+    """One AdamW step at learning rate lr on the global batch `batch` (indices into `lines`, all
+    ranks'): the clipped gradient of L_total, the mean over its lines whatever the number of
+    processes and micro-steps. Returns the step's log (STATS means, grad norm before clipping, lr);
+    raises FloatingPointError before the update if either is not finite."""
+    t0 = time.time()
     optimizer.param_groups[0]["lr"] = lr  # (one group)
-    # This rank's share as micro-batches of (example, weight). Where another rank's micro-batch
-    # has a branch this one lacks, micro_batches adds one of its lines at weight 0, so that all
-    # ranks make the same forwards and collectives (DDP, FSDP).
+    # this rank's micro-batches, with a weight-0 line where another rank's has a branch this one
+    # lacks: every rank then makes the same forwards and collectives (DDP, FSDP)
     mbs = micro_batches(lines, batch, rank, world, args.batch_size, accum)
     sums = 0
-    # DDP: .grad accumulates locally until the last micro-step, whose backwards (one per group)
-    # each average the whole .grad over ranks: averaging an average leaves it, so the result
-    # is the global batch's mean (scale = world / len(batch): / len(batch) once DDP averages)
+    # DDP: .grad accumulates locally until the last micro-step, whose backwards average .grad over
+    # ranks (an average of averages is the average): scale = world / len(batch) gives the mean
     for j, mb in enumerate(mbs):
         last = j == len(mbs) - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
         with contextlib.nullcontext() if last else model.no_sync():
@@ -470,15 +452,17 @@ def train_step(model, processor, lines, batch, lr, args, ctx, optimizer, accum, 
         sums = sums + s
     if world > 1:
         dist.all_reduce(sums)
-    grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.max_grad_norm)
+    params = optimizer.param_groups[0]["params"]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
     if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
         grad_norm = grad_norm.full_tensor()
     log = {**stat_means(sums), "grad_norm": float(grad_norm)}
     if not (math.isfinite(log["loss"]) and math.isfinite(log["grad_norm"])):
-        raise FloatingPointError(f"non-finite loss ({log['loss']}) or grad norm ({log['grad_norm']})")
+        raise FloatingPointError(f"non-finite loss ({log['loss']}) or grad norm "
+                                 f"({log['grad_norm']})")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return log
+    return {**log, "lr": lr, "examples_per_s": len(batch) / (time.time() - t0)}
 
 
 def lr_at(step, peak, warmup, total):
@@ -500,18 +484,16 @@ def main(argv=None):
     say(settings)
     inputs = {"--data": args.data, "--model": args.model}
     on_rank0(lambda: claim_out(args.out, inputs, folder=True), rank, world)
-    ctx = contextlib.nullcontext()
-    if device.type == "cuda":
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16)
+    ctx = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")  # CPU: fp32
     # ---- the data: stage 03's pairs and the reference's log-probs; the schedule ----
     lines, errors = read_lines(args, rank, say)
     accum = args.grad_accum or max(1, round(args.effective_batch / (args.batch_size * world)))
     per_step = args.batch_size * accum * world  # lines per optimizer step: the global batch
     steps_per_epoch = math.ceil(len(lines) / per_step)
     total = args.epochs * steps_per_epoch
-    resolved = dict(data_identity=file_identity(args.data), model_identity=model_identity(args.model),
-                    grad_accum=accum, world_size=world, global_batch=per_step, total_steps=total,
-                    lines=len(lines), skipped=len(errors))
+    resolved = dict(data_identity=file_identity(args.data),
+                    model_identity=model_identity(args.model), grad_accum=accum, world_size=world,
+                    global_batch=per_step, total_steps=total, lines=len(lines), skipped=len(errors))
     on_rank0(lambda: check_out(args, resolved), rank, world)
     # ---- the policy: the base model with LoRA, and AdamW ----
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
@@ -525,23 +507,23 @@ def main(argv=None):
         f" x {world} ranks); checkpoint every {saver.every} steps or {args.save_minutes:g} minutes")
     stopping = saver.saved < args.stop_after <= total  # --stop-after: a checkpoint, no model
     end = args.stop_after if stopping else total
-    for step in tqdm(range(saver.saved, end), initial=saver.saved, total=total, disable=rank != 0,
-                     desc="p2dpo"):
-        t0 = time.time()
-        epoch, k = divmod(step, steps_per_epoch)  # each epoch its own order
-        order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(args.seed + epoch))
-        batch = order.tolist()[k * per_step:(k + 1) * per_step]
+    for step in tqdm(range(saver.saved, end), initial=saver.saved, total=total, disable=rank != 0):
+        epoch, k = divmod(step, steps_per_epoch)
+        shuffle = torch.Generator().manual_seed(args.seed + epoch)
+        order = torch.randperm(len(lines), generator=shuffle).tolist()
+        batch = order[k * per_step:(k + 1) * per_step]  # this step's lines, all ranks
         torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # dropout, as after --resume
         lr = lr_at(step, args.lr, math.ceil(args.warmup_ratio * total), total)
         try:
-            log = train_step(model, processor, lines, batch, lr, args, ctx, optimizer, accum, rank, world)
+            log = train_step(model, processor, lines, batch, lr, args, ctx, optimizer, accum, rank,
+                             world)
         except FloatingPointError as e:
             fail(f"{e} at step {step + 1}: stopped before the update; {saver.holds()} (check the "
                  f"ref log-probs in --data, --lr)")
-        log = dict(step=step + 1, epoch=epoch, **log, lr=lr, examples_per_s=len(batch) / (time.time() - t0))
+        log = dict(step=step + 1, epoch=epoch, **log)
         if rank == 0:
             append_jsonl(metrics, log)
-            say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items()))
+            say(format_log(log))
         saver.after(step + 1)  # checkpoint.pt when due, and at --stop-after
     if stopping:
         say(f"stopped after step {end} (--stop-after); continue with --resume")
@@ -582,10 +564,9 @@ def prepare(model, args, world, device):
 
 
 def micro_batches(lines, batch, rank, world, batch_size, accum):
-    """This rank's share of one global batch (line indices) as up to `accum` micro-batches of
-    (example, weight). Every rank computes every share, so where another rank's micro-batch runs a
-    branch this one lacks, one line of it is added with weight 0: all ranks then make the same
-    forward and collective calls (DDP, FSDP)."""
+    """This rank's share of a global batch (line indices): up to `accum` micro-batches of (example,
+    weight). Where another rank's micro-batch has a branch this one lacks, one line of it is added
+    with weight 0, so every rank makes the same forward and collective calls (DDP, FSDP)."""
     shares = [batch[r::world] for r in range(world)]
     out = []
     for j in range(accum):
@@ -602,9 +583,8 @@ def micro_batches(lines, batch, rank, world, batch_size, accum):
 # ---- plumbing: the data ----
 def read_lines(args, rank, say):
     """(examples, errors) of the first --limit lines of --data: parse_line's example of each good
-    line; {"file", "line", "id", "error"} of each other: not a JSON object, a field of the wrong
-    type or range, the id of an earlier line, no branch to train. The errors go to
-    <out>/errors.jsonl (by open_outputs; here if no line is good, which ends the run)."""
+    line, {"file", "line", "id", "error"} of each other (not JSON, a field of the wrong type or
+    range, an earlier line's id, no branch to train). No good line: the run ends here."""
     if not os.path.isfile(args.data):
         fail(f"--data {args.data}: input file not found")
     root = os.path.dirname(os.path.abspath(args.data))  # image paths are relative to its folder
@@ -615,7 +595,7 @@ def read_lines(args, rank, say):
         fail(f"{args.data}: no input lines (the file is empty)")
     examples = []
     errors = []
-    seen = {}  # id -> the line that has it
+    seen = {}  # id -> its line
     for n, row in rows:
         key = row.get("id") if isinstance(row, dict) else None
         try:
@@ -628,7 +608,8 @@ def read_lines(args, rank, say):
             examples.append(parse_line(row, root, args))
             seen[str(key)] = n
         except (ValueError, OSError) as e:
-            errors.append({"file": args.data, "line": n, "id": key, "error": f"{args.data}:{n}: {e}"})
+            error = f"{args.data}:{n}: {e}"
+            errors.append({"file": args.data, "line": n, "id": key, "error": error})
     for e in errors[:10]:
         say(e["error"])
     where = os.path.join(args.out, "errors.jsonl")
@@ -641,8 +622,8 @@ def read_lines(args, rank, say):
     return examples, errors
 
 
-# What each field of a train.jsonl line must be: (test, description). A bool is no number here,
-# though Python counts True as 1: `type(v) in (int, float)` leaves bools out.
+# Each kind of train.jsonl field: (test, what it must be). `type(v) in (int, float)` leaves out
+# bools, which Python counts as numbers (True == 1).
 FIELDS = {"text": (lambda v: isinstance(v, str) and v.strip() != "", "non-empty text"),
           "response": (lambda v: isinstance(v, str), "text"),
           "path": (lambda v: isinstance(v, str) and v.strip() != "", "an image file's path"),
@@ -654,10 +635,10 @@ FIELDS = {"text": (lambda v: isinstance(v, str) and v.strip() != "", "non-empty 
 
 
 def parse_line(row, root, args):
-    """One train.jsonl row -> a training example: {"prompt", "prompt_enh", "images": {context:
-    [image files]}, "focus", "robust": (y_w, y_l) | None, "ref": {term: log pi_ref}, "clip": [crop,
-    image]}. Each field it reads is checked against FIELDS; ValueError (OSError for an image)
-    names the first that is wrong."""
+    """One train.jsonl row -> a training example {"prompt", "prompt_enh", "images": {context:
+    [files]}, "focus", "robust": (y_w, y_l) | None, "ref": {term: log pi_ref}, "clip": [crop,
+    image]}. Each field read is checked (FIELDS); ValueError (OSError: an image) names the first
+    one that is wrong."""
     def get(name, kind):  # the field "a.b" of row, checked
         value = row
         for key in name.split("."):
@@ -701,14 +682,13 @@ def parse_line(row, root, args):
         need.update(robust_w="robust_w", robust_l="robust_l")
         contexts["noise"] = ["images.noise"]
     ref = {term: float(get(f"ref.{key}", "logprob")) for term, key in need.items()}
-    images = {c: [os.path.join(root, get(f, "path")) for f in fields] for c, fields in contexts.items()}
+    images = {c: [os.path.join(root, get(f, "path")) for f in fields]
+              for c, fields in contexts.items()}
     for path in {p for files in images.values() for p in files}:
         open_image(path).close()  # the header: a missing file, no image, a bomb: this line's error
-    example = {"prompt": row["prompt"], "prompt_enh": row["prompt_enh"] if calib else None,
-               "images": images}
-    for b in ("focus", "robust"):
-        example[b] = (row[b]["chosen"], row[b]["rejected"]) if use[b] else None
-    return {**example, "ref": {t: ref.get(t, 0.0) for t in TERMS}, "clip": scores}
+    pairs = {b: (row[b]["chosen"], row[b]["rejected"]) if use[b] else None for b in use}
+    return {"prompt": row["prompt"], "prompt_enh": row["prompt_enh"] if calib else None,
+            "images": images, **pairs, "ref": {t: ref.get(t, 0.0) for t in TERMS}, "clip": scores}
 
 
 def training_image(path):
@@ -726,8 +706,9 @@ def check_out(args, resolved):
     --out without --overwrite; a --resume without a checkpoint, or with other data or settings
     (RESUME_MAY_CHANGE aside) than args.json records of the run that wrote it."""
     out = Path(args.out)
+    trained = (out / "checkpoint.pt").is_file() or (out / "config.json").is_file()
     if not args.resume:
-        if ((out / "checkpoint.pt").is_file() or (out / "config.json").is_file()) and not args.overwrite:
+        if trained and not args.overwrite:
             fail(f"{out} holds a trained model or a checkpoint: --resume continues it, --overwrite "
                  f"starts over, or pass another --out")
         return
@@ -741,8 +722,8 @@ def check_out(args, resolved):
     new = {**vars(args), **resolved}
     for k in old:
         if k in new and k not in RESUME_MAY_CHANGE and old[k] != new[k]:
-            fail(f"--resume: {out} was trained with {k}={old[k]!r}, not {new[k]!r}: resume with the "
-                 f"same data and settings, or start over (--overwrite, another --out)")
+            fail(f"--resume: {out} was trained with {k}={old[k]!r}, not {new[k]!r}: resume with "
+                 f"the same data and settings, or start over (--overwrite, another --out)")
 
 
 def open_outputs(args, start, resolved, errors):
@@ -767,6 +748,11 @@ def write_errors(out, errors):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "errors.jsonl"), "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in errors)
+
+
+def format_log(log):
+    """The step's log line: each field with 4 significant digits."""
+    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items())
 
 
 def stat_means(sums):
@@ -813,7 +799,8 @@ class Checkpoints:
     def after(self, step):
         model, optimizer, rank, world = self.parts
         minutes = self.args.save_minutes
-        due = [step - self.saved >= self.every or (minutes > 0 and time.time() - self.saved_at >= 60 * minutes)]
+        late = minutes > 0 and time.time() - self.saved_at >= 60 * minutes
+        due = [step - self.saved >= self.every or late]
         if world > 1:
             dist.broadcast_object_list(due, src=0)
         if due[0] or step == self.args.stop_after:
@@ -825,7 +812,9 @@ class Checkpoints:
             self.saved_at = time.time()
 
     def holds(self):
-        return f"{self.path} holds step {self.saved}" if self.saved else "no checkpoint.pt was written yet"
+        if self.saved:
+            return f"{self.path} holds step {self.saved}"
+        return "no checkpoint.pt was written yet"
 
 
 def save_model(model, processor, out, device, rank):
