@@ -1,6 +1,7 @@
 """Stage 04: the P2-DPO loss (hand-computed values and limits), the shared log-prob block (batched = token by
-token), LoRA merge, and the trainer run as a subprocess on tiny LLaVA / Qwen2.5-VL models: step 0 = ln 2,
-bad rows skipped, resume = uninterrupted, 2 processes (gloo) = 1 process, non-finite loss stops the run."""
+token), LoRA merge, every field of a train.jsonl line checked on its own line (errors.jsonl, repeated ids),
+flags refused together, and (slow) the trainer run as a subprocess on tiny LLaVA / Qwen2.5-VL models: step 0 =
+ln 2, bad rows skipped, resume = uninterrupted, 2 processes (gloo) = 1 process, non-finite loss stops the run."""
 import contextlib
 import json
 import math
@@ -449,7 +450,7 @@ def test_every_line_bad_ends_the_run_with_the_errors_kept(tiny_llava, tmp_path):
 
 
 @pytest.mark.parametrize("flags, why", [
-    (["--resume", "--overwrite"], "--resume continues the run in --out, --overwrite starts it over"),
+    (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite starts it over"),
     (["--no-focus", "--no-robust"], "--no-focus with --no-robust leaves nothing to train"),
     (["--beta", "0"], "--beta 0"), (["--lr", "0"], "--lr 0"), (["--lora-alpha", "0"], "--lora-alpha 0"),
     (["--max-grad-norm", "0"], "--max-grad-norm 0"), (["--w-base", "0"], "--w-base 0"),
