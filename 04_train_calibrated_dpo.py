@@ -87,7 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="runs/train.jsonl", help="train.jsonl from stage 03")
     p.add_argument("--out", default="runs/p2dpo", help="output folder: model, metrics, checkpoint")
     g = p.add_argument_group("the paper's loss")
-    g.add_argument("--beta", type=real, default=0.1, help="DPO temperature (paper; DPO's usual)")
+    g.add_argument("--beta", type=real, default=0.1, help="DPO temperature (paper, as DPO's)")
     g.add_argument("--lambda-calib", type=real, default=0.3, help="L_calib's weight (paper)")
     g.add_argument("--calib-ref", choices=("win", "lose"), default="win",
                    help="Delta pi_ref on y_w or y_l (lose: the authors' code)")
@@ -100,7 +100,8 @@ def parse_args(argv=None):
     g.add_argument("--no-calib", action="store_true", help=f"{ablation} L_calib (and its forwards)")
     g.add_argument("--no-ddw", action="store_true", help=f"{ablation} DDW: static w_base / w_base")
     g = p.add_argument_group("LoRA (the authors' settings)")
-    g.add_argument("--lora-rank", type=at_least(0), default=32, help="LoRA rank r; 0: no LoRA")
+    g.add_argument("--lora-rank", type=at_least(0), default=32,
+                   help="LoRA rank r; 0: full fine-tuning of the language model")
     g.add_argument("--lora-alpha", type=real, default=32, help="LoRA alpha: the scale is alpha / r")
     g.add_argument("--lora-dropout", type=at_least(0.0, float, most=0.99), default=0.05,
                    help="dropout on the LoRA input")
@@ -116,7 +117,8 @@ def parse_args(argv=None):
     g.add_argument("--grad-accum", type=at_least(0), default=0,
                    help="micro-steps per step (0: from the two above)")
     g.add_argument("--max-grad-norm", type=real, default=1.0, help="gradient norm clip (HF/TRL's)")
-    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in backward (less memory)")
     g.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
                    help="a pair's y_w, y_l in one row (pair_logprobs); no: a row each, same values")
     g = p.add_argument_group("run")

@@ -441,12 +441,16 @@ def test_bad_lines_and_repeated_ids_go_to_errors_jsonl_and_the_run_goes_on(tiny_
     assert recorded["lines"] == 3 and recorded["skipped"] == 6 and (out / "model.safetensors").exists()
 
 
-def test_every_line_bad_ends_the_run_with_the_errors_kept(tiny_llava, tmp_path):
+def test_every_line_bad_ends_the_run_with_the_errors_kept_and_the_fix_runs(tiny_llava, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps(with_field(good_row(tmp_path), "image", "moved.png")) + "\n")
+    argv = list(map(str, ["--model", tiny_llava, "--data", data, "--out", tmp_path / "p2dpo", "--lora-rank", 2]))
     with pytest.raises(SystemExit, match="no usable line .*all 1 lines were left out"):
-        stage.main(list(map(str, ["--model", tiny_llava, "--data", data, "--out", tmp_path / "p2dpo"])))
+        stage.main(argv)
     assert "moved.png" in json.loads((tmp_path / "p2dpo" / "errors.jsonl").read_text())["error"]
+    data.write_text(json.dumps(good_row(tmp_path)) + "\n")  # the image put back: the same command now trains
+    stage.main(argv + ["--stop-after", "1"])
+    assert (tmp_path / "p2dpo" / "errors.jsonl").read_text() == "" and (tmp_path / "p2dpo" / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize("flags, why", [
