@@ -620,7 +620,8 @@ def read_lines(args, rank, say):
     if errors:
         say(f"{len(errors)} of {len(rows)} lines of {args.data} left out (listed in {where})")
     if not examples:
-        if rank == 0:
+        if rank == 0:  # the folder is 04's from now on: args.json says so, the corrected rerun goes on
+            write_args(args_path(args.out, folder=True), vars(args))
             write_errors(args.out, errors)
         fail(f"no usable line in {args.data}: all {len(rows)} lines were left out (see {where})")
     return examples, errors
