@@ -481,11 +481,10 @@ def main(argv=None):
     args = parse_args(argv)
     # ---- plumbing: processes, --out, precision ----
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
-    settings = world_settings(args, "04", {"lr": 1e-5})  # the toy world's lr, else the paper's
     rank, world, device = dist_setup(args.device)  # torchrun: a process group, and a GPU each
     device = torch.device(device)
     say = tqdm.write if rank == 0 else (lambda *a, **k: None)
-    say(settings)
+    say(world_settings(args, "04", {"lr": 1e-5}))  # the toy world's lr, else the paper's
     inputs = {"--data": args.data, "--model": args.model}
     on_rank0(lambda: claim_out(args.out, inputs, folder=True), rank, world)
     ctx = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")  # CPU: fp32
