@@ -44,7 +44,8 @@ PAPER_F1 = {"base": 85.10, "full": 87.44, "no_focus": 85.84, "no_robust": 85.27,
 # Extra flags of the stages (empty: each stage's defaults). The toy world's tuned settings (04's lr 1e-4: why,
 # and the values tried, in 00_toy_world.py's STAGE_SETTINGS) live in world/world.json, which each stage reads
 # when its --model is world/model, so `python 04_train_calibrated_dpo.py` alone trains the same model.
-# Everything else is SPEC's default (authors' filter thresholds, beta 0.1, lambda_calib 0.3, 4 epochs, batch 16).
+# Everything else is each stage's default, the paper's or the authors' code's (the authors' filter
+# thresholds, beta 0.1, lambda_calib 0.3, 4 epochs, batch 16).
 PAIR_FLAGS = ""
 # Looser filters (PPL < 10, margin in [-2, 2], then scored in the DPO context: 375 lines, most of them robustness
 # pairs) gave accuracy 0.874 clean / 0.618 at sigma 0.2 on world/val at lr 1e-4 and drove the sigma-0.2 yes-ratio

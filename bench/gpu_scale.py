@@ -322,7 +322,7 @@ def part_crop(s01, model, processor, args, meter, instances):
     model.set_attn_implementation("eager")  # as 01's main() loads it
     targs = s01.parse_args(["--data", str(instances), "--out", str(instances.parent / "crops.jsonl"),
                             "--seed", str(args.seed)])
-    targs.layers = [len(s01.decoder_layers(model)) // 2]  # main(): the middle layer (SPEC)
+    targs.layers = [len(s01.decoder_layers(model)) // 2]  # main(): the middle layer (our default)
     targs.crop_base = s01.input_side(processor)  # main(): the processor's input side, 336
     rows, errors = s01.read_instances(instances, ("image", "prompt"))
     assert rows and not errors, errors

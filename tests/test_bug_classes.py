@@ -1,6 +1,6 @@
 """Guards against the bugs a forker is most likely to plant, each checked against an expectation computed
 here, independently of the module's own helpers: the paper's formula in plain Python floats, a naive
-token-by-token decoder written below, images rebuilt with numpy/PIL from SPEC's definitions.
+token-by-token decoder written below, images rebuilt with numpy/PIL from the paper's definitions.
 
 Classes (issue 17): the sign and direction of every loss term; L_total as a mean over the global batch;
 the nucleus applied to the contrasted distribution; resume by id; which image and prompt each role of a
@@ -380,7 +380,7 @@ def test_run_rows_resumes_by_id(script, tmp_path):
 
 # ---- stage 04: which context each loss term is scored in ----
 def test_term_batches_score_each_term_in_its_context(llava, tmp_path):
-    """SPEC: DPO_focus on (I, P), L_calib on (I_aug = (I, I_crop), P_enh) and (I_deg, P) with y_w, DPO_rob on
+    """The paper: DPO_focus on (I, P), L_calib on (I_aug = (I, I_crop), P_enh) and (I_deg, P) with y_w, DPO_rob on
     (I_noise, P). Checked on the pixels and the text of every row the trainer feeds the policy."""
     model, processor = llava
     data = write_identical_lines(tmp_path, 1)
@@ -459,7 +459,7 @@ def test_identical_responses_make_a_null_pair_and_the_line_stays():
 
 
 def test_filter_keeps_the_band_ends_and_drops_outside():
-    """SPEC: kept when PPL < max_ppl and theta_low <= M <= theta_high (closed band, open PPL bound)."""
+    """The authors' filter: kept when PPL < max_ppl and theta_low <= M <= theta_high (closed band, open PPL bound)."""
     s03 = load_script("03_filter.py")
     assert s03.filter_reasons(2.0, 2.0, 0.25, 2.5, -0.5, 0.25) == []
     assert s03.filter_reasons(2.0, 2.0, -0.5, 2.5, -0.5, 0.25) == []

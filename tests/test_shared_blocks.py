@@ -1,4 +1,4 @@
-"""SPEC: helpers several stages need are copied verbatim between `# ---- shared: NAME ----` rulers
+"""Helpers several stages need are copied verbatim between `# ---- shared: NAME ----` rulers
 (no shared module, so each script stands alone). Every copy of a NAME must be identical, a script carries
 only the helpers it calls, and the copies sit in the appendix below main(), so a reader meets the paper first."""
 import re
