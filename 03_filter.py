@@ -929,7 +929,6 @@ def file_identity(path):
 
 # ---- shared: lock ----
 STAGE = Path(__file__).name  # recorded in each args.json: which stage wrote an output
-LOCKS = {}  # lock file -> its open file: the kernel frees an flock when its process ends
 
 
 def args_path(out, folder=False):
@@ -1006,10 +1005,17 @@ def claim_out(out, inputs, folder=False):
 
 
 # ---- shared: errors ----
+LOCKS = {}  # lock file -> its open file (claim_out): the kernel frees an flock when its process ends
+
+
 def fail(message):
-    """End the run with one sentence: what is at fault, what to do (--debug: the traceback too)."""
+    """End the run with one sentence: what is at fault, what to do (--debug: the traceback too).
+    --out's lock is let go first, for a process that lives on (a notebook, a test)."""
     if "--debug" in sys.argv[1:] and sys.exc_info()[0] is not None:
         traceback.print_exc()
+    for f in LOCKS.values():
+        f.close()
+    LOCKS.clear()
     raise SystemExit(message)
 
 
