@@ -125,6 +125,24 @@ def degenerate(kind, answer, colours, shapes):
     return not asked_words(answer, colours if kind == "colour" else shapes)
 
 
+def score(q, full, zoom, oracle, vocab):
+    """One question's row: its answers in the three conditions and what they are (see phenomena)."""
+    colours, shapes = vocab["colour"], vocab["shape"]
+    row = {"id": q["id"], "kind": q["kind"], "prompt": q["prompt"], "bbox": q["bbox"],
+           "answer_full": full, "answer_enh": zoom,
+           "degenerate_enh": degenerate(q["kind"], zoom, colours, shapes),
+           "degenerate_full": degenerate(q["kind"], full, colours, shapes),
+           "bare_enh": q["kind"] != "yesno" and bare_yes_no(zoom)}
+    if "box" in q:
+        asked = vocab[q["kind"]]
+        row.update({"class": q["class"], "box": q["box"], "truth": q["answer"],
+                    "oracle_bbox": q["oracle_bbox"], "answer_oracle": oracle,
+                    "hold": centre_inside(q["box"], q["bbox"]),
+                    "full": correct(full, q["answer"], asked), "enh": correct(zoom, q["answer"], asked),
+                    "oracle": correct(oracle, q["answer"], asked)})
+    return row
+
+
 def phenomena(rows):
     """The four numbers from per-question rows. rows: {"kind", "hold", "full", "enh", "oracle" (bools
     for open questions: hold = 01's bbox holds the object centre, the others = answer correct), and
@@ -175,52 +193,37 @@ def main(argv=None):
     questions = build_questions(world, toy, args.seed, args.n_yesno)
     for q in questions:
         q["path"] = world / q["image"]
-    write_jsonl(out / "questions.jsonl", [{"id": q["id"], "prompt": q["prompt"],
-                                           "image": os.path.relpath(q["path"].resolve(), out.resolve())}
-                                          for q in questions])
+    write_jsonl(out / "questions.jsonl",
+                [{"id": q["id"], "prompt": q["prompt"],
+                  "image": os.path.relpath(q["path"].resolve(), out.resolve())} for q in questions])
     shutil.copyfile(world / "world.json", out / "world.json")  # 01 takes the toy world's settings
     # stage 01 as a user runs it: its bbox around where the model looks when it answers
     crops = run_stage01(args.model, out / "questions.jsonl", out / "crops.jsonl", args.stage01_args)
     # the answers: full view, (I, 01's crop) + P_enh, (I, crop around the true box) + P_enh
     model, processor = stage01.load_model(args.model, "cpu")
     enh = stage02.ENH_TEMPLATE
-    images = {q["id"]: Image.open(q["path"]).convert("RGB") for q in questions}
-    conditions = {"full": [], "enh": [], "oracle": []}
+    inputs = {"full": [], "enh": [], "oracle": []}
     for q in questions:
-        image = images[q["id"]]
-        bbox = crops[q["id"]]["bbox"]
-        q["bbox"] = bbox
-        conditions["full"].append((q["prompt"], [image]))
-        conditions["enh"].append((enh.format(question=q["prompt"]), [image, image.crop(tuple(bbox))]))
-        if "box" in q:
+        image = Image.open(q["path"]).convert("RGB")
+        q["bbox"] = crops[q["id"]]["bbox"]
+        inputs["full"].append((q["prompt"], [image]))
+        inputs["enh"].append((enh.format(question=q["prompt"]), [image, image.crop(q["bbox"])]))
+        if "box" in q:  # an open question: its object's true box is known
             q["oracle_bbox"] = oracle_box(q["box"], settings["crop_base"], image.size)
-            conditions["oracle"].append((enh.format(question=q["prompt"]),
-                                         [image, image.crop(tuple(q["oracle_bbox"]))]))
-    answers = {c: answer_all(stage01, model, processor, conditions[c], questions, args.batch_size)
-               for c in ("full", "enh")}
+            zoom = image.crop(q["oracle_bbox"])
+            inputs["oracle"].append((enh.format(question=q["prompt"]), [image, zoom]))
     open_q = [q for q in questions if "box" in q]
-    answers["oracle"] = answer_all(stage01, model, processor, conditions["oracle"], open_q, args.batch_size)
+    answers = {c: answer_all(stage01, model, processor, inputs[c], open_q if c == "oracle" else questions,
+                             args.batch_size) for c in inputs}
     oracle = dict(zip([q["id"] for q in open_q], answers["oracle"]))
-    rows = []
-    colours = settings["colours"]
-    shapes = settings["shapes"]
-    vocab = {"colour": colours, "shape": shapes}
-    for q, full, zoom in zip(questions, answers["full"], answers["enh"]):
-        row = {"id": q["id"], "kind": q["kind"], "prompt": q["prompt"], "bbox": q["bbox"],
-               "answer_full": full, "answer_enh": zoom,
-               "degenerate_enh": degenerate(q["kind"], zoom, colours, shapes),
-               "bare_enh": q["kind"] != "yesno" and bare_yes_no(zoom), "degenerate_full": degenerate(q["kind"], full, colours, shapes)}
-        if "box" in q:
-            row.update({"class": q["class"], "box": q["box"], "truth": q["answer"],
-                        "hold": centre_inside(q["box"], q["bbox"]), "answer_oracle": oracle[q["id"]],
-                        "full": correct(full, q["answer"], vocab[q["kind"]]),
-                        "enh": correct(zoom, q["answer"], vocab[q["kind"]]),
-                        "oracle": correct(oracle[q["id"]], q["answer"], vocab[q["kind"]])})
-        rows.append(row)
+    vocab = {"colour": settings["colours"], "shape": settings["shapes"]}
+    rows = [score(q, full, zoom, oracle.get(q["id"]), vocab)
+            for q, full, zoom in zip(questions, answers["full"], answers["enh"])]
     write_jsonl(out / "answers.jsonl", rows)
     metrics = phenomena(rows)
-    metrics["answers_of_shape_questions_full"] = answer_counts(rows, "shape", "answer_full", shapes)
-    metrics["answers_of_shape_questions_enh"] = answer_counts(rows, "shape", "answer_enh", shapes)
+    for cond in ("full", "enh"):  # what the shape questions get: a prior ("triangle") or the shape
+        metrics[f"answers_of_shape_questions_{cond}"] = answer_counts(rows, "shape", f"answer_{cond}",
+                                                                      vocab["shape"])
     metrics["model"] = str(args.model)
     metrics["stage01_args"] = args.stage01_args
     metrics["seconds"] = round(time.time() - t0, 1)
