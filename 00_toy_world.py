@@ -4,7 +4,10 @@ CPU.
 
 Paper: P2-DPO traces object hallucination to perceptual processing: a small object the model cannot
 resolve in the full view is answered from the language prior, and a zoomed crop fixes it. This
-world makes that failure measurable:
+world was built to make that failure measurable; measured (analysis/world_phenomena.py on
+world/val, docs/toy_world.md), it does not hold it yet: stage 01's crop holds the queried object
+for 54% of open questions, zooming where the model looks changes accuracy by -3 points, and most
+wrong answers are perception failures (shape is not read even in a crop). Its parts:
   - images are drawn on a CANVAS x CANVAS canvas (128 px) but the model sees a VIEW x VIEW view
     (64 px, the processor's resize), so small objects (10-28 px on the canvas, 5-14 px in the view)
     are hard to judge, while a crop cut from the canvas carries real extra detail (not just
@@ -12,7 +15,9 @@ world makes that failure measurable:
   - 20 classes (5 colours x 4 shapes) grouped in themes, so class frequency and co-occurrence are
     uneven and POPE's popular / adversarial negatives mean something;
   - the model is trained on one-image and two-image (full view + zoomed crop, with the paper's
-    enhanced prompt) conversations, so stage 02's I_aug input is in distribution.
+    enhanced prompt) conversations; the two-image ones open with a yes/no question only, so P_enh
+    before a description (as stage 02 asks it) is outside what the model saw: under P_enh it answers
+    25 of 100 val descriptions with a bare "no" (analysis/world_phenomena.py).
 Recipe (a from-scratch tiny LLaVA trained end to end stays at chance): (1) pre-train the vision
 tower alone with a linear head classifying each patch (background or the class covering it);
 (2) freeze it, start the projector from that head mapped onto the class words' embeddings, and
@@ -799,12 +804,37 @@ def main(argv=None):
 # keeps every copy identical).
 # ==================================================================================================
 # ---- plumbing: files, messages, the CLIP process, the settings on disk ----
+MARK = {"stage": "00_toy_world.py"}  # in world.json: the folder is a world this script wrote
+
+
 def fresh_folder(out):
+    """An empty --out, with world.json holding MARK from the start (so a build that dies midway
+    can be rebuilt). A world this script wrote is rebuilt whole (no stale file from other settings
+    survives); any other non-empty folder is refused, never deleted (a mistyped `--out runs`)."""
     lock_world(out)  # before anything is deleted
+    if out.exists() and not built_here(out):
+        raise SystemExit(f"--out {out} is not empty and is not a world this script wrote (no "
+                         f"world.json of 00_toy_world.py in it): pass a new or empty folder")
     if out.exists():
-        shutil.rmtree(out)  # a world is rebuilt whole: no stale file from other settings survives
+        shutil.rmtree(out)
     (out / "images").mkdir(parents=True)
+    (out / "world.json").write_text(json.dumps(MARK))
     return out
+
+
+def built_here(out):
+    """True for an empty folder, or one whose world.json this script wrote: it carries MARK, or
+    (a world built before the mark) its own "args", "classes" and "prompts" keys."""
+    if not out.is_dir():
+        return False
+    if not any(out.iterdir()):
+        return True
+    try:
+        world = json.loads((out / "world.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(world, dict) and (world.get("stage") == MARK["stage"]
+                                        or {"args", "classes", "prompts"} <= set(world))
 
 
 def lock_world(out):
@@ -915,7 +945,7 @@ def shipped_settings():
 def write_world_json(path, args, log, t0):
     """Settings, classes and prompts for later stages; crop_base (stage 01's window side at
     r = 1) is the smallest zoom_box side."""
-    world = {"seed": args.seed, "args": recorded_args(args), "classes": CLASSES,
+    world = {**MARK, "seed": args.seed, "args": recorded_args(args), "classes": CLASSES,
              "colours": list(COLOURS), "shapes": SHAPES, "prompts": {**PROMPTS, "suffix": SUFFIX},
              "canvas": args.canvas, "view": args.view, "crop_base": args.canvas * 3 // 8,
              "noise_sigma": 0.2, "stages": STAGE_SETTINGS, "sft_log": log,

@@ -178,6 +178,7 @@ def test_a_second_build_into_a_world_being_built_refuses(tmp_path):
     import fcntl
     out = tmp_path / "w"
     out.mkdir()
+    (out / "world.json").write_text(json.dumps(tw.MARK))  # a world an earlier build wrote
     (out / "mine.txt").write_text("the first build's file")
     with open(tmp_path / "w.lock", "a+") as held:  # as the running build holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -189,3 +190,43 @@ def test_a_second_build_into_a_world_being_built_refuses(tmp_path):
     proc = run_script("00_toy_world.py", "--tiny", "--out", out, "--seed", "3")  # the holder has ended
     assert not (out / "mine.txt").exists() and (out / "world.json").is_file()
     assert not (tmp_path / "w.lock").exists()
+
+
+def test_out_is_deleted_only_when_this_script_wrote_it(tmp_path):
+    """Before, --out was deleted whatever it held (a mistyped `--out runs` wiped it, rc 0). Now it is emptied only
+    when it is empty or holds a world.json 00 wrote; any other folder, or a file, is refused, untouched."""
+    foreign = tmp_path / "runs"
+    (foreign / "seed0").mkdir(parents=True)
+    (foreign / "seed0" / "metrics.json").write_text("{}")
+    (foreign / "world.json").write_text(json.dumps({"stage": "someone else"}))
+    with pytest.raises(SystemExit, match="not a world this script wrote"):
+        tw.fresh_folder(foreign)
+    assert (foreign / "seed0" / "metrics.json").read_text() == "{}"
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    with pytest.raises(SystemExit, match="not a world this script wrote"):
+        tw.fresh_folder(a_file)
+    assert a_file.read_text() == "keep"
+    for world in ({**tw.MARK, "seed": 1}, {"args": {}, "classes": [], "prompts": {}}):  # marked; built before
+        ours = tmp_path / f"world{len(world)}"
+        ours.mkdir()
+        (ours / "world.json").write_text(json.dumps(world))
+        (ours / "stale.txt").write_text("from other settings")
+        tw.fresh_folder(ours)
+        assert sorted(p.name for p in ours.iterdir()) == ["images", "world.json"]
+        assert json.loads((ours / "world.json").read_text()) == tw.MARK  # marked from the start
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tw.fresh_folder(empty)
+    assert (empty / "images").is_dir()
+
+
+@pytest.mark.slow
+def test_a_build_into_a_foreign_folder_refuses(tmp_path):
+    """As a user runs it: rc != 0, one sentence, the folder's files intact."""
+    out = tmp_path / "runs"
+    out.mkdir()
+    (out / "results.jsonl").write_text("precious\n")
+    proc = run_script("00_toy_world.py", "--tiny", "--out", out, check=False)
+    assert proc.returncode != 0 and "not a world this script wrote" in proc.stderr, proc.stderr[-2000:]
+    assert (out / "results.jsonl").read_text() == "precious\n"
