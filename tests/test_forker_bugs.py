@@ -91,7 +91,7 @@ def centre_cells(n, resized, frame, grid):
     return out
 
 
-@pytest.mark.parametrize("X, Y", [(30, 30), (60, 30), (30, 45), (55, 30)])
+@pytest.mark.parametrize("X, Y", [(30, 30), (60, 30), (30, 45), (55, 30), (30, 55)])
 def test_f01_pixel_cells_map_pixel_centres(X, Y):
     """CLIP's shortest edge 32 (the long side truncated), centre crop 32x32, a 4x4 grid: a side of 30 puts a
     cell boundary at 7.5 px, so a half-pixel shift (corners for centres) moves pixel 7 to another cell."""
@@ -600,20 +600,21 @@ def naive_hallusion(rows):
 
 
 def test_f05_hallusion_pairs_a_question_across_figures():
-    """Question 0 right on both figures, question 1 wrong on both: by question, one pair of two holds (qAcc
-    50); grouped by figure none would. A VS question without a figure answered 'Unknown' is right and joins
-    no figure."""
+    """VD set 0: question 0 right on both figures, question 1 wrong on both: by question one pair of the two
+    holds (grouped by figure none would); 'Unknown' on a figure (VD set 2) is wrong. VS: a question without a
+    figure answered 'Unknown' is right and joins no figure."""
     ev = benchmarks_05()
     rows = [hallusion_row("VD", "0", "0", "0", "1", "Yes"), hallusion_row("VD", "0", "1", "0", "0", "No"),
             hallusion_row("VD", "0", "0", "1", "1", "No"), hallusion_row("VD", "0", "1", "1", "0", "Yes"),
             hallusion_row("VS", "1", "0", "0", "1", "I cannot tell"), hallusion_row("VS", "1", "1", "0", "1", "Yes"),
-            hallusion_row("VS", "1", "0", "1", "0", "Yes"), hallusion_row("VS", "1", "1", "1", "0", "No")]
+            hallusion_row("VS", "1", "0", "1", "0", "Yes"), hallusion_row("VS", "1", "1", "1", "0", "No"),
+            hallusion_row("VD", "2", "0", "0", "1", "I cannot tell")]  # 'Unknown' on a figure: wrong
     got = ev.hallusion_metrics(rows)
     for group in ("overall", "VD", "VS"):
         mine = [r for r in rows if group in ("overall", r["category"])]
         want = naive_hallusion(mine)
         assert got[group] == pytest.approx(want), (group, got[group], want)
-    assert got["VD"]["qAcc"] == 50.0 and got["VD"]["fAcc"] == 0.0
+    assert got["VD"]["qAcc"] == pytest.approx(100 / 3) and got["VD"]["fAcc"] == 0.0 and got["VS"]["fAcc"] == 100.0
 
 
 # ==== joins: run_rows with a bad line first; the shared blocks' guarantees ====
