@@ -1,9 +1,9 @@
 """Stage 00 (real data): RLHF-V's parquet or a LLaVA-format JSON -> instances.jsonl, the images, and the human pairs.
 
-Paper: P2-DPO (ICLR 2026) makes its on-policy pairs from the images and prompts of RLHF-V
-(SPEC.md "Layout"), and its implicit preference strength (IPS) analysis sets them against the
-dataset's own human-written (off-policy) chosen / rejected pairs (SPEC.md "Stage 03",
---score-only). No equation lives here; this stage fixes what stage 01 reads:
+Paper: P2-DPO (ICLR 2026) makes its on-policy pairs from the images and prompts of RLHF-V,
+and its implicit preference strength (IPS) analysis sets them against the dataset's own
+human-written (off-policy) chosen / rejected pairs (here: stage 03 --score-only). No equation
+lives here; this stage fixes what stage 01 reads:
   P = the first user turn (RLHF-V: "question") with every "<image>" tag removed (the chat
       template places the image) and surrounding whitespace stripped
   a row whose (image bytes, P) equals an earlier row's exactly is dropped, with its pair
@@ -31,20 +31,22 @@ Input   --data FILE, the format told by its extension:
                 (plain strings are read too), "images": [path], no "id"
             "messages" with {"role": "user" | "assistant", "content"} turns (LLaMA-Factory's
             openai tags) is read like "conversations". Image paths are relative to --images
-            (default: the JSON file's folder).
+            (default: the JSON file's folder); an image may also be a base64 "data:" URI.
+  Every field read is checked for its type on its own row: a wrong one is that row's error.
 Output  DIR/instances.jsonl     {"id", "image", "prompt"}: stage 01's input; image paths
                                 relative to DIR
         DIR/human_pairs.jsonl   {"id", "image", "prompt", "chosen", "rejected"}: 03
                                 --score-only's input, one line per written instance whose row
                                 holds a pair for a single user turn
         DIR/images/<sha256 of the bytes, 16 hex>.<format>
-                                the image bytes exactly as the data holds them (checked to
-                                decode the way stages 01-03 read them, never re-encoded); one
-                                file per image
+                                the image bytes exactly as the data holds them (a "data:"
+                                URI's decoded; checked to decode the way stages 01-03 read
+                                them, never re-encoded); one file per image
         DIR/instances.errors.jsonl  {"file", "row", "id", "error"}: bad rows (image missing or
                                 undecodable, no question, ...)
         DIR/instances.duplicates.jsonl  {"id", "row", "duplicate_of"}
-        DIR/instances.args.json. A rerun into the same DIR resumes.
+        DIR/instances.args.json. A rerun into the same DIR resumes; a run that wrote no instance
+        and no pair (every row bad, or none) blocks nothing: a rerun with other data takes DIR over.
 Rows are numbered from 0 in file order (the JSON list's index, the parquet file's row).
 
   # the paper's data; CPU, no model
@@ -56,7 +58,7 @@ Rows are numbered from 0 in file order (the JSON list's index, the parquet file'
   python 03_filter.py --score-only --model llava-hf/llava-1.5-7b-hf \
       --data rlhfv/human_pairs.jsonl --out runs/human
   (no torchrun line: nothing here runs a model; one process reads the file once, at disk speed)
-Choices where SPEC is silent: the prompt is the first user turn and a pair is kept only when the
+Our choices where the paper is silent: the prompt is the first user turn and a pair is kept only when the
 row has one user turn (a later turn's answer needs the conversation before it, which a
 single-turn instance drops); chosen and rejected are stripped like P; ids are the row's "id"
 (JSON) or "idx" (RLHF-V), else the row number, and an id an earlier row already had gets
@@ -67,6 +69,7 @@ rows (older releases) or about 100 MB (newer); a file written as a single row gr
 whole (measured: 0.4 GB of pyarrow memory for a 200 MB such file).
 """
 import argparse
+import base64
 import hashlib
 import io
 import json
@@ -111,95 +114,152 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def kind(value):
+    """A value's type in the data's words, for an error message: "a list", "a number", ..."""
+    names = {str: "text", bool: "true/false", int: "a number", float: "a number", list: "a list",
+             dict: "an object", bytes: "bytes", type(None): "missing"}
+    return names.get(type(value), type(value).__name__)
+
+
+def text_or_none(value, where):
+    """value when it is text, None when it is absent; ValueError naming the field for any other type (read
+    as nothing, it would drop a pair in silence)."""
+    if value is None or isinstance(value, str):
+        return value
+    raise ValueError(f"{where} is {kind(value)}, not text")
+
+
 def prompt_of(question):
     """P: the question with every "<image>" tag removed and surrounding whitespace stripped.
-    ValueError if empty."""
-    if not isinstance(question, str):
+    ValueError if missing, not text, or empty."""
+    if question is None:
         raise ValueError("missing question")
-    prompt = question.replace(IMAGE_TAG, "").strip()
+    prompt = text_or_none(question, "the question").replace(IMAGE_TAG, "").strip()
     if not prompt:
         raise ValueError("empty question")
     return prompt
 
 
 def pair_of(chosen, rejected):
-    """(chosen, rejected) stripped, or None unless both are text."""
-    if isinstance(chosen, str) and isinstance(rejected, str):
+    """(chosen, rejected) stripped, or None unless both are there (text, checked by the caller)."""
+    if chosen is not None and rejected is not None:
         return chosen.strip(), rejected.strip()
     return None
 
 
-def turn_text(turn, roles):
-    """The text of a conversation turn ({"from", "value"} or {"role", "content"}) whose role is
-    in roles, else None."""
+def turn_of(turn, where):
+    """(role, text) of a conversation turn, {"from", "value"} or {"role", "content"}; ValueError naming the
+    turn (where) unless both are text."""
     if not isinstance(turn, dict):
-        return None
-    text = turn.get("value", turn.get("content"))
+        raise ValueError(f"{where} is {kind(turn)}, not a turn {{'from', 'value'}}")
     role = turn.get("from", turn.get("role"))
-    if role in roles and isinstance(text, str):
+    text = turn.get("value", turn.get("content"))
+    if not (isinstance(role, str) and isinstance(text, str)):
+        raise ValueError(f"{where}: its role ('from' / 'role') is {kind(role)} and its text "
+                         f"('value' / 'content') is {kind(text)}, where both must be text")
+    return role, text
+
+
+def answer_text(answer, where):
+    """A chosen / rejected answer: plain text or an assistant turn (LLaMA-Factory's sharegpt); None when
+    absent; ValueError naming the field otherwise."""
+    if isinstance(answer, dict):
+        role, text = turn_of(answer, where)
+        if role not in ASSISTANT:
+            raise ValueError(f"{where} is a '{role}' turn, not the assistant's ('gpt' or 'assistant')")
         return text
-    return None
-
-
-def answer_text(answer):
-    """A chosen / rejected answer: a turn (LLaMA-Factory's sharegpt) or plain text."""
-    return answer if isinstance(answer, str) else turn_text(answer, ASSISTANT)
+    return text_or_none(answer, where)
 
 
 def rlhfv_row(row):
     """(P, pair or None, image) of a row of RLHF-V's parquet: "text" = JSON {question, chosen,
     rejected}, "image" = {bytes, path}. ValueError says why the row cannot be used."""
+    if not isinstance(row.get("text"), str):
+        raise ValueError(f"'text' is {kind(row.get('text'))}, not a JSON string")
     try:
-        text = json.loads(row.get("text") or "")
+        text = json.loads(row["text"])
     except ValueError as e:
         raise ValueError(f"'text' is not JSON ({e})") from None
     if not isinstance(text, dict):
         raise ValueError(f"'text' is JSON {type(text).__name__}, not an object with 'question'")
     prompt = prompt_of(text.get("question"))
-    pair = pair_of(text.get("chosen"), text.get("rejected"))
+    pair = pair_of(text_or_none(text.get("chosen"), "'text' chosen"),
+                   text_or_none(text.get("rejected"), "'text' rejected"))
     return prompt, pair, row.get("image")
 
 
 def llava_row(row):
     """(P, pair or None, image) of a LLaVA-format row (module docstring: LLaVA, V-DPO and
     LLaMA-Factory). P is the first user turn; the pair is kept only when it answers the one user
-    turn of the row."""
-    turns = row.get("conversations", row.get("messages"))
+    turn of the row. Every turn, answer and image is checked for its type here, so a wrong one is
+    this row's error."""
+    field = "conversations" if "conversations" in row else "messages"
+    turns = row.get(field)
     if not (isinstance(turns, list) and turns):
         raise ValueError("no 'conversations' (or 'messages') list")
-    users = [t for t in turns if turn_text(t, USER) is not None]
+    turns = [turn_of(t, f"'{field}' turn {i}") for i, t in enumerate(turns)]  # [(role, text)]
+    users = [i for i, (role, _) in enumerate(turns) if role in USER]
     if not users:
         raise ValueError("no user turn ('from': 'human' or 'role': 'user')")
     images = row.get("images", row.get("image"))
     images = images if isinstance(images, list) else [images]
     if len(images) != 1:
         raise ValueError(f"{len(images)} images: an instance has one image")
+    chosen = answer_text(row.get("chosen"), "'chosen'")
+    rejected = answer_text(row.get("rejected"), "'rejected'")
     pair = None
-    if len(users) == 1 and "contrastive_conversations" in row:
+    if "contrastive_conversations" in row:
         # V-DPO: the last answer replaced by the rejected one
         worse = row["contrastive_conversations"]
-        if isinstance(worse, list) and len(worse) == len(turns):
-            pair = pair_of(turn_text(turns[-1], ASSISTANT), turn_text(worse[-1], ASSISTANT))
-    elif len(users) == 1 and turns[-1] is users[0]:
+        if not (isinstance(worse, list) and len(worse) == len(turns)):
+            got = f"a list of {len(worse)} turns" if isinstance(worse, list) else kind(worse)
+            raise ValueError(f"'contrastive_conversations' is {got}, not a list of {len(turns)} turns "
+                             f"like '{field}'")
+        worse = [turn_of(t, f"'contrastive_conversations' turn {i}") for i, t in enumerate(worse)]
+        if len(users) == 1 and turns[-1][0] in ASSISTANT and worse[-1][0] in ASSISTANT:
+            pair = pair_of(turns[-1][1], worse[-1][1])
+    elif users == [len(turns) - 1]:
         # LLaMA-Factory: the answers to the last turn, the user's
-        pair = pair_of(answer_text(row.get("chosen")), answer_text(row.get("rejected")))
-    return prompt_of(turn_text(users[0], USER)), pair, images[0]
+        pair = pair_of(chosen, rejected)
+    return prompt_of(turns[users[0]][1]), pair, images[0]
 
 
 def image_bytes(image, root):
     """The bytes of an image: a parquet {"bytes", "path"} struct (bytes, else the path read from
-    root) or a path relative to root (absolute stays absolute). ValueError says why there are
-    none."""
+    root), a path relative to root (absolute stays absolute), or a base64 "data:" URI, decoded.
+    ValueError says why there are none."""
     if isinstance(image, dict):
-        if image.get("bytes"):
+        if image.get("bytes") is not None:
+            if not isinstance(image["bytes"], (bytes, bytearray)):
+                raise ValueError(f"the image's 'bytes' is {kind(image['bytes'])}, not bytes")
             return bytes(image["bytes"])
         image = image.get("path")
-    if not (isinstance(image, str) and image):
+    if image is None or image == "":
         raise ValueError("no image")
+    if not isinstance(image, str):
+        raise ValueError(f"the image is {kind(image)}, not a path or {{'bytes', 'path'}}")
+    if image.startswith("data:"):
+        return data_uri_bytes(image)
     path = Path(root) / image
-    if not path.is_file():
-        raise ValueError(f"image not found: {path}")
-    return path.read_bytes()
+    shown = str(path) if len(str(path)) <= 200 else f"{str(path)[:100]}... ({len(str(path))} characters)"
+    try:
+        if not path.is_file():
+            raise ValueError(f"image not found: {shown}")
+        return path.read_bytes()
+    except OSError as e:  # a name too long for the file system, a folder without permission
+        raise ValueError(f"image unreadable: {shown} ({e.strerror or type(e).__name__})") from None
+
+
+def data_uri_bytes(uri):
+    """The bytes of a base64 data URI, "data:<type>;base64,<data>" (RFC 2397): decoded here, as cheap as
+    reading a file, and checked like any image by image_suffix. ValueError for any other data URI."""
+    header, comma, payload = uri.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise ValueError(f"a 'data:' image that is not base64 ({header[:60]!r}: give data:<type>;base64,<data>)")
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except ValueError as e:  # binascii.Error
+        raise ValueError(f"a 'data:' image whose base64 does not decode ({e})") from None
 
 
 def image_suffix(data):
@@ -219,10 +279,13 @@ def image_suffix(data):
 
 
 def row_id(row, n, seen):
-    """The instance id: the row's "id" (LLaVA) or "idx" (RLHF-V) as text, else the row number n;
-    an id an earlier row already had gets "-row<n>" appended, so ids stay unique (and the same on
-    every run: rows come in file order)."""
-    raw = row.get("id", row.get("idx"))
+    """The instance id: the row's "id" (LLaVA) or "idx" (RLHF-V), text or an integer, else the row
+    number n; an id an earlier row already had gets "-row<n>" appended, so ids stay unique (and the
+    same on every run: rows come in file order). ValueError for an id of another type."""
+    key = "id" if "id" in row else "idx"
+    raw = row.get(key)
+    if raw is not None and (isinstance(raw, bool) or not isinstance(raw, (str, int))):
+        raise ValueError(f"'{key}' is {kind(raw)}, not text or an integer")
     if raw is None or not str(raw).strip():
         rid = str(n)
     else:
@@ -250,10 +313,11 @@ def convert(rows, parse, args, out, total):
     with open(out / "instances.jsonl", "a", encoding="utf-8") as fi, \
             open(out / "human_pairs.jsonl", "a", encoding="utf-8") as fp:
         for n, row in tqdm(rows, total=total, desc="00 real instances", unit="row"):
-            rid = row_id(row, n, seen) if isinstance(row, dict) else str(n)
+            rid = str(n)  # until the row's own id is read
             try:
                 if not isinstance(row, dict):
                     raise ValueError(f"a row is a JSON object, not {type(row).__name__}")
+                rid = row_id(row, n, seen)
                 prompt, pair, image = parse(row)
                 if rid in done_ids:  # written by an earlier run (its pair went first)
                     counts["earlier"] += 1
@@ -362,11 +426,13 @@ def json_rows(path, limit=None):
 
 
 def check_settings(args, out):
-    """Write DIR/instances.args.json; refuse when DIR already holds instances made from other data
-    or images."""
+    """Write DIR/instances.args.json; refuse when DIR already holds instances or pairs made from other
+    data or images. A run that wrote neither (every row bad, or none) blocks nothing: the next run,
+    with any data, takes DIR over."""
     path = out / "instances.args.json"
     old = {}
-    if path.is_file() and (out / "instances.jsonl").is_file():
+    wrote = any((out / f).is_file() and (out / f).stat().st_size for f in ("instances.jsonl", "human_pairs.jsonl"))
+    if path.is_file() and wrote:
         old = json.loads(path.read_text())
     for k in RESULT_ARGS:
         if k in old and old[k] != vars(args)[k]:

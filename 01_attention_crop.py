@@ -1,62 +1,63 @@
 """Stage 01: where the model looks when it answers: attention map A = A_tok (x) A_img and an adaptive crop -> bbox.
 
-Paper: P2-DPO (ICLR 2026), perception-focused pairs; SPEC.md "Stage 01". y = the model's own greedy
+Paper: P2-DPO (ICLR 2026), Method, "focus-enhanced preference pairs". y = the model's own greedy
 answer to (I, P); one forward over (I, P, y) on the chosen layers L, heads averaged
 A_bar = (1/H) sum_h A_h:
   A_tok = A_bar[answer, prompt text]   (T_y x T_p)
   A_img = A_bar[prompt text, image]    (T_p x N)
   A_dir = A_bar[answer, image]         (T_y x N)
-  A     = mean over answer rows of (A_tok @ A_img + A_dir)   (N,)
+  A     = mean over answer rows of A_tok @ A_img             (N,)   --map paper
+  A     = mean over answer rows of (A_tok @ A_img + A_dir)   (N,)   --map ours (default)
   averaged over L, reshaped to the model's patch grid (h, w), normalised to sum 1.
-  --method grad_att (authors' code, ViCrop-style), on (I, P) alone:
+  --method grad_att (the authors' code, ViCrop-style), on (I, P) alone:
   A = mean_h A_h[last prompt position, image]
       * ReLU(d log p(top-1 next token) / d A_h[last prompt position, image]).
 Grid -> pixels: each patch's mass is spread evenly over the original pixels it saw, replaying the
-  processor's geometry (pad to square, resize, centre crop: a side cut away by the crop gets no
-  attention; Qwen2.5-VL's smart resize stretches the whole image onto the grid).
-Adaptive crop (authors' algorithm): for r in (1, 1.2, ..., 2) a square window of side r * crop_base
-  px (clamped to the image); S(x, y) = attention mass in the window;
+  processor's geometry (pad to square, resize, centre crop: a side cut away gets no attention;
+  Qwen2.5-VL's smart resize stretches the whole image onto the grid).
+Adaptive crop (the authors' algorithm): for r in (1, 1.2, ..., 2) a square window of side
+  r * crop_base px (clamped to the image); S(x, y) = attention mass in the window;
   score_r = (max S - mean of S at the 4 windows one patch away) / window area;
   the best (r, position) is the bbox. If the r = 1 window covers the whole image: bbox = the image,
   "crop": "full" (no focus pair can be made from it).
+A_dir is OUR term, not the paper's (its A = A_tok (x) A_img has no direct answer -> image path);
+  it stays the default so that the toy world's results, measured with it, reproduce. On the toy
+  world (seed 0, default build) A_dir is 71% of the map's image mass; dropping it changes 63% of
+  the crops of its 400 instances (mean IoU 0.52 with ours), while the queried object lies in the
+  crop about as often (its open questions: 56.5% with A_dir, 59.1% without; the 499 held-out open
+  questions of analysis/perception_diagnostic.py: 45.6% and 44.3%).
+The paper's "specific prompt guiding the model to focus on key visual areas" is --focus-prompt
+  TEXT: y and A come from (I, TEXT P); the output keeps the user's P (later stages ask P). Off by
+  default: the paper gives no text, the authors' code (Data_gen/focus_pair) runs this pass on the
+  question itself, and the toy world's word-level tokenizer reads unseen words as <unk>. There,
+  "Focus on the key visual region of the image that answers the question." (6 of 14 tokens <unk>)
+  changes 34% of the answers and 36% of the crops; the object in the crop: 56.5% -> 60.8%.
 
 Input   {"id", "image", "prompt"} JSONL (image paths relative to the file).
 Output  crops.jsonl: input fields ("image" rewritten relative to the output file) + "answer",
         "bbox": [x1, y1, x2, y2] (int px, x2/y2 exclusive), "grid": [h, w],
         "attn": [[...]] (h x w, sums to 1, 4 decimals), "method", "crop": "full" | "window";
-        <out>.args.json; <out>.errors.jsonl (file:line: why, per skipped line). A rerun into the
-        same --out resumes, with the same --data file, model and RESULT_ARGS only (else refused);
-        one run per --out at a time (<out>.lock). A bad line (an unreadable image or one over
-        --max-image-pixels, a prompt the model cannot take: prompt_problems) is that line's error.
+        <out>.args.json; <out>.errors.jsonl (one line per bad input line: an unreadable image, a
+        prompt the model cannot take). A rerun into --out resumes if RESULT_ARGS are equal.
 Shapes: B rows in a batch, T tokens, H heads, N image tokens, (h, w) patch grid, (Y, X) image pixels.
 
-  # toy world on CPU: world/model on world/instances.jsonl
-  python 01_attention_crop.py
-  python 01_attention_crop.py --model llava-hf/llava-1.5-7b-hf --data my/instances.jsonl \
-      --out runs/crops.jsonl
+  python 01_attention_crop.py      # toy world on CPU: world/model on world/instances.jsonl
+  python 01_attention_crop.py --model llava-hf/llava-1.5-7b-hf --data my/instances.jsonl
   torchrun --nproc_per_node=8 01_attention_crop.py --model Qwen/Qwen2.5-VL-7B-Instruct \
       --data my/instances.jsonl
 
-Memory: the model runs with eager attention, which makes each layer's (B, H, T, T) weights and drops
-  them after the layer. A forward hook on each chosen layer's self-attention reduces them at once
-  (heads averaged, then the (B, T) relevance of every key position; grad_att: the last prompt row
-  and a hook on its gradient), so one layer's weights live at a time. output_attentions=True would
-  keep every layer (a 7B model's stack does not fit).
-Choices where SPEC is silent: answer positions are y's tokens without the EOS that closes them; an
-  empty answer uses that EOS position (the model's decision to stop). Prompt text = every
-  non-padding prompt token that is not an image token (chat template included). Layers are averaged
-  before normalising. A grad_att map that ReLU zeroes everywhere becomes uniform. Ties of S
-  (plateaus, common where the map is 0) go to the tied position nearest their mean, so a lone blob
-  sits mid-window. crop_base default: world.json's "crop_base" beside --data (toy world), else the
-  processor's fixed input size (336 for LLaVA-1.5), else 336 (Qwen2.5-VL: dynamic size; 336 = 12
-  merged 28-px patches, the window LLaVA-1.5 uses, so both families crop alike).
-Toy world default layer 0 (measured on its 400 instances, CPU): the queried object lies inside the
-  bbox for 43% of "what shape is the <colour> object ?" (layer 1: 39%, layer 2: 1%; a random window
-  of the same size: 9%) and for 55% of right answers vs 33% of wrong ones (layer 1: 39% vs 41%: its
-  map does not follow the answer).
+Our choices where the paper is silent: a forward hook reduces each chosen layer's (B, H, T, T)
+  weights to (B, T) at once (output_attentions=True would keep every layer's: a 7B model's stack
+  does not fit). Answer positions are y's tokens without their closing EOS (an empty answer: that
+  EOS, the model's decision to stop); prompt text = every non-padding, non-image prompt token (chat
+  template included); layers are averaged before normalising; a grad_att map that ReLU zeroes
+  everywhere becomes uniform; ties of S go to the tied position nearest their mean (a lone blob
+  sits mid-window). crop_base: world.json's beside --data (toy world), else the processor's fixed
+  input side (336 for LLaVA-1.5), else 336 (Qwen2.5-VL's dynamic size: 12 merged 28-px patches).
+  Toy world layer 0, measured on its 400 instances: the queried object lies in the bbox for 55% of
+  "what shape is the <colour> object ?" (layer 1: 53%, layer 2: 1%, a random window as large: 20%).
 """
 import argparse
-import contextlib
 import errno
 import fcntl
 import functools
@@ -75,6 +76,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
+import zlib
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
@@ -83,62 +85,69 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import cached_file
 
 # resuming into an existing --out needs these equal
-RESULT_ARGS = ("data_identity", "model_identity", "method", "layers", "crop_base", "ratios",
-               "max_new_tokens")
+RESULT_ARGS = ("data_identity", "model_identity", "method", "map", "focus_prompt", "layers",
+               "crop_base", "ratios", "max_new_tokens")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="world/model",
-                   help="model folder or a name in your own HF cache")
-    p.add_argument("--data", default="world/instances.jsonl",
-                   help="instances JSONL: id, image, prompt")
-    p.add_argument("--out", default="runs/crops.jsonl",
-                   help="output JSONL (a rerun into it resumes)")
+    p.add_argument("--model", default="world/model", help="model folder or a name in your cache")
+    p.add_argument("--data", default="world/instances.jsonl", help="JSONL: id, image, prompt")
+    p.add_argument("--out", default="runs/crops.jsonl", help="output JSONL (a rerun resumes)")
     p.add_argument("--method", choices=("attention", "grad_att"), default="attention",
-                   help="attention: the paper's A_tok (x) A_img; "
-                        "grad_att: the authors' code (ViCrop-style)")
+                   help="attention: the paper's map (see --map); grad_att: the authors' code's")
+    p.add_argument("--map", choices=("ours", "paper"), default="ours",
+                   help="paper: A_tok @ A_img, as the paper writes it; ours: + the direct "
+                        "answer -> image term A_dir (module docstring: why it is the default)")
+    p.add_argument("--focus-prompt", default=None,
+                   help="the paper's focusing prompt, put before P for the answer and the map "
+                        "only (the output keeps P); off: the paper gives no text")
     p.add_argument("--layers", type=at_least(0), nargs="+", default=None,
-                   help="decoder layers, averaged (default: the middle one, "
-                        "num_hidden_layers // 2 (SPEC); authors' code: 14 of LLaVA-1.5-7B's 32); "
-                        "toy world (world.json beside --data): 0, measured best there "
-                        "(module docstring)")
+                   help="decoder layers, averaged (default: num_hidden_layers // 2, the middle "
+                        "one; the authors' code: 14 of 32); toy world: 0, measured best there")
     p.add_argument("--crop-base", type=at_least(1), default=None,
-                   help="window side at r = 1, px (default: world.json's crop_base beside --data, "
-                        "else the processor's input size: 336 for LLaVA-1.5; "
-                        "336 for Qwen2.5-VL's dynamic size)")
+                   help="window side at r = 1, px (default: the toy world's world.json, else the "
+                        "processor's input size: 336 for LLaVA-1.5; 336 for Qwen2.5-VL)")
     p.add_argument("--ratios", type=at_least(0.01, float), nargs="+",
                    default=[1.0, 1.2, 1.4, 1.6, 1.8, 2.0],
-                   help="window sides as multiples of crop_base (authors: 1 1.2 1.4 1.6 1.8 2)")
+                   help="window sides as multiples of crop_base (the authors' values)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=32,
-                   help="answer length cap, greedy (SPEC: 32)")
-    p.add_argument("--viz", default=None,
-                   help="folder for one PNG per instance: image, heat map, bbox")
+                   help="answer length cap, greedy (ours: a short answer is what the map explains)")
+    p.add_argument("--viz", default=None, help="folder for one PNG per instance: heat map, bbox")
     p.add_argument("--seed", type=at_least(0), default=0,
                    help="global seed (decoding is greedy: nothing here is random)")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="instances per forward")
     p.add_argument("--device", type=device_name,
                    default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--limit", type=at_least(1), default=None,
-                   help="use only the first N lines of --data")
+    p.add_argument("--limit", type=at_least(1), default=None, help="the first N lines only")
     p.add_argument("--max-image-pixels", type=at_least(0), default=Image.MAX_IMAGE_PIXELS,
-                   help="an image with more pixels is a bad line (PIL's guard against "
-                        "decompression bombs); 0: no limit")
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback behind an error message (spelled out in full)")
-    return p.parse_args(argv)
+                   help="an image with more is a bad line (a decompression bomb); 0: no limit")
+    p.add_argument("--debug", action="store_true", help="show an error's traceback")
+    args = p.parse_args(argv)
+    # flags checked together, before any model loads
+    if args.method == "grad_att" and args.map == "paper":
+        p.error("--map paper picks terms of --method attention's map: grad_att has none of them")
+    if args.focus_prompt is not None and not args.focus_prompt.strip():
+        p.error("--focus-prompt is blank: leave the flag out to run without a focusing prompt")
+    viz = Path(args.viz or "")
+    if args.viz and (viz.is_file() or viz.resolve() == Path(args.out).resolve()):
+        p.error(f"--viz {args.viz} is a file, or --out: pass a folder of its own for the PNGs")
+    return args
 
 
-def relevance(A_bar, ans, txt, img):
-    """A = mean over answer rows i of (sum_{k in txt} A_bar[i, k] A_bar[k, j] + A_bar[i, j]) for image
-    columns j: A_tok @ A_img + A_dir, averaged over answer tokens (the mean commutes with the
-    product, so it is taken first).
+# ---- the map A ----
+def relevance(A_bar, ans, txt, img, direct=True):
+    """A = mean over answer rows i of sum_{k in txt} A_bar[i, k] A_bar[k, j] (A_tok @ A_img) for
+    image columns j, + A_bar[i, j] (A_dir, ours) when `direct`. The mean over answer rows commutes
+    with the product, so it is taken first.
     A_bar: (B, T, T) head-averaged attention (rows: queries); ans, txt, img: (B, T) bool masks.
     Returns (B, T): the relevance of each key position, 0 outside img."""
     mean_over_ans = ans.float() / ans.sum(1, keepdim=True).clamp(min=1)  # (B, T): 1/T_y on answers
     a = torch.einsum("bi,bij->bj", mean_over_ans, A_bar)  # (B, T): the mean answer row
     through_text = torch.einsum("bk,bkj->bj", a * txt, A_bar)  # (B, T): answer -> prompt text -> key
+    if not direct:  # the paper's A = A_tok (x) A_img
+        return through_text * img
     return (through_text + a) * img  # (B, T): through the prompt text, plus direct
 
 
@@ -149,69 +158,56 @@ def grad_att(att, grad):
 
 
 def decoder_layers(model):
-    """The language model's decoder layers (LLaVA and Qwen2.5-VL in transformers 5:
-    model.model.language_model)."""
+    """The language model's decoder layers (LLaVA and Qwen2.5-VL in transformers 5)."""
     return model.model.language_model.layers
 
 
-@contextlib.contextmanager
-def tap_attention(model, layers, keep):
-    """Forward hooks on the chosen layers' self-attention: each call's (B, H, T, T) weights (eager
-    attention returns them) go through keep(weights) at once and only its result is kept. Yields
-    that list, in layer order."""
+def tapped_forward(model, inputs, layers, keep):
+    """One forward (no KV cache, last logits only) with hooks on the chosen layers' self-attention:
+    each layer's (B, H, T, T) weights (eager attention returns them) go through keep(weights) at
+    once, so one layer's weights live at a time. Returns (logits (B, 1, V), [kept, layer order])."""
     kept = []
-    handles = []
 
     def hook(module, args, out):
         assert out[1] is not None, "no attention weights: load the model with attn_implementation='eager'"
         kept.append(keep(out[1]))
-    for i in layers:
-        handles.append(decoder_layers(model)[i].self_attn.register_forward_hook(hook))
+    handles = [decoder_layers(model)[i].self_attn.register_forward_hook(hook) for i in layers]
     try:
-        yield kept
+        return model(**inputs, use_cache=False, logits_to_keep=1).logits, kept
     finally:
         for h in handles:
             h.remove()
 
 
-def relevance_map(model, inputs, ans, txt, img, layers):
-    """Paper's A for a batch: (B, T) relevance of each position, averaged over layers. Only the head
-    mean's (B, T) reduction of each chosen layer is kept (see the docstring's Memory)."""
+def relevance_map(model, inputs, ans, txt, img, layers, direct=True):
+    """The paper's A for a batch: (B, T) relevance of each position, averaged over layers."""
     def keep(w):  # (B, H, T, T) -> (B, T)
-        return relevance(w.mean(1, dtype=torch.float32), ans, txt, img)
-
-    with torch.no_grad(), tap_attention(model, layers, keep) as kept:
-        model(**inputs, use_cache=False, logits_to_keep=1)
-    return torch.stack(kept).mean(0)  # (B, T)
+        return relevance(w.mean(1, dtype=torch.float32), ans, txt, img, direct)
+    with torch.no_grad():
+        return torch.stack(tapped_forward(model, inputs, layers, keep)[1]).mean(0)  # (B, T)
 
 
 def grad_att_map(model, inputs, layers):
-    """Authors' A for a batch of (I, P): (B, T), averaged over layers. Autograd starts at the first
-    chosen layer's input (a leaf made by a pre-hook; the weights are frozen), so only the chosen
-    layers and those above are differentiated; each chosen layer keeps its last-row weights and,
-    from a tensor hook, their gradient."""
+    """The authors' A for a batch of (I, P): (B, T), averaged over layers. Autograd starts at the
+    first chosen layer's input (a leaf made by a pre-hook; the weights are frozen); each chosen
+    layer keeps its last-row weights and, from a tensor hook, their gradient."""
     leaf = []
     grads = []
 
     def make_leaf(module, args, kwargs):
-        if args:
-            h = args[0].detach().requires_grad_(True)
-            leaf.append(h)
-            return (h, *args[1:]), kwargs
-        h = kwargs["hidden_states"].detach().requires_grad_(True)
+        h = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
         leaf.append(h)
-        return args, {**kwargs, "hidden_states": h}
+        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
     def keep(w):  # (B, H, T, T) -> (B, H, T): the last prompt position's row
         w.register_hook(lambda g: grads.append(g[:, :, -1].float()))
         return w[:, :, -1].detach().float()
     first = decoder_layers(model)[min(layers)].register_forward_pre_hook(make_leaf, with_kwargs=True)
     try:
-        with torch.enable_grad(), tap_attention(model, layers, keep) as att:
-            out = model(**inputs, use_cache=False, logits_to_keep=1)
-            logits = out.logits[:, -1].float()  # (B, V)
+        with torch.enable_grad():
+            logits, att = tapped_forward(model, inputs, layers, keep)
             # (B,): log p(top-1 next token); rows are independent, so one backward serves them all
-            logp = torch.log_softmax(logits, -1).max(-1).values
+            logp = torch.log_softmax(logits[:, -1].float(), -1).max(-1).values
             torch.autograd.grad(logp.sum(), leaf)
     finally:
         first.remove()
@@ -220,10 +216,10 @@ def grad_att_map(model, inputs, layers):
     return torch.stack(maps).mean(0)  # (B, T)
 
 
-def attention_maps(model, processor, prompts, answers, images, layers, method):
+def attention_maps(model, processor, prompts, answers, images, layers, method, direct=True):
     """Normalised patch-grid maps, one (h, w) float array per row, and whether each grid stretches
     over its whole image (Qwen2.5-VL) rather than following a CLIP-style resize / crop.
-    prompts, answers: B strings; images: B."""
+    prompts, answers: B strings; images: B; direct: A_dir in the map (--map ours)."""
     if method == "attention":  # (I, P, y): y appended after the prompt as ids, + EOS, left padded
         inputs, resp = build_batch(processor, prompts, answers, [[im] for im in images])
     else:  # (I, P): the last position predicts the first answer token
@@ -240,7 +236,7 @@ def attention_maps(model, processor, prompts, answers, images, layers, method):
     # without the closing EOS, unless the answer is empty (then only EOS)
     ans[:, -1] &= resp.sum(1) == 1
     if method == "attention":
-        rel = relevance_map(model, inputs, ans, txt, img, layers)  # (B, T)
+        rel = relevance_map(model, inputs, ans, txt, img, layers, direct)  # (B, T)
     else:
         rel = grad_att_map(model, inputs, layers)  # (B, T)
     if "image_grid_thw" in inputs:  # Qwen2.5-VL: (t, H, W) patches per image, m x m merged to a token
@@ -255,14 +251,13 @@ def attention_maps(model, processor, prompts, answers, images, layers, method):
         if v.size == h * w + 1:  # "full" feature strategy: the first image token is CLS
             v = v[1:]
         assert v.size == h * w, f"row {b}: {v.size} image tokens for a {h}x{w} grid"
-        if v.sum() > 0:
-            v = v / v.sum()
-        else:  # a grad_att map that ReLU zeroed everywhere
-            v = np.full(v.size, 1.0 / v.size)
+        # a grad_att map that ReLU zeroed everywhere becomes uniform
+        v = v / v.sum() if v.sum() > 0 else np.full(v.size, 1.0 / v.size)
         maps.append(v.reshape(h, w))
     return maps, "image_grid_thw" in inputs
 
 
+# ---- grid -> original pixels ----
 def pixel_cells(image_processor, image_size, grid, stretch):
     """Which grid cell saw each original pixel, replaying the processor's geometry.
     image_size: (X, Y) px; grid: (h, w). Returns (cols (X,), rows (Y,)) int, -1 where the pixel was
@@ -282,8 +277,7 @@ def pixel_cells(image_processor, image_size, grid, stretch):
     offset = (0, 0)
     if not stretch:
         ip = image_processor
-        # LLaVA's pad_to_square: image centred
-        if getattr(ip, "do_pad", False) and hasattr(ip, "pad_to_square"):
+        if getattr(ip, "do_pad", False) and hasattr(ip, "pad_to_square"):  # LLaVA's: image centred
             padded = (max(X, Y),) * 2
             pad = ((padded[0] - X) // 2, (padded[1] - Y) // 2)
         X1, Y1 = padded
@@ -291,10 +285,7 @@ def pixel_cells(image_processor, image_size, grid, stretch):
         if not getattr(ip, "do_resize", True):
             resized = padded
         elif short:  # transformers' get_resize_output_image_size: the long side truncated to int
-            if X1 <= Y1:
-                resized = (short, int(short * Y1 / X1))
-            else:
-                resized = (int(short * X1 / Y1), short)
+            resized = (short, int(short * Y1 / X1)) if X1 <= Y1 else (int(short * X1 / Y1), short)
         elif get(ip.size, "height") and get(ip.size, "width"):
             resized = (get(ip.size, "width"), get(ip.size, "height"))
         else:
@@ -309,13 +300,12 @@ def pixel_cells(image_processor, image_size, grid, stretch):
     size = []
     for axis in (0, 1):  # 0: x, the grid's w columns; 1: y, the grid's h rows
         n = (X, Y)[axis]  # original px
-        n1 = padded[axis]
         r = resized[axis]
         f = frame[axis]
         g = grid[1 - axis]
-        u = (np.arange(n) + 0.5 + pad[axis]) * r / n1 - offset[axis]  # (n,): centres on the frame
+        u = (np.arange(n) + 0.5 + pad[axis]) * r / padded[axis] - offset[axis]  # (n,): on the frame
         cells.append(np.where((u >= 0) & (u < f), np.floor(u * g / f), -1).astype(np.int64))
-        size.append(f / g * n1 / r)  # one cell in original px
+        size.append(f / g * padded[axis] / r)  # one cell in original px
     return cells[0], cells[1], float(np.mean(size))
 
 
@@ -332,10 +322,11 @@ def pixel_heat(grid_map, cols, rows):
     return heat / heat.sum() if heat.sum() > 0 else heat
 
 
+# ---- the adaptive crop ----
 def adaptive_crop(attn, image_size, crop_base, ratios, step=1.0):
-    """Authors' multi-ratio window search. For each r: side = round(r * crop_base) px, clamped to the
-    image (a ratio whose window covers the whole image is skipped; at the smallest r, 1, the answer
-    is the image, "full"); S = the attention mass of every window position (integral image,
+    """The authors' multi-ratio window search. For each r: side = round(r * crop_base) px, clamped
+    to the image (a ratio whose window covers the whole image is skipped; at the smallest r, 1, the
+    answer is the image, "full"); S = the attention mass of every window position (integral image,
     stride 1 px);
     score_r = (max S - mean of S at the windows shifted by `step` px left / right / up / down,
                where they fit) / window area.
@@ -344,7 +335,7 @@ def adaptive_crop(attn, image_size, crop_base, ratios, step=1.0):
     Returns ([x1, y1, x2, y2] ints, x2/y2 exclusive, "full" | "window", r)."""
     X, Y = image_size
     assert attn.shape == (Y, X), f"attention map {attn.shape} for an image of {X}x{Y} (X, Y)"
-    if round(min(ratios) * crop_base) >= max(X, Y):  # SPEC: even the r = 1 window covers the image
+    if round(min(ratios) * crop_base) >= max(X, Y):  # even the r = 1 window covers the image
         return [0, 0, X, Y], "full", min(ratios)
     I = np.zeros((Y + 1, X + 1))
     # (Y + 1, X + 1): I[y, x] = mass of attn[:y, :x]
@@ -371,9 +362,48 @@ def adaptive_crop(attn, image_size, crop_base, ratios, step=1.0):
     return best[1], "window", best[2]
 
 
+# ---- the method on one batch ----
+def crop_batch(model, processor, args, batch):
+    """B input rows -> B output rows (or an error message for a row that cannot run: an unreadable
+    image, a prompt the model cannot take). The paper's steps in order: the answer y, the map A,
+    grid -> pixels, the crop."""
+    # P as the model sees it
+    asked = [with_focus(row["prompt"], args.focus_prompt) for row in batch]
+    images, results = usable_rows(model, processor, args, batch, asked)  # {row index: image}
+    idx = list(images)
+    if not idx:
+        return results
+    imgs = [images[i] for i in idx]
+    texts = [chat_prompt(processor, asked[i]) for i in idx]
+    # y: the model's own greedy answer to (I, P)
+    answers = generate_greedy(model, processor, texts, imgs, args.max_new_tokens)
+    # A: one forward over (I, P, y) (grad_att: over (I, P)), on the patch grid
+    maps, stretch = attention_maps(model, processor, [asked[i] for i in idx], answers, imgs,
+                                   args.layers, args.method, direct=args.map == "ours")
+    for i, answer, grid_map in zip(idx, answers, maps):
+        row = batch[i]
+        image = images[i]
+        cols, rows, cell = pixel_cells(processor.image_processor, image.size, grid_map.shape, stretch)
+        heat = pixel_heat(grid_map, cols, rows)  # (Y, X): A on the original pixels
+        bbox, crop, _ = adaptive_crop(heat, image.size, args.crop_base, args.ratios, step=cell)
+        results[i] = {**row, "image": relpath_for(args.out, row["_image"]), "answer": answer,
+                      "bbox": bbox, "grid": list(grid_map.shape),
+                      "attn": np.round(grid_map, 4).tolist(), "method": args.method, "crop": crop}
+        if args.viz:
+            caption = f"{row['prompt']} -> {answer}"
+            save_viz(Path(args.viz) / viz_name(row["id"]), image, heat, bbox, caption)
+    return results
+
+
+def with_focus(prompt, focus_prompt):
+    """P as the answer and the attention pass see it: the paper's focusing prompt first, if any."""
+    return f"{focus_prompt.strip()} {prompt}" if focus_prompt else prompt
+
+
 def main(argv=None):
     exits_in_one_sentence("rerun the same command: it continues where this run stopped")
     args = parse_args(argv)
+    # ---- plumbing: processes, the output's lock, the input lines, the model ----
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
     torch.manual_seed(args.seed)
     rank, world, device = dist_setup(args.device)
@@ -387,29 +417,9 @@ def main(argv=None):
     # eager attention: the weights reach the hooks
     model, processor = load_model(args.model, device, attn_implementation="eager")
     model.requires_grad_(False)  # grad_att differentiates activations only
-    n_layers = len(decoder_layers(model))
-    toy = toy_world(args.data)
-    taken = []  # the settings taken from the toy world, said first
-    if args.layers:
-        args.layers = sorted(set(args.layers))
-    elif toy:
-        args.layers = [0]  # measured best there (module docstring)
-        taken.append("--layers 0")
-    else:
-        args.layers = [n_layers // 2]  # SPEC: the middle layer
-    if toy and not args.crop_base and toy.get("crop_base"):
-        taken.append(f"--crop-base {toy['crop_base']}")
-    if rank == 0 and taken:
-        print(f"settings from {Path(args.data).parent / 'world.json'}: {', '.join(taken)} "
-              f"(a flag overrides them)", flush=True)
-    if not all(0 <= i < n_layers for i in args.layers):
-        fail(f"--layers {args.layers}: the model has layers 0 to {n_layers - 1}")
-    args.crop_base = args.crop_base or int(toy.get("crop_base", 0)) or input_side(processor)
-    if args.viz:
-        os.makedirs(args.viz, exist_ok=True)
+    resolve_defaults(args, model, processor, rank)  # --layers, --crop-base
     on_rank0(lambda: save_args(args, args.out, RESULT_ARGS), rank, world)
-    # per batch (crop_batch, in the appendix): the greedy answer y, attention_maps, pixel_cells,
-    # pixel_heat, adaptive_crop
+    # ---- the method, batch by batch (crop_batch): y, the map A, grid -> pixels, the crop ----
     work = functools.partial(crop_batch, model, processor, args)
     run_rows(rows, errors, work, args.out, args.batch_size, rank, world, desc="crops")
     if world > 1:
@@ -422,81 +432,78 @@ def main(argv=None):
 # "# ---- shared: NAME ----" rulers so each script stands alone (tests/test_shared_blocks.py
 # keeps every copy identical).
 # ==================================================================================================
-# ---- plumbing: one batch, defaults from the data and the processor, the viz PNG ----
-def crop_batch(model, processor, args, batch):
-    """run_rows' work: B input rows -> B output rows (or an error message for a row whose image is
-    unreadable, or whose prompt the model cannot take: prompt_problems). SPEC's steps in order:
-    the answer y, the map A, grid -> pixels, the crop."""
-    images = {}  # row index -> its image, for the rows whose image could be read
+# ---- plumbing: usable rows, defaults from the data and the processor, the viz PNG ----
+def usable_rows(model, processor, args, batch, asked):
+    """({row index: its image} for the rows that can run, [None, or why a row cannot]): its image
+    must load, and the model must take its prompt `asked` + --max-new-tokens (prompt_problems)."""
+    images = {}
     results = [None] * len(batch)
     for i, row in enumerate(batch):
         try:
             images[i] = load_image(row["_image"])
         except (OSError, ValueError) as e:
             results[i] = f"unreadable image {row['_image']}: {e}"
-    texts = {i: chat_prompt(processor, batch[i]["prompt"]) for i in images}
-    fits = prompt_problems(model, processor, list(texts.values()),
-                           [[im] for im in images.values()], [args.max_new_tokens] * len(images),
-                           "answer tokens (--max-new-tokens)")
-    for i, problem in zip(list(images), fits):
+    texts = [chat_prompt(processor, asked[i]) for i in images]
+    extra = [args.max_new_tokens] * len(images)
+    problems = prompt_problems(model, processor, texts, [[im] for im in images.values()], extra,
+                               "answer tokens (--max-new-tokens)")
+    for i, problem in zip(list(images), problems):
         if problem:
             results[i] = problem
             del images[i]
-    idx = list(images)
-    if not idx:
-        return results
-    prompts = [batch[i]["prompt"] for i in idx]
-    imgs = [images[i] for i in idx]
-    texts = [texts[i] for i in idx]
-    answers = generate_greedy(model, processor, texts, imgs, args.max_new_tokens)
-    maps, stretch = attention_maps(model, processor, prompts, answers, imgs, args.layers, args.method)
-    for i, answer, grid_map in zip(idx, answers, maps):
-        row = batch[i]
-        image = images[i]
-        cols, rows, cell = pixel_cells(processor.image_processor, image.size, grid_map.shape, stretch)
-        heat = pixel_heat(grid_map, cols, rows)  # (Y, X)
-        bbox, crop, _ = adaptive_crop(heat, image.size, args.crop_base, args.ratios, step=cell)
-        results[i] = {**row, "image": relpath_for(args.out, row["_image"]), "answer": answer,
-                      "bbox": bbox, "grid": list(grid_map.shape),
-                      "attn": np.round(grid_map, 4).tolist(), "method": args.method, "crop": crop}
-        if args.viz:
-            name = re.sub(r"[^A-Za-z0-9._-]", "_", str(row["id"]))
-            caption = f"{row['prompt']} -> {answer}"
-            save_viz(Path(args.viz) / f"{name}.png", image, heat, bbox, caption)
-    return results
+    return images, results
 
 
-def toy_world(data):
-    """The toy world's settings (world.json beside --data), or {} for any other data."""
-    path = Path(data).parent / "world.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def resolve_defaults(args, model, processor, rank):
+    """--layers and --crop-base left out: the toy world's (world.json beside --data; said), else the
+    middle layer and the processor's input side. Checked against the model and --ratios."""
+    n_layers = len(decoder_layers(model))
+    path = Path(args.data).parent / "world.json"
+    toy = json.loads(path.read_text()) if path.is_file() else {}
+    if rank == 0 and toy and not (args.layers and args.crop_base):
+        print(f"settings from {path}: --layers 0, --crop-base {toy.get('crop_base')} "
+              f"(where a flag does not set them)", flush=True)
+    args.layers = sorted(set(args.layers or [0 if toy else n_layers // 2]))
+    if not all(0 <= i < n_layers for i in args.layers):
+        fail(f"--layers {args.layers}: the model has layers 0 to {n_layers - 1}")
+    args.crop_base = args.crop_base or int(toy.get("crop_base", 0)) or input_side(processor)
+    if round(min(args.ratios) * args.crop_base) < 1:
+        fail(f"--ratios {min(args.ratios)} x crop_base {args.crop_base} px is a window under one "
+             f"pixel: raise --ratios or --crop-base")
 
 
 def input_side(processor):
-    """The processor's fixed input side (LLaVA-1.5: the 336 crop), else 336 (dynamic resolution:
-    Qwen2.5-VL)."""
+    """The processor's fixed input side (LLaVA-1.5: the 336 crop), else 336 (Qwen2.5-VL)."""
     ip = processor.image_processor
     size = ip.crop_size if getattr(ip, "do_center_crop", False) else getattr(ip, "size", None)
     side = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
     return int(side) if side else 336
 
 
+def viz_name(key):
+    """The PNG of an id: characters outside [A-Za-z0-9._-] become "_", and an id so changed, or with
+    capitals, gets its crc32, so no two ids share a file ("a b" and "a_b"; "A" and "a" on a
+    case-insensitive disk)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(key))[:100].lstrip(".") or "_"
+    if safe != str(key) or safe != safe.lower():
+        safe += f"-{zlib.crc32(str(key).encode()):08x}"
+    return safe + ".png"
+
+
 def save_viz(path, image, heat, bbox, caption):
-    """PNG: the image with the bbox | the heat map over the image with the bbox; the caption below."""
+    """PNG: the heat map in red over the image, the bbox in green, the caption below."""
     k = max(1, 256 // max(image.size))  # small images are scaled up, pixels kept sharp
-    a = ((heat - heat.min()) / max(heat.max() - heat.min(), 1e-12))[..., None]  # (Y, X, 1) in [0, 1]
-    red = np.array([255, 40, 0], np.float32)
-    over = np.asarray(image, np.float32) * (1 - 0.7 * a) + red * 0.7 * a  # (Y, X, 3)
-    panels = [im.resize((image.width * k, image.height * k), Image.NEAREST)
-              for im in (image, Image.fromarray(over.round().astype(np.uint8)))]
-    canvas = Image.new("RGB", (2 * panels[0].width + 8, panels[0].height + 28), "white")
+    size = (image.width * k, image.height * k)
+    a = 0.7 * (heat - heat.min()) / max(heat.max() - heat.min(), 1e-12)  # (Y, X) in [0, 0.7]
+    a = a[..., None]  # (Y, X, 1)
+    over = np.asarray(image, np.float32) * (1 - a) + np.array([255, 40, 0]) * a  # (Y, X, 3)
+    canvas = Image.new("RGB", (size[0], size[1] + 28), "white")
+    canvas.paste(Image.fromarray(over.round().astype(np.uint8)).resize(size, Image.NEAREST))
+    x1, y1, x2, y2 = (v * k for v in bbox)
     draw = ImageDraw.Draw(canvas)
-    for i, panel in enumerate(panels):
-        x0 = i * (panel.width + 8)
-        canvas.paste(panel, (x0, 0))
-        box = [x0 + bbox[0] * k, bbox[1] * k, x0 + bbox[2] * k - 1, bbox[3] * k - 1]
-        draw.rectangle(box, outline=(0, 220, 0), width=2)
-    draw.text((4, panels[0].height + 6), caption[:120], fill="black")
+    draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=(0, 220, 0), width=2)
+    draw.text((4, size[1] + 6), caption[:120], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 # ---- end plumbing ----
 
@@ -911,8 +918,9 @@ def claim_out(out, inputs, folder=False):
     if out.exists() and out.is_dir() != folder:
         fail(f"--out {out} exists and is not a {'folder' if folder else 'file'}: this stage "
              f"writes a {'folder' if folder else 'file'} there")
-    writer = read_args(args_path(out, folder)).get("stage", STAGE)
-    if writer != STAGE:
+    recorded = read_args(args_path(out, folder))
+    if recorded and recorded.get("stage") != STAGE:
+        writer = recorded.get("stage") or "an older version or another program (no stage named)"
         fail(f"--out {out} was written by {writer}, not {STAGE}: pass another --out")
     if folder and out.is_dir() and not args_path(out, folder).is_file() and any(
             p.is_file() and p.stat().st_size for p in out.rglob("*")):  # (empty files: a failed run's)

@@ -1,65 +1,55 @@
 """Stage 02: on-policy preference pairs, focus (zoomed vs degraded view) and robustness (contrastive amplification).
 
-Paper: P2-DPO (ICLR 2026), vision-grounded preference data; SPEC.md "Stage 02". M is the reference
-(base) model. Decoding per branch as the authors' scripts: focus responses greedy, at most 150 new
-tokens; robustness responses temperature 0.2, top-p 0.9, at most 256 new tokens, with the fixed
-instruction "Strictly answer the following question according to the facts of the image, and
-control the length of the output." before P (the toy world's world.json turns it off: see below):
-  I_crop  = I.crop(bbox)
-  I_deg   = I with the bbox rectangle filled by I's mean RGB colour
-  I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) seeded by (seed, id),
-            sigma 0.2
-  I_aug   = (I, I_crop) as two images, with P_enh = "Answer the question mainly based on the first
-            image, refer to the cropping details of the second image if necessary, answer this
-            question: {P}" (authors' code); --combine stitch: one canvas, I left and I_crop resized
-            to I's height right, P_enh adapted
+Paper: P2-DPO (ICLR 2026), method: the focus-enhanced and the visual-robustness preference pairs. M is the
+reference (base) model, P the instance's prompt, bbox stage 01's crop.
+  I_crop  = I.crop(bbox);   I_deg = I with the bbox rectangle filled by I's mean RGB colour
+  I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) seeded by (seed, id); sigma 0.2
+  I_aug   = (I, I_crop) as two images, with P_enh = "Answer the question mainly based on the first image,
+            refer to the cropping details of the second image if necessary, answer this question: {P}"
+            (authors' code); --combine stitch: one canvas, I left, I_crop resized to I's height right
   focus   : y_w = M(I_aug, P_enh),  y_l = M(I_deg, P)
-  robust  : y_l = M(I_noise, P),  y_init = M(I, P) (stored),  y_w = contrastive amplification,
-            expert EP = (I, P), amateur AT = (I_noise, P), both fed the tokens chosen so far:
-            logits_CA = (1 + lambda_ca) * logits_EP - lambda_ca * logits_AT
-                        on V_head, -inf elsewhere,
-            V_head = {v : p_EP(v) >= beta_head * max_u p_EP(u)};  lambda_ca 0.1, beta_head 0.1
-            (authors'), VCD's lambda_ca 1.0, beta_head 0.1 is the documented alternative
-  A pair whose two responses are equal is null (the line is kept); a crop flagged "full" by
-  stage 01 gets no focus pair. Decoding is one hand-written token-by-token loop with a KV cache,
-  batched over instances; for contrastive amplification expert and amateur are one forward of 2B
-  rows, so the second model call shares the weight reads.
+  robust  : y_l = M(I_noise, P_rob),  y_init = M(I, P_rob),  y_w by contrastive amplification of the
+            expert EP = (I, P_rob) over the amateur AT = (I_noise, P_rob), both fed the tokens chosen so far:
+              logits_CA = (1 + lambda_ca) * logits_EP - lambda_ca * logits_AT  on V_head, -inf elsewhere,
+              V_head = {v : p_EP(v) >= beta_head * max_u p_EP(u)};  lambda_ca 0.1, beta_head 0.1
+            (authors'; VCD's 1.0, 0.1 is the documented alternative)
+  null    : a pair whose two responses are equal is dropped (the line stays); a "full" crop has no focus pair
+Decoding per branch as the authors' scripts: focus greedy, at most 150 new tokens; robustness temperature 0.2,
+top-p 0.9, at most 256, after their instruction: P_rob = "Strictly answer the following question according
+to the facts of the image, and control the length of the output." + " " + P (P alone with
+--robust-instruction ''; the toy world's world.json sets '': its words are outside the toy vocabulary).
+y_init: the paper has contrastive amplification "refine" y_init into y_w, and no rule for how. By default
+(ours) y_w is sampled on its own generator, as VCD samples, and y_init is only stored (03 and 04 use y_w and
+y_l). --refine-init makes the refinement literal: y_w draws y_init's per-step uniforms, so y_w = y_init at
+lambda_ca = beta_head = 0, and y_w leaves y_init only from the first token amplification changes. On the toy
+world (01's crops of its first 100 instances, seed 0) y_w differs from y_init in 31 of 89 robustness pairs by
+default (sampling and amplification together), in 19 of 91 with --refine-init (amplification and V_head
+alone). Off by default, so that the pairs (and the README's results) stay what they were.
 
-Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt",
-        "bbox": [x1, y1, x2, y2] (int pixels, x2, y2 exclusive), optional "crop": "full";
-        every other field is copied.
-Output  pairs.jsonl: input fields ("image" made relative to the output file)
-        + "images": {"crop", "deg", "noise", ["aug": only with --combine stitch]}
-          (PNGs in <out stem>_images/, relative to the output file), "prompt_enh",
-          "focus": {"chosen", "rejected"} | null, "robust": {"chosen", "rejected", "init"} | null,
-          "gen": {decoding settings};
-        <out>.errors.jsonl (bad lines), <out>.args.json. A rerun into the same --out resumes, with
-        the same --data file, model and RESULT_ARGS only (else refused); one run per --out at a
-        time (<out>.lock). A context + --max-new-tokens past the model's positions, or a prompt
-        holding the image placeholder, is that line's error (prompt_problems).
-Shapes: B instances, R rows of a forward (2B with contrastive amplification: experts, then
-        amateurs), T tokens, V vocabulary.
+Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt", "bbox" [x1, y1, x2, y2] (int
+        pixels inside the image, x2, y2 exclusive), optional "crop": "full" | "window"; other fields copied.
+        A bad field is that line's error (<out>.errors.jsonl); the other lines go on.
+Output  pairs.jsonl: input fields ("image" relative to the output file) + "images": {"crop", "deg", "noise"
+        [, "aug" if stitched]} (PNGs in <out stem>_images/), "prompt_enh", "prompt_robust" (P_rob: the user
+        text the robustness responses were decoded after), "focus": {"chosen", "rejected"} | null, "robust":
+        {"chosen", "rejected", "init"} | null, "gen": {decoding settings}; <out>.args.json. A rerun into
+        the same --out resumes (same --data, model and RESULT_ARGS, else refused).
+Shapes: B instances, R rows of a forward (2B in contrastive amplification: experts, then amateurs), T tokens,
+        V vocabulary.
 
   python 02_make_pairs.py                      # toy world on CPU (world/model, runs/crops.jsonl)
   python 02_make_pairs.py --model llava-hf/llava-1.5-7b-hf --data runs/crops.jsonl       # one GPU
   torchrun --nproc_per_node=8 02_make_pairs.py --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/crops.jsonl
-Choices left open by the paper: each response has its own torch.Generator seeded by crc32 of
-"seed/id/role" and draws one uniform per step (inverse CDF over the sorted nucleus), so a response
-does not depend on batch size, order or process count (nor do its draws on the device); temperature
-and top-p act on logits_CA; the amateur reads the tokens chosen by contrastive amplification (as in
-VCD); two responses are "equal" when their stripped texts are; I_deg's colour is the rounded mean
-over the whole image; a "full" crop still gets its images written, only its focus decoding is
-skipped; --combine auto takes two images where the processor accepts them, else stitch; image
-placeholder tokens are never generated (a response holding one could not be scored with its image
-later); image files are named by the id (characters outside [A-Za-z0-9._-] become "_", and an id so
-changed, or with capitals, gets its crc32 appended, so no two ids share a file, even on a
-case-insensitive disk).
+Ours, where the paper is silent: temperature and top-p act on logits_CA; the amateur reads the tokens
+amplification chose (as VCD); responses are equal when their stripped texts are; I_deg's colour is the
+rounded mean of the whole image; image placeholder tokens are never generated (such a response could not be
+scored with its image); a response's sampler is seeded by (seed, id, role), so no response depends on
+batch, order or process count.
 """
 import argparse
 import errno
 import fcntl
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -77,6 +67,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
@@ -88,36 +79,29 @@ ENH_TEMPLATE = ("Answer the question mainly based on the first image, refer to t
 STITCH_TEMPLATE = ("Answer the question mainly based on the left part of the image, the right "
                    "part shows a zoomed detail of it, refer to the zoomed detail if necessary, "
                    "answer this question: {question}")
-FOCUS = ("focus_w", "focus_l")  # the roles decoded with the focus settings
 # the instruction the authors' robust-pair script puts before P
 ROBUST_INSTRUCTION = ("Strictly answer the following question according to the facts of the "
                       "image, and control the length of the output.")
-# a resumed --out must have been made with the same values of these
-RESULT_ARGS = ("model", "combine", "enh_template", "sigma", "lambda_ca", "beta_head",
-               "temperature", "top_p", "max_new_tokens", "focus_temperature",
-               "focus_max_new_tokens", "robust_instruction", "seed", "data_identity",
-               "model_identity")
+FOCUS = ("focus_w", "focus_l")  # the roles decoded with the focus settings
 GEN_ARGS = ("temperature", "top_p", "max_new_tokens", "focus_temperature", "focus_max_new_tokens",
-            "robust_instruction", "lambda_ca", "beta_head", "combine", "sigma", "seed")
+            "robust_instruction", "lambda_ca", "beta_head", "combine", "sigma", "seed", "refine_init")
+# a resumed --out must have been made with the same values of these
+RESULT_ARGS = GEN_ARGS + ("model", "enh_template", "data_identity", "model_identity")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="world/model",
-                   help="reference (base) model folder or a name in your HF cache")
-    p.add_argument("--data", default="runs/crops.jsonl",
-                   help="crops.jsonl from stage 01 (id, image, prompt, bbox)")
-    p.add_argument("--out", default="runs/pairs.jsonl",
-                   help="output JSONL; images go to <out stem>_images/")
+    p.add_argument("--model", default="world/model", help="reference (base) model: folder or HF cache name")
+    p.add_argument("--data", default="runs/crops.jsonl", help="crops.jsonl from stage 01")
+    p.add_argument("--out", default="runs/pairs.jsonl", help="output JSONL; images: <out stem>_images/")
     p.add_argument("--combine", choices=("auto", "multi", "stitch"), default="auto",
                    help="I_aug as two images (multi, authors') or one stitched canvas; "
                         "auto: multi if the processor takes two images")
     p.add_argument("--enh-template", default=None,
-                   help="P_enh with {question} (default: the authors' sentence, "
-                        "or its stitched adaptation)")
-    p.add_argument("--sigma", type=at_least(0.0, float), default=0.2,
-                   help="I_noise std in [0, 1] pixel units (paper: 0.2)")
+                   help="P_enh with {question} (default: the authors' sentence, or its stitched form)")
+    p.add_argument("--sigma", type=at_least(0.0, float, most=1.0), default=0.2,
+                   help="I_noise std in (0, 1], pixel units (paper: 0.2)")
     p.add_argument("--lambda-ca", type=at_least(0.0, float), default=0.1,
                    help="contrastive amplification strength (authors: 0.1; VCD: 1.0)")
     p.add_argument("--beta-head", type=at_least(0.0, float, most=1.0), default=0.1,
@@ -129,29 +113,37 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=at_least(1), default=256,
                    help="robustness responses: length cap (authors: 256)")
     p.add_argument("--robust-instruction", default=None,
-                   help="robustness responses: text put before P ('' = none; default: the "
-                   "authors' instruction; the toy world's world.json beside --model: '', its "
-                   "words are outside the toy vocabulary)")
+                   help="robustness responses: text put before P ('' = none; default: the authors' "
+                        "instruction, or '' from the toy world's world.json beside --model)")
+    p.add_argument("--refine-init", action="store_true",
+                   help="y_w draws y_init's random numbers, so it departs from y_init only where "
+                        "amplification changes a token (ours; see the header)")
     p.add_argument("--focus-temperature", type=at_least(0.0, float), default=0.0,
-                   help="focus responses: sampling temperature (authors: greedy, 0); "
-                   "top-p as above")
+                   help="focus responses: sampling temperature (authors: greedy, 0); top-p as above")
     p.add_argument("--focus-max-new-tokens", type=at_least(1), default=150,
                    help="focus responses: length cap (authors: 150)")
-    p.add_argument("--seed", type=at_least(0), default=0,
-                   help="seed of the image noise and of every response's sampler")
-    p.add_argument("--batch-size", type=at_least(1), default=8,
-                   help="instances per step (a plain forward holds up to 4 rows each, "
-                        "a contrastive one 2)")
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    p.add_argument("--device", type=device_name, default=default_device, help="cuda or cpu")
-    p.add_argument("--limit", type=at_least(1), default=None,
-                   help="use only the first N lines of --data")
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the noise and of every sampler")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="instances per step")
+    p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu")
+    p.add_argument("--limit", type=at_least(1), default=None, help="use only the first N lines of --data")
     p.add_argument("--max-image-pixels", type=at_least(0), default=Image.MAX_IMAGE_PIXELS,
-                   help="an image with more pixels is a bad line (PIL's guard against "
-                        "decompression bombs); 0: no limit")
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback behind an error message (spelled out in full)")
-    return p.parse_args(argv)
+                   help="an image with more pixels is a bad line (a decompression bomb); 0: no limit")
+    p.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
+    args = p.parse_args(argv)
+    # ---- plumbing: flags that contradict the method, refused before any model loads ----
+    if args.sigma == 0:
+        p.error("--sigma 0 makes I_noise the clean image, so the robustness pair has no noise to "
+                "resist: give a sigma in (0, 1]")
+    template = args.enh_template or "{question}"
+    try:  # {question} and no other name in braces (P_enh is formatted per line, mid-run)
+        template.replace("{question}", "").format()
+    except (KeyError, IndexError, ValueError):
+        template = ""
+    if "{question}" not in template:
+        p.error(f"--enh-template {args.enh_template!r}: needs {{question}} and no other name in "
+                f"braces (a brace itself is written twice)")
+    return args
 
 
 def degraded_image(image, bbox):
@@ -164,43 +156,29 @@ def degraded_image(image, bbox):
     return out
 
 
-def stitched_image(image, crop):
-    """One canvas for models without multi-image input: I on the left, I_crop resized to I's
-    height on the right."""
-    w, h = image.size
-    crop = crop.resize((max(1, round(crop.width * h / crop.height)), h), Image.BICUBIC)
-    canvas = Image.new("RGB", (w + crop.width, h))
-    canvas.paste(image, (0, 0))
-    canvas.paste(crop, (w, 0))
-    return canvas
-
-
 def derived_images(image, bbox, sigma, seed, key, combine):
-    """{"crop", "deg", "noise"[, "aug" when stitched]}: the views every pair is built from
-    (deterministic). I_crop = I.crop(bbox), I_deg, I_noise (add_noise, seeded by (seed, id))."""
+    """{"crop", "deg", "noise"[, "aug"]}, the views the pairs are built from (deterministic): I_crop
+    = I.crop(bbox), I_deg, I_noise (seeded by (seed, id)); with combine "stitch", I_aug as one canvas
+    for models without multi-image input: I left, I_crop resized to I's height right."""
     crop = image.crop(tuple(bbox))
-    views = {"crop": crop}
-    views["deg"] = degraded_image(image, bbox)
-    views["noise"] = add_noise(image, sigma, seed, key)
+    views = {"crop": crop, "deg": degraded_image(image, bbox), "noise": add_noise(image, sigma, seed, key)}
     if combine == "stitch":
-        views["aug"] = stitched_image(image, crop)
+        w, h = image.size
+        zoom = crop.resize((max(1, round(crop.width * h / crop.height)), h), Image.BICUBIC)
+        views["aug"] = Image.new("RGB", (w + zoom.width, h))
+        views["aug"].paste(image, (0, 0))
+        views["aug"].paste(zoom, (w, 0))
     return views
-
-
-def augmented_images(image, views):
-    """I_aug as M is shown it: (I, I_crop) as two images (authors'), or the one stitched canvas."""
-    if "aug" in views:
-        return [views["aug"]]
-    return [image, views["crop"]]
 
 
 class Job(NamedTuple):
     """One response to decode: the context M answers for instance `key` in one role of a pair."""
     key: str  # the instance id
-    role: str  # focus_w, focus_l, robust_w, robust_l, init; seeds the sampler with (seed, key)
+    role: str  # focus_w, focus_l, robust_w, robust_l, init
     prompt: str
     images: list  # PIL images, in the order the prompt shows them
     amateur_images: list = None  # contrastive amplification's amateur (I_noise); None: plain
+    draws: str = None  # the role whose sampler (seeded by (seed, id, role)) it draws from; None: its own
 
 
 def focus_pair_contexts(key, prompt, prompt_enh, image, views, full_crop):
@@ -208,16 +186,18 @@ def focus_pair_contexts(key, prompt, prompt_enh, image, views, full_crop):
     stage 01's crop is the full image: a whole-image "crop" adds no detail, so no focus pair."""
     if full_crop:
         return []
-    chosen = Job(key, "focus_w", prompt_enh, augmented_images(image, views))
+    aug = [views["aug"]] if "aug" in views else [image, views["crop"]]  # I_aug: stitched, or (I, I_crop)
+    chosen = Job(key, "focus_w", prompt_enh, aug)
     rejected = Job(key, "focus_l", prompt, [views["deg"]])
     return [chosen, rejected]
 
 
-def robust_pair_contexts(key, prompt, image, views):
-    """Robust pair: y_w by contrastive amplification of the expert (I, P) over the amateur
-    (I_noise, P); y_l = M(I_noise, P); y_init = M(I, P), stored beside the pair. prompt: P after
-    the authors' instruction (--robust-instruction). [Job y_w, Job y_l, Job y_init]."""
-    chosen = Job(key, "robust_w", prompt, [image], amateur_images=[views["noise"]])
+def robust_pair_contexts(key, prompt, image, views, refine_init=False):
+    """Robustness pair: y_w by contrastive amplification of the expert (I, P_rob) over the amateur
+    (I_noise, P_rob), drawing y_init's uniforms with refine_init; y_l = M(I_noise, P_rob); y_init =
+    M(I, P_rob). prompt: P_rob. [Job y_w, Job y_l, Job y_init]."""
+    chosen = Job(key, "robust_w", prompt, [image], amateur_images=[views["noise"]],
+                 draws="init" if refine_init else None)
     rejected = Job(key, "robust_l", prompt, [views["noise"]])
     init = Job(key, "init", prompt, [image])
     return [chosen, rejected, init]
@@ -229,8 +209,8 @@ def contrastive_logits(logits_ep, logits_at, lambda_ca, beta_head):
 
     The head keeps the amplification from promoting tokens the expert itself finds implausible.
     logits_ep, logits_at: (B, V) next-token logits of the expert (I, P) and the amateur
-    (I_noise, P) on the same prefix. Returns (B, V) fp32; with lambda_ca = 0 its argmax is the
-    expert's."""
+    (I_noise, P) on the same prefix. Returns (B, V) fp32; with lambda_ca = 0 it is the expert's
+    logits on V_head (all of them with beta_head = 0)."""
     logits_ep = logits_ep.float()
     logits_at = logits_at.float()
     p_ep = torch.softmax(logits_ep, -1)  # (B, V)
@@ -268,110 +248,122 @@ def response_generator(seed, key, role):
 @torch.no_grad()
 def decode(model, inputs, generators, eos_ids, max_new_tokens, temperature=0.2, top_p=0.9,
            lambda_ca=None, beta_head=0.1, use_cache=True, stop_at_eos=True, suppress_ids=()):
-    """Token-by-token decoding of a left-padded batch; each row stops at its first EOS.
-
-    lambda_ca=None: plain decoding of the R = B rows. Else contrastive amplification: rows [0, B)
-    are the experts (I, P) and rows [B, 2B) their amateurs (I_noise, P), one forward of 2B rows
-    per token; both halves are fed the token chosen from logits_CA.
-    inputs: processor output (input_ids, attention_mask (R, T), pixel_values, ...);
-    generators: B torch.Generators; use_cache=False recomputes the whole sequence every step (the
-    reference the cache is tested against); stop_at_eos=False decodes max_new_tokens for timing;
-    suppress_ids are never generated (image placeholders: a response that contained one could not
-    be fed back with its image). Returns B lists of new token ids, EOS excluded."""
-    dev = model.device
-    inputs = {k: v.to(dev, model.dtype) if v.is_floating_point() else v.to(dev)
+    """y_t = next_token(logits_t, u_t) token by token for a left-padded batch, each row up to its
+    first EOS. lambda_ca None: plain decoding of the R = B rows. Else contrastive amplification:
+    rows [0, B) are the experts (I, P), rows [B, 2B) their amateurs (I_noise, P), one forward of 2B
+    rows a step, logits_t = logits_CA, and both halves read the chosen token.
+    inputs: processor output, (R, T) ids and mask; generators: B (u_t); suppress_ids: never chosen
+    (image placeholders). Returns B lists of new token ids, EOS excluded."""
+    inputs = {k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
               for k, v in inputs.items()}
     ids = inputs.pop("input_ids")  # (R, T)
     mask = inputs.pop("attention_mask")  # (R, T)
-    mm = inputs.pop("mm_token_type_ids", None)  # (R, T) image/text token types, on some models
-    B = ids.shape[0] // 2 if lambda_ca is not None else ids.shape[0]
+    R = ids.shape[0]
+    B = R // 2 if lambda_ca is not None else R
     assert len(generators) == B, f"{len(generators)} generators for {B} rows"
-    if lambda_ca is not None:
-        assert torch.equal(ids[:B], ids[B:]), \
-            "expert and amateur rows must hold the same prompt and image sizes"
-    # Qwen-VL: 3-D positions from the image grids + per-row deltas
-    mrope = hasattr(model.model, "rope_deltas")
-    cache = DynamicCache(config=model.config) if use_cache else None
-    # transformers renamed forward's past_key_values to cache (5.2x); a name the model does not
-    # know is swallowed by its **kwargs, so the cache would silently stay empty: pass it under the
-    # name this version's forward takes
-    cache_kw = "past_key_values"
-    if "cache" in inspect.signature(model.forward).parameters:
-        cache_kw = "cache"
-    eos = torch.tensor(sorted(eos_ids), device=dev)
+    assert lambda_ca is None or torch.equal(ids[:B], ids[B:]), \
+        "expert and amateur rows must hold the same prompt and image sizes"
+    next_logits = forward_step(model, inputs, use_cache)  # plumbing: KV cache, positions
+    eos = torch.tensor(sorted(eos_ids), device=ids.device)
     new = ids.new_zeros(B, 0)  # (B, t) the tokens chosen so far
-    done = torch.zeros(B, dtype=torch.bool, device=dev)  # (B,)
-    for step in range(max_new_tokens):
-        # (R, T + t): left padding does not shift the text
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        if step == 0 or not use_cache:  # prefill; without the cache, every step is one
-            if mrope:
-                model.model.rope_deltas = None  # else the deltas of the previous batch are reused
-            if mm is not None:  # image/text token types, 0 (text) for the tokens generated so far
-                generated = ids.shape[1] - mm.shape[1]
-                inputs["mm_token_type_ids"] = torch.nn.functional.pad(mm, (0, generated))
-            out = model(input_ids=ids, attention_mask=mask,
-                        position_ids=None if mrope else positions, use_cache=use_cache,
-                        logits_to_keep=1, **{cache_kw: cache}, **inputs)
-            assert cache is None or cache.get_seq_length() == ids.shape[1], \
-                f"the KV cache holds {cache.get_seq_length()} of {ids.shape[1]} prompt tokens: " \
-                f"{cache_kw}= was ignored"
-            deltas = model.model.rope_deltas if mrope else None  # (R, 1)
-        else:
-            pos = positions[:, -1:]  # (R, 1)
-            if mrope:
-                pos = pos[None].expand(3, -1, -1) + deltas  # (3, R, 1) for M-RoPE
-            out = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos,
-                        use_cache=True, logits_to_keep=1, **{cache_kw: cache})
-        logits = out.logits[:, -1].float()  # (R, V)
-        # the experts' suppressed ids (p_EP = 0: outside V_head as well)
-        logits[:B, list(suppress_ids)] = float("-inf")
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)  # (B,)
+    for _ in range(max_new_tokens):
+        logits = next_logits(ids, mask)  # (R, V) fp32
+        logits[:B, list(suppress_ids)] = float("-inf")  # on the experts: p_EP = 0, out of V_head
         if lambda_ca is not None:
             logits = contrastive_logits(logits[:B], logits[B:], lambda_ca, beta_head)  # (B, V)
-        # (B,) one draw per row per step
-        uniforms = torch.cat([torch.rand(1, generator=g) for g in generators])
+        uniforms = torch.cat([torch.rand(1, generator=g) for g in generators])  # (B,) u_t
         token = next_token(logits, uniforms, temperature, top_p)  # (B,)
-        token = torch.where(done, eos[0], token)  # a finished row only repeats EOS (trimmed below)
+        token = torch.where(done, eos[0], token)  # a finished row only repeats EOS (cut below)
         new = torch.cat([new, token[:, None]], 1)  # (B, t + 1)
         done = done | torch.isin(token, eos)
-        token = token.repeat(ids.shape[0] // B)  # (R,): the amateurs read the same response
-        ids = torch.cat([ids, token[:, None]], 1)  # (R, T + t + 1)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        ids = torch.cat([ids, token.repeat(R // B)[:, None]], 1)  # (R, T + t + 1): amateurs too
+        mask = torch.cat([mask, mask.new_ones(R, 1)], 1)
         if stop_at_eos and bool(done.all()):
             break
-    responses = []
-    for row in new.tolist():
-        n = next((i for i, t in enumerate(row) if t in eos_ids), len(row))  # up to the first EOS
-        responses.append(row[:n])
-    return responses
+    ends = [next((i for i, t in enumerate(row) if t in eos_ids), len(row)) for row in new.tolist()]
+    return [row[:n] for row, n in zip(new.tolist(), ends)]  # up to the first EOS
 
 
-def is_null_pair(chosen, rejected):
-    """A pair whose two responses are identical (their stripped texts) is null: there is nothing to
-    prefer. The instance keeps its line, with null for that pair."""
-    return chosen == rejected
+def respond(model, processor, jobs, args):
+    """The texts M answers to Jobs of one branch, as one batch with the branch's decoding (the
+    authors'): focus roles --focus-temperature (greedy), --focus-max-new-tokens; robustness roles
+    --temperature, --top-p, --max-new-tokens. Jobs with amateur images (y_w) are decoded by
+    contrastive amplification: rows [0, B) the experts, [B, 2B) their amateurs, same prompts."""
+    if not jobs:
+        return []
+    focus = jobs[0].role in FOCUS
+    contrastive = jobs[0].amateur_images is not None
+    texts = [chat_prompt(processor, job.prompt, len(job.images)) for job in jobs]
+    images = [im for job in jobs for im in job.images]
+    if contrastive:
+        texts = texts + texts
+        images += [im for job in jobs for im in job.amateur_images]
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    generators = [response_generator(args.seed, job.key, job.draws or job.role) for job in jobs]
+    ids = decode(model, dict(inputs), generators, eos_token_ids(model, processor),
+                 args.focus_max_new_tokens if focus else args.max_new_tokens,
+                 args.focus_temperature if focus else args.temperature, args.top_p,
+                 args.lambda_ca if contrastive else None, args.beta_head,
+                 suppress_ids=placeholder_ids(processor))
+    return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
 def preference_pairs(said):
-    """(focus, robust) of one instance from its responses {role: text}: each a pair, or None when
-    it is null or was not decoded (no focus pair for a full-image crop)."""
+    """(focus, robust) of one instance from its responses {role: text}: each a pair, or None when it
+    was not decoded (a full-image crop) or is null: its two responses are equal, nothing to prefer."""
     focus = None
-    if "focus_w" in said and not is_null_pair(said["focus_w"], said["focus_l"]):
+    if "focus_w" in said and said["focus_w"] != said["focus_l"]:
         focus = {"chosen": said["focus_w"], "rejected": said["focus_l"]}
     robust = None
-    if not is_null_pair(said["robust_w"], said["robust_l"]):
+    if said["robust_w"] != said["robust_l"]:
         robust = {"chosen": said["robust_w"], "rejected": said["robust_l"], "init": said["init"]}
     return focus, robust
+
+
+def make_pairs(model, processor, args, batch):
+    """One batch of input rows -> for each, its output line or why it is a bad line: the paper's
+    steps in order (derived images; the focus and the robustness pair's contexts; their responses,
+    one batch per branch; null pairs dropped)."""
+    lines = []
+    jobs = []
+    for row in batch:
+        image, problem = read_line(row)  # plumbing: the image; "bbox" and "crop" checked
+        if problem:
+            lines.append(problem)
+            continue
+        key = str(row["id"])
+        views = derived_images(image, row["bbox"], args.sigma, args.seed, key, args.combine)
+        prompt = row["prompt"]
+        prompt_enh = args.enh_template.format(question=prompt)
+        prompt_robust = f"{args.robust_instruction} {prompt}" if args.robust_instruction else prompt
+        mine = focus_pair_contexts(key, prompt, prompt_enh, image, views, row.get("crop") == "full")
+        mine += robust_pair_contexts(key, prompt_robust, image, views, args.refine_init)
+        problem = context_problem(model, processor, mine, args)  # plumbing: past the positions?
+        if problem:
+            lines.append(problem)
+            continue
+        jobs += mine
+        lines.append(output_line(row, views, prompt_enh, prompt_robust, args))  # PNGs written
+    said = {}  # id -> {role: response}; ids are unique (read_instances)
+    for branch in (FOCUS, ("robust_l", "init"), ("robust_w",)):  # focus; plain; contrastive
+        group = [job for job in jobs if job.role in branch]
+        for job, text in zip(group, respond(model, processor, group, args)):
+            said.setdefault(job.key, {})[job.role] = text
+    for line in lines:
+        if isinstance(line, dict):
+            line["focus"], line["robust"] = preference_pairs(said[str(line["id"])])
+    return lines
 
 
 def main(argv=None):
     exits_in_one_sentence("rerun the same command: it continues where this run stopped")
     args = parse_args(argv)
+    # ---- plumbing: processes, the lock on --out, the input lines, the settings, the model ----
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
     torch.manual_seed(args.seed)
     rank, world, device = dist_setup(args.device)
-    # a local folder: a resume compares where it is, not how it was spelled
-    if Path(args.model).exists():
+    if Path(args.model).exists():  # a local folder: a resume compares where it is, not its spelling
         args.model = str(Path(args.model).resolve())
     on_rank0(lambda: claim_out(args.out, {"--data": args.data}), rank, world)
     rows, errors = read_instances(args.data, ("image", "prompt", "bbox"), args.limit)
@@ -380,23 +372,21 @@ def main(argv=None):
         print(settings, flush=True)
     if not rows:  # every line bad: run_rows lists them and exits non-zero, before a model loads
         return run_rows(rows, errors, None, args.out, args.batch_size, rank, world)
-    # a rerun into --out compares these: the input and the model, not only their names
-    args.data_identity = file_identity(args.data)
+    args.data_identity = file_identity(args.data)  # a rerun into --out compares these
     args.model_identity = model_identity(args.model)
     model, processor = load_model(args.model, device)
     args.combine = resolve_combine(processor, args.combine)
     if args.enh_template is None:
         args.enh_template = ENH_TEMPLATE if args.combine == "multi" else STITCH_TEMPLATE
-    if "{question}" not in args.enh_template:
-        fail(f"--enh-template needs a {{question}} placeholder: {args.enh_template!r}")
     on_rank0(lambda: save_args(args, args.out, RESULT_ARGS), rank, world)
-    work = make_work(model, processor, args)
-    result = run_rows(rows, errors, work, args.out, args.batch_size, rank, world, desc="pairs")
+    # ---- the method, a batch of instances at a time: derived images, focus pair, robustness
+    # pair by contrastive amplification, null pairs dropped (make_pairs) ----
+    result = run_rows(rows, errors, lambda batch: make_pairs(model, processor, args, batch),
+                      args.out, args.batch_size, rank, world, desc="pairs")
     if rank == 0:
-        focus = sum(r["focus"] is not None for r in result)
-        robust = sum(r["robust"] is not None for r in result)
-        print(f"{len(result)} lines: {focus} focus pairs, {robust} robustness pairs "
-              f"(null: the two responses were equal, or the crop was the full image)")
+        n = {b: sum(r[b] is not None for r in result) for b in ("focus", "robust")}
+        print(f"{len(result)} lines: {n['focus']} focus pairs, {n['robust']} robustness pairs (the "
+              f"rest null: equal responses, or a full-image crop)")
     if world > 1:
         dist.destroy_process_group()
 
@@ -407,29 +397,104 @@ def main(argv=None):
 # "# ---- shared: NAME ----" rulers so each script stands alone (tests/test_shared_blocks.py
 # keeps every copy identical).
 # ==================================================================================================
-# ---- plumbing: input checks, prompts, images on disk, one batch of instances ----
+# ---- plumbing: the model's forward while decoding, input checks, images on disk ----
+def forward_step(model, inputs, use_cache=True):
+    """step(ids, mask (R, T + t)) -> (R, V) fp32 next-token logits, for decode: the first call reads
+    the prompt and its images (`inputs`) into a KV cache, later calls only the newest token
+    (use_cache=False: the whole sequence every call). Positions count the attention mask (left
+    padding); Qwen-VL's 3-D M-RoPE positions add the deltas its prefill leaves in rope_deltas."""
+    mrope = hasattr(model.model, "rope_deltas")
+    mm = inputs.pop("mm_token_type_ids", None)  # (R, T) 0 text, 1 image
+    cache = DynamicCache(config=model.config) if use_cache else None
+    deltas = []  # M-RoPE: the prefill's (R, 1) deltas
+
+    def step(ids, mask):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (R, T + t)
+        if cache is not None and cache.get_seq_length() > 0:  # the cache holds all but the newest
+            pos = positions[:, -1:]  # (R, 1)
+            if mrope:
+                pos = pos[None].expand(3, -1, -1) + deltas[0]  # (3, R, 1)
+            out = model(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos, cache=cache,
+                        use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1].float()
+        extra = dict(inputs)
+        if mm is not None:  # the tokens generated so far are text
+            extra["mm_token_type_ids"] = F.pad(mm, (0, ids.shape[1] - mm.shape[1]))
+        if mrope:
+            model.model.rope_deltas = None  # else the previous batch's deltas are reused
+        out = model(input_ids=ids, attention_mask=mask, position_ids=None if mrope else positions,
+                    cache=cache, use_cache=use_cache, logits_to_keep=1, **extra)
+        # a forward that does not know `cache=` swallows it in **kwargs: decoding would run blind
+        assert cache is None or cache.get_seq_length() == ids.shape[1], \
+            f"the KV cache holds {cache.get_seq_length()} of {ids.shape[1]} tokens: cache= was ignored"
+        deltas[:] = [model.model.rope_deltas] if mrope else []
+        return out.logits[:, -1].float()
+    return step
+
+
+def read_line(row):
+    """(image, None) for a usable input row, else (None, why not): "crop" (optional) is "full" or
+    "window", the image reads, "bbox" is 4 ints (not bools) with 0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H."""
+    if row.get("crop", "window") not in ("full", "window"):
+        return None, f"field 'crop' must be \"full\" or \"window\", not {row['crop']!r}"
+    try:
+        image = load_image(row["_image"])
+    except (OSError, ValueError) as e:
+        return None, f"unreadable image {row['_image']}: {e}"
+    problem = check_bbox(row["bbox"], image.size)
+    return (None, problem) if problem else (image, None)
+
+
 def check_bbox(bbox, size):
-    """None if bbox = [x1, y1, x2, y2] is 4 ints with 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H,
-    else the problem."""
+    """None if bbox is a box inside an image of `size` (read_line), else the problem."""
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(type(v) is int for v in bbox)):
         return f"bbox must be 4 integers [x1, y1, x2, y2], got {bbox!r}"
     x1, y1, x2, y2 = bbox
-    w, h = size
-    if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
-        return (f"bbox {bbox} is not a box inside the {w}x{h} image "
+    if not (0 <= x1 < x2 <= size[0] and 0 <= y1 < y2 <= size[1]):
+        return (f"bbox {bbox} is not a box inside the {size[0]}x{size[1]} image "
                 f"(0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H)")
     return None
 
 
+def context_problem(model, processor, jobs, args):
+    """None, or why one of an instance's contexts cannot be decoded: it holds the image
+    placeholder, or it + its length cap runs past the model's positions (garbage, no error)."""
+    texts = [chat_prompt(processor, job.prompt, len(job.images)) for job in jobs]
+    caps = [args.focus_max_new_tokens if job.role in FOCUS else args.max_new_tokens for job in jobs]
+    problems = prompt_problems(model, processor, texts, [job.images for job in jobs], caps,
+                               "new tokens (--max-new-tokens, --focus-max-new-tokens)")
+    return next((problem for problem in problems if problem), None)
+
+
+def file_stem(key):
+    """A file name for an id: unsafe characters become "_", and a changed or capitalised id gets its
+    crc32 (no two ids share a file, even on a case-insensitive disk)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(key))[:100].lstrip(".") or "_"
+    if safe == str(key) and safe == safe.lower():
+        return safe
+    return f"{safe}-{zlib.crc32(str(key).encode()):08x}"
+
+
+def output_line(row, views, prompt_enh, prompt_robust, args):
+    """An instance's output line, its pairs still to fill; its views saved as PNGs in
+    <out stem>_images/."""
+    out = Path(args.out)
+    folder = out.parent / f"{out.stem}_images"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: folder / f"{file_stem(row['id'])}.{name}.png" for name in views}
+    for name, view in views.items():
+        view.save(paths[name], format="PNG")
+    return {**row, "image": relpath_for(out, row["_image"]),
+            "images": {name: relpath_for(out, path) for name, path in paths.items()},
+            "prompt_enh": prompt_enh, "prompt_robust": prompt_robust, "focus": None, "robust": None,
+            "gen": {k: vars(args)[k] for k in GEN_ARGS}}
+
+
 def eos_token_ids(model, processor):
-    """Every id that ends a response: the generation config's (an int or a list) and the
-    tokenizer's EOS."""
+    """Every id that ends a response: the generation config's (an int or a list), the tokenizer's."""
     eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = []
-    elif not isinstance(eos, (list, tuple)):
-        eos = [eos]
-    return set(eos) | {processor.tokenizer.eos_token_id} - {None}
+    eos = eos if isinstance(eos, (list, tuple)) else [eos]
+    return {e for e in [*eos, processor.tokenizer.eos_token_id] if e is not None}
 
 
 def placeholder_ids(processor):
@@ -439,110 +504,19 @@ def placeholder_ids(processor):
 
 
 def resolve_combine(processor, combine):
-    """auto -> multi when the processor takes a two-image prompt, else stitch (SPEC: multi where
-    accepted)."""
-    if combine != "auto":
+    """--combine as run: auto -> multi when the processor takes a two-image prompt (the authors'
+    I_aug), else stitch; multi with a processor that refuses two images ends the run, naming it."""
+    if combine == "stitch":
         return combine
     try:
         img = Image.new("RGB", (32, 32))
         processor(text=[chat_prompt(processor, "x", 2)], images=[img, img], return_tensors="pt")
         return "multi"
-    except Exception:  # noqa: BLE001 (any refusal of two images means one canvas)
+    except Exception as e:  # noqa: BLE001 (any refusal of two images means one canvas)
+        if combine == "multi":
+            fail(f"--combine multi: this model's processor refuses two images ({type(e).__name__}); "
+                 f"use --combine stitch or auto")
         return "stitch"
-
-
-def file_stem(key):
-    """A file name for an id: unsafe characters become "_", and a changed or capitalised id gets its
-    crc32."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(key))[:100].lstrip(".") or "_"
-    if safe == str(key) and safe == safe.lower():
-        return safe
-    return f"{safe}-{zlib.crc32(str(key).encode()):08x}"
-
-
-def respond(model, processor, jobs, args, contrastive=False, focus=False):
-    """Texts for a list of Jobs, decoded in one batch. contrastive: rows [0, B) are the experts (each
-    job's images) and rows [B, 2B) their amateurs (its amateur_images), with the same prompts.
-    focus: the focus responses' decoding (--focus-*), else the robustness responses'."""
-    if not jobs:
-        return []
-    texts = [chat_prompt(processor, job.prompt, len(job.images)) for job in jobs]
-    images = [im for job in jobs for im in job.images]
-    if contrastive:
-        texts = texts + texts
-        images = images + [im for job in jobs for im in job.amateur_images]
-    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    generators = [response_generator(args.seed, job.key, job.role) for job in jobs]
-    lambda_ca = args.lambda_ca if contrastive else None
-    max_new_tokens = args.focus_max_new_tokens if focus else args.max_new_tokens
-    temperature = args.focus_temperature if focus else args.temperature
-    ids = decode(model, dict(inputs), generators, eos_token_ids(model, processor), max_new_tokens,
-                 temperature, args.top_p, lambda_ca, args.beta_head,
-                 suppress_ids=placeholder_ids(processor))
-    return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
-
-
-def make_work(model, processor, args):
-    """work(batch) for run_rows: derived images to disk, the five responses of each instance, its output
-    line."""
-    out = Path(args.out)
-    folder = out.parent / f"{out.stem}_images"
-    folder.mkdir(parents=True, exist_ok=True)
-    gen = {k: vars(args)[k] for k in GEN_ARGS}
-
-    def work(batch):
-        results = [None] * len(batch)  # an output dict or an error message per row
-        jobs = []  # every instance's Jobs in batch order: focus_w, focus_l, robust_w, robust_l, init
-        for i, row in enumerate(batch):
-            try:
-                image = load_image(row["_image"])
-            except (OSError, ValueError) as e:
-                results[i] = f"unreadable image {row['_image']}: {e}"
-                continue
-            problem = check_bbox(row["bbox"], image.size)
-            if problem:
-                results[i] = problem
-                continue
-            key = str(row["id"])
-            prompt = str(row["prompt"])
-            views = derived_images(image, row["bbox"], args.sigma, args.seed, key, args.combine)
-            prompt_enh = args.enh_template.format(question=prompt)
-            full_crop = row.get("crop") == "full"
-            mine = focus_pair_contexts(key, prompt, prompt_enh, image, views, full_crop)
-            instructed = f"{args.robust_instruction} {prompt}".strip()
-            mine += robust_pair_contexts(key, instructed, image, views)
-            texts = [chat_prompt(processor, job.prompt, len(job.images)) for job in mine]
-            fits = prompt_problems(model, processor, texts, [job.images for job in mine],
-                                   [args.max_new_tokens] * len(mine),
-                                   "new tokens (--max-new-tokens)")
-            if any(fits):  # a context past the model's positions: garbage, so a bad line
-                results[i] = next(problem for problem in fits if problem)
-                continue
-            jobs += mine
-            paths = {name: folder / f"{file_stem(key)}.{name}.png" for name in views}
-            for name, view in views.items():
-                view.save(paths[name], format="PNG")
-            results[i] = {**row, "image": relpath_for(out, row["_image"]),
-                          "images": {name: relpath_for(out, p) for name, p in paths.items()},
-                          "prompt_enh": prompt_enh, "focus": None, "robust": None, "gen": gen}
-        # one focus batch (2 rows an instance), one plain robustness batch (y_l, y_init: 2 rows),
-        # one contrastive batch (2 rows an instance): each branch has its own decoding
-        focus = [job for job in jobs if job.role in FOCUS]
-        plain = [job for job in jobs if job.amateur_images is None and job.role not in FOCUS]
-        contrast = [job for job in jobs if job.amateur_images is not None]
-        said = {}  # id -> {role: response}; ids are unique (read_instances)
-        for group, contrastive, is_focus in ((focus, False, True), (plain, False, False),
-                                             (contrast, True, False)):
-            texts = respond(model, processor, group, args, contrastive, is_focus)
-            for job, text in zip(group, texts):
-                said.setdefault(job.key, {})[job.role] = text
-        for result in results:
-            if isinstance(result, str):
-                continue
-            result["focus"], result["robust"] = preference_pairs(said[str(result["id"])])
-        return results
-
-    return work
 # ---- end plumbing ----
 
 
@@ -898,8 +872,9 @@ def claim_out(out, inputs, folder=False):
     if out.exists() and out.is_dir() != folder:
         fail(f"--out {out} exists and is not a {'folder' if folder else 'file'}: this stage "
              f"writes a {'folder' if folder else 'file'} there")
-    writer = read_args(args_path(out, folder)).get("stage", STAGE)
-    if writer != STAGE:
+    recorded = read_args(args_path(out, folder))
+    if recorded and recorded.get("stage") != STAGE:
+        writer = recorded.get("stage") or "an older version or another program (no stage named)"
         fail(f"--out {out} was written by {writer}, not {STAGE}: pass another --out")
     if folder and out.is_dir() and not args_path(out, folder).is_file() and any(
             p.is_file() and p.stat().st_size for p in out.rglob("*")):  # (empty files: a failed run's)

@@ -1,70 +1,68 @@
 """Stage 03: reference log-probs for every loss term, the DDW CLIP gain ratio, the PPL + margin filter, the IPS report.
 
-Paper: P2-DPO (ICLR 2026), data filtering, dynamic deficiency weighting and implicit preference
-strength; SPEC.md "Stage 03". pi_ref is the base model, frozen, in eval mode; log pi_ref(y | c)
-is summed over the response tokens and EOS (prompt and image tokens masked), log-softmax in fp32,
-so that stage 04 never holds a reference model:
-  ref.focus_w, ref.focus_l          = log pi_ref(y | I, P)               the DPO_focus context
-  ref.calib_aug_w, ref.calib_deg_w  = log pi_ref(y_w | I_aug, P_enh), log pi_ref(y_w | I_deg, P)
-                                                                         L_calib (_l: y_l)
-  ref.robust_w, ref.robust_l        = log pi_ref(y | I_noise, P)         the DPO_rob context
-  ref.robust_expert_w               = log pi_ref(y_w | I, P)             the filter only
-  PPL(y) = exp(-log pi_ref(y | c(y)) / n(y)),  n(y): response tokens + EOS ("ntok")
-           c(y): the context that generated y (authors'): focus y_w (I_aug, P_enh), y_l (I_deg, P);
-           robust y_w (I, P), contrastive amplification's expert, y_l (I_noise, P);
-           --filter-context dpo: the branch's DPO context for both ((I, P); (I_noise, P))
-  M      = log pi_ref(y_w | c(y_w)) / n(y_w) - log pi_ref(y_l | c(y_l)) / n(y_l)
-  a branch is kept iff PPL(y_w) < max_ppl, PPL(y_l) < max_ppl, margin_low <= M <= margin_high
-           (authors: 2.5, [-0.174, 0.208]); a line that keeps no branch goes to
-           <out>.dropped.jsonl, not to <out>
-  CLIPScore(t, i) = 2.5 * max(cos(E_t(t), E_i(i)), 0)  (Hessel et al. 2021)
-  r      = CLIPScore(P, I_crop) / CLIPScore(P, I)
-  IPS    = log pi_ref(y_w | c) - log pi_ref(y_l | c)  (summed), per branch: mean, std, share < 0;
-           all and kept pairs
+Paper: P2-DPO (ICLR 2026), data filtering, dynamic deficiency weighting (DDW), implicit preference
+strength (IPS). pi_ref: the base model, frozen; log pi_ref(y | c) sums the response tokens and EOS
+(prompt and image tokens masked), log-softmax in fp32, so stage 04 never holds a reference model.
+P': the user text the robust pair was decoded from (stage 02's "prompt_robust": the authors'
+instruction + " " + P; P when the instruction is empty, as on the toy world). Stage 04 trains in
+the contexts of 1a; 1b is read by the filter only.
+  1a. ref.focus_w, ref.focus_l         = log pi_ref(y | I, P)               04's DPO_focus
+      ref.calib_aug_w, ref.calib_deg_w = log pi_ref(y_w | I_aug, P_enh), log pi_ref(y_w | I_deg, P)
+                                         04's L_calib (calib_aug_l, calib_deg_l: the same for y_l)
+      ref.robust_w, ref.robust_l       = log pi_ref(y | I_noise, P)         04's DPO_rob
+  1b. ref.robust_expert_w              = log pi_ref(y_w | I, P')            the expert's context
+      ref.robust_own_l                 = log pi_ref(y_l | I_noise, P')      only where P' != P
+  2.  CLIPScore(t, i) = 2.5 * max(cos(E_t(t), E_i(i)), 0)  (Hessel et al. 2021)
+      r = CLIPScore(P, I_crop) / CLIPScore(P, I)
+  3.  PPL(y) = exp(-log pi_ref(y | c(y)) / n(y)),  n(y): response tokens + EOS ("ntok")
+      M      = log pi_ref(y_w | c(y_w)) / n(y_w) - log pi_ref(y_l | c(y_l)) / n(y_l)
+      c(y): where y was decoded (authors' code): focus y_w (I_aug, P_enh), y_l (I_deg, P); robust
+      y_w (I, P') (contrastive amplification's expert), y_l (I_noise, P'); --filter-context dpo:
+      the branch's DPO context for both, (I, P) or (I_noise, P)
+  4.  a branch is kept iff PPL(y_w) < max_ppl, PPL(y_l) < max_ppl, margin_low <= M <= margin_high
+      (authors': 2.5, [-0.174, 0.208]); a line that keeps no branch goes to <out>.dropped.jsonl
+  5.  IPS = log pi_ref(y_w | c) - log pi_ref(y_l | c), c the DPO context: per branch, mean, std,
+      share < 0, over all and over kept pairs
 
-Input   pairs.jsonl (stage 02; paths relative to its folder): "id", "image", "prompt",
-        "prompt_enh", "images": {"crop", "deg", "noise", ["aug": a stitched I_aug; else
-        I_aug = (image, crop), two images]}, "focus" / "robust": {"chosen", "rejected", ...}
-        | null.
-        --score-only: any preference JSONL {"id", "image", "prompt" (or "question"), "chosen",
-        "rejected"}, one pair a line, scored under (I, P) as the branch "pair".
-Output  <out> (train.jsonl), the lines that keep a branch: the input fields (paths rewritten
-        relative to <out>) + "ref" and "ntok" (the keys above; null where the pair is null),
-        "ppl": {"focus_w", "focus_l", "robust_w", "robust_l"} (y_w, y_l of each branch, in the
-        filter's contexts), "margin": {"focus", "robust"}, "filter_context": "own" | "dpo",
-        "clip": {"crop", "image", "ratio"} | null (no focus pair, --clip none),
-        "keep": {"focus", "robust"}, "why": {branch: [reasons it is dropped]};
-        <out>.dropped.jsonl: the other lines, the same fields;
-        <out>.report.json: counts per branch and reason, IPS, PPL, margin and CLIP-ratio summaries;
-        <out>.errors.jsonl: bad input lines;  <out>.args.json;
-        <out>.scores: every scored line before the filter (JSONL, the resume checkpoint: a rerun
-        scores only new ids and re-applies the filter, so other thresholds need no model; the
-        same --data file, model and SCORE_ARGS only, else refused; one run at a time: <out>.lock).
-        A prompt + response past the model's positions is that line's error (prompt_problems).
-        --score-only writes no <out> nor dropped.
-Shapes: R scoring rows in a forward (up to 9 a line), B lines, D CLIP embedding width.
+Input   pairs.jsonl (stage 02; paths relative to it): "id", "image", "prompt", "prompt_enh",
+        "prompt_robust" (older files: rebuilt from "gen": {"robust_instruction"}; P without
+        either), "images": {"crop", "deg", "noise", ["aug": a stitched I_aug; else (I, I_crop)]},
+        "focus" / "robust": {"chosen", "rejected", ...} | null, "bbox" (4 integers). A field of
+        the wrong type, an image missing or unreadable, a context + response past the model's
+        positions: that line's error. --score-only: any preference JSONL {"id", "image", "prompt"
+        (or "question"), "chosen", "rejected"}, scored under (I, P) as the branch "pair".
+Output  <out> (train.jsonl), the lines that keep a branch: the input fields (paths relative to
+        <out>) + "ref": {"focus_w", "focus_l", "calib_aug_w", "calib_deg_w", "calib_aug_l",
+        "calib_deg_l", "robust_w", "robust_l", "robust_expert_w", ["robust_own_l"]} (null where
+        the pair is null), "ntok": {the same keys}, "clip": {"crop", "image", "ratio"} | null,
+        "ppl": {"focus_w", "focus_l", "robust_w", "robust_l"}, "margin": {"focus", "robust"},
+        "filter_context": "own" | "dpo", "keep": {"focus", "robust"}, "why": {"focus", "robust":
+        [reasons dropped]}; --score-only: "pair_w", "pair_l" and "pair" instead, no <out>.
+        <out>.dropped.jsonl: the other lines; <out>.report.json: "lines", "written", "thresholds",
+        "branches": {branch: {"pairs", "kept", "dropped", "reasons", "ips_all", "ips_kept",
+        "margin", "ppl_chosen", "ppl_rejected"}}, "clip_ratio", "kept_both", "clip_ratio_kept_both";
+        <out>.errors.jsonl; <out>.args.json; <out>.scores: each scored line before the filter (up
+        to "clip"), the resume checkpoint: a rerun scores new ids only and re-filters without a
+        model (the same --data, model and SCORE_ARGS only).
+Shapes: R scoring rows in a forward (up to 10 a line), B lines, D CLIP embedding width.
 
 Launch: the toy world on CPU; one GPU; 8 GPUs:
   python 03_filter.py --model world/model --clip world/clip --data runs/pairs.jsonl --out runs/train.jsonl
   python 03_filter.py --model llava-hf/llava-1.5-7b-hf --clip ViT-L-14 --data runs/pairs.jsonl --batch-size 32
   torchrun --nproc_per_node=8 03_filter.py --model Qwen/Qwen2.5-VL-7B-Instruct --clip ViT-L-14 --data runs/pairs.jsonl
 
-Choices the paper leaves open: the token mean divides by n(y), EOS included (the tokens the loss
-sums); the PPL bound is strict, the margin band inclusive; CLIPScore's text is P as written (P is
-a question, so no "A photo depicts" prefix), cut to the CLIP context; r is null when
-CLIPScore(P, I) = 0; a line with both pairs null is dropped with the reason "no pair"; the report
-counts every check a pair fails (one pair can fail several); std is the population std; --clip
-defaults to the toy world's CLIP (SPEC's command line), a real run names an open_clip model.
-Measured on the toy world (seed 0): the own contexts keep 187 of 229 focus and 162 of 362 robust
-pairs; --filter-context dpo keeps 83 and 20 (PPL(y_w) under I_noise >= 2.5 for most robust y_w,
-which were not generated from I_noise).
+Choices the paper leaves open (ours): token means divide by n(y), EOS included (what the loss
+sums); the PPL bound is strict, the margin band inclusive; CLIPScore's text is P as written, cut
+to the CLIP context; r is null when CLIPScore(P, I) = 0; the report counts every check a pair
+fails. Measured on the toy world (seed 0): the own contexts keep 187 of 229 focus and 162 of 362
+robust pairs; --filter-context dpo keeps 83 and 20 (most robust y_w have PPL >= 2.5 under I_noise,
+where they were not decoded).
 """
 import argparse
 import errno
 import fcntl
 import functools
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -90,55 +88,55 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="world/model",
-                   help="reference model: the base model folder or a name in your own HF cache "
-                   "(the model stage 04 trains)")
+                   help="reference model (the base model 04 trains): a folder or a cached name")
     p.add_argument("--clip", default="world/clip",
-                   help="open_clip model for DDW: a folder in open_clip's local-dir format "
-                   "(the toy world's world/clip), a model name such as ViT-L-14 (SPEC), "
-                   "or none (no score)")
+                   help="open_clip model for DDW: a folder in open_clip's local-dir format (the "
+                   "toy world's), a model name such as ViT-L-14 (the paper's CLIP), or none")
     p.add_argument("--clip-pretrained", default="openai",
-                   help="weights of a named --clip: an open_clip tag already in your cache or "
-                   "a file (SPEC: openai); never downloaded")
+                   help="weights of a named --clip: a cached open_clip tag or a file (ours: "
+                   "CLIP's original weights)")
     p.add_argument("--data", default="runs/pairs.jsonl",
-                   help="pairs.jsonl from stage 02 (or, with --score-only, any preference JSONL)")
+                   help="pairs.jsonl from stage 02 (with --score-only: any preference JSONL)")
     p.add_argument("--out", default="runs/train.jsonl",
-                   help="train.jsonl for stage 04; the other files are named after it "
-                   "(.dropped.jsonl, .report.json, .scores, .errors.jsonl, .args.json)")
+                   help="train.jsonl for stage 04; the other files are named after it")
     p.add_argument("--max-ppl", type=at_least(0.0, float), default=2.5,
-                   help="keep a pair when PPL(y_w), PPL(y_l) < this (authors)")
+                   help="keep a pair when PPL(y_w), PPL(y_l) < this (authors'); above 1")
     p.add_argument("--margin-low", type=at_least(-math.inf, float), default=-0.174,
-                   help="keep a pair when M >= this (authors)")
+                   help="keep a pair when M >= this (authors')")
     p.add_argument("--margin-high", type=at_least(-math.inf, float), default=0.208,
-                   help="keep a pair when M <= this (authors)")
+                   help="keep a pair when M <= this (authors'); at least --margin-low")
     p.add_argument("--filter-context", choices=("own", "dpo"), default="own",
-                   help="where PPL and M score each response: own = the context that generated it "
-                   "(authors' code; SPEC), dpo = the branch's DPO context, (I, P) or (I_noise, P)")
+                   help="where PPL and M score each response: own = where it was decoded "
+                   "(authors' code), dpo = the branch's DPO context")
     p.add_argument("--score-only", action="store_true",
-                   help="score a preference JSONL (chosen / rejected, prompt or question, image) "
-                   "and write the IPS report only: on- vs off-policy pairs (paper)")
-    p.add_argument("--seed", type=at_least(0), default=0,
-                   help="global seed (scoring is deterministic; kept for the chain)")
+                   help="score a preference JSONL, write the IPS report only (paper: on- vs "
+                   "off-policy pairs)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="global seed (kept for the chain)")
     p.add_argument("--batch-size", type=at_least(1), default=16,
-                   help="scoring rows per forward (a line has up to 9), and lines per step of the "
-                   "resumable loop")
+                   help="scoring rows per forward, lines per step of the resumable loop")
     p.add_argument("--device", type=device_name,
                    default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--limit", type=at_least(1), default=None,
-                   help="score only the first N lines of --data")
+    p.add_argument("--limit", type=at_least(1), default=None, help="score the first N lines only")
     p.add_argument("--max-image-pixels", type=at_least(0), default=Image.MAX_IMAGE_PIXELS,
-                   help="an image with more pixels is a bad line (PIL's guard against "
-                   "decompression bombs); 0: no limit")
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback behind an error message (spelled out in full)")
-    return p.parse_args(argv)
+                   help="an image with more pixels is a bad line (decompression bombs); 0: no limit")
+    p.add_argument("--debug", action="store_true", help="show the traceback behind an error")
+    args = p.parse_args(argv)
+    # the flags together, before any model loads: a filter that cannot keep a pair is refused
+    if args.max_ppl <= 1:
+        p.error(f"--max-ppl {args.max_ppl:g} keeps no pair: PPL is at least 1, the bound strict")
+    if args.margin_low > args.margin_high:
+        p.error(f"--margin-low {args.margin_low:g} is above --margin-high {args.margin_high:g}: "
+                f"no margin is in the band, so no pair would be kept")
+    return args
 
 
 # the arguments that change the scores: a rerun into <out> must match them
 SCORE_ARGS = ("model", "clip", "clip_pretrained", "score_only", "data_identity", "model_identity")
 
 
-# ---- 1. The reference log-probs for every loss term ----
-# ref key -> (branch, response, prompt field, context): every log pi_ref that stage 04's loss reads
+# ---- 1. The reference log-probs of every loss term ----
+# ref key -> (branch, response, prompt field, context images): 1a, what stage 04's loss reads, then
+# 1b, the robust pair where it was decoded (for the filter; robust_own_l only where P' != P)
 TERMS = {
     "focus_w": ("focus", "chosen", "prompt", "image"),
     "focus_l": ("focus", "rejected", "prompt", "image"),
@@ -148,39 +146,44 @@ TERMS = {
     "calib_deg_l": ("focus", "rejected", "prompt", "deg"),
     "robust_w": ("robust", "chosen", "prompt", "noise"),
     "robust_l": ("robust", "rejected", "prompt", "noise"),
-    # the filter's own-context term of contrastive amplification's y_w: the expert's (I, P)
-    "robust_expert_w": ("robust", "chosen", "prompt", "image"),
+    "robust_expert_w": ("robust", "chosen", "prompt_robust", "image"),
+    "robust_own_l": ("robust", "rejected", "prompt_robust", "noise"),
 }
 # --score-only: one pair a line, under (I, P)
-PAIR_TERMS = {
-    "pair_w": ("pair", "chosen", "prompt", "image"),
-    "pair_l": ("pair", "rejected", "prompt", "image"),
-}
+PAIR_TERMS = {"pair_w": ("pair", "chosen", "prompt", "image"),
+              "pair_l": ("pair", "rejected", "prompt", "image")}
 # branch -> its DPO terms (y_w, y_l): the context c of IPS (and of --filter-context dpo)
-DPO_TERMS = {
-    "focus": ("focus_w", "focus_l"),
-    "robust": ("robust_w", "robust_l"),
-    "pair": ("pair_w", "pair_l"),
-}
-# --filter-context -> branch -> the terms (y_w, y_l) whose contexts PPL and M read. own: each
-# response where it was generated (authors' code): focus y_w = M(I_aug, P_enh), y_l = M(I_deg, P);
-# robust y_w by contrastive amplification of the expert (I, P), y_l = M(I_noise, P)
-FILTER_TERMS = {
-    "own": {
-        "focus": ("calib_aug_w", "calib_deg_l"),
-        "robust": ("robust_expert_w", "robust_l"),
-        "pair": ("pair_w", "pair_l"),
-    },
-    "dpo": DPO_TERMS,
-}
+DPO_TERMS = {"focus": ("focus_w", "focus_l"), "robust": ("robust_w", "robust_l"),
+             "pair": ("pair_w", "pair_l")}
+# --filter-context -> branch -> the terms (y_w, y_l) PPL and M read. own: where each was decoded
+# (authors' code): focus y_w = M(I_aug, P_enh), y_l = M(I_deg, P); robust y_w by contrastive
+# amplification of the expert (I, P'), y_l = M(I_noise, P')
+FILTER_TERMS = {"own": {"focus": ("calib_aug_w", "calib_deg_l"),
+                        "robust": ("robust_expert_w", "robust_own_l"), "pair": ("pair_w", "pair_l")},
+                "dpo": DPO_TERMS}
+
+
+def robust_prompt(row):
+    """P' = the authors' robust instruction + " " + P (P when it is empty): the user text stage 02
+    decoded the robust pair from. The row's "prompt_robust", or, in an older pairs file, rebuilt as
+    02 builds it from "gen": {"robust_instruction"} (P without either). ValueError: not text."""
+    if row.get("prompt_robust") is not None:
+        if not is_text(row["prompt_robust"]):
+            raise ValueError(f"'prompt_robust' must be text, not {row['prompt_robust']!r:.60}")
+        return row["prompt_robust"]
+    gen = row["gen"] if row.get("gen") is not None else {}
+    instruction = gen.get("robust_instruction", "") if isinstance(gen, dict) else None
+    if not isinstance(instruction, str):
+        raise ValueError(f"'gen' must hold a text 'robust_instruction', not {gen!r:.60}")
+    return f"{instruction} {row['prompt']}".strip()
 
 
 def scoring_rows(line, terms):
-    """[(term, prompt, response, context images, context)]: one row per term whose branch has a
-    pair in the line."""
+    """[(term, prompt, response, context images, context)]: a row per term whose branch has a pair
+    in the line (read_line's); robust_own_l only where P' != P, else its row is robust_l's."""
     rows = []
     for term, (branch, side, prompt, context) in terms.items():
-        if branch in line["pairs"]:
+        if branch in line["pairs"] and (term != "robust_own_l" or line[prompt] != line["prompt"]):
             response = line["pairs"][branch][side]
             rows.append((term, line[prompt], response, line["contexts"][context], context))
     return rows
@@ -188,27 +191,43 @@ def scoring_rows(line, terms):
 
 @torch.inference_mode()
 def score_rows(model, processor, rows, batch_size):
-    """Summed log pi_ref(y | c) and n(y) of (prompt, response, images, context) rows, through the
-    shared block that stage 04 also uses. Rows of one context share forwards (same image count,
-    little padding), batch_size rows at most; rows of several lines mix. Returns ([logp], [ntok])
-    in row order."""
-    logp = [None] * len(rows)
-    ntok = [None] * len(rows)
-    # by context; sorted() is stable: input order within a context
-    order = sorted(range(len(rows)), key=lambda i: rows[i][3])
-    for _, group in itertools.groupby(order, key=lambda i: rows[i][3]):
-        group = list(group)
+    """[(summed log pi_ref(y | c), n(y))] of (prompt, response, images, context) rows, in row order,
+    through the shared block stage 04 also uses. Rows of one context share forwards (same image
+    count, little padding), batch_size rows at most; rows of several lines mix."""
+    scores = [None] * len(rows)
+    for context in dict.fromkeys(r[3] for r in rows):
+        group = [i for i, r in enumerate(rows) if r[3] == context]  # in input order
         for k in range(0, len(group), batch_size):
             chunk = group[k:k + batch_size]
-            prompts = [rows[i][0] for i in chunk]
-            responses = [rows[i][1] for i in chunk]
-            images = [rows[i][2] for i in chunk]
+            prompts, responses, images, _ = zip(*[rows[i] for i in chunk])
             inputs, mask = build_batch(processor, prompts, responses, images)  # mask: (R, T)
-            lp, n = response_logprobs(model, inputs, mask)  # (R,), (R,)
-            for i, a, b in zip(chunk, lp.tolist(), n.tolist()):
-                logp[i] = a
-                ntok[i] = int(b)
-    return logp, ntok
+            logp, ntok = response_logprobs(model, inputs, mask)  # (R,), (R,)
+            for i, a, n in zip(chunk, logp.tolist(), ntok.tolist()):
+                scores[i] = (a, int(n))
+    return scores
+
+
+def reference_logprobs(lines, results, reference, terms, batch_size):
+    """{i: {term: (summed log pi_ref(y | c), n(y))}} for the scoring rows of lines {i: line}. A
+    line with a context + response past the model's positions (garbage, not an error, in the
+    model) leaves `lines`, its reason in results[i]. reference(): (model, processor)."""
+    rows = [(i, r) for i, line in lines.items() for r in scoring_rows(line, terms)]
+    if rows:
+        model, processor = reference()
+        # the response as text after its prompt: its tokens count, a placeholder in it is found
+        texts = [chat_prompt(processor, r[1], len(r[3])) + r[2] for _, r in rows]
+        fits = prompt_problems(model, processor, texts, [r[3] for _, r in rows], [1] * len(rows),
+                               "EOS token")
+        for (i, r), problem in zip(rows, fits):
+            if problem and i in lines:
+                results[i] = f"{r[0]}: {problem}"
+                del lines[i]
+        rows = [(i, r) for i, r in rows if i in lines]
+    scores = {i: {} for i in lines}
+    if rows:
+        for (i, r), s in zip(rows, score_rows(*reference(), [r[1:] for _, r in rows], batch_size)):
+            scores[i][r[0]] = s
+    return scores
 
 
 # ---- 2. The CLIP gain ratio of dynamic deficiency weighting ----
@@ -221,11 +240,8 @@ def clip_score(text_features, image_features):
 
 def gain_ratio(clip_crop, clip_image):
     """r = CLIPScore(P, I_crop) / CLIPScore(P, I): above 1 when the crop fits the prompt better
-    than the whole image (DDW then leans to the focus branch). None when CLIPScore(P, I) = 0
-    (stage 04 reads the two scores anyway)."""
-    if clip_image > 0:
-        return clip_crop / clip_image
-    return None
+    than the whole image (DDW then leans to the focus branch); None when CLIPScore(P, I) = 0."""
+    return clip_crop / clip_image if clip_image > 0 else None
 
 
 @torch.inference_mode()
@@ -234,13 +250,44 @@ def clip_scores(clip, prompts, images, crops):
     and r."""
     model, preprocess, tokenizer = clip
     device = next(model.parameters()).device
-    tokens = tokenizer(prompts).to(device)  # the tokenizer cuts P to the CLIP context
-    text = model.encode_text(tokens)  # (B, D)
+    text = model.encode_text(tokenizer(prompts).to(device))  # (B, D); P cut to the CLIP context
     pixels = torch.stack([preprocess(im) for im in images + crops]).to(device)  # (2B, C, H, W)
     vision = model.encode_image(pixels)  # (2B, D): the images, then the crops
     full = clip_score(text, vision[:len(images)]).tolist()
     crop = clip_score(text, vision[len(images):]).tolist()
     return [{"crop": c, "image": i, "ratio": gain_ratio(c, i)} for c, i in zip(crop, full)]
+
+
+def score_batch(batch, args, reference, clip, out):
+    """Steps 1 and 2 for a batch of input rows (run_rows' work): each row -> its scored line (the
+    input fields, paths relative to `out`, + "ref", "ntok", "clip") or why it cannot be scored.
+    reference(), clip(): the models, loaded on first use (a rerun that only re-filters needs
+    neither). PPL and M follow from ref and ntok when filtering."""
+    terms = PAIR_TERMS if args.score_only else TERMS
+    results = [None] * len(batch)
+    lines = {}  # index in the batch -> the line read_line made of its row
+    for i, row in enumerate(batch):
+        try:
+            lines[i] = read_line(row, args.score_only)
+        except ValueError as e:
+            results[i] = str(e)
+    # 1. every reference log-prob of the batch (rows of several lines share forwards)
+    scores = reference_logprobs(lines, results, reference, terms, args.batch_size)
+    # 2. r of the lines with a focus pair
+    focus = [i for i, line in lines.items() if "focus" in line["pairs"] and args.clip != "none"]
+    ddw = {}
+    if focus:
+        pil = [lines[i]["pil"] for i in focus]
+        ddw = dict(zip(focus, clip_scores(clip(), [lines[i]["prompt"] for i in focus],
+                                          [x["image"] for x in pil], [x["crop"] for x in pil])))
+    for i in lines:
+        s = scores[i]
+        keys = [t for t in terms if t in s or t != "robust_own_l"]  # robust_own_l: where scored
+        results[i] = {**relative_paths(batch[i], out),
+                      "ref": {t: s[t][0] if t in s else None for t in keys},
+                      "ntok": {t: s[t][1] if t in s else None for t in keys},
+                      "clip": ddw.get(i)}
+    return results
 
 
 # ---- 3. Perplexity and margin ----
@@ -259,24 +306,22 @@ def mean_margin(logp_w, ntok_w, logp_l, ntok_l):
     return logp_w / ntok_w - logp_l / ntok_l
 
 
-def ppl_and_margin(scores, branches, terms):
-    """PPL(y_w), PPL(y_l) and M of each branch, y_w and y_l each scored by its term in
-    terms[branch] (FILTER_TERMS: own contexts or the DPO context); None where the line has no such
-    pair. scores: {term: (summed logp, ntok)} of one line.
-    -> ({"<branch>_w" / "_l": PPL}, {branch: M})."""
+def with_ppl_and_margin(line, branches, context):
+    """A scored line + "ppl": {"<branch>_w", "<branch>_l": PPL}, "margin": {branch: M} (None where
+    the line has no such pair) and "filter_context": y_w and y_l each scored by its term in
+    FILTER_TERMS[context] (own contexts, or the DPO one)."""
+    scores = {t: (v, line["ntok"][t]) for t, v in line["ref"].items() if v is not None}
+    if "robust_own_l" not in line["ref"] and "robust_l" in scores:  # P' = P: the same context
+        scores["robust_own_l"] = scores["robust_l"]
     ppl = {}
     margin = {}
     for b in branches:
-        w, l = terms[b]
-        if w in scores:
-            ppl[f"{b}_w"] = perplexity(*scores[w])
-            ppl[f"{b}_l"] = perplexity(*scores[l])
-            margin[b] = mean_margin(*scores[w], *scores[l])
-        else:
-            ppl[f"{b}_w"] = None
-            ppl[f"{b}_l"] = None
-            margin[b] = None
-    return ppl, margin
+        w, l = FILTER_TERMS[context][b]
+        have = w in scores
+        ppl[f"{b}_w"] = perplexity(*scores[w]) if have else None
+        ppl[f"{b}_l"] = perplexity(*scores[l]) if have else None
+        margin[b] = mean_margin(*scores[w], *scores[l]) if have else None
+    return {**line, "ppl": ppl, "margin": margin, "filter_context": context}
 
 
 # ---- 4. The filter ----
@@ -285,8 +330,7 @@ REASONS = ("no pair", "ppl chosen", "ppl rejected", "margin low", "margin high")
 
 def filter_reasons(ppl_w, ppl_l, margin, max_ppl, margin_low, margin_high):
     """Why a pair is dropped ([] = kept): it needs PPL(y_w) < max_ppl, PPL(y_l) < max_ppl and
-    margin_low <= M <= margin_high. Every failed check is listed; a NaN fails the checks it is
-    in."""
+    margin_low <= M <= margin_high. Every failed check is listed; a NaN fails its checks."""
     checks = (
         ("ppl chosen", ppl_w < max_ppl),
         ("ppl rejected", ppl_l < max_ppl),
@@ -297,8 +341,7 @@ def filter_reasons(ppl_w, ppl_l, margin, max_ppl, margin_low, margin_high):
 
 
 def apply_filter(line, branches, max_ppl, margin_low, margin_high):
-    """A scored line + "keep": {branch: bool} and "why": {branch: [reasons]} under this run's
-    thresholds."""
+    """A line with "ppl" and "margin" + "keep": {branch: bool} and "why": {branch: [reasons]}."""
     why = {}
     for b in branches:
         if line["margin"].get(b) is None:
@@ -322,22 +365,8 @@ def summary(values):
     x = np.asarray(values, dtype=np.float64)  # (n,)
     if not len(x):
         return {"n": 0, **dict.fromkeys(("mean", "std", "min", "median", "max", "negative"))}
-    return {
-        "n": len(x),
-        "mean": float(x.mean()),
-        "std": float(x.std()),
-        "min": float(x.min()),
-        "median": float(np.median(x)),
-        "max": float(x.max()),
-        "negative": float((x < 0).mean()),
-    }
-
-
-def ips_summary(lines, term_w, term_l):
-    """summary() of the IPS of the lines' pairs, from their "ref" terms term_w and term_l."""
-    ref_w = [x["ref"][term_w] for x in lines]
-    ref_l = [x["ref"][term_l] for x in lines]
-    return summary(implicit_preference_strength(ref_w, ref_l))
+    return {"n": len(x), "mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()),
+            "median": float(np.median(x)), "max": float(x.max()), "negative": float((x < 0).mean())}
 
 
 def filter_report(lines, branches, args):
@@ -351,20 +380,21 @@ def filter_report(lines, branches, args):
         w, l = DPO_TERMS[b]
         pairs = [x for x in lines if x["margin"].get(b) is not None]
         kept = [x for x in pairs if x["keep"][b]]
+        ips = {k: summary(implicit_preference_strength([x["ref"][w] for x in xs],
+                                                       [x["ref"][l] for x in xs]))
+               for k, xs in (("ips_all", pairs), ("ips_kept", kept))}
         report["branches"][b] = {
             "pairs": len(pairs),
             "kept": len(kept),
             "dropped": len(lines) - len(kept),
             # a pair can fail several checks: the reasons can add up to more than the dropped
             "reasons": {r: sum(r in x["why"][b] for x in lines) for r in REASONS},
-            "ips_all": ips_summary(pairs, w, l),
-            "ips_kept": ips_summary(kept, w, l),
+            **ips,
             "margin": summary([x["margin"][b] for x in pairs]),
             "ppl_chosen": summary([x["ppl"][f"{b}_w"] for x in pairs]),
             "ppl_rejected": summary([x["ppl"][f"{b}_l"] for x in pairs]),
         }
-    clips = [x["clip"] for x in lines if x.get("clip")]
-    ratios = [c["ratio"] for c in clips if c["ratio"] is not None]
+    ratios = [x["clip"]["ratio"] for x in lines if x.get("clip") and x["clip"]["ratio"] is not None]
     above_1 = float(np.mean(np.array(ratios) > 1)) if ratios else None
     report["clip_ratio"] = {**summary(ratios), "above_1": above_1}
     # DDW weighs the branches of a line only where it keeps both (else 1.0 on the one it keeps)
@@ -380,44 +410,44 @@ def filter_report(lines, branches, args):
 
 def main(argv=None):
     exits_in_one_sentence("rerun the same command: it continues where this run stopped")
-    args = parse_args(argv)
-    # a local folder: a resume compares where it is, not how it was spelled
-    for k in ("model", "clip"):
+    args = parse_args(argv)  # the flags are checked together here, before any model loads
+    # ---- plumbing: devices, the lock on --out, the input lines, what a rerun must match ----
+    for k in ("model", "clip"):  # a local folder: a resume compares where it is, not its spelling
         if os.path.isdir(vars(args)[k]):
             setattr(args, k, str(Path(vars(args)[k]).resolve()))
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
     rank, world, device = dist_setup(args.device)
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    # run_rows names its side files after the scores: <out>.errors.jsonl, .args.json
-    scores = out.with_suffix(".scores")
+    scores = out.with_suffix(".scores")  # every scored line: the resume checkpoint
     on_rank0(lambda: claim_out(out, {"--data": args.data}), rank, world)
-    if args.score_only:
-        fields = ("image",)
-    else:
-        fields = ("image", "prompt")
+    fields = ("image",) if args.score_only else ("image", "prompt")
     rows, errors = read_instances(args.data, fields, args.limit)
     if not rows:  # every line bad: run_rows lists them and exits non-zero, before a model loads
         return run_rows(rows, errors, None, scores, args.batch_size, rank, world)
-    # a rerun into --out compares these: the input and the model, not only their names
     args.data_identity = file_identity(args.data)
     args.model_identity = model_identity(args.model)
     on_rank0(lambda: save_args(args, scores, SCORE_ARGS), rank, world)
-    # the models load on first use: a rerun that only re-applies the filter needs neither
     reference = functools.lru_cache(maxsize=1)(lambda: load_model(args.model, device))
     clip = functools.lru_cache(maxsize=1)(
         lambda: load_clip(args.clip, args.clip_pretrained, device))
+    # ---- end plumbing ----
 
-    def work(batch):  # scores, for each line of a batch: 1. ref log-probs, 2. CLIP, 3. PPL and M
-        return score_batch(batch, args, reference, clip, scores)
-
-    scored = run_rows(rows, errors, work, scores, args.batch_size, rank, world, desc="03 scoring")
-    written = 1  # only rank 0 filters (4.), reports (5.) and writes
-    if rank == 0:
-        written = write_outputs(scored, args, out)
+    # 1. + 2. the reference log-probs of every term, then the CLIP gain ratio, a batch at a time
+    scored = run_rows(rows, errors, lambda batch: score_batch(batch, args, reference, clip, scores),
+                      scores, args.batch_size, rank, world, desc="03 scoring")
     if world > 1:
         dist.destroy_process_group()
-    if not written and not args.score_only:
+    if rank != 0:  # rank 0 alone filters, reports and writes
+        return
+    # 3. + 4. PPL and M in the --filter-context, then the filter under this run's thresholds
+    branches = ("pair",) if args.score_only else ("focus", "robust")
+    lines = [apply_filter(with_ppl_and_margin(x, branches, args.filter_context), branches,
+                          args.max_ppl, args.margin_low, args.margin_high) for x in scored]
+    # 5. the report: kept and dropped per branch and reason, IPS, PPL, M and r
+    report = filter_report(lines, branches, args)
+    write_outputs(lines, report, args, out)
+    if not report["written"] and not args.score_only:
         fail(f"no line keeps a branch: {out} is empty (see the report; "
              f"the thresholds are --max-ppl, --margin-low, --margin-high)")
 
@@ -430,66 +460,76 @@ def main(argv=None):
 # ==================================================================================================
 # ---- plumbing: reading an input line ----
 def read_line(row, score_only):
-    """The prompts, pairs and context images of one input row, each image file decoded once;
-    ValueError says why the line cannot be scored. Image paths are relative to the row's JSONL
-    unless absolute."""
-    root = Path(row["_file"]).parent
-    images = row["images"] if isinstance(row.get("images"), dict) else {}
-    if score_only:
-        prompt = row.get("prompt") or row.get("question")
-        pairs = {"pair": row}
-    else:
-        prompt = row.get("prompt")
-        pairs = {b: row.get(b) for b in ("focus", "robust") if row.get(b)}
+    """The prompts, pairs and context images of one row of read_instances (which checked "id",
+    "image" and, but with --score-only, "prompt"), each image decoded once. ValueError says why
+    the line cannot be scored: a field missing or of the wrong type, an image missing or
+    unreadable. Image paths are relative to the row's JSONL unless absolute."""
+    images = {} if score_only else row.get("images", {})
+    bbox = None if score_only else row.get("bbox")
+    pairs = {"pair": row} if score_only else {b: row[b] for b in ("focus", "robust")
+                                              if row.get(b) is not None}
     for b, pair in pairs.items():  # an empty response is a response (EOS alone), not an error
-        texts = isinstance(pair, dict) and all(
-            isinstance(pair.get(k), str) for k in ("chosen", "rejected"))
-        if not texts and score_only:
-            raise ValueError("the line needs text fields 'chosen' and 'rejected'")
-        if not texts:
-            raise ValueError(f"'{b}' needs text fields 'chosen' and 'rejected' (or is null)")
-    if not (isinstance(prompt, str) and prompt.strip()):
-        raise ValueError("missing or empty 'prompt'" + (" (or 'question')" if score_only else ""))
+        if not (isinstance(pair, dict) and all(isinstance(pair.get(k), str)
+                                               for k in ("chosen", "rejected"))):
+            where = "the line" if score_only else f"'{b}'"
+            raise ValueError(f"{where} needs text fields 'chosen' and 'rejected' (or is null)")
+    prompt = row.get("prompt") or row.get("question")
+    if not is_text(prompt):
+        raise ValueError("missing or empty 'prompt' (or 'question')")
+    if "focus" in pairs and not is_text(row.get("prompt_enh")):
+        raise ValueError("a focus pair needs 'prompt_enh' (non-empty text)")
+    if not isinstance(images, dict):
+        raise ValueError(f"'images' must be an object of image paths, not {images!r:.60}")
+    if bbox is not None and not (isinstance(bbox, list) and len(bbox) == 4
+                                 and all(type(v) is int for v in bbox)):  # a bool is no pixel
+        raise ValueError(f"'bbox' must be 4 integers [x1, y1, x2, y2], not {bbox!r:.60}")
     roles = {"image": row["image"]}  # role -> image path
     if "focus" in pairs:
-        if not (isinstance(row.get("prompt_enh"), str) and row["prompt_enh"].strip()):
-            raise ValueError("a focus pair needs 'prompt_enh'")
-        focus_roles = ("crop", "deg", "aug") if images.get("aug") else ("crop", "deg")
-        roles.update({k: images.get(k) for k in focus_roles})
+        roles.update(crop=images.get("crop"), deg=images.get("deg"))
+        if images.get("aug"):  # a stitched I_aug (else I_aug is (I, I_crop))
+            roles["aug"] = images["aug"]
     if "robust" in pairs:
         roles["noise"] = images.get("noise")
-    pil = {}
-    for role, p in roles.items():
-        if not (isinstance(p, str) and p):
-            raise ValueError(f"missing images.{role}")
-        path = root / p  # an absolute p stays absolute
-        if not path.is_file():
-            raise ValueError(f"image not found: {path}")
-        try:
-            pil[role] = load_image(path)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"unreadable image {path}: {e}")
-    if "aug" in pil:  # I_aug: one stitched image, or two: (I, I_crop)
-        aug = [pil["aug"]]
-    else:
-        aug = [pil["image"], pil.get("crop")]
-    contexts = {
-        "image": [pil["image"]],
-        "deg": [pil.get("deg")],
-        "noise": [pil.get("noise")],
-        "aug": aug,
-    }
-    return {"prompt": prompt, "prompt_enh": row.get("prompt_enh"), "pairs": pairs,
-            "contexts": contexts, "pil": pil}
-# ---- end plumbing ----
+    pil = {role: read_image(Path(row["_file"]).parent, role, p) for role, p in roles.items()}
+    aug = [pil["aug"]] if "aug" in pil else [pil["image"], pil.get("crop")]
+    contexts = {"image": [pil["image"]], "deg": [pil.get("deg")], "noise": [pil.get("noise")],
+                "aug": aug}
+    return {"prompt": prompt, "prompt_enh": row.get("prompt_enh"),
+            "prompt_robust": robust_prompt(row) if "robust" in pairs else prompt,
+            "pairs": pairs, "contexts": contexts, "pil": pil}
 
 
-# ---- plumbing: loading CLIP ----
+def read_image(root, role, path):
+    """The RGB image at `path` (relative to root unless absolute); ValueError naming it."""
+    if not is_text(path):
+        raise ValueError(f"images.{role} must be an image path, not {path!r:.60}")
+    path = root / path
+    if not path.is_file():
+        raise ValueError(f"image not found: {path}")
+    try:
+        return load_image(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"unreadable image {path}: {e}")
+
+
+def is_text(value):
+    return isinstance(value, str) and bool(value.strip())
+
+
+def relative_paths(row, out):
+    """The row with "image" and "images" relative to `out` (paths in a JSONL are relative to it)."""
+    root = Path(row["_file"]).parent
+    if isinstance(row.get("images"), dict):
+        images = {k: relpath_for(out, root / v) if isinstance(v, str) and v else v
+                  for k, v in row["images"].items()}
+        row = {**row, "images": images}
+    return {**row, "image": relpath_for(out, row["_image"])}
+
+
 def load_clip(name, pretrained, device):
     """(model, preprocess, tokenizer) of an open_clip model, or None for "none". name: a folder in
-    open_clip's local-dir format (open_clip_config.json + weights, as 00 writes world/clip) or an
-    open_clip model name whose `pretrained` weights (a tag or a file) are already on this machine:
-    nothing is downloaded."""
+    open_clip's local-dir format (as 00 writes world/clip) or a model name whose `pretrained`
+    weights (a tag or a file) are already on this machine: nothing is downloaded."""
     if name == "none":
         return None
     import open_clip  # here: it imports torchvision, which --clip none does without
@@ -499,88 +539,28 @@ def load_clip(name, pretrained, device):
     else:
         cfg = open_clip.get_pretrained_cfg(name, pretrained)
         if cfg.get("url") and not cfg.get("hf_hub"):  # open_clip would fetch it: take the cache's
-            cache = os.path.expanduser("~/.cache/clip")
-            pretrained = os.path.join(cache, os.path.basename(cfg["url"]))
-        quick_gelu = bool(cfg.get("quick_gelu"))  # openai weights: QuickGELU
-        kw = dict(pretrained=pretrained, force_quick_gelu=quick_gelu)
+            pretrained = os.path.join(os.path.expanduser("~/.cache/clip"),
+                                      os.path.basename(cfg["url"]))
+        kw = dict(pretrained=pretrained, force_quick_gelu=bool(cfg.get("quick_gelu")))
     try:
         model, preprocess = open_clip.create_model_from_pretrained(name, device=device, **kw)
     except (OSError, RuntimeError, ValueError) as e:
-        weights = kw.get("pretrained", "folder")
-        raise SystemExit(f"cannot load CLIP {name} ({weights}) from local files: {e}\n"
-                         f"nothing is downloaded: pass a folder, a cached tag or a weights file, "
-                         f"or --clip none")
+        fail(f"cannot load CLIP {name} ({kw.get('pretrained', 'folder')}) from local files: {e}\n"
+             f"nothing is downloaded: pass a folder, a cached tag or a weights file, or --clip none")
     return model.eval(), preprocess, open_clip.get_tokenizer(name)
-# ---- end plumbing ----
 
 
-# ---- plumbing: scoring one batch of lines (run_rows' work) ----
-def score_batch(batch, args, reference, clip, out):
-    """run_rows' work: each input row -> its scored line (input fields, paths relative to `out`,
-    + "ref", "ntok", "clip") or the reason it cannot be scored. reference(), clip(): the models,
-    loaded on first use. PPL and M are derived when filtering (with_ppl_and_margin)."""
-    terms = PAIR_TERMS if args.score_only else TERMS
-    results = [None] * len(batch)
-    lines = {}  # index in the batch -> the line read_line made of the row
-    for i, row in enumerate(batch):
-        try:
-            lines[i] = read_line(row, args.score_only)
-        except ValueError as e:
-            results[i] = str(e)
-    # the rows of all lines in one list: score_rows batches them across lines
-    rows = [(i, r) for i, line in lines.items() for r in scoring_rows(line, terms)]
-    if rows:  # a context + response past the model's positions: garbage, so a bad line
-        model, processor = reference()
-        # the response as text after its prompt: its tokens count, a placeholder in it is found
-        texts = [chat_prompt(processor, r[1], len(r[3])) + r[2] for _, r in rows]
-        fits = prompt_problems(model, processor, texts, [r[3] for _, r in rows], [1] * len(rows),
-                               "EOS token")
-        for (i, r), problem in zip(rows, fits):
-            if problem and i in lines:
-                results[i] = f"{r[0]}: {problem}"
-                del lines[i]
-        rows = [(i, r) for i, r in rows if i in lines]
-    scores = {i: {} for i in lines}  # line -> term -> (logp, ntok)
-    if rows:
-        logp, ntok = score_rows(*reference(), [r[1:] for _, r in rows], args.batch_size)
-        for (i, r), a, n in zip(rows, logp, ntok):
-            scores[i][r[0]] = (a, n)
-    focus = []  # the lines with a focus pair, when a CLIP model is given
-    if args.clip != "none":
-        focus = [i for i, line in lines.items() if "focus" in line["pairs"]]
-    ddw = {}  # line -> {"crop", "image", "ratio"}
-    if focus:
-        prompts = [lines[i]["prompt"] for i in focus]
-        images = [lines[i]["pil"]["image"] for i in focus]
-        crops = [lines[i]["pil"]["crop"] for i in focus]
-        ddw = dict(zip(focus, clip_scores(clip(), prompts, images, crops)))
-    for i in lines:
-        s = scores[i]
-        results[i] = {**relative_paths(batch[i], out),
-                      "ref": {t: s[t][0] if t in s else None for t in terms},
-                      "ntok": {t: s[t][1] if t in s else None for t in terms},
-                      "clip": ddw.get(i)}
-    return results
-
-
-def relative_paths(row, out):
-    """The row with "image" and "images" relative to `out` (paths in a JSONL are relative to
-    it)."""
-    root = Path(row["_file"]).parent
-    if isinstance(row.get("images"), dict):
-        images = {}
-        for k, v in row["images"].items():
-            if isinstance(v, str) and v:
-                v = relpath_for(out, root / v)
-            images[k] = v
-        row = {**row, "images": images}
-    return {**row, "image": relpath_for(out, row["_image"])}
-# ---- end plumbing ----
-
-
-# ---- plumbing: writing and printing ----
-def print_report(report):
+def write_outputs(lines, report, args, out):
+    """<out> (the lines that keep a branch), <out>.dropped.jsonl (the others), <out>.report.json;
+    the report printed."""
+    dropped = out.with_suffix(".dropped.jsonl")
+    report_path = out.with_suffix(".report.json")
+    if not args.score_only:
+        write_jsonl(out, [x for x in lines if any(x["keep"].values())])
+        write_jsonl(dropped, [x for x in lines if not any(x["keep"].values())])
+    report_path.write_text(json.dumps(report, indent=1))
     num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    stats = lambda s, *keys: "  ".join(f"{k} {num(s[k])}" for k in keys)  # noqa: E731
     t = report["thresholds"]
     print(f"filter: PPL < {t['max_ppl']:g} (chosen and rejected), "
           f"{t['margin_low']:g} <= M <= {t['margin_high']:g}, each response in "
@@ -589,49 +569,16 @@ def print_report(report):
         reasons = ", ".join(f"{k} {v}" for k, v in r["reasons"].items())
         print(f"{b}: {r['pairs']} pairs, {r['kept']} kept, {r['dropped']} dropped "
               f"of {report['lines']} lines ({reasons}; a pair can fail several checks)")
-        stats = (("IPS all ", "ips_all"), ("IPS kept", "ips_kept"), ("margin  ", "margin"))
-        for name, key in stats:
-            s = r[key]
-            print(f"  {name} n {s['n']:4d}  mean {num(s['mean'])}  std {num(s['std'])}  "
-                  f"min {num(s['min'])}  median {num(s['median'])}  max {num(s['max'])}  "
-                  f"share < 0 {num(s['negative'])}")
+        for name, key in (("IPS all ", "ips_all"), ("IPS kept", "ips_kept"), ("margin  ", "margin")):
+            print(f"  {name} n {r[key]['n']:4d}  "
+                  + stats(r[key], "mean", "std", "min", "median", "max", "negative"))
     s = report["clip_ratio"]
-    print(f"CLIP ratio r: n {s['n']}  mean {num(s['mean'])}  std {num(s['std'])}  "
-          f"min {num(s['min'])}  max {num(s['max'])}  share > 1 {num(s['above_1'])}")
-    s = report["clip_ratio_kept_both"]
+    print(f"CLIP ratio r: n {s['n']}  " + stats(s, "mean", "std", "min", "max", "above_1"))
     print(f"{report['kept_both']} lines keep both branches (DDW weighs only these); their r: "
-          f"mean {num(s['mean'])}  median {num(s['median'])}  min {num(s['min'])}  "
-          f"max {num(s['max'])}")
-
-
-def with_ppl_and_margin(line, branches, context):
-    """A scored line + "ppl", "margin" (ppl_and_margin in the --filter-context) and
-    "filter_context"."""
-    scores = {t: (v, line["ntok"][t]) for t, v in line["ref"].items() if v is not None}
-    ppl, margin = ppl_and_margin(scores, branches, FILTER_TERMS[context])
-    return {**line, "ppl": ppl, "margin": margin, "filter_context": context}
-
-
-def write_outputs(scored, args, out):
-    """Filter the scored lines (this run's thresholds), write <out>, .dropped.jsonl and
-    .report.json; print the report. Returns the number of lines written to <out>."""
-    branches = ("pair",) if args.score_only else ("focus", "robust")
-    thresholds = (args.max_ppl, args.margin_low, args.margin_high)
-    lines = [apply_filter(with_ppl_and_margin(x, branches, args.filter_context), branches,
-                          *thresholds) for x in scored]
-    report = filter_report(lines, branches, args)
-    dropped = out.with_suffix(".dropped.jsonl")
-    report_path = out.with_suffix(".report.json")
+          + stats(report["clip_ratio_kept_both"], "mean", "median", "min", "max"))
     if not args.score_only:
-        write_jsonl(out, [x for x in lines if any(x["keep"].values())])
-        write_jsonl(dropped, [x for x in lines if not any(x["keep"].values())])
-    report_path.write_text(json.dumps(report, indent=1))
-    print_report(report)
-    if not args.score_only:
-        n_dropped = len(lines) - report["written"]
-        print(f"{out}: {report['written']} lines keep a branch; {n_dropped} in {dropped}; "
-              f"report in {report_path}")
-    return report["written"]
+        print(f"{out}: {report['written']} lines keep a branch; {len(lines) - report['written']} "
+              f"in {dropped}; report in {report_path}")
 # ---- end plumbing ----
 
 
@@ -1027,8 +974,9 @@ def claim_out(out, inputs, folder=False):
     if out.exists() and out.is_dir() != folder:
         fail(f"--out {out} exists and is not a {'folder' if folder else 'file'}: this stage "
              f"writes a {'folder' if folder else 'file'} there")
-    writer = read_args(args_path(out, folder)).get("stage", STAGE)
-    if writer != STAGE:
+    recorded = read_args(args_path(out, folder))
+    if recorded and recorded.get("stage") != STAGE:
+        writer = recorded.get("stage") or "an older version or another program (no stage named)"
         fail(f"--out {out} was written by {writer}, not {STAGE}: pass another --out")
     if folder and out.is_dir() and not args_path(out, folder).is_file() and any(
             p.is_file() and p.stat().st_size for p in out.rglob("*")):  # (empty files: a failed run's)

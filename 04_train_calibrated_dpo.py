@@ -1,48 +1,36 @@
 """Stage 04: train P2-DPO, calibrated DPO with dynamic deficiency weighting, in a plain PyTorch loop.
 
-Paper: P2-DPO (ICLR 2026), the training objective; SPEC.md "Stage 04". Summed response log-probs
-(EOS included), fp32 loss arithmetic, beta = 0.1; log pi_ref of every term comes from stage 03 (no
-reference model in memory):
+Paper: P2-DPO (ICLR 2026), method: the calibrated DPO loss and dynamic deficiency weighting (DDW).
+Summed response log-probs (EOS included), fp32 loss arithmetic, beta = 0.1; log pi_ref of every term
+comes from stage 03 (no reference model in memory):
   DPO(w, l | c) = -log sigmoid(beta * [(log pi(y_w|c) - log pi_ref(y_w|c))
                                        - (log pi(y_l|c) - log pi_ref(y_l|c))])
   Delta pi(y)   = log pi(y | I_aug, P_enh) - log pi(y | I_deg, P)
   L_calib       = -log sigmoid(beta * [Delta pi_theta(y_w) - Delta pi_ref(y_w)])
-                  (--calib-ref lose: Delta pi_ref(y_l))
+                  (--calib-ref lose: Delta pi_ref(y_l), as the authors' code)
   L_focus       = DPO_focus(c = I, P) + lambda_calib * L_calib,    L_rob = DPO_rob(c = I_noise, P)
   alpha         = alpha_max * tanh((r - 1) / tau),  r = CLIPScore(P, I_crop) / CLIPScore(P, I)
   w_focus       = w_base + alpha, w_rob = w_base - alpha
                   (no CLIP score, --no-ddw: w_base each; a line with one branch: 1.0 on it)
   L_total       = mean over lines of (w_focus * L_focus + w_rob * L_rob)
 
-Input   train.jsonl (stage 03; paths relative to its folder): "image", "prompt", "prompt_enh",
+Input   train.jsonl (stage 03; paths relative to its folder): "id", "image", "prompt", "prompt_enh",
         "images": {"crop", "deg", "noise", ["aug": stitched I_aug, else I_aug = (image, crop)]},
-        "focus" / "robust": {"chosen", "rejected"} | null,
-        "ref": {"focus_w", "focus_l", "calib_{aug,deg}_{w,l}", "robust_w", "robust_l"},
-        "clip": {"crop", "image"} | null, "keep": {"focus", "robust"}.
-        A branch is used if its pair is non-null and kept.
-Output  <out>/: the LoRA-merged model + processor (save_pretrained), metrics.jsonl (a row per
-        step), args.json, checkpoint.pt (trainable weights + optimizer state, for --resume; by
-        default every 3% of the run or 10 minutes, whichever comes first). --resume takes only
-        the data and settings args.json records (RESUME_MAY_CHANGE lists the exceptions); a run
-        into an --out holding a model or checkpoint needs --resume or --overwrite. The prompts
-        are not checked against the model's context here: stage 03 scored every line in the
-        same contexts and made that check.
-Shapes: B lines in a micro-batch, R rows of a forward (2B: chosen + rejected, or B), T tokens,
-        n response tokens, V vocab.
+        "focus" / "robust": {"chosen", "rejected"} | null, "keep": {"focus", "robust"}, "ref":
+        {"focus_w", "focus_l", "calib_{aug,deg}_{w,l}", "robust_w", "robust_l"}, "clip": {"crop",
+        "image"} | null. A branch trains if its pair is non-null and kept. A line with a field of
+        the wrong type or range, or with an earlier line's id, goes to <out>/errors.jsonl instead.
+Output  <out>/: the LoRA-merged model + processor, metrics.jsonl (a row per step), args.json,
+        errors.jsonl, checkpoint.pt (for --resume; by default every 3% of the run or 10 minutes).
+Shapes: B lines in a micro-batch, R rows of a forward, T tokens, n response tokens, V vocab.
 
 Toy world on a CPU; one GPU; eight GPUs:
   python 04_train_calibrated_dpo.py --model world/model --data runs/train.jsonl --out runs/p2dpo
   python 04_train_calibrated_dpo.py --model llava-hf/llava-1.5-7b-hf --batch-size 4 --grad-checkpointing
   torchrun --nproc_per_node=8 04_train_calibrated_dpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --batch-size 2
-Choices left open by the paper: a global batch's loss is divided by its line count, so the number
-of processes does not matter (DDP for LoRA, FSDP for --lora-rank 0); dropout is seeded by
-(seed, step, rank); warm-up starts at lr > 0.
---shared-prefix (default; --no-shared-prefix for a row per response, as stage 03 scores): y_w and
-y_l of a pair share their prompt and image, so the pair is one row [prompt, y_w, y_l] whose 4D
-attention mask hides y_w from y_l and whose positions restart y_l where y_w starts: the prompt,
-its image tokens and the vision tower run once per pair, not twice, for the same log-probs and
-gradients to rounding (tests/test_04_shared_prefix.py). The calibration terms keep a row each.
-Under LoRA dropout the two responses share the prompt's dropout mask (a row each: two masks).
+Ours, where the paper is silent: a global batch's loss is divided by its line count, so the number
+of processes does not matter (DDP for LoRA, FSDP for --lora-rank 0); dropout is seeded by (seed,
+step, rank); warm-up starts at lr > 0; a pair's y_w and y_l share one row (pair_logprobs).
 """
 import argparse
 import contextlib
@@ -94,88 +82,81 @@ STATS = {"loss": "all", "dpo_focus": "focus", "calib": "calib", "acc_focus": "fo
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="world/model",
-                   help="base model folder or a name in your own HF cache")
+    real = at_least(0.0, float)  # a finite number >= 0
+    p.add_argument("--model", default="world/model", help="base model: a folder, or a name in "
+                   "your own HF cache")
     p.add_argument("--data", default="runs/train.jsonl", help="train.jsonl from stage 03")
-    p.add_argument("--out", default="runs/p2dpo",
-                   help="output folder: merged model, metrics, checkpoint")
+    p.add_argument("--out", default="runs/p2dpo", help="output folder: model, metrics, checkpoint")
     g = p.add_argument_group("the paper's loss")
-    g.add_argument("--beta", type=at_least(0.0, float), default=0.1,
-                   help="DPO temperature (paper; DPO's usual 0.1)")
-    g.add_argument("--lambda-calib", type=at_least(0.0, float), default=0.3,
-                   help="weight of L_calib inside L_focus (paper: 0.3)")
+    g.add_argument("--beta", type=real, default=0.1, help="DPO temperature (paper, as DPO's)")
+    g.add_argument("--lambda-calib", type=real, default=0.3, help="L_calib's weight (paper)")
     g.add_argument("--calib-ref", choices=("win", "lose"), default="win",
-                   help="Delta pi_ref on y_w or y_l (authors)")
-    g.add_argument("--w-base", type=at_least(0.0, float), default=0.5,
-                   help="DDW base weight of each branch (paper: 0.5)")
-    g.add_argument("--alpha-max", type=at_least(0.0, float), default=0.2,
-                   help="DDW largest shift of the weights (paper: 0.2)")
-    g.add_argument("--tau", type=at_least(1e-6, float), default=0.1,
-                   help="DDW temperature of tanh((r - 1) / tau) (paper: 0.1)")
+                   help="Delta pi_ref on y_w or y_l (lose: the authors' code)")
+    g.add_argument("--w-base", type=real, default=0.5, help="DDW base weight (paper)")
+    g.add_argument("--alpha-max", type=real, default=0.2, help="DDW largest shift (paper)")
+    g.add_argument("--tau", type=at_least(1e-6, float), default=0.1, help="DDW temperature (paper)")
     ablation = "ablation (paper's table): without"
-    g.add_argument("--no-focus", action="store_true",
-                   help=f"{ablation} the focus branch (DPO_focus + L_calib)")
+    g.add_argument("--no-focus", action="store_true", help=f"{ablation} DPO_focus and L_calib")
     g.add_argument("--no-robust", action="store_true", help=f"{ablation} the robustness branch")
-    g.add_argument("--no-calib", action="store_true",
-                   help=f"{ablation} L_calib (also skips its two forwards)")
+    g.add_argument("--no-calib", action="store_true", help=f"{ablation} L_calib (and its forwards)")
     g.add_argument("--no-ddw", action="store_true", help=f"{ablation} DDW: static w_base / w_base")
-    g = p.add_argument_group("LoRA")
+    g = p.add_argument_group("LoRA (the authors' settings)")
     g.add_argument("--lora-rank", type=at_least(0), default=32,
-                   help="LoRA rank r (authors: 32); 0 = full fine-tuning")
-    g.add_argument("--lora-alpha", type=at_least(0.0, float), default=32,
-                   help="LoRA alpha, scale alpha / r (authors: 32)")
+                   help="LoRA rank r; 0: full fine-tuning of the language model")
+    g.add_argument("--lora-alpha", type=real, default=32, help="LoRA alpha: the scale is alpha / r")
     g.add_argument("--lora-dropout", type=at_least(0.0, float, most=0.99), default=0.05,
-                   help="dropout on the LoRA input (authors: 0.05)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=at_least(0.0, float), default=None,
-                   help="AdamW peak learning rate (default: authors' 1e-5; the toy world's "
-                        "world.json beside --model sets its own: 1e-4)")
-    g.add_argument("--weight-decay", type=at_least(0.0, float), default=0.05,
-                   help="AdamW weight decay (authors: 0.05)")
+                   help="dropout on the LoRA input")
+    g = p.add_argument_group("optimisation (the authors' settings)")
+    g.add_argument("--lr", type=real, default=None, help="AdamW peak learning rate (default: 1e-5; "
+                   "the toy world's world.json beside --model sets its own: 1e-4)")
+    g.add_argument("--weight-decay", type=real, default=0.05, help="AdamW weight decay")
     g.add_argument("--warmup-ratio", type=at_least(0.0, float, most=1.0), default=0.03,
-                   help="linear warm-up share, then cosine (authors: 3%%)")
-    g.add_argument("--epochs", type=at_least(1), default=4,
-                   help="passes over the data (authors: 4)")
-    g.add_argument("--effective-batch", type=at_least(1), default=16,
-                   help="lines per optimizer step, all processes (16)")
-    g.add_argument("--batch-size", type=at_least(1), default=4,
-                   help="lines per micro-step per process")
+                   help="linear warm-up share, then cosine")
+    g.add_argument("--epochs", type=at_least(1), default=4, help="passes over the data")
+    g.add_argument("--effective-batch", type=at_least(1), default=16, help="lines per step, in all")
+    g.add_argument("--batch-size", type=at_least(1), default=4, help="lines per micro-step per GPU")
     g.add_argument("--grad-accum", type=at_least(0), default=0,
-                   help="micro-steps per update (0: derived from the above)")
-    g.add_argument("--max-grad-norm", type=at_least(0.0, float), default=1.0,
-                   help="clip the gradient norm to this (HF/TRL default)")
+                   help="micro-steps per step (0: from the two above)")
+    g.add_argument("--max-grad-norm", type=real, default=1.0, help="gradient norm clip (HF/TRL's)")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in backward (less memory)")
     g.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
-                   help="score a pair's y_w and y_l in one row on one copy of the prompt and "
-                        "image (pair_logprobs); --no-shared-prefix: a row per response, as "
-                        "stage 03 scores them (same values to rounding)")
+                   help="a pair's y_w, y_l in one row (pair_logprobs); no: a row each, same values")
     g = p.add_argument_group("run")
     g.add_argument("--save-every", type=at_least(0), default=0,
-                   help="write checkpoint.pt every N optimizer steps; 0: every 3%% of the run "
-                        "(a kill loses at most that much), or sooner by --save-minutes")
-    g.add_argument("--save-minutes", type=at_least(0.0, float), default=10.0,
-                   help="also write checkpoint.pt when this many minutes passed since the last "
-                        "one (0: by steps only)")
+                   help="write checkpoint.pt every N steps (0: every 3%% of the run)")
+    g.add_argument("--save-minutes", type=real, default=10.0, help="and every N minutes (0: never)")
     g.add_argument("--stop-after", type=at_least(0), default=0,
-                   help="end after N steps, schedule unchanged (then --resume)")
+                   help="end after N steps, the schedule unchanged (then --resume)")
     g.add_argument("--resume", action="store_true",
-                   help="continue from <out>/checkpoint.pt (same data and settings only)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start over in an --out that holds a trained model or a checkpoint")
+                   help="continue from <out>/checkpoint.pt (the same data and settings only)")
+    g.add_argument("--overwrite", action="store_true", help="start over in a trained --out")
     g.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order and dropout")
-    g.add_argument("--device", type=device_name,
-                   default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    g.add_argument("--limit", type=at_least(1), default=None,
-                   help="use only the first N lines of --data")
+    g.add_argument("--device", type=device_name, help="cuda or cpu",
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--limit", type=at_least(1), default=None, help="the first N lines of --data")
     g.add_argument("--max-image-pixels", type=at_least(0), default=Image.MAX_IMAGE_PIXELS,
-                   help="an image with more pixels makes its line unusable (PIL's guard against "
-                        "decompression bombs); 0: no limit")
-    g.add_argument("--debug", action="store_true",
-                   help="show the traceback behind an error message (spelled out in full)")
-    return p.parse_args(argv)
+                   help="a larger image makes its line unusable (decompression bombs); 0: no limit")
+    g.add_argument("--debug", action="store_true", help="show the traceback behind an error")
+    args = p.parse_args(argv)
+    refused = [  # flags that contradict each other, or values that would train nothing
+        (args.resume and args.overwrite,
+         "--resume continues the run in --out and --overwrite starts it over: pass one of them"),
+        (args.no_focus and args.no_robust, "--no-focus with --no-robust leaves nothing to train"),
+        (args.beta == 0, "--beta 0 makes every DPO term ln 2, with no gradient"),
+        (args.lr == 0, "--lr 0 trains nothing"),
+        (args.lora_rank > 0 and args.lora_alpha == 0, "--lora-alpha 0 scales LoRA to nothing"),
+        (args.max_grad_norm == 0, "--max-grad-norm 0 clips every gradient to 0"),
+        (args.w_base == 0, "--w-base 0 gives a line with both branches no weight"),
+        (args.alpha_max > args.w_base and not args.no_ddw,
+         "--alpha-max above --w-base gives a branch a negative weight: it would ascend its loss")]
+    for bad, why in refused:
+        if bad:
+            p.error(why)
+    return args
 
 
+# ---- the loss ----
 def fp32(x):
     """x as an fp32 tensor: loss arithmetic in fp32, even under bf16 autocast (as DPO's code)."""
     return torch.as_tensor(x, dtype=torch.float32)
@@ -185,10 +166,7 @@ def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta):
     """DPO(w, l | c) = -log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)]), summed log-probs.
     pi_w, pi_l, ref_w, ref_l: (B,). Returns (losses, chosen_rewards, rejected_rewards), each (B,).
     """
-    pi_w = fp32(pi_w)
-    pi_l = fp32(pi_l)
-    ref_w = fp32(ref_w)
-    ref_l = fp32(ref_l)
+    pi_w, pi_l, ref_w, ref_l = map(fp32, (pi_w, pi_l, ref_w, ref_l))
     pi_logratios = pi_w - pi_l
     ref_logratios = ref_w - ref_l
     losses = -F.logsigmoid(beta * (pi_logratios - ref_logratios))  # a finite gradient at any gap
@@ -221,14 +199,10 @@ def ddw_weights(clip_crop, clip_image, w_base, alpha_max, tau):
 def p2dpo_loss(pi, ref, has_focus, has_robust, clip_crop, clip_image, beta=0.1, lambda_calib=0.3,
                w_base=0.5, alpha_max=0.2, tau=0.1, ddw=True):
     """Per line: w_focus * (DPO_focus + lambda_calib * L_calib) + w_rob * DPO_rob (the caller takes
-    the mean).
-
-    pi, ref: dicts over TERMS of (B,) summed log-probs: focus_w, focus_l (c = I, P); aug, deg
-    (y_w under (I_aug, P_enh), (I_deg, P); ref on y_w or y_l); robust_w, robust_l (c = I_noise, P);
-    0 where a line lacks the branch. has_focus, has_robust: (B,) bool. clip_crop, clip_image: (B,),
-    NaN without a score. Weights: DDW for a line with both branches and a score; w_base each
-    without a score or with ddw=False; 1.0 on a one-branch line's branch.
-    Returns (losses (B,), diagnostics: a dict of (B,) tensors)."""
+    the mean). pi, ref: dicts over TERMS of (B,) summed log-probs, 0 where a line lacks the branch.
+    has_focus, has_robust: (B,) bool. clip_crop, clip_image: (B,), NaN without a score. Weights:
+    DDW for a line with both branches and a score; w_base each without a score or with ddw=False;
+    1.0 on a one-branch line's branch. Returns (losses (B,), diagnostics: a dict of (B,))."""
     dpo_f, chosen_f, rejected_f = dpo_loss(pi["focus_w"], pi["focus_l"],
                                            ref["focus_w"], ref["focus_l"], beta)
     calib = calibration_loss(pi["aug"], pi["deg"], ref["aug"], ref["deg"], beta)
@@ -255,6 +229,7 @@ def p2dpo_loss(pi, ref, has_focus, has_robust, clip_crop, clip_image, beta=0.1, 
     return losses, diagnostics
 
 
+# ---- the policy: LoRA on the language model ----
 class LoRALinear(nn.Module):
     """h = W x + (alpha / r) * B A dropout(x) (Hu et al. 2021). B starts at 0: training starts at
     the reference. A and B are fp32 even under a bf16 base: autocast computes in bf16, AdamW
@@ -295,288 +270,41 @@ def merge_lora(model):
             model.set_submodule(name, module.base)
 
 
-def lr_at(step, peak, warmup, total):
-    """AdamW's learning rate at a step (from 0): a linear warm-up that starts at lr > 0, then a
-    cosine down to 0 at `total` steps."""
-    if step < warmup:
-        return peak * ((step + 1) / (warmup + 1))
-    return peak * (0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
-
-
-def term_batches(processor, exs, terms=TERMS, shared_prefix=True):
-    """The CPU half of scoring a micro-batch (images decoded, the processor run), apart so that a
-    live reference can share it with the policy. exs: B examples. Returns, for each context some
-    line has and whose terms are all in `terms`, (keys, idx, score, batch): score(model, *batch)
-    gives the log-probs of keys[0] for the lines idx, then those of keys[1]. shared_prefix (as
-    --shared-prefix): a pair's two responses in one row on one prompt and image (build_pair_batch,
-    pair_logprobs); False: a row per response."""
-    focus = [i for i, ex in enumerate(exs) if ex["focus"]]
-    robust = [i for i, ex in enumerate(exs) if ex["robust"]]
-    contexts = [("focus", focus, ("focus_w", "focus_l"), "prompt", "image"),  # (I, P)
-                ("robust", robust, ("robust_w", "robust_l"), "prompt", "noise"),  # (I_noise, P)
-                ("focus", focus, ("aug",), "prompt_enh", "aug"),  # (I_aug, P_enh), y_w only
-                ("focus", focus, ("deg",), "prompt", "deg")]  # (I_deg, P), y_w only
-    image = functools.lru_cache(maxsize=None)(training_image)  # decoded once per micro-batch
-    out = []
-    for branch, idx, keys, prompt_key, image_key in contexts:
-        if not idx or not set(keys) <= set(terms):
-            continue
-        if shared_prefix and len(keys) == 2:  # one row [prompt, y_w, y_l] per line
-            prompts = [exs[i][prompt_key] for i in idx]
-            pairs = [exs[i][branch] for i in idx]
-            images = [[image(p) for p in exs[i]["images"][image_key]] for i in idx]
-            batch = build_pair_batch(processor, prompts, pairs, images)  # (|idx|, T)
-            out.append((keys, idx, pair_logprobs, batch))
-            continue
-        rows = [(i, j) for j in range(len(keys)) for i in idx]  # all chosen, then all rejected
-        prompts = [exs[i][prompt_key] for i, _ in rows]
-        responses = [exs[i][branch][j] for i, j in rows]
-        images = [[image(p) for p in exs[i]["images"][image_key]] for i, _ in rows]
-        batch = build_batch(processor, prompts, responses, images)  # (len(keys) * |idx|, T)
-        out.append((keys, idx, response_logprobs, batch))
-    return out
-
-
-def policy_logps(model, batches, B, ctx):
-    """Summed log pi_theta of each term in `batches` (term_batches' output for B examples): one
-    forward per context, chosen and rejected rows in one forward where they share it. Returns a
-    dict over TERMS of (B,) fp32, 0 where a line lacks the term or `batches` does not hold it."""
-    out = {}
-    for keys, idx, score, batch in batches:
-        with ctx:
-            logp, _ = score(model, *batch)  # (len(keys) * |idx|,)
-        full = logp.new_zeros(len(keys), B)  # (len(keys), B)
-        full[:, idx] = logp.view(len(keys), len(idx))
-        out.update(zip(keys, full))
-    zero = torch.zeros(B, device=next(model.parameters()).device)
-    return {k: out.get(k, zero) for k in TERMS}
-
-
-def micro_step(model, processor, mb, args, ctx, scale, batches=None):
-    """Forward and backward of a micro-batch of (example, weight), one group of terms at a time:
-    only one group's activations are alive at once (a third or so of them all). Each backward adds
-    scale * d sum(weight * loss) / d theta to .grad. batches: term_batches of the micro-batch, when
-    the caller has made them. Returns, detached, (losses (B,), sums (2 * len(STATS),): each STATS
-    entry's weighted sum, then the count it is a mean over; dummy lines (weight 0) count nowhere).
-    """
-    exs = [ex for ex, _ in mb]
-    groups = GROUPS
-    lambda_calib = args.lambda_calib
-    if args.no_calib:
-        groups = GROUPS[:2]
-        lambda_calib = 0.0
-    if batches is None:
-        batches = term_batches(processor, exs, [k for g in groups for k in g], args.shared_prefix)
-    tensor = functools.partial(torch.tensor, device=next(model.parameters()).device)
-    ref = {k: tensor([ex["ref"][k] for ex in exs]) for k in TERMS}
-    weight = tensor([w for _, w in mb])  # (B,)
-    clip = tensor([ex["clip"] for ex in exs])  # (B, 2): CLIPScore of the crop, of the image
-    has_f = tensor([ex["focus"] is not None for ex in exs])
-    has_r = tensor([ex["robust"] is not None for ex in exs])
-
-    def loss(pi):  # (losses (B,), diagnostics)
-        return p2dpo_loss(pi, ref, has_f, has_r, clip[:, 0], clip[:, 1], args.beta, lambda_calib,
-                          args.w_base, args.alpha_max, args.tau, not args.no_ddw)
-
-    # L_total is a sum of parts that each read one group's log-probs (DPO_focus, DPO_rob, L_calib;
-    # the DDW weights are constants), so one backward per group, the other groups' log-probs held
-    # constant, adds up to one backward of L_total over all terms at once
-    # (tests/test_04_train.py::test_backward_per_group_equals_one_backward checks it).
-    pi = {k: tensor([0.0] * len(exs)) for k in TERMS}  # each group's values, once it has run
-    for group in groups:
-        mine = [b for b in batches if set(b[0]) <= set(group)]
-        live = {k: v for k, v in policy_logps(model, mine, len(exs), ctx).items() if k in group}
-        if any(v.requires_grad for v in live.values()):  # (else no line has the group's branch)
-            losses, _ = loss({**pi, **live})
-            ((losses * weight).sum() * scale).backward()
-        pi.update({k: v.detach() for k, v in live.items()})
-    losses, diagnostics = loss(pi)
-    values = {"loss": losses, **diagnostics}
-    over = {"all": weight, "focus": weight * has_f,  # the lines of each name in STATS
-            "calib": weight * has_f * (not args.no_calib), "robust": weight * has_r}
-    masks = [over[lines] for lines in STATS.values()]
-    sums = [torch.where(m > 0, values[k].detach(), 0.0).sum() for k, m in zip(STATS, masks)]
-    return losses, torch.stack(sums + [m.sum() for m in masks])
-
-
-def main(argv=None):
-    exits_in_one_sentence("rerun with --resume: it continues from the last checkpoint")
-    args = parse_args(argv)
-    Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
-    settings = world_settings(args, "04", {"lr": 1e-5})  # the toy world's lr, else the paper's
-    rank, world, device = dist_setup(args.device)  # torchrun: a process group, and a GPU each
-    device = torch.device(device)
-    say = tqdm.write if rank == 0 else (lambda *a, **k: None)
-    say(settings)
-    inputs = {"--data": args.data, "--model": args.model}
-    on_rank0(lambda: claim_out(args.out, inputs, folder=True), rank, world)
-    torch.manual_seed(args.seed)  # the same LoRA init on every rank
-    ctx = contextlib.nullcontext()
-    if device.type == "cuda":
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16)
-    lines, skipped = read_lines(args, say)
-    accum = args.grad_accum or max(1, round(args.effective_batch / (args.batch_size * world)))
-    per_step = args.batch_size * accum * world  # lines per optimizer step: the global batch
-    steps_per_epoch = math.ceil(len(lines) / per_step)
-    total = args.epochs * steps_per_epoch
-    warmup = math.ceil(args.warmup_ratio * total)
-    resolved = dict(data_identity=file_identity(args.data), model_identity=model_identity(args.model),
-                    grad_accum=accum, world_size=world, global_batch=per_step, total_steps=total,
-                    lines=len(lines), skipped=len(skipped))
-    # --resume only with the same data and settings; into a trained --out only with --overwrite
-    on_rank0(lambda: check_out(args, resolved), rank, world)
-    raw, processor = load_model(args.model, device)  # raw: the unwrapped module, to save
-    model = prepare(raw, args, world, device)  # (raw gets LoRA in place)
-    params = [p for p in raw.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    ckpt = os.path.join(args.out, "checkpoint.pt")
-    start = load_checkpoint(ckpt, raw, optimizer) if args.resume else 0
-    if rank == 0:
-        metrics = open_outputs(args, start, **resolved)
-    every = args.save_every or math.ceil(0.03 * total)  # default: a kill loses at most 3% of it
-    saved = start  # the step checkpoint.pt holds (0: none yet)
-    saved_at = time.time()
-    say(f"{len(lines)} lines, {total} steps of {per_step} "
-        f"({args.batch_size} x {accum} accumulation x {world} ranks); checkpoint every {every} "
-        f"steps or {args.save_minutes:g} minutes")
-    stopping = start < args.stop_after <= total  # --stop-after in this run: a checkpoint, no model
-    end = args.stop_after if stopping else total
-    for step in tqdm(range(start, end), initial=start, total=total, disable=rank != 0,
-                     desc="p2dpo"):
-        t0 = time.time()
-        epoch, k = divmod(step, steps_per_epoch)
-        shuffle = torch.Generator().manual_seed(args.seed + epoch)
-        order = torch.randperm(len(lines), generator=shuffle).tolist()
-        batch = order[k * per_step:(k + 1) * per_step]
-        # dropout masks: the same after --resume
-        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)
-        lr = lr_at(step, args.lr, warmup, total)
-        optimizer.param_groups[0]["lr"] = lr  # (one group)
-        mbs = micro_batches(lines, batch, rank, world, args.batch_size, accum)
-        sums = 0
-        # DDP: .grad accumulates locally until the last micro-step, whose backwards (one per group)
-        # each average the whole .grad over ranks: averaging an average leaves it, so the result
-        # is the global batch's mean (scale = world / len(batch): / len(batch) once DDP averages)
-        for j, mb in enumerate(mbs):
-            last = j == len(mbs) - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
-            with contextlib.nullcontext() if last else model.no_sync():
-                _, s = micro_step(model, processor, mb, args, ctx, world / len(batch))
-            sums = sums + s
-        if world > 1:
-            dist.all_reduce(sums)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-            grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
-        log = stat_means(sums)
-        if not (math.isfinite(log["loss"]) and math.isfinite(grad_norm)):
-            kept = f"{ckpt} holds step {saved}" if saved else "no checkpoint.pt was written yet"
-            fail(f"non-finite loss ({log['loss']}) or grad norm ({grad_norm}) at step {step + 1}: "
-                 f"stopped before the update; {kept} (check the ref log-probs in --data, --lr)")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        log = dict(step=step + 1, epoch=epoch, **log, grad_norm=grad_norm, lr=lr,
-                   examples_per_s=len(batch) / (time.time() - t0))
-        if rank == 0:
-            append_jsonl(metrics, log)
-            say(format_log(log))
-        due = checkpoint_due(step + 1 - saved >= every, saved_at, args.save_minutes, world)
-        if due or step + 1 == args.stop_after:
-            save_checkpoint(ckpt, step + 1, raw, optimizer, rank)
-            saved = step + 1
-            saved_at = time.time()
-        if step + 1 == args.stop_after:
-            say(f"stopped after step {step + 1} (--stop-after); continue with --resume")
-    if not stopping:
-        merge_lora(raw)  # (full fine-tuning: nothing to merge)
-        save_model(raw, processor, args.out, device, rank)
-        say(f"wrote {args.out} (a model folder for AutoModelForImageTextToText, LoRA merged)")
-    if world > 1:
-        dist.destroy_process_group()
-
-
-# ==================================================================================================
-# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output
-# and printing, then helpers that several stages need, copied verbatim between
-# "# ---- shared: NAME ----" rulers so each script stands alone (tests/test_shared_blocks.py
-# keeps every copy identical).
-# ==================================================================================================
-# ---- plumbing: what trains, and the data-parallel wrapper ----
-def prepare(model, args, world, device):
-    """Freeze all but LoRA (or the language model + lm_head with --lora-rank 0); wrap for data
-    parallelism."""
-    model.requires_grad_(False)
-    if args.lora_rank > 0:
-        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
-    else:  # fp32 master weights (load_model gives bf16 on CUDA), computed under autocast
-        for part in (model.model.language_model, model.lm_head):
-            part.float().requires_grad_(True)
-    if args.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    if world > 1 and args.lora_rank > 0:  # (response_logprobs moves inputs to the model's device)
-        return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    if world > 1:  # FSDP units: each decoder layer, then the rest of the model
-        mesh = init_device_mesh(device.type, (world,))
-        for module in (*model.model.language_model.layers, model):
-            fully_shard(module, mesh=mesh)
-    return model
-
-
-def micro_batches(lines, batch, rank, world, batch_size, accum):
-    """This rank's share of one global batch (line indices) as up to `accum` micro-batches of
-    (example, weight). Every rank computes every share, so where another rank's micro-batch runs a
-    branch this one lacks, one line of it is added with weight 0: all ranks then make the same
-    forward and collective calls (DDP, FSDP)."""
-    shares = [batch[r::world] for r in range(world)]
-    out = []
-    for j in range(accum):
-        chunks = [[lines[i] for i in s[j * batch_size:(j + 1) * batch_size]] for s in shares]
-        mine = [(ex, 1.0) for ex in chunks[rank]]
-        for b in ("focus", "robust"):
-            if any(ex[b] for c in chunks for ex in c) and not any(ex[b] for ex, _ in mine):
-                mine.append((next(lines[i] for i in batch if lines[i][b]), 0.0))
-        if mine:
-            out.append(mine)
-    return out
-# ---- end plumbing ----
-
-
-# ---- plumbing: a pair's two responses on one shared prefix (--shared-prefix) ----
+# ---- the policy's log-probs: a pair's two responses on one shared prefix ----
 def build_pair_batch(processor, prompts, pairs, images):
-    """(inputs, branch (R, T) long) scoring both responses of R (chat prompt with images,
-    (y_w, y_l)) rows as R packed rows [prompt, y_w + EOS, y_l + EOS], left padded. branch: 0 on
-    the prompt and the padding, 1 on y_w + EOS, 2 on y_l + EOS. prompts, images: as build_batch's;
-    the responses are tokenized as build_batch tokenizes them."""
-    # rows [prompt, y_w + EOS]; y_l + EOS is appended below, as build_batch appends y_w
-    inputs, w_mask = build_batch(processor, prompts, [w for w, _ in pairs], images)
+    """(inputs, branch (R, T) long): R packed rows [prompt, y_w + EOS, y_l + EOS], left padded, of R
+    (chat prompt with images, (y_w, y_l)); branch: 0 on the prompt and padding, 1 on y_w + EOS, 2 on
+    y_l + EOS. prompts, images: as build_batch's, which tokenizes y_w as y_l is tokenized here."""
+    inputs, w_mask = build_batch(processor, prompts, [w for w, _ in pairs], images)  # [prompt, y_w]
     tok = processor.tokenizer
     tails = [tok(l, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, l in pairs]
     real = inputs["attention_mask"].bool()  # (R, T0)
     T = max(int(m.sum()) + len(t) for m, t in zip(real, tails))
-    per_token = [k for k, v in inputs.items() if torch.is_tensor(v) and v.shape == real.shape]
-    for k in per_token + ["branch"]:  # input_ids, attention_mask, mm_token_type_ids; then branch
-        v = w_mask.long() if k == "branch" else inputs[k]
-        if k == "input_ids":
-            ends = tails
-        else:  # attention 1, branch 2, mm type 0 (text) on y_l
-            ends = [[{"attention_mask": 1, "branch": 2}.get(k, 0)] * len(t) for t in tails]
-        rows = [torch.cat([row[m], torch.tensor(e, dtype=v.dtype)])
-                for row, m, e in zip(v, real, ends)]
+    for k in [k for k, v in inputs.items() if torch.is_tensor(v) and v.shape == real.shape]:
+        # input_ids, attention_mask, mm_token_type_ids: y_l's ids, attention 1, type 0 (text)
+        ends = tails if k == "input_ids" else [[int(k == "attention_mask")] * len(t) for t in tails]
+        rows = [torch.cat([row[m], torch.tensor(e, dtype=row.dtype)])
+                for row, m, e in zip(inputs[k], real, ends)]
         pad = tok.pad_token_id if k == "input_ids" else 0
-        rows = [F.pad(row, (T - len(row), 0), value=pad) for row in rows]
-        inputs[k] = torch.stack(rows)  # (R, T)
-    branch = inputs.pop("branch")
-    return inputs, branch
+        inputs[k] = torch.stack([F.pad(r, (T - len(r), 0), value=pad) for r in rows])  # (R, T)
+    n_l = torch.tensor([len(t) for t in tails])[:, None]  # (R, 1)
+    n_w = w_mask.sum(1, keepdim=True)  # (R, 1)
+    t = torch.arange(T)
+    return inputs, (t >= T - n_l - n_w).long() + (t >= T - n_l).long()  # (R, T)
 
 
 def pair_logprobs(model, inputs, branch):
-    """Summed log pi(y | prompt, images) of y_w and y_l, from one forward of build_pair_batch's
-    rows: y_l attends to the prompt and to itself but not to y_w, and its positions restart where
-    y_w's do, so each response reads what it reads in a row of its own (response_logprobs), while
-    the prompt and its images are computed once. Log-softmax in fp32. Returns (logp (2R,) fp32,
-    ntok (2R,)): every row's y_w, then every row's y_l, as response_logprobs on term_batches' rows.
-    """
+    """Summed log pi(y_w | prompt, images) and log pi(y_l | prompt, images), from one forward of
+    build_pair_batch's rows [prompt, y_w + EOS, y_l + EOS].
+
+    The 4D attention mask (R, 1, T, T) lets one row score two responses as two rows would: a query
+    sees a key that is earlier, not padding, and in the prompt or in the query's own response, so
+    y_l cannot see y_w; y_l's positions restart where y_w's start, so y_l reads the prompt at the
+    distances it would in a row of its own; and the prompt, its image tokens and the vision tower
+    run once per pair instead of twice. Same log-probs and gradients as a row per response
+    (response_logprobs) to rounding: tests/test_04_shared_prefix.py. Under LoRA dropout the two
+    responses share the prompt's dropout mask. Log-softmax in fp32. Returns (logp (2R,) fp32,
+    ntok (2R,)): every row's y_w, then every row's y_l."""
     core = getattr(model, "module", model)  # (DDP wraps the model)
     p = next(model.parameters())
     inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)
@@ -585,9 +313,8 @@ def pair_logprobs(model, inputs, branch):
     real = inputs["attention_mask"].bool()  # (R, T)
     R, T = real.shape
     causal = torch.ones(T, T, dtype=torch.bool, device=p.device).tril()  # (T, T) [query, key]
-    # a key is seen by a query if it is earlier, not padding, and in the prompt or the query's own
-    # response; a padding query sees itself alone (an empty softmax would be NaN)
     own = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])  # (R, T, T)
+    # a padding query sees itself alone (an empty softmax would be NaN)
     seen = (causal & own & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=p.device)
     mask = seen[:, None]  # (R, 1, T, T): a 4D mask goes to the attention as it is
     attention = core.model.language_model.config._attn_implementation
@@ -620,98 +347,352 @@ def pair_logprobs(model, inputs, branch):
     sums = [torch.where(tail == b, logp, 0.0).sum(1) for b in (1, 2)]  # y_w, y_l: each (R,)
     ntok = [(tail == b).sum(1) for b in (1, 2)]
     return torch.cat(sums), torch.cat(ntok)
-# ---- end plumbing ----
 
 
-# ---- plumbing: the data, the output files, checkpoints ----
-def read_lines(args, say):
-    """(examples, skipped): the usable lines among the first --limit of --data, and a message
-    "file:line: why" for each line left out (bad JSON lines first, then those parse_line refuses),
-    each said; no usable line ends the run."""
-    root = os.path.dirname(os.path.abspath(args.data))  # image paths are relative to its folder
-    lines = []
-    skipped = []
+def term_batches(processor, exs, terms=TERMS, shared_prefix=True):
+    """The CPU half of scoring B examples `exs` (images decoded, the processor run; apart, so that a
+    live reference can share it). For each context some line has, its terms all in `terms`:
+    (keys, idx, score, batch), where score(model, *batch) gives keys[0]'s log-probs of the lines
+    idx, then keys[1]'s. shared_prefix: a pair in one row (pair_logprobs), else a row each."""
+    focus = [i for i, ex in enumerate(exs) if ex["focus"]]
+    robust = [i for i, ex in enumerate(exs) if ex["robust"]]
+    contexts = [("focus", focus, ("focus_w", "focus_l"), "prompt", "image"),  # (I, P)
+                ("robust", robust, ("robust_w", "robust_l"), "prompt", "noise"),  # (I_noise, P)
+                ("focus", focus, ("aug",), "prompt_enh", "aug"),  # (I_aug, P_enh), y_w only
+                ("focus", focus, ("deg",), "prompt", "deg")]  # (I_deg, P), y_w only
+    image = functools.lru_cache(maxsize=None)(training_image)  # decoded once per micro-batch
+    out = []
+    for branch, idx, keys, prompt_key, image_key in contexts:
+        if not idx or not set(keys) <= set(terms):
+            continue
+        packed = shared_prefix and len(keys) == 2  # one row [prompt, y_w, y_l] per line
+        rows = [(i, j) for j in range(1 if packed else len(keys)) for i in idx]  # chosen, rejected
+        prompts = [exs[i][prompt_key] for i, _ in rows]
+        images = [[image(p) for p in exs[i]["images"][image_key]] for i, _ in rows]
+        if packed:
+            batch = build_pair_batch(processor, prompts, [exs[i][branch] for i in idx], images)
+        else:
+            responses = [exs[i][branch][j] for i, j in rows]
+            batch = build_batch(processor, prompts, responses, images)  # (len(keys) * |idx|, T)
+        out.append((keys, idx, pair_logprobs if packed else response_logprobs, batch))
+    return out
+
+
+def policy_logps(model, batches, B, ctx):
+    """Summed log pi_theta of each term in `batches` (term_batches' output for B examples): one
+    forward per context. Returns a dict over TERMS of (B,) fp32, 0 where a line lacks the term or
+    `batches` does not hold it."""
+    out = {}
+    for keys, idx, score, batch in batches:
+        with ctx:
+            logp, _ = score(model, *batch)  # (len(keys) * |idx|,)
+        full = logp.new_zeros(len(keys), B)  # (len(keys), B)
+        full[:, idx] = logp.view(len(keys), len(idx))
+        out.update(zip(keys, full))
+    zero = torch.zeros(B, device=next(model.parameters()).device)
+    return {k: out.get(k, zero) for k in TERMS}
+
+
+# ---- one optimizer step ----
+def micro_step(model, processor, mb, args, ctx, scale, batches=None):
+    """Forward and backward of a micro-batch of (example, weight), a group of terms at a time (one
+    group's activations alive at once), adding scale * d sum(weight * loss) / d theta to .grad.
+    batches: its term_batches, if made. Returns, detached, (losses (B,), sums (2 * len(STATS),):
+    each STATS entry's weighted sum, then its count; weight-0 lines count nowhere)."""
+    exs = [ex for ex, _ in mb]
+    groups = GROUPS[:2] if args.no_calib else GROUPS
+    lambda_calib = 0.0 if args.no_calib else args.lambda_calib
+    if batches is None:
+        batches = term_batches(processor, exs, [k for g in groups for k in g], args.shared_prefix)
+    tensor = functools.partial(torch.tensor, device=next(model.parameters()).device)
+    ref = {k: tensor([ex["ref"][k] for ex in exs]) for k in TERMS}
+    weight = tensor([w for _, w in mb])  # (B,)
+    clip = tensor([ex["clip"] for ex in exs])  # (B, 2): CLIPScore of the crop, of the image
+    has_f = tensor([ex["focus"] is not None for ex in exs])
+    has_r = tensor([ex["robust"] is not None for ex in exs])
+
+    def loss(pi):  # (losses (B,), diagnostics)
+        return p2dpo_loss(pi, ref, has_f, has_r, clip[:, 0], clip[:, 1], args.beta, lambda_calib,
+                          args.w_base, args.alpha_max, args.tau, not args.no_ddw)
+
+    # L_total is a sum of parts that each read one group's log-probs (the DDW weights are
+    # constants), so a backward per group, the other groups' log-probs held constant, adds up to
+    # one backward over all terms (test_04_train.py::test_backward_per_group_equals_one_backward).
+    pi = {k: tensor([0.0] * len(exs)) for k in TERMS}  # each group's values, once it has run
+    for group in groups:
+        mine = [b for b in batches if set(b[0]) <= set(group)]
+        live = {k: v for k, v in policy_logps(model, mine, len(exs), ctx).items() if k in group}
+        if any(v.requires_grad for v in live.values()):  # (else no line has the group's branch)
+            losses, _ = loss({**pi, **live})
+            ((losses * weight).sum() * scale).backward()
+        pi.update({k: v.detach() for k, v in live.items()})
+    losses, diagnostics = loss(pi)
+    values = {"loss": losses, **diagnostics}
+    over = {"all": weight, "focus": weight * has_f,  # the lines of each name in STATS
+            "calib": weight * has_f * (not args.no_calib), "robust": weight * has_r}
+    masks = [over[lines] for lines in STATS.values()]
+    sums = [torch.where(m > 0, values[k].detach(), 0.0).sum() for k, m in zip(STATS, masks)]
+    return losses, torch.stack(sums + [m.sum() for m in masks])
+
+
+def train_step(model, processor, lines, batch, lr, args, ctx, optimizer, accum, rank, world):
+    """One AdamW step at learning rate lr on the global batch `batch` (indices into `lines`, all
+    ranks'): the clipped gradient of L_total, the mean over its lines whatever the number of
+    processes and micro-steps. Returns the step's log (STATS means, grad norm before clipping, lr);
+    raises FloatingPointError before the update if either is not finite."""
+    t0 = time.time()
+    optimizer.param_groups[0]["lr"] = lr  # (one group)
+    # this rank's micro-batches, with a weight-0 line where another rank's has a branch this one
+    # lacks: every rank then makes the same forwards and collectives (DDP, FSDP)
+    mbs = micro_batches(lines, batch, rank, world, args.batch_size, accum)
+    sums = 0
+    # DDP: .grad accumulates locally until the last micro-step, whose backwards average .grad over
+    # ranks (an average of averages is the average): scale = world / len(batch) gives the mean
+    for j, mb in enumerate(mbs):
+        last = j == len(mbs) - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+        with contextlib.nullcontext() if last else model.no_sync():
+            _, s = micro_step(model, processor, mb, args, ctx, world / len(batch))
+        sums = sums + s
+    if world > 1:
+        dist.all_reduce(sums)
+    params = optimizer.param_groups[0]["params"]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    log = {**stat_means(sums), "grad_norm": float(grad_norm)}
+    if not (math.isfinite(log["loss"]) and math.isfinite(log["grad_norm"])):
+        raise FloatingPointError(f"non-finite loss ({log['loss']}) or grad norm "
+                                 f"({log['grad_norm']})")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {**log, "lr": lr, "examples_per_s": len(batch) / (time.time() - t0)}
+
+
+def lr_at(step, peak, warmup, total):
+    """AdamW's learning rate at a step (from 0): a linear warm-up that starts at lr > 0, then a
+    cosine down to 0 at `total` steps."""
+    if step < warmup:
+        return peak * ((step + 1) / (warmup + 1))
+    return peak * (0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
+def main(argv=None):
+    exits_in_one_sentence("rerun with --resume: it continues from the last checkpoint")
+    args = parse_args(argv)
+    # ---- plumbing: processes, --out, precision ----
+    Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
+    rank, world, device = dist_setup(args.device)  # torchrun: a process group, and a GPU each
+    device = torch.device(device)
+    say = tqdm.write if rank == 0 else (lambda *a, **k: None)
+    say(world_settings(args, "04", {"lr": 1e-5}))  # the toy world's lr, else the paper's
+    inputs = {"--data": args.data, "--model": args.model}
+    on_rank0(lambda: claim_out(args.out, inputs, folder=True), rank, world)
+    ctx = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")  # CPU: fp32
+    # ---- the data: stage 03's pairs and the reference's log-probs; the schedule ----
+    lines, errors = read_lines(args, rank, say)
+    accum = args.grad_accum or max(1, round(args.effective_batch / (args.batch_size * world)))
+    per_step = args.batch_size * accum * world  # lines per optimizer step: the global batch
+    steps_per_epoch = math.ceil(len(lines) / per_step)
+    total = args.epochs * steps_per_epoch
+    resolved = dict(data_identity=file_identity(args.data),
+                    model_identity=model_identity(args.model), grad_accum=accum, world_size=world,
+                    global_batch=per_step, total_steps=total, lines=len(lines), skipped=len(errors))
+    on_rank0(lambda: check_out(args, resolved), rank, world)
+    # ---- the policy: the base model with LoRA, and AdamW ----
+    torch.manual_seed(args.seed)  # the same LoRA init on every rank
+    raw, processor = load_model(args.model, device)  # raw: the unwrapped module, to save
+    model = prepare(raw, args, world, device)  # (raw gets LoRA in place)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    saver = Checkpoints(args, total, raw, optimizer, rank, world)  # --resume: loaded here
+    metrics = open_outputs(args, saver.saved, resolved, errors) if rank == 0 else None
+    say(f"{len(lines)} lines, {total} steps of {per_step} ({args.batch_size} x {accum} accumulation"
+        f" x {world} ranks); checkpoint every {saver.every} steps or {args.save_minutes:g} minutes")
+    stopping = saver.saved < args.stop_after <= total  # --stop-after: a checkpoint, no model
+    end = args.stop_after if stopping else total
+    for step in tqdm(range(saver.saved, end), initial=saver.saved, total=total, disable=rank != 0):
+        epoch, k = divmod(step, steps_per_epoch)
+        shuffle = torch.Generator().manual_seed(args.seed + epoch)
+        order = torch.randperm(len(lines), generator=shuffle).tolist()
+        batch = order[k * per_step:(k + 1) * per_step]  # this step's lines, all ranks
+        torch.manual_seed(args.seed * 1_000_003 + step * world + rank)  # dropout, as after --resume
+        lr = lr_at(step, args.lr, math.ceil(args.warmup_ratio * total), total)
+        try:
+            log = train_step(model, processor, lines, batch, lr, args, ctx, optimizer, accum, rank,
+                             world)
+        except FloatingPointError as e:
+            fail(f"{e} at step {step + 1}: stopped before the update; {saver.holds()} (check the "
+                 f"ref log-probs in --data, --lr)")
+        log = dict(step=step + 1, epoch=epoch, **log)
+        if rank == 0:
+            append_jsonl(metrics, log)
+            say(format_log(log))
+        saver.after(step + 1)  # checkpoint.pt when due, and at --stop-after
+    if stopping:
+        say(f"stopped after step {end} (--stop-after); continue with --resume")
+    else:
+        merge_lora(raw)  # (full fine-tuning: nothing to merge)
+        save_model(raw, processor, args.out, device, rank)
+        say(f"wrote {args.out} (a model folder for AutoModelForImageTextToText, LoRA merged)")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+# ==================================================================================================
+# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output
+# and printing, then helpers that several stages need, copied verbatim between
+# "# ---- shared: NAME ----" rulers so each script stands alone (tests/test_shared_blocks.py
+# keeps every copy identical).
+# ==================================================================================================
+# ---- plumbing: what trains, and the data-parallel wrapper ----
+def prepare(model, args, world, device):
+    """Freeze all but LoRA (or the language model + lm_head with --lora-rank 0); wrap for data
+    parallelism: DDP for LoRA, FSDP (each decoder layer, then the rest) for full fine-tuning."""
+    model.requires_grad_(False)
+    if args.lora_rank > 0:
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    else:  # fp32 master weights (load_model gives bf16 on CUDA), computed under autocast
+        for part in (model.model.language_model, model.lm_head):
+            part.float().requires_grad_(True)
+    if args.grad_checkpointing:  # (use_reentrant=False, the default)
+        model.activation_checkpointing_enable()
+    model.train()
+    if world > 1 and args.lora_rank > 0:  # (response_logprobs moves inputs to the model's device)
+        return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    if world > 1:
+        mesh = init_device_mesh(device.type, (world,))
+        for module in (*model.model.language_model.layers, model):
+            fully_shard(module, mesh=mesh)
+    return model
+
+
+def micro_batches(lines, batch, rank, world, batch_size, accum):
+    """This rank's share of a global batch (line indices): up to `accum` micro-batches of (example,
+    weight). Where another rank's micro-batch has a branch this one lacks, one line of it is added
+    with weight 0, so every rank makes the same forward and collective calls (DDP, FSDP)."""
+    shares = [batch[r::world] for r in range(world)]
+    out = []
+    for j in range(accum):
+        chunks = [[lines[i] for i in s[j * batch_size:(j + 1) * batch_size]] for s in shares]
+        mine = [(ex, 1.0) for ex in chunks[rank]]
+        for b in ("focus", "robust"):
+            if any(ex[b] for c in chunks for ex in c) and not any(ex[b] for ex, _ in mine):
+                mine.append((next(lines[i] for i in batch if lines[i][b]), 0.0))
+        if mine:
+            out.append(mine)
+    return out
+
+
+# ---- plumbing: the data ----
+def read_lines(args, rank, say):
+    """(examples, errors) of the first --limit lines of --data: parse_line's example of each good
+    line, {"file", "line", "id", "error"} of each other (not JSON, a field of the wrong type or
+    range, an earlier line's id, no branch to train). No good line: the run ends here."""
     if not os.path.isfile(args.data):
         fail(f"--data {args.data}: input file not found")
-    rows = read_jsonl(args.data, on_error=lambda n, message: skipped.append(message))
-    if not rows and not skipped:
+    root = os.path.dirname(os.path.abspath(args.data))  # image paths are relative to its folder
+    bad = []
+    rows = read_jsonl(args.data, on_error=lambda n, message: bad.append((n, message)))
+    rows = sorted(rows + bad, key=lambda r: r[0])[:args.limit]
+    if not rows:
         fail(f"{args.data}: no input lines (the file is empty)")
-    for n, row in rows[:args.limit]:
+    examples = []
+    errors = []
+    seen = {}  # id -> its line
+    for n, row in rows:
+        key = row.get("id") if isinstance(row, dict) else None
         try:
-            lines.append(parse_line(row, root, args))
-        except (KeyError, TypeError, ValueError, OSError) as e:
-            skipped.append(f"{args.data}:{n}: skipped: {type(e).__name__}: {e}")
-    for message in skipped:
-        say(message)
-    if not lines:
-        fail(f"no usable line in {args.data}: all {len(skipped)} lines were skipped "
-             f"(reasons above)")
-    return lines, skipped
+            if isinstance(row, str):  # read_jsonl's "file:line: bad JSON line (why)"
+                raise ValueError(row.removeprefix(f"{args.data}:{n}: "))
+            if type(key) not in (str, int) or not str(key).strip():
+                raise ValueError(f"'id' must be text or an integer, not {json.dumps(key)[:80]}")
+            if str(key) in seen:
+                raise ValueError(f"id {key!r} repeats line {seen[str(key)]}")
+            examples.append(parse_line(row, root, args))
+            seen[str(key)] = n
+        except (ValueError, OSError) as e:
+            error = f"{args.data}:{n}: {e}"
+            errors.append({"file": args.data, "line": n, "id": key, "error": error})
+    for e in errors[:10]:
+        say(e["error"])
+    where = os.path.join(args.out, "errors.jsonl")
+    if errors:
+        say(f"{len(errors)} of {len(rows)} lines of {args.data} left out (listed in {where})")
+    if not examples:
+        if rank == 0:  # the folder is 04's from now on: args.json says so, the corrected rerun goes on
+            write_args(args_path(args.out, folder=True), vars(args))
+            write_errors(args.out, errors)
+        fail(f"no usable line in {args.data}: all {len(rows)} lines were left out (see {where})")
+    return examples, errors
+
+
+# Each kind of train.jsonl field: (test, what it must be). `type(v) in (int, float)` leaves out
+# bools, which Python counts as numbers (True == 1).
+FIELDS = {"text": (lambda v: isinstance(v, str) and v.strip() != "", "non-empty text"),
+          "response": (lambda v: isinstance(v, str), "text"),
+          "path": (lambda v: isinstance(v, str) and v.strip() != "", "an image file's path"),
+          "object": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+          "flag": (lambda v: isinstance(v, bool), "true or false"),
+          "logprob": (lambda v: type(v) in (int, float) and -1e308 <= v <= 0, "a log-prob (<= 0)"),
+          "logprob?": (lambda v: v is None or FIELDS["logprob"][0](v), "a log-prob (<= 0) or null"),
+          "clip": (lambda v: type(v) in (int, float) and 0 <= v <= 1e308, "a CLIPScore (>= 0)")}
 
 
 def parse_line(row, root, args):
-    """One train.jsonl row -> a training example; ValueError (or KeyError) says why the line cannot
-    be used."""
-    keep = row.get("keep") or {}
-    ref = row.get("ref") or {}
-    images = row.get("images") or {}
-    clip = row.get("clip") or {}
-    use = {}  # branch -> used: its pair is there, stage 03 kept it, and no --no-<branch>
+    """One train.jsonl row -> a training example {"prompt", "prompt_enh", "images": {context:
+    [files]}, "focus", "robust": (y_w, y_l) | None, "ref": {term: log pi_ref}, "clip": [crop,
+    image]}. Each field read is checked (FIELDS); ValueError (OSError: an image) names the first
+    one that is wrong."""
+    def get(name, kind):  # the field "a.b" of row, checked
+        value = row
+        for key in name.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        ok, what = FIELDS[kind]
+        if not ok(value):
+            raise ValueError(f"'{name}' must be {what}, not {json.dumps(value)[:80]}")
+        return value
+
+    get("prompt", "text")
+    for name in ("images", "focus", "robust", "keep", "ref", "clip"):
+        get(name, "object")
+    for key in row.get("ref") or {}:
+        get(f"ref.{key}", "logprob?")
+    scores = [math.nan, math.nan]  # no CLIP score: DDW keeps w_base
+    if row.get("clip") is not None:
+        scores = [float(get(f"clip.{k}", "clip")) for k in ("crop", "image")]
+    use = {}  # branch -> trained: a pair, kept by stage 03, not switched off
     for b in ("focus", "robust"):
-        use[b] = not getattr(args, f"no_{b}") and bool(row.get(b)) and bool(keep.get(b))
+        paired = row.get(b) is not None
+        for k in ("chosen", "rejected") if paired else ():
+            get(f"{b}.{k}", "response")
+        use[b] = paired and get(f"keep.{b}", "flag") and not getattr(args, f"no_{b}")
     if not any(use.values()):
         raise ValueError("no usable branch (pairs null, dropped by stage 03's keep flags, "
                          "or switched off)")
     calib = use["focus"] and not args.no_calib
-    texts = {"prompt": row.get("prompt")}  # what the loss conditions on and scores: text
-    if calib:
-        texts["prompt_enh"] = row.get("prompt_enh")
-    for b in ("focus", "robust"):
-        if use[b]:
-            pair = row[b] if isinstance(row[b], dict) else {}
-            texts.update({f"{b}.{k}": pair.get(k) for k in ("chosen", "rejected")})
-    for name, text in texts.items():
-        if not isinstance(text, str) or (name.startswith("prompt") and not text.strip()):
-            raise ValueError(f"'{name}' must be non-empty text, got {text!r:.80}")
     side = args.calib_ref[0]  # "w" or "l": whose Delta pi_ref
     need = {}  # term -> its key in "ref"
-    paths = {}  # image role -> file
+    contexts = {}  # context -> the fields that name its images
     if use["focus"]:
         need.update(focus_w="focus_w", focus_l="focus_l")
-        paths.update(image=row["image"])
+        contexts["image"] = ["image"]
     if calib:
+        get("prompt_enh", "text")
         need.update(aug=f"calib_aug_{side}", deg=f"calib_deg_{side}")
-        if images.get("aug"):  # I_aug: one stitched image, or the pair (image, crop)
-            aug = {"aug": images["aug"]}
-        else:
-            aug = {"crop": images.get("crop")}
-        paths.update(deg=images.get("deg"), **aug)
+        stitched = (row.get("images") or {}).get("aug") is not None  # else I_aug = (I, I_crop)
+        contexts.update(aug=["images.aug"] if stitched else ["image", "images.crop"],
+                        deg=["images.deg"])
     if use["robust"]:
         need.update(robust_w="robust_w", robust_l="robust_l")
-        paths.update(noise=images.get("noise"))
-    for role, p in paths.items():  # (an absolute path stays as it is)
-        paths[role] = os.path.join(root, p) if isinstance(p, str) else ""
-    contexts = {"image": [paths.get("image")], "deg": [paths.get("deg")],
-                "noise": [paths.get("noise")]}
-    if "aug" in paths:
-        contexts["aug"] = [paths["aug"]]
-    else:
-        contexts["aug"] = [paths.get("image"), paths.get("crop")]
-    lack = [f"ref {k}" for k in need.values()
-            if not (isinstance(ref.get(k), (int, float)) and math.isfinite(ref[k]))]
-    lack += [f"{role} image {p}" for role, p in paths.items() if not os.path.isfile(p)]
-    if lack:
-        raise ValueError(f"a usable branch lacks {', '.join(lack)}")
-    for p in paths.values():  # the header: no image, or a decompression bomb, is a bad line now
-        open_image(p).close()
-    example = {"prompt": row["prompt"], "prompt_enh": row["prompt_enh"] if calib else None,
-               "images": contexts}
-    for b in ("focus", "robust"):
-        example[b] = (row[b]["chosen"], row[b]["rejected"]) if use[b] else None
-    example["ref"] = {term: float(ref[need[term]]) if term in need else 0.0 for term in TERMS}
-    scores = [clip.get("crop"), clip.get("image")]
-    example["clip"] = [float(c) if isinstance(c, (int, float)) else math.nan for c in scores]
-    return example
+        contexts["noise"] = ["images.noise"]
+    ref = {term: float(get(f"ref.{key}", "logprob")) for term, key in need.items()}
+    images = {c: [os.path.join(root, get(f, "path")) for f in fields]
+              for c, fields in contexts.items()}
+    for path in {p for files in images.values() for p in files}:
+        open_image(path).close()  # the header: a missing file, no image, a bomb: this line's error
+    pairs = {b: (row[b]["chosen"], row[b]["rejected"]) if use[b] else None for b in use}
+    return {"prompt": row["prompt"], "prompt_enh": row["prompt_enh"] if calib else None,
+            "images": images, **pairs, "ref": {t: ref.get(t, 0.0) for t in TERMS}, "clip": scores}
 
 
 def training_image(path):
@@ -723,65 +704,48 @@ def training_image(path):
         fail(f"{path}: unreadable image mid-run ({e}); repair the file, then --resume")
 
 
+# ---- plumbing: the output folder ----
 def check_out(args, resolved):
-    """Refuse, in one sentence and before the model loads, a run that would spoil --out: --resume
-    without a checkpoint, or with other data or settings than args.json records of the run that
-    wrote it; a fresh run into a folder that holds a trained model or a checkpoint, unless
-    --overwrite. resolved: what the arguments resolve to (open_outputs writes them too)."""
+    """Refuse, before the model loads, a run that would spoil --out: a fresh run into a trained
+    --out without --overwrite; a --resume without a checkpoint, or with other data or settings
+    (RESUME_MAY_CHANGE aside) than args.json records of the run that wrote it."""
     out = Path(args.out)
-    ckpt = out / "checkpoint.pt"
-    if args.resume and not ckpt.is_file():
-        fail(f"--resume: {out} holds no checkpoint.pt to continue from; run without --resume "
-             f"to start")
-    if args.resume:
-        old = read_args(args_path(out, folder=True))
-        if not old:
-            fail(f"--resume: {out / 'args.json'} is missing, so nothing says how {ckpt} was trained")
-        keys = [k for k in old if k not in RESUME_MAY_CHANGE and k != "stage"]
-        same_settings(old, {**vars(args), **resolved}, keys, f"--resume: {ckpt} was trained with")
-    elif (ckpt.is_file() or (out / "config.json").is_file()) and not args.overwrite:
-        fail(f"{out} holds a trained model or a checkpoint: --resume continues it, --overwrite "
-             f"starts over, or pass another --out")
-
-
-def checkpoint_due(steps_due, saved_at, minutes, world):
-    """Whether to write checkpoint.pt now: enough steps since the last one, or `minutes` of wall
-    time (0: never by time). Rank 0's clock decides for every rank: saving is collective."""
-    due = [steps_due or (minutes > 0 and time.time() - saved_at >= 60 * minutes)]
-    if world > 1:
-        dist.broadcast_object_list(due, src=0)
-    return due[0]
-
-
-def open_outputs(args, start, **resolved):
-    """Open metrics.jsonl for the rows to come (rank 0 only). A resumed run keeps the rows logged
-    up to its checkpoint, and args.json, the record of the run that began the training (check_out
-    compared this run with it). A fresh run first removes what an earlier one left (--overwrite:
-    its checkpoint and the config.json that marks a saved model), then writes <out>/args.json:
-    the arguments, then what they resolve to."""
-    os.makedirs(args.out, exist_ok=True)
+    trained = (out / "checkpoint.pt").is_file() or (out / "config.json").is_file()
     if not args.resume:
+        if trained and not args.overwrite:
+            fail(f"{out} holds a trained model or a checkpoint: --resume continues it, --overwrite "
+                 f"starts over, or pass another --out")
+        return
+    old = read_args(args_path(out, folder=True))
+    if not (old and (out / "checkpoint.pt").is_file()):
+        fail(f"--resume: {out} holds no checkpoint.pt to continue from (with the args.json of its "
+             f"run); run without --resume to start")
+    keys = [k for k in old if k not in RESUME_MAY_CHANGE and k != "stage"]
+    same_settings(old, {**vars(args), **resolved}, keys, f"--resume: {out} was trained with")
+
+
+def open_outputs(args, start, resolved, errors):
+    """(rank 0) Write args.json (a fresh run: the arguments and what they resolve to; a resumed
+    run keeps its first run's) and errors.jsonl; open metrics.jsonl, keeping the rows up to the
+    step `start` resumes from. A fresh run first removes what --overwrite replaces."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:  # the old checkpoint, and the config.json that marks a saved model
         for name in ("checkpoint.pt", "config.json"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(args.out, name))
-        write_args(args_path(args.out, folder=True), dict(vars(args), **resolved))
-    path = os.path.join(args.out, "metrics.jsonl")
-    kept = []
-    if start:  # a resumed run: drop the rows logged after its checkpoint
-        kept = [r for _, r in read_jsonl(path) if r["step"] <= start]
-    metrics = open(path, "w")
+            (out / name).unlink(missing_ok=True)
+        write_args(args_path(out, folder=True), {**vars(args), **resolved})
+    write_errors(out, errors)
+    kept = [r for _, r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start] if start else []
+    metrics = open(out / "metrics.jsonl", "w")
     metrics.writelines(json.dumps(r) + "\n" for r in kept)
     return metrics
 
 
-def stat_means(sums):
-    """The step's statistics: each STATS entry's sum / its count, None where no line had the term.
-    sums: (2 * len(STATS),), micro_step's sums added over the micro-steps and ranks."""
-    totals, counts = sums.split(len(STATS))
-    means = {}
-    for k, v, c in zip(STATS, totals, counts):
-        means[k] = float(v / c) if c > 0 else None
-    return means
+def write_errors(out, errors):
+    """<out>/errors.jsonl: the input lines left out and why."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "errors.jsonl"), "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in errors)
 
 
 def format_log(log):
@@ -789,6 +753,14 @@ def format_log(log):
     return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items())
 
 
+def stat_means(sums):
+    """Each STATS entry's sum / its count, None where no line had the term. sums: (2 * len(STATS),),
+    micro_step's sums added over the micro-steps and ranks."""
+    totals, counts = sums.split(len(STATS))
+    return {k: float(v / c) if c > 0 else None for k, v, c in zip(STATS, totals, counts)}
+
+
+# ---- plumbing: checkpoints and the trained model ----
 def full_state(frozen=False):
     """Options for torch's state dicts under DDP or FSDP: unsharded, on the CPU of rank 0; the
     trainable weights only unless frozen=True."""
@@ -796,26 +768,51 @@ def full_state(frozen=False):
                                    ignore_frozen_params=not frozen)
 
 
-def load_checkpoint(path, model, optimizer):
-    """Load checkpoint.pt into the unwrapped model and the optimizer; returns its step."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        reason = (str(e).strip().splitlines() or ["an empty file"])[0]
-        fail(f"--resume: {path} is damaged ({type(e).__name__}: {reason}); start over with "
-             f"--overwrite")
-    dcp_sd.set_state_dict(model, optimizer, model_state_dict=ck["model"],
-                          optim_state_dict=ck["optim"], options=full_state())
-    return ck["step"]
+class Checkpoints:
+    """<out>/checkpoint.pt: the trainable weights and AdamW's state after a step. --resume loads it
+    (saved: its step; 0 in a fresh run). after(step) writes it every --save-every steps (0: every
+    3% of the run: a kill loses at most that), when --save-minutes passed (rank 0's clock decides
+    for every rank: saving is collective), and at --stop-after. Every rank helps gather it (DDP,
+    FSDP); rank 0 writes a .tmp, then renames it: a crash mid-write leaves the last one whole."""
 
+    def __init__(self, args, total, model, optimizer, rank, world):
+        self.args = args
+        self.path = os.path.join(args.out, "checkpoint.pt")
+        self.every = args.save_every or math.ceil(0.03 * total)
+        self.parts = (model, optimizer, rank, world)
+        self.saved = self.load() if args.resume else 0  # the step checkpoint.pt holds
+        self.saved_at = time.time()
 
-def save_checkpoint(path, step, model, optimizer, rank):
-    """checkpoint.pt: the trainable weights and the optimizer state after `step` steps. Every rank
-    helps gather them; rank 0 writes, then renames: a crash mid-write never leaves a broken one."""
-    model_sd, optim_sd = dcp_sd.get_state_dict(model, optimizer, options=full_state())
-    if rank == 0:
-        torch.save({"step": step, "model": model_sd, "optim": optim_sd}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+    def load(self):
+        try:
+            ck = torch.load(self.path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+            reason = (str(e).strip().splitlines() or ["an empty file"])[0]
+            fail(f"--resume: {self.path} is damaged ({type(e).__name__}: {reason}); start over "
+                 f"with --overwrite")
+        dcp_sd.set_state_dict(*self.parts[:2], model_state_dict=ck["model"],
+                              optim_state_dict=ck["optim"], options=full_state())
+        return ck["step"]
+
+    def after(self, step):
+        model, optimizer, rank, world = self.parts
+        minutes = self.args.save_minutes
+        late = minutes > 0 and time.time() - self.saved_at >= 60 * minutes
+        due = [step - self.saved >= self.every or late]
+        if world > 1:
+            dist.broadcast_object_list(due, src=0)
+        if due[0] or step == self.args.stop_after:
+            model_sd, optim_sd = dcp_sd.get_state_dict(model, optimizer, options=full_state())
+            if rank == 0:
+                torch.save({"step": step, "model": model_sd, "optim": optim_sd}, self.path + ".tmp")
+                os.replace(self.path + ".tmp", self.path)
+            self.saved = step
+            self.saved_at = time.time()
+
+    def holds(self):
+        if self.saved:
+            return f"{self.path} holds step {self.saved}"
+        return "no checkpoint.pt was written yet"
 
 
 def save_model(model, processor, out, device, rank):
@@ -989,7 +986,6 @@ def response_logprobs(model, inputs, response_mask):
 # ---- end shared ----
 
 
-
 # ---- shared: dist ----
 def dist_setup(device):
     """(rank, world, device): torchrun from WORLD_SIZE, gloo on CPU, nccl on CUDA (a GPU per rank)."""
@@ -1075,8 +1071,9 @@ def claim_out(out, inputs, folder=False):
     if out.exists() and out.is_dir() != folder:
         fail(f"--out {out} exists and is not a {'folder' if folder else 'file'}: this stage "
              f"writes a {'folder' if folder else 'file'} there")
-    writer = read_args(args_path(out, folder)).get("stage", STAGE)
-    if writer != STAGE:
+    recorded = read_args(args_path(out, folder))
+    if recorded and recorded.get("stage") != STAGE:
+        writer = recorded.get("stage") or "an older version or another program (no stage named)"
         fail(f"--out {out} was written by {writer}, not {STAGE}: pass another --out")
     if folder and out.is_dir() and not args_path(out, folder).is_file() and any(
             p.is_file() and p.stat().st_size for p in out.rglob("*")):  # (empty files: a failed run's)

@@ -93,8 +93,8 @@ def run_many(jobs, n):
     while pending or running:
         while pending and len(running) < n:
             cmd, log, what = pending.pop(0)
-            with open(log, "w") as f:
-                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=ENV)
+            with open(log, "w") as f:  # in the caller's folder: paths in the extra flags mean what they typed
+                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=ENV)
             running.append((proc, cmd, log, what, time.time()))
         time.sleep(0.2)
         for job in [job for job in running if job[0].poll() is not None]:
@@ -160,12 +160,12 @@ def data_table(runs, seeds, variants):
         get = lambda key: fmt([key(r) for r in reports], 0)  # noqa: E731
         branch = lambda b: get(lambda r: r["branches"].get(b, {}).get("kept", 0)) + " / " + get(  # noqa: E731
             lambda r: r["branches"].get(b, {}).get("pairs", 0))
-        r_both = [r.get("clip_ratio_kept_both", {}) for r in reports]
-        median = fmt([x["median"] for x in r_both if x.get("median") is not None] or [0.0], 2)
-        low = fmt([x["p05"] for x in r_both if x.get("p05") is not None] or [0.0], 2)
-        high = fmt([x["p95"] for x in r_both if x.get("p95") is not None] or [0.0], 2)
+        r_both = [r.get("clip_ratio_kept_both") or {} for r in reports]
+        ratio = lambda key: [x[key] for x in r_both if x.get(key) is not None]  # noqa: E731
+        median = fmt(ratio("median"), 2) if ratio("median") else "-"  # "-": 03 reported no CLIP ratio
+        spread = f"{fmt(ratio('p05'), 2)} - {fmt(ratio('p95'), 2)}" if ratio("p05") and ratio("p95") else "-"
         lines.append(f"| {name} ({', '.join(users)}) | {get(lambda r: r['written'])} | {branch('focus')} | "
-                     f"{branch('robust')} | {get(lambda r: r.get('kept_both', 0))} | {median} | {low} - {high} |")
+                     f"{branch('robust')} | {get(lambda r: r.get('kept_both', 0))} | {median} | {spread} |")
     return "\n".join(lines)
 
 
@@ -195,7 +195,7 @@ def main(argv=None):
     t_start = time.time()
     seeds = args.seeds or ([0, 1, 2] if args.ablations else [0])
     variants = args.variants or (list(VARIANTS) if args.ablations else ["full"])
-    world, runs = Path(args.world), Path(args.runs)
+    world, runs = Path(args.world).resolve(), Path(args.runs).resolve()  # every stage gets absolute paths
     runs.mkdir(parents=True, exist_ok=True)
     questions = world / ("pope" if args.split == "test" else "val/pope")
     describe = world / ("describe.jsonl" if args.split == "test" else "val/describe.jsonl")

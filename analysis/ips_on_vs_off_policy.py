@@ -13,13 +13,14 @@ Both files are scored by `03_filter.py --score-only` under the same reference mo
   python analysis/ips_on_vs_off_policy.py            # after pipeline.py: reads runs/seed0/pairs.jsonl, ~30 s on CPU
 """
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # stage_loader.py sits in the repository root
+from stage_loader import load_stage  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -53,9 +54,7 @@ def rephrase(answer, objects):
 
 def main():
     args = parse_args()
-    spec = importlib.util.spec_from_file_location("toy_world", ROOT / "00_toy_world.py")
-    toy = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(toy)
+    toy = load_stage("00_toy_world.py")
     pairs, world, out = Path(args.pairs), Path(args.world), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     truth = {(world / r["image"]).resolve(): r["objects"] for r in map(json.loads, open(world / "truth.jsonl"))}
@@ -78,7 +77,7 @@ def main():
     for name, path in files.items():
         cmd = [sys.executable, str(ROOT / "03_filter.py"), "--score-only", "--model", str(world / "model"),
                "--clip", "none", "--data", str(path), "--out", str(path.with_suffix(".scored.jsonl"))]
-        subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+        subprocess.run(cmd, check=True, capture_output=True, text=True)  # paths: as the caller gave them
         reports[name] = json.loads(path.with_suffix(".scored.report.json").read_text())["branches"]["pair"]["ips_all"]
     print(f"IPS = log pi_ref(y_w | I, P) - log pi_ref(y_l | I, P), summed, {n} focus pairs of {pairs} "
           f"(the same rejected responses; chosen: the model's own vs the truth)")

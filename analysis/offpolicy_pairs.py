@@ -17,20 +17,15 @@ many lines as P2-DPO's train.jsonl holds (drawn with --seed; all of them when th
   python 04_train_calibrated_dpo.py --data runs/seed0/train_offpolicy.jsonl --out runs/seed0/offpolicy --no-calib
 """
 import argparse
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(ROOT))  # stage_loader.py sits in the repository root
+from stage_loader import load_stage  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -48,8 +43,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    toy = load("toy_world", "00_toy_world.py")
-    ips = load("ips_on_vs_off_policy", "analysis/ips_on_vs_off_policy.py")
+    toy = load_stage("00_toy_world.py")
+    ips = load_stage("analysis/ips_on_vs_off_policy.py")
     pairs = Path(args.pairs)
     world = Path(args.world)
     out = Path(args.out)

@@ -8,68 +8,70 @@ ours, on questions about ONE named object whose true box the toy world knows:
             own pixel_cells / pixel_heat: each patch's mass spread evenly over the original pixels it saw)
   ratio   = mass / (box area / image area)      (uniform attention = 1; Zhang et al., ICLR 2025, "MLLMs know
             where to look")
-  AFR     = 100 x mean over questions of mass
-  focus   = the questions whose ratio >= 1 under the BASE model (the first --model): one fixed subset, the same
-            for every model evaluated
-  P-Acc   = 100 x answer accuracy on the focus subset; accuracy = 100 x answer accuracy on every question
-  P-Acc top half = the same on the questions whose ratio under the base model is >= its median (ours: the
-            toy world's base model looks at every object more than uniformly, so ratio >= 1 is every question)
+  AFR     = 100 x mean over questions of mass, from each model's OWN map (stage 01 on its own greedy answer)
+  fixed map = the BASE model's (the first --model's) map with y = the TRUE answer word, teacher-forced, in the
+            forward stage 01 makes (its attention_maps, its layers and method): computed once, the same for
+            every model evaluated, and independent of any model's answer
+  P-Acc   = 100 x answer accuracy on the questions whose fixed-map ratio is >= --focus-ratio
+  P-Acc top half = the same on the questions whose fixed-map ratio is >= its median
+  P-Acc own half = each model on ITS OWN better-focused half: its own-map ratio >= its own median. Shown beside,
+            not instead: the own map follows the model's own answer, so this half favours its right answers
+  accuracy = 100 x answer accuracy on every question
   correct = the answer's first word, lower-cased and stripped of punctuation, equals the true colour / shape word
+Why the fixed map (ours): stage 01's map is computed on the model's own answer, and the answer drives it (toy
+world, 499 test questions, base model: correctness correlates 0.37 with the own-answer ratio, 0.06 with the
+forced true-answer ratio). A half chosen by one model's own map holds that model's right answers, and any other
+model scores lower there by regression to the mean (base 71.6 / P2-DPO 60.8 on the base model's own half, base
+62.0 / P2-DPO 71.2 on P2-DPO's own half, 58.4 / 57.2 on the half chosen by the forced true answer).
 Questions: one per held-out test image (the images of world/pope; --split val: world/val/pope's) that has an
 object whose key is unique in the image (00's open questions: "what colour is the {shape} ?" / "what shape is the
 {colour} object ?", from world.json's "prompts"), drawn with --seed among that image's candidates.
-Measured on the toy world (499 questions; the base model of 00, P2-DPO and off-policy DPO from pipeline.py
---ablations, seeds 0-2): the base model's ratio is 1.3 at least (median 3.6), so at --focus-ratio 1 the focus subset
-is every question and P-Acc equals accuracy; P-Acc top half (ratio >= 3.6 here) keeps the base model's
-better-focused half.
-Stage 01 takes 32 s per model here (2 busy CPU cores; 16 s of it the 499 forwards), this script's own import and
-scoring about 15 s.
+Time here (2 CPU cores shared with other work): stage 01 about 110 s per model, the fixed map and the scoring
+about 30 s.
 
 Output (--out folder): questions.jsonl (01's input: id, image, prompt; world.json copied beside it so 01 takes
 the toy world's settings, layer 0, as it does on world/instances.jsonl), questions_truth.jsonl (id, kind, class,
 box [x1, y1, x2, y2] px, x2/y2 exclusive, answer), <name>/crops.jsonl (stage 01, run once per model as a
-subprocess; skipped when complete for this model and these questions), metrics.json {name: {n, accuracy, afr,
-attention_ratio, focus_ratio, n_focus, p_acc, median_ratio, n_top, p_acc_top, model}}, a printed table.
+subprocess; skipped when complete for this model and these questions), fixed_map.json (the base model's mass
+and ratio per question under the true answer, with what made it; reused when those are unchanged),
+metrics.json {name: {n, accuracy, afr, attention_ratio, focus_ratio, n_focus, p_acc, median_ratio, n_top,
+p_acc_top, own_median_ratio, n_own_top, p_acc_own_top, model}}, a printed table.
 
   python analysis/perception_diagnostic.py --model base=world/model --model p2dpo=runs/seed0/full \\
       --out runs/perception
 """
 import argparse
-import importlib.util
 import json
 import os
 import re
 import shutil
 import string
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load(name, path):
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(ROOT))
+from stage_loader import load_stage  # noqa: E402 (the repository root is on sys.path only now)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world", default="world", help="the toy world (truth.jsonl, world.json, pope/)")
     p.add_argument("--model", action="append", default=None, metavar="NAME=PATH",
-                   help="a model to diagnose, repeatable; the first one is the base model, whose attention "
-                        "fixes the focus subset (default: base=<world>/model)")
+                   help="a model to diagnose, repeatable; the first one is the base model, whose map under "
+                        "the true answer fixes the subsets (default: base=<world>/model)")
     p.add_argument("--out", default="runs/perception", help="output folder")
     p.add_argument("--split", choices=("test", "val"), default="test",
                    help="the images of world/pope (held out: test) or of world/val/pope (val: for tuning)")
     p.add_argument("--seed", type=int, default=0, help="draws each image's question among its candidates")
     p.add_argument("--focus-ratio", type=float, default=1.0,
-                   help="the focus subset: questions whose base attention ratio is >= this (1: at least uniform "
-                        "attention, Zhang et al.; the toy world's base model is above 1 on every question)")
+                   help="P-Acc's subset: questions whose fixed-map ratio is >= this (1: at least uniform "
+                        "attention, Zhang et al.)")
     p.add_argument("--jobs", type=int, default=1, help="stage 01 runs side by side (one thread each)")
     args = p.parse_args(argv)
     args.model = args.model or [f"base={Path(args.world) / 'model'}"]
@@ -124,41 +126,74 @@ def box_attention(attn, image_size, box, image_processor, stretch, stage01):
     return mass, mass / share
 
 
+@torch.no_grad()
+def fixed_map(model, processor, questions, root, layers, method, stage01, batch_size=8):
+    """{question id: (mass, ratio)} under the map stage 01 makes with y = the TRUE answer word, teacher-forced
+    (its attention_maps on (I, P, y_true)): nobody's own answer enters it, so, made once with the base model,
+    it fixes the same subsets for every model. questions: build_questions' rows, images relative to root."""
+    out = {}
+    for start in range(0, len(questions), batch_size):
+        batch = questions[start:start + batch_size]
+        images = [stage01.load_image(Path(root) / q["image"]) for q in batch]
+        maps, stretch = stage01.attention_maps(model, processor, [q["prompt"] for q in batch],
+                                               [q["answer"] for q in batch], images, layers, method)
+        for q, image, grid_map in zip(batch, images, maps):
+            out[q["id"]] = box_attention(grid_map, image.size, q["box"], processor.image_processor, stretch,
+                                         stage01)
+    return out
+
+
 def answer_correct(answer, truth):
     """The answer's first word, lower-cased and stripped of punctuation, equals the true word."""
     words = answer.lower().split()
     return bool(words) and words[0].strip(string.punctuation) == truth.lower()
 
 
-def perception_metrics(scores, base, focus_ratio=1.0):
+def subsets(ratios, focus_ratio):
+    """(focus, top, median) of {question id: ratio}: the ids whose ratio is >= focus_ratio, those whose ratio is
+    >= the median, and that median."""
+    ids = sorted(ratios)
+    median = float(np.median([ratios[q] for q in ids]))
+    focus = [q for q in ids if ratios[q] >= focus_ratio]
+    top = [q for q in ids if ratios[q] >= median]
+    return focus, top, median
+
+
+def perception_metrics(scores, fixed, focus_ratio=1.0):
     """{name: {"n", "accuracy", "afr", "attention_ratio", "focus_ratio", "n_focus", "p_acc", "median_ratio",
-    "n_top", "p_acc_top"}} (percentages for accuracy, afr, p_acc, p_acc_top). scores: {name: {question id: (mass,
-    ratio, correct)}}, every model on the same questions; the focus subset is the questions whose ratio under `base`
-    is >= focus_ratio, the top half those whose ratio under `base` is >= its median: each the same for every model."""
-    ids = sorted(scores[base])
-    focus = [q for q in ids if scores[base][q][1] >= focus_ratio]
-    median = float(np.median([scores[base][q][1] for q in ids]))
-    top = [q for q in ids if scores[base][q][1] >= median]  # the base model's better-focused half
+    "n_top", "p_acc_top", "own_median_ratio", "n_own_top", "p_acc_own_top"}} (accuracy, afr and p_acc*: %).
+    scores: {name: {question id: (mass, ratio, correct)}}, each model under its own answer (AFR, attention
+    ratio, its own half); fixed: {question id: ratio} of the fixed map, which alone chooses P-Acc's subset
+    (ratio >= focus_ratio) and the top half (ratio >= its median), so both are the same for every model."""
+    focus, top, median = subsets(fixed, focus_ratio)
+    ids = sorted(fixed)
+
+    def accuracy(s, qs):
+        return 100.0 * float(np.mean([s[q][2] for q in qs])) if qs else float("nan")
     out = {}
     for name, s in scores.items():
-        assert sorted(s) == ids, f"{name}: not the questions of {base}"
+        assert sorted(s) == ids, f"{name}: not the questions of the fixed map"
+        _, own_top, own_median = subsets({q: s[q][1] for q in ids}, focus_ratio)
         out[name] = {"n": len(ids),
-                     "accuracy": 100.0 * float(np.mean([s[q][2] for q in ids])),
+                     "accuracy": accuracy(s, ids),
                      "afr": 100.0 * float(np.mean([s[q][0] for q in ids])),
                      "attention_ratio": float(np.mean([s[q][1] for q in ids])),
                      "focus_ratio": focus_ratio,
                      "n_focus": len(focus),
-                     "p_acc": 100.0 * float(np.mean([s[q][2] for q in focus])) if focus else float("nan"),
+                     "p_acc": accuracy(s, focus),
                      "median_ratio": median,
                      "n_top": len(top),
-                     "p_acc_top": 100.0 * float(np.mean([s[q][2] for q in top]))}
+                     "p_acc_top": accuracy(s, top),
+                     "own_median_ratio": own_median,
+                     "n_own_top": len(own_top),
+                     "p_acc_own_top": accuracy(s, own_top)}
     return out
 
 
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
-    stage01 = load("attention_crop", "01_attention_crop.py")
+    stage01 = load_stage("01_attention_crop.py")
     world = Path(args.world)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,6 +220,7 @@ def main(argv=None):
     print(f"{data}: {len(questions)} questions, one per {args.split} image of {len(pope)} with a unique key",
           flush=True)
 
+    # each model's own answer and own map: stage 01 as a user runs it
     crops = {name: out / name / "crops.jsonl" for name in args.models}
     todo = [(name, path) for name, path in args.models.items() if not complete(crops[name], data, path, stage01)]
     for name in [n for n in args.models if n not in dict(todo)]:
@@ -193,11 +229,14 @@ def main(argv=None):
     scores = {}
     for name, path in args.models.items():
         scores[name] = score_crops(crops[name], questions, out, path, stage01)
-    metrics = perception_metrics(scores, next(iter(args.models)), args.focus_ratio)
+    # the fixed map: the base model under the true answer, in 01's forward with 01's layers and method
+    base, base_path = next(iter(args.models.items()))
+    fixed = cached_fixed_map(out, base_path, crops[base], data, questions, stage01)
+    metrics = perception_metrics(scores, {q: ratio for q, (_, ratio) in fixed.items()}, args.focus_ratio)
     for name, path in args.models.items():
         metrics[name]["model"] = str(path)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(table(metrics))
+    print(table(metrics, base))
     print(f"written to {out / 'metrics.json'} ({time.time() - t0:.0f}s)")
 
 
@@ -226,7 +265,7 @@ def complete(crops, data, model, stage01):
 def run_stage01(todo, data, crops, jobs):
     """Stage 01 on the questions, once per (name, model path), `jobs` at a time, as a user would run it: by
     pipeline.py's own runner (one thread each, the first failure stops them all and shows its log)."""
-    pipeline = load("pipeline", "pipeline.py")
+    pipeline = load_stage("pipeline.py")
     runs = []
     for name, path in todo:
         crops[name].parent.mkdir(parents=True, exist_ok=True)
@@ -259,12 +298,37 @@ def score_crops(crops, questions, out, model, stage01):
     return scores
 
 
-def table(metrics):
-    lines = ["| model | questions | accuracy % | AFR | attention ratio | focus subset (base) | P-Acc % | "
-             "top half (base) | P-Acc top half % |", "|---|---|---|---|---|---|---|---|---|"]
+def cached_fixed_map(out, model_path, base_crops, data, questions, stage01):
+    """fixed_map for the base model, with the layers and method its stage 01 run recorded (so it is 01's map,
+    only with the true answer), kept in <out>/fixed_map.json and reused while the model, the questions and
+    those settings are the same."""
+    made = json.loads(base_crops.with_suffix(".args.json").read_text())
+    key = {"model_identity": stage01.model_identity(model_path), "data_identity": stage01.file_identity(data),
+           "layers": made["layers"], "method": made["method"]}
+    path = out / "fixed_map.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if {k: old.get(k) for k in key} == key:
+            return {q: tuple(v) for q, v in old["mass_ratio"].items()}
+    print(f"  fixed map: {model_path} under the true answers ({len(questions)} questions)", flush=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = stage01.load_model(model_path, device, attn_implementation="eager")
+    model.requires_grad_(False)
+    fixed = fixed_map(model, processor, questions, out, key["layers"], key["method"], stage01)
+    path.write_text(json.dumps({**key, "mass_ratio": fixed}, indent=1))
+    return fixed
+
+
+def table(metrics, base):
+    lines = [f"P-Acc and its top half: on questions chosen by {base}'s map under the TRUE answer (the same for "
+             f"every model); own half: each model's own-map half (favours its own right answers); AFR, ratio: "
+             f"each model's own map",
+             "| model | questions | accuracy % | AFR | attention ratio | P-Acc subset | P-Acc % | top half | "
+             "P-Acc top half % | own half | P-Acc own half % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in metrics.items():
         lines.append(f"| {name} | {m['n']} | {m['accuracy']:.1f} | {m['afr']:.2f} | {m['attention_ratio']:.2f} | "
-                     f"{m['n_focus']} | {m['p_acc']:.1f} | {m['n_top']} | {m['p_acc_top']:.1f} |")
+                     f"{m['n_focus']} | {m['p_acc']:.1f} | {m['n_top']} | {m['p_acc_top']:.1f} | "
+                     f"{m['n_own_top']} | {m['p_acc_own_top']:.1f} |")
     return "\n".join(lines)
 
 

@@ -1,18 +1,12 @@
 """What the benchmarks share: the stage scripts imported as modules, and the models they are measured on."""
-import importlib.util
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # stage_loader.py and tiny_models.py sit in the repository root
+from stage_loader import load_stage  # noqa: E402,F401  (the benchmarks import it from here)
+
 MODELS = ("toy", "llava35m")
-
-
-def load_stage(filename):
-    """A stage script (e.g. "02_make_pairs.py") as a module; its main() does not run."""
-    spec = importlib.util.spec_from_file_location(Path(filename).stem.split("_", 1)[1], ROOT / filename)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def status_mb(field):
@@ -32,7 +26,6 @@ def build_model(name, folder):
         return path
     if name != "llava35m":
         raise SystemExit(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_tiny_llava  # the tests' random LLaVA builder, at a larger size
+    from tiny_models import make_tiny_llava  # the tests' random LLaVA builder, at a larger size
     return make_tiny_llava(Path(folder) / name, image_size=64, patch_size=8, hidden=640, layers=8, heads=8,
                            vision_hidden=256, vision_layers=4)

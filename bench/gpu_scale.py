@@ -18,7 +18,7 @@ that is under 2% of a row). Parts, each calling the stage's own functions on tho
              map, pixel heat, adaptive crop) over all instances, batches of 8 (01's default), eager attention
   decode     02: decode(...) greedy, plain (B rows) vs contrastive amplification (expert + amateur: one forward
              of 2B rows) at each --batch-sizes; tokens/s = B x --new-tokens / wall time (prefill included)
-  pairs      02: s/instance of make_work's work (derived views to disk, focus pair at most 150 new tokens greedy,
+  pairs      02: s/instance of make_pairs (derived views to disk, focus pair at most 150 new tokens greedy,
              robustness pair y_l and y_init then contrastive y_w, at most 256, T 0.2 top-p 0.9) on the first
              --pairs-instances, batches of 8 (02's default)
   filter     03: s/instance of score_batch (every reference log-prob term of a line, 9 rows, + the CLIP gain
@@ -60,7 +60,7 @@ Sizes: 7b = LLaVA-1.5-7B (text Llama-2-7B: 32 x 4096, MLP 11008, 32 heads; visio
 16 heads, 336 px, 14 px patches -> 576 image tokens; 2-layer MLP projector; vision_feature_layer -2), CLIP
 ViT-L/14; small = the same family and image geometry (text 4 x 256, vocabulary 4096, vision 2 x 128, a 2 x 64
 CLIP), which runs on a CPU with 4 instances and short caps: it checks the code path. The tokenizer is the tests'
-word-level one (tests/conftest.py), its vocabulary padded with the words "w0", "w1", ... to the model's (7b:
+word-level one (tiny_models.py), its vocabulary padded with the words "w0", "w1", ... to the model's (7b:
 LLaVA-1.5's 32064 ids), so every id the random model picks is a word that reads back as that id; image_token_id is
 its <image> id (4), not 32000.
 
@@ -90,7 +90,7 @@ from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPVision
 import transformers  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from common import ROOT, load_stage, status_mb  # noqa: E402
+from common import load_stage, status_mb  # noqa: E402
 
 SIZES = {  # LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf's config) and a small model of the same family
     "7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, vision_hidden=1024, vision_intermediate=4096,
@@ -184,8 +184,7 @@ def build_model(size, device, seed):
     """(model, processor): a random LLaVA-1.5-shaped model of `size`, made on `device` in the dtype the stages use
     there, sdpa attention; the tests' word-level processor at 336 px, 14 px patches (576 image tokens), its
     vocabulary padded to the model's (word_tokenizer)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_tiny_llava  # the tests' processor; its 0.1M-parameter model is thrown away
+    from tiny_models import make_tiny_llava  # the tests' processor; its 0.1M-parameter model is thrown away
     hf_logging.disable_progress_bar()  # (saving the tiny model draws one)
     with tempfile.TemporaryDirectory() as tmp:
         processor = AutoProcessor.from_pretrained(make_tiny_llava(Path(tmp) / "p", image_size=IMAGE, patch_size=PATCH))
@@ -372,7 +371,7 @@ def part_decode(s02, model, processor, args, meter, instances):
 
 
 def part_pairs(s02, model, processor, args, meter, instances):
-    """02's whole work per batch (make_work: views to disk, the five responses of each instance) on the first
+    """02's whole work per batch (make_pairs: views to disk, the five responses of each instance) on the first
     --pairs-instances instances, at 02's caps (--pairs-new-tokens)."""
     focus, robust = args.pairs_new_tokens
     argv = ["--data", str(instances), "--out", str(instances.parent / "out02" / "pairs.jsonl"), "--seed",
@@ -386,8 +385,8 @@ def part_pairs(s02, model, processor, args, meter, instances):
     warm = s02.parse_args(argv[:-4] + ["--focus-max-new-tokens", "2", "--max-new-tokens", "2"])
     for k in ("robust_instruction", "combine", "enh_template"):
         setattr(warm, k, getattr(targs, k))
-    s02.make_work(model, processor, warm)(rows[:1])  # warm-up: the same path, 2 tokens a response
-    work = s02.make_work(model, processor, targs)
+    s02.make_pairs(model, processor, warm, rows[:1])  # warm-up: the same path, 2 tokens a response
+    work = lambda batch: s02.make_pairs(model, processor, targs, batch)  # noqa: E731
     results = []
     with meter.part(model) as m:
         for i in range(0, len(rows), targs.batch_size):
@@ -701,7 +700,7 @@ def print_table(res):
         print(f"   contrastive / plain time: {r['ca_over_plain']:.2f}")
     if "pairs" in res:
         p = res["pairs"]
-        row(f"02 make_work, {p['instances']} instances, caps {p['new_tokens'][0]}/{p['new_tokens'][1]}", p,
+        row(f"02 make_pairs, {p['instances']} instances, caps {p['new_tokens'][0]}/{p['new_tokens'][1]}", p,
             f"{p['s_per_instance']:.3f} s/inst")
     if "filter" in res:
         f = res["filter"]

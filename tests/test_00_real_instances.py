@@ -3,6 +3,7 @@ JSON (LLaVA, V-DPO and LLaMA-Factory rows) -> every field of instances.jsonl and
 bytes, the errors and duplicates files; the parquet file read in row batches, never whole; resume after a crash =
 one run; a rerun with other data refuses; pyarrow missing; the script run as a user would, its outputs read by stage
 01 and by 03 --score-only on the toy model."""
+import base64
 import hashlib
 import io
 import json
@@ -296,6 +297,7 @@ def test_unknown_format_and_all_rows_bad_exit_nonzero(tmp_path):
 
 
 @needs_pyarrow
+@pytest.mark.slow  # three scripts as subprocesses
 def test_as_a_user_then_stage_01_and_03_score_only_read_the_outputs(tmp_path):
     data = write_rlhfv(tmp_path / "RLHF-V-Dataset.parquet")
     out = tmp_path / "rlhfv"
@@ -313,3 +315,142 @@ def test_as_a_user_then_stage_01_and_03_score_only_read_the_outputs(tmp_path):
                out / "human_pairs.jsonl", "--out", tmp_path / "runs" / "human.jsonl", "--limit", "2", "--device", "cpu")
     report = json.loads((tmp_path / "runs" / "human.report.json").read_text())
     assert report["branches"]["pair"]["pairs"] == 2 and report["branches"]["pair"]["ips_all"]["n"] == 2
+
+
+@pytest.mark.parametrize("fmt", ["json", pytest.param("parquet", marks=needs_pyarrow)])
+def test_a_run_that_wrote_nothing_never_blocks_its_fix(tmp_path, fmt):
+    """A run on a 0-row file, or on rows that are all bad, writes no instance and no pair: the corrected run
+    into the same DIR, with other data, is taken as a first run (the same outputs as a fresh DIR); a DIR that
+    holds a pair still refuses other data."""
+    good = write_llava(tmp_path / "good")
+    fresh = tmp_path / "fresh"
+    stage.main(["--data", str(good), "--out", str(fresh)])
+    if fmt == "json":
+        (tmp_path / "empty.json").write_text("[]")
+        empty = tmp_path / "empty.json"
+    else:
+        empty = write_rlhfv(tmp_path / "empty.parquet", rows=[])
+        assert pq.ParquetFile(empty).metadata.num_rows == 0
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": "x", "image": "none.png", "conversations": []}]))
+    for failed in (empty, tmp_path / "bad.json"):
+        out = tmp_path / f"out_{failed.stem}"
+        with pytest.raises(SystemExit, match="no row gave an instance"):
+            stage.main(["--data", str(failed), "--out", str(out)])
+        stage.main(["--data", str(good), "--out", str(out)])  # the fix: not refused
+        assert outputs(out) == outputs(fresh)
+        assert json.loads((out / "instances.args.json").read_text())["data"] == str(good.resolve())
+    # a run killed after a pair line and before its instance line left something of that data: refused
+    out = tmp_path / "out_pair"
+    with pytest.raises(SystemExit, match="no row gave an instance"):
+        stage.main(["--data", str(tmp_path / "bad.json"), "--out", str(out)])
+    (out / "human_pairs.jsonl").write_text(json.dumps(LLAVA_PAIRS[0]) + "\n")
+    with pytest.raises(SystemExit, match="data="):
+        stage.main(["--data", str(good), "--out", str(out)])
+
+
+def test_a_data_uri_image_is_decoded_and_a_bad_image_field_is_its_rows_one_sentence(tmp_path):
+    """A base64 "data:" image is decoded (and checked like a file's bytes); a data URI that is not base64 or
+    does not decode, and a path too long for the file system, are each their row's error in one short
+    sentence, not a traceback."""
+    human = [{"from": "human", "value": "<image>What is it?"}]
+    b64 = base64.b64encode(BLUE).decode()
+    wrapped = "\n".join(b64[i:i + 76] for i in range(0, len(b64), 76))  # MIME-style line breaks
+    rows = [{"id": "uri", "image": f"data:image/jpeg;base64,{b64}", "conversations": human},
+            {"id": "wrapped", "image": f"data:image/jpeg;base64,{wrapped}",
+             "conversations": [{"from": "human", "value": "Other?"}]},
+            {"id": "plain", "image": "data:image/png,%89PNG", "conversations": human},
+            {"id": "garbled", "image": "data:image/png;base64,@@not base64@@", "conversations": human},
+            {"id": "long", "image": "data:" + "A" * 20000, "conversations": human},  # no comma at all
+            {"id": "toolong", "image": "x" * 20000 + ".png", "conversations": human},
+            {"id": "notimage", "image": "data:image/png;base64," + base64.b64encode(b"hello").decode(),
+             "conversations": human}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    stage.main(["--data", str(tmp_path / "d.json"), "--out", str(tmp_path / "out")])
+    got = outputs(tmp_path / "out")
+    assert got["instances"] == [{"id": "uri", "image": name(BLUE, ".jpg"), "prompt": "What is it?"},
+                                {"id": "wrapped", "image": name(BLUE, ".jpg"), "prompt": "Other?"}]
+    assert got["images"] == {name(BLUE, ".jpg")[len("images/"):]: BLUE}  # the decoded bytes, exactly
+    errors = {e["id"]: e["error"].split(": ", 1)[1] for e in got["errors"]}
+    assert set(errors) == {"plain", "garbled", "long", "toolong", "notimage"}
+    assert errors["plain"].startswith("a 'data:' image that is not base64")
+    assert errors["long"].startswith("a 'data:' image that is not base64")
+    assert errors["garbled"].startswith("a 'data:' image whose base64 does not decode")
+    assert errors["toolong"].startswith("image unreadable: ") and "File name too long" in errors["toolong"]
+    assert errors["notimage"].startswith("undecodable image")
+    for e in got["errors"]:
+        assert len(e["error"]) < 400 and "\n" not in e["error"], e
+
+
+def test_every_field_of_a_llava_row_is_checked_for_type_on_its_own_row(tmp_path):
+    """A field of the wrong type is its row's error, naming the field: never a traceback, never read as
+    something else (an object id turned into text, a pair dropped in silence)."""
+    (tmp_path / "a.png").write_bytes(RED)
+    human = [{"from": "human", "value": "<image>Q?"}]
+    both = [{"from": "human", "value": "<image>Q?"}, {"from": "gpt", "value": "A."}]
+    ok = {"image": "a.png", "conversations": human}
+    rows = [
+        {"id": "ok", **ok, "chosen": "A.", "rejected": "B."},
+        {"id": {"x": 1}, **ok},
+        {"id": True, **ok},
+        {"id": "t3", "image": "a.png", "conversations": ["hello", human[0]]},
+        {"id": "t4", "image": "a.png", "conversations": [{"from": "human", "value": ["<image>Q?"]}]},
+        {"id": "t5", "image": "a.png", "messages": [{"role": 1, "content": "Q?"}]},
+        {"id": "t6", "image": 5, "conversations": human},
+        {"id": "t7", "images": [["a.png"]], "conversations": human},
+        {"id": "t8", **ok, "chosen": ["A."], "rejected": "B."},
+        {"id": "t9", **ok, "chosen": "A.", "rejected": 3},
+        {"id": "t10", **ok, "chosen": {"from": "human", "value": "A."}, "rejected": "B."},
+        {"id": "t11", "image": "a.png", "conversations": both, "contrastive_conversations": "x"},
+        {"id": "t12", "image": "a.png", "conversations": both, "contrastive_conversations": both[:1]},
+        {"id": 7, "image": "a.png", "conversations": [{"from": "human", "value": "Other?"}]},  # an integer id: fine
+        {"id": 1.5, **ok},
+        {"id": "t15", "image": "a.png", "conversations": both, "contrastive_conversations": [both[0], 5]},
+        {"id": "t16", "image": {"bytes": [1, 2, 3]}, "conversations": human},
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    stage.main(["--data", str(tmp_path / "d.json"), "--out", str(tmp_path / "out")])
+    got = outputs(tmp_path / "out")
+    assert got["instances"] == [{"id": "ok", "image": name(RED, ".png"), "prompt": "Q?"},
+                                {"id": "7", "image": name(RED, ".png"), "prompt": "Other?"}]
+    assert got["pairs"] == [{"id": "ok", "image": name(RED, ".png"), "prompt": "Q?", "chosen": "A.",
+                             "rejected": "B."}]
+    expected = {1: "'id' is an object, not text or an integer", 2: "'id' is true/false, not text or an integer",
+                3: "'conversations' turn 0 is text, not a turn", 4: "'conversations' turn 0: its role",
+                5: "'messages' turn 0: its role ('from' / 'role') is a number",
+                6: "the image is a number, not a path", 7: "the image is a list, not a path",
+                8: "'chosen' is a list, not text", 9: "'rejected' is a number, not text",
+                10: "'chosen' is a 'human' turn, not the assistant's",
+                11: "'contrastive_conversations' is text, not a list of 2 turns",
+                12: "'contrastive_conversations' is a list of 1 turns, not a list of 2 turns",
+                14: "'id' is a number, not text or an integer",
+                15: "'contrastive_conversations' turn 1 is a number, not a turn",
+                16: "the image's 'bytes' is a list, not bytes"}
+    errors = {e["row"]: e for e in got["errors"]}
+    assert sorted(errors) == sorted(expected)
+    for n, message in expected.items():
+        assert errors[n]["error"].startswith(f"{(tmp_path / 'd.json').resolve()}:row {n}: {message}"), errors[n]
+    assert errors[1]["id"] == "1" and errors[3]["id"] == "t3"  # a bad id: the row number stands in
+
+
+@needs_pyarrow
+def test_every_field_of_an_rlhfv_row_is_checked_for_type_on_its_own_row(tmp_path):
+    """RLHF-V's parquet: image bytes of another type, a question or an answer that is not text inside 'text',
+    and 'text' itself not a string: each its row's error, naming the field."""
+    image = pa.struct([("bytes", pa.string()), ("path", pa.string())])  # a struct written with text bytes
+    (tmp_path / "r.png").write_bytes(RED)
+    table = pa.table({
+        "idx": pa.array([0, 1, 2, 3], pa.int64()),
+        "image": pa.array([{"bytes": "abc", "path": None}] + [{"bytes": None, "path": "r.png"}] * 3, image),
+        "text": [text("Q?", "A.", "B."), json.dumps({"question": 5}),
+                 json.dumps({"question": "Q2?", "chosen": ["A."], "rejected": "B."}), text("Q3?", "A.", "B.")]})
+    pq.write_table(table, tmp_path / "d.parquet")
+    stage.main(["--data", str(tmp_path / "d.parquet"), "--out", str(tmp_path / "out")])
+    got = outputs(tmp_path / "out")
+    assert got["instances"] == [{"id": "3", "image": name(RED, ".png"), "prompt": "Q3?"}]
+    assert {e["row"]: e["error"].split(": ", 1)[1] for e in got["errors"]} == {
+        0: "the image's 'bytes' is text, not bytes", 1: "the question is a number, not text",
+        2: "'text' chosen is a list, not text"}
+    with pytest.raises(ValueError, match="'text' is bytes, not a JSON string"):
+        stage.rlhfv_row({"text": b'{"question": "Q?"}', "image": None})
+    with pytest.raises(ValueError, match="'idx' is a number, not text or an integer"):
+        stage.row_id({"idx": 3.0}, 0, set())

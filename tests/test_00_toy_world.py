@@ -28,6 +28,7 @@ def rows(path):
     return [json.loads(line) for line in open(path)]
 
 
+@pytest.mark.slow  # tiny_world: a world build, 40-90 s
 def test_writes_every_file(tiny_world):
     for name in ["truth.jsonl", "instances.jsonl", "describe.jsonl", "world.json", "val/describe.jsonl",
                  "model/config.json", "model/model.safetensors", "model/chat_template.jinja", "model/tokenizer.json",
@@ -43,6 +44,7 @@ def test_writes_every_file(tiny_world):
     assert len(world["classes"]) == 20 and "{question}" in world["prompts"]["enhanced"]
 
 
+@pytest.mark.slow
 def test_pope_files_follow_pope_rules(tiny_world):
     truth = {r["image"]: {o["class"] for o in r["objects"]} for r in rows(tiny_world / "truth.jsonl")}
     splits = {s: rows(tiny_world / "pope" / f"{s}.jsonl") for s in ("random", "popular", "adversarial")}
@@ -73,6 +75,7 @@ def test_popular_negative_is_the_most_frequent_absent_class():
     assert out["adversarial"][1]["text"] == "Is there a green square in the image?"
 
 
+@pytest.mark.slow  # a second world build
 def test_same_seed_same_files(tiny_world, tmp_path):
     again = tmp_path / "again"
     run_script("00_toy_world.py", "--tiny", "--out", again, "--seed", "3")
@@ -81,6 +84,7 @@ def test_same_seed_same_files(tiny_world, tmp_path):
     assert a == b
 
 
+@pytest.mark.slow
 def test_model_reloads_offline_and_generates(tiny_world):
     from transformers import AutoModelForImageTextToText, AutoProcessor
     processor = AutoProcessor.from_pretrained(tiny_world / "model")
@@ -95,6 +99,7 @@ def test_model_reloads_offline_and_generates(tiny_world):
     assert out.shape[1] > inputs["input_ids"].shape[1]
 
 
+@pytest.mark.slow
 def test_clip_loads_with_open_clip(tiny_world):
     import open_clip
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_world / 'clip'}")
@@ -105,10 +110,11 @@ def test_clip_loads_with_open_clip(tiny_world):
     assert i.shape == t.shape == (1, 64)
 
 
-def test_training_sequences_match_the_processor(tiny_world):
-    """SFT ids are built without the processor (speed): they must equal what the processor makes from the chat template."""
+def test_training_sequences_match_the_processor():
+    """SFT ids are built without the processor (speed): they must equal what the processor makes from the chat template.
+    On the committed base model (the world's processor, 64 image tokens), so that no world is built."""
     from transformers import AutoProcessor
-    processor = AutoProcessor.from_pretrained(tiny_world / "model")
+    processor = AutoProcessor.from_pretrained(tw.SHIPPED)
     turns = [("is there a red circle in the image ?" + tw.SUFFIX, "yes"), ("what colour is the square ?", "blue")]
     for n_images in (1, 2):
         ids, labels = tw.encode_conversation(processor, turns, n_images, 64)
@@ -123,14 +129,17 @@ def test_training_sequences_match_the_processor(tiny_world):
         assert answer == ["yes", "</s>", "blue", "</s>"]
 
 
-def test_embed_inputs_equals_llava_forward(tiny_world):
-    """Training feeds precomputed tower features; the logits must equal LLaVA's own pixel_values path."""
+def test_embed_inputs_equals_llava_forward():
+    """Training feeds precomputed tower features; the logits must equal LLaVA's own pixel_values path (on the
+    committed base model and two random images, so that no world is built)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    processor = AutoProcessor.from_pretrained(tiny_world / "model")
-    model = AutoModelForImageTextToText.from_pretrained(tiny_world / "model").eval()
+    processor = AutoProcessor.from_pretrained(tw.SHIPPED)
+    model = AutoModelForImageTextToText.from_pretrained(tw.SHIPPED).eval()
     text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}] * 2 + [{"type": "text", "text": "describe the image ."}]}],
                                          add_generation_prompt=True, tokenize=False)
-    images = [Image.open(p) for p in sorted((tiny_world / "images").glob("*.png"))[:2]]
+    pixels = torch.Generator().manual_seed(0)
+    images = [Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=pixels, dtype=torch.uint8).numpy())
+              for _ in range(2)]
     inputs = processor(text=[text], images=images, return_tensors="pt")
     with torch.no_grad():
         ref = model(**inputs).logits
@@ -139,6 +148,7 @@ def test_embed_inputs_equals_llava_forward(tiny_world):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_on_the_tiny_world_and_rescore(tiny_world, tmp_path):
     """05 end to end on the world 00 wrote (POPE splits, noise, CHAIR), then --answers re-scoring agrees."""
     out = tmp_path / "eval"
@@ -160,6 +170,7 @@ def test_committed_base_model_matches_the_default_settings():
     assert (tw.SHIPPED / "model.safetensors").is_file() and (tw.SHIPPED / "config.json").is_file()
 
 
+@pytest.mark.slow  # two world builds
 def test_a_second_build_into_a_world_being_built_refuses(tmp_path):
     """Two builds into one --out delete each other's files (a second run's rmtree under the first): while a run
     holds <out>.lock, another refuses before it deletes anything; once the holder is gone, a build takes the lock

@@ -1,10 +1,13 @@
-"""Stage 01: the attention map (hand-computed A = A_tok (x) A_img and grad_att values; hooks = output_attentions=True;
-batched = one by one), the processor geometry (hand-computed and read back from real pixel_values: centre crop, pad to
-square, Qwen's smart resize), the adaptive crop (integral image = brute force, full / clamped windows), and the stage
-run as a subprocess on tiny LLaVA / Qwen2.5-VL models: fields, defaults, bad lines, resume after SIGKILL, 2 processes
-(gloo) = 1 process."""
+"""Stage 01: the attention map (hand-computed A = A_tok (x) A_img with and without our A_dir, and grad_att values;
+--map paper = A_tok @ A_img indexed from output_attentions=True; hooks = output_attentions=True; batched = one by
+one), --focus-prompt in both forward passes but not in the output, flags refused together before a model loads, one
+PNG per id, the processor geometry (hand-computed and read back from real pixel_values: centre crop, pad to square,
+Qwen's smart resize), the adaptive crop (integral image = brute force, full / clamped windows), and (marked slow)
+the stage run as a subprocess on tiny LLaVA / Qwen2.5-VL models: fields, defaults, bad lines, resume after SIGKILL,
+2 processes (gloo) = 1 process."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +60,16 @@ def test_relevance_hand_computed():
     assert torch.allclose(out, torch.tensor([[0.20, 0.40, 0, 0, 0]]), atol=1e-7)
     one = stage.relevance(A, torch.tensor([[0, 0, 0, 1, 0]]).bool(), txt.bool(), img.bool())  # row 3 alone
     assert torch.allclose(one, torch.tensor([[0.18, 0.54, 0, 0, 0]]), atol=1e-7)
+
+
+def test_relevance_paper_map_has_no_direct_term():
+    """--map paper: A_tok @ A_img alone. Same A as above: row 3: 0.4 * [0.2, 0.6] = [0.08, 0.24]; row 4:
+    0.1 * [0.2, 0.6] = [0.02, 0.06]; mean [0.05, 0.15] (A_dir's [0.15, 0.25] must not leak in)."""
+    A = torch.tensor([[1.0, 0, 0, 0, 0], [0.5, 0.5, 0, 0, 0], [0.2, 0.6, 0.2, 0, 0], [0.1, 0.3, 0.4, 0.2, 0],
+                      [0.2, 0.2, 0.1, 0.3, 0.2]])[None]
+    ans, txt, img = (torch.tensor([m]).bool() for m in ([0, 0, 0, 1, 1], [0, 0, 1, 0, 0], [1, 1, 0, 0, 0]))
+    out = stage.relevance(A, ans, txt, img, direct=False)
+    assert torch.allclose(out, torch.tensor([[0.05, 0.15, 0, 0, 0]]), atol=1e-7)
 
 
 def test_grad_att_hand_computed():
@@ -246,9 +259,129 @@ def test_hooks_equal_output_attentions_and_batch_equals_single(loaded, method):
         assert all(m.shape == (4, 4) for m in maps)  # 32 px input, 8 px patches
 
 
-# ---- the stage as a user runs it ----
+def test_paper_map_is_A_tok_at_A_img(loaded):
+    """--map paper on a real forward: per row, mean over answer rows of A_bar[ans, txt] @ A_bar[txt, img], taken
+    from output_attentions=True by plain indexing (layers 0 and 1 averaged), then normalised. The default map
+    (+ A_dir) must differ from it by far more than the tolerance, so a leaked A_dir fails."""
+    model, processor = loaded
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (y, x, 3), dtype=np.uint8)) for x, y in SIZES[:2]]
+    prompts, answers = PROMPTS[:2], ["red circle", "yes"]
+    paper, _ = stage.attention_maps(model, processor, prompts, answers, images, [0, 1], "attention", direct=False)
+    ours, _ = stage.attention_maps(model, processor, prompts, answers, images, [0, 1], "attention")
+    inputs, resp = stage.build_batch(processor, prompts, answers, [[im] for im in images])
+    with torch.no_grad():
+        att = model(**inputs, use_cache=False, output_attentions=True).attentions
+    img = inputs["input_ids"] == model.config.image_token_id
+    txt = inputs["attention_mask"].bool() & ~img & ~resp
+    for b in range(2):
+        ans = resp[b].clone()
+        ans[-1] = False  # the closing EOS is not an answer position (both answers are non-empty)
+        per_layer = []
+        for layer in (0, 1):
+            A = att[layer][b].double().mean(0)  # (T, T)
+            A_tok, A_img = A[ans][:, txt[b]], A[txt[b]][:, img[b]]  # (T_y, T_p), (T_p, N)
+            per_layer.append((A_tok @ A_img).mean(0))
+        v = torch.stack(per_layer).mean(0).numpy()
+        v = v[-paper[b].size:]  # LLaVA's CLS token is no grid cell
+        assert_same_map(paper[b], v / v.sum())
+        assert np.abs(ours[b] - paper[b]).max() > 100 * 1e-3 * (v.max() - v.min()) / v.sum()
+
+
+@pytest.mark.parametrize("choice", ["paper", "ours"])
+def test_crop_batch_computes_the_map_chosen(loaded, choice, tmp_path):
+    """crop_batch's "attn" is attention_maps' map for the --map chosen, on the answer it wrote."""
+    model, processor = loaded
+    data = write_instances(tmp_path / "data", 2)
+    rows, _ = stage.read_instances(data, ("image", "prompt"))
+    args = stage.parse_args(["--data", str(data), "--out", str(tmp_path / "c.jsonl"), "--map", choice,
+                             "--max-new-tokens", "3"])
+    args.layers, args.crop_base = [0, 1], 16
+    out = stage.crop_batch(model, processor, args, rows)
+    images = [Image.open(r["_image"]).convert("RGB") for r in rows]
+    for direct in (True, False):
+        maps, _ = stage.attention_maps(model, processor, [r["prompt"] for r in rows], [r["answer"] for r in out],
+                                       images, [0, 1], "attention", direct=direct)
+        same = all(np.array_equal(np.round(m, 4), np.array(r["attn"])) for m, r in zip(maps, out))
+        assert same == (direct == (choice == "ours")), (choice, direct)
+
+
+def test_focus_prompt_reaches_the_forward_passes_and_output_keeps_p(loaded, tmp_path):
+    """--focus-prompt: every forward that sees the image (the greedy answer's prefill and the map's pass) reads
+    the focusing words right before P; the output row's "prompt" is still P."""
+    model, processor = loaded
+    data = write_instances(tmp_path / "data", 2)
+    rows, errors = stage.read_instances(data, ("image", "prompt"))
+    focus = "answer the question based on the image"
+    args = stage.parse_args(["--data", str(data), "--out", str(tmp_path / "crops.jsonl"), "--focus-prompt", focus,
+                             "--max-new-tokens", "3"])
+    args.layers, args.crop_base = [0], 16
+    seen = []
+
+    def spy(module, a, kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and (ids == model.config.image_token_id).any():
+            seen.extend(processor.tokenizer.batch_decode(ids, skip_special_tokens=True))
+    handle = model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        out = stage.crop_batch(model, processor, args, rows)
+    finally:
+        handle.remove()
+    assert len(seen) == 4, seen  # 2 rows x (the answer's prefill, the map's forward)
+    for text, row in zip(seen, rows + rows):
+        assert f"{focus} {row['prompt']}" in " ".join(text.split()), (text, row["prompt"])
+    assert [r["prompt"] for r in out] == [r["prompt"] for r in rows] == PROMPTS[:2]
+    args.focus_prompt = None
+    seen.clear()
+    handle = model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        stage.crop_batch(model, processor, args, rows)
+    finally:
+        handle.remove()
+    assert seen and not any(focus in text for text in seen)
+
+
+# ---- flags and names ----
+@pytest.mark.parametrize("flags, words", [(["--method", "grad_att", "--map", "paper"], "grad_att has none"),
+                                          (["--focus-prompt", "   "], "--focus-prompt is blank"),
+                                          (["--viz", "{data}"], "--viz"), (["--viz", "{out}"], "--viz")])
+def test_contradictory_flags_refused_before_a_model_loads(flags, words, tmp_path, capsys):
+    data = write_instances(tmp_path, 1)
+    out = tmp_path / "crops.jsonl"
+    flags = [f.format(data=data, out=out) for f in flags]
+    with pytest.raises(SystemExit) as e:  # --model names no folder: a refusal about it would come later
+        stage.main(["--model", str(tmp_path / "no_model"), "--data", str(data), "--out", str(out), *flags])
+    assert e.value.code == 2 and words in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_window_under_one_pixel_refused(tiny_llava, tmp_path):
+    data = write_instances(tmp_path, 1)
+    with pytest.raises(SystemExit, match="--ratios 0.01 x crop_base 20 px"):
+        stage.main(["--model", str(tiny_llava), "--data", str(data), "--out", str(tmp_path / "c.jsonl"),
+                    "--crop-base", "20", "--ratios", "0.01", "1"])
+
+
+def test_viz_names_are_unique_per_id(tiny_llava, tmp_path):
+    """Ids that differ only in characters a file name cannot hold, or in case, get PNGs of their own."""
+    ids = ["a b", "a_b", "A_b", "a/b", "..", ".", 7, "7", "q0"]
+    names = [stage.viz_name(k) for k in ids]
+    assert len({n.lower() for n in names if n != stage.viz_name(7)}) == len(ids) - 2  # 7 and "7": one id
+    assert stage.viz_name("q0") == "q0.png" and stage.viz_name("a_b") == "a_b.png"
+    assert all(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.png", n) for n in names), names
+    folder = tmp_path / "data"
+    write_instances(folder, 1)
+    (folder / "instances.jsonl").write_text("".join(json.dumps({"id": k, "image": "im0.png", "prompt": PROMPTS[0]})
+                                                    + "\n" for k in ("a b", "a_b")))
+    stage.main(["--model", str(tiny_llava), "--data", str(folder / "instances.jsonl"), "--out",
+                str(tmp_path / "crops.jsonl"), "--viz", str(tmp_path / "viz"), "--max-new-tokens", "2"])
+    assert len(list((tmp_path / "viz").glob("*.png"))) == 2
+
+
+# ---- the stage as a user runs it (subprocesses: the slow tier) ----
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava", "qwen"])
-def test_stage_writes_spec_fields(family, request, tmp_path):
+def test_stage_writes_its_fields(family, request, tmp_path):
     model = request.getfixturevalue(f"tiny_{family}")
     data = write_instances(tmp_path / "data", 6)
     out = tmp_path / "out" / "crops.jsonl"
@@ -275,10 +408,11 @@ def test_stage_writes_spec_fields(family, request, tmp_path):
             assert r["grid"] == [4, 4]
         full = max(image.size) <= args["crop_base"]
         assert r["crop"] == ("full" if full else "window") and (not full or r["bbox"] == [0, 0, *image.size])
-        viz = Image.open(tmp_path / "viz" / f"{i}.png")
-        assert viz.width > 2 * image.width and viz.height > image.height
+        k = max(1, 256 // max(image.size))  # small images scaled up; the caption below
+        assert Image.open(tmp_path / "viz" / f"{i}.png").size == (image.width * k, image.height * k + 28)
 
 
+@pytest.mark.slow
 def test_toy_world_defaults_and_bad_lines(tiny_llava, tmp_path):
     """world.json beside --data sets crop_base (and layer 0); bad lines are listed, odd image modes are converted."""
     folder = tmp_path / "data"
@@ -317,6 +451,7 @@ def test_toy_world_defaults_and_bad_lines(tiny_llava, tmp_path):
     assert again.returncode != 0 and "method" in again.stderr and len(lines(out)) == 6
 
 
+@pytest.mark.slow
 def test_every_line_failing_exits_nonzero(tiny_llava, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"id": "a", "image": "missing.png", "prompt": "x"}) + "\n{broken\n")
@@ -324,6 +459,7 @@ def test_every_line_failing_exits_nonzero(tiny_llava, tmp_path):
     assert proc.returncode != 0 and "every line failed" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_and_two_processes_equal_one(tiny_llava, tmp_path):
     """One uninterrupted run; a run killed (SIGKILL) once it has written a line, then rerun; a 2-process torchrun:
     the same lines by id (batch size 1, so every row is computed alike and the 4-decimal maps match exactly)."""

@@ -102,6 +102,119 @@ def test_file_stem_is_safe_and_unique():
     assert all("/" not in n and " " not in n and not n.startswith(".") for n in names)
 
 
+# ---- flags and input fields: refused in one sentence, or that line's error ----
+@pytest.mark.parametrize("flags, words", [
+    (["--sigma", "3"], "argument --sigma"),  # help: (0, 1]
+    (["--sigma", "0"], "--sigma 0"),  # I_noise = I: nothing to resist
+    (["--enh-template", "no placeholder"], "--enh-template"),
+    (["--enh-template", "{foo}: {question}"], "--enh-template"),  # a KeyError per line, mid-run, before
+    (["--enh-template", "{question"], "--enh-template"),
+    (["--enh-template", "{{question}}"], "--enh-template"),  # a literal brace, no placeholder
+    (["--beta-head", "1.5"], "argument --beta-head")])
+def test_out_of_range_or_contradictory_flags_are_refused_before_the_model_loads(flags, words, tmp_path, capsys):
+    with pytest.raises(SystemExit):  # a model and data that do not exist: the flags are refused first
+        stage.main([*flags, "--model", str(tmp_path / "none"), "--data", str(tmp_path / "none.jsonl"),
+                    "--out", str(tmp_path / "pairs.jsonl")])
+    assert words in capsys.readouterr().err and not (tmp_path / "pairs.jsonl.lock").exists()
+    assert stage.parse_args(["--enh-template", "Q: {question} (zoom {{x}})"]).enh_template
+
+
+def test_combine_multi_with_a_one_image_processor_is_one_sentence():
+    class OneImage:  # a processor that refuses a second image
+        def apply_chat_template(self, messages, **kwargs):
+            return "<image> " * (len(messages[0]["content"]) - 1) + "x"
+
+        def __call__(self, text, images, **kwargs):
+            raise ValueError("one image per prompt")
+    assert stage.resolve_combine(OneImage(), "auto") == "stitch"
+    with pytest.raises(SystemExit, match="--combine multi"):
+        stage.resolve_combine(OneImage(), "multi")
+
+
+def write_lines(folder, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / "a.png")
+    base = {"image": "a.png", "prompt": PROMPTS[2], "bbox": [4, 6, 30, 28]}
+    (folder / "crops.jsonl").write_text("".join(json.dumps({**base, **r}) + "\n" for r in rows))
+    return stage.read_instances(folder / "crops.jsonl", ("image", "prompt", "bbox"))[0]
+
+
+def make_args(tmp_path, *flags):
+    args = stage.parse_args(["--out", str(tmp_path / "pairs.jsonl"), "--max-new-tokens", "3",
+                             "--focus-max-new-tokens", "2", "--combine", "multi", *flags])
+    args.enh_template = stage.ENH_TEMPLATE
+    if args.robust_instruction is None:  # main() resolves it
+        args.robust_instruction = stage.ROBUST_INSTRUCTION
+    return args
+
+
+def test_a_bad_crop_or_bbox_field_is_that_lines_error(tiny_llava, tmp_path):
+    model, processor = stage.load_model(tiny_llava, "cpu")
+    bad = {"zoom": {"crop": "zoom"}, "bool": {"crop": True}, "null": {"crop": None}, "capital": {"crop": "Full"},
+           "true_box": {"bbox": [True, 0, 5, 5]}, "flat": {"bbox": [4, 6, 4, 28]}, "upside": {"bbox": [4, 28, 30, 6]},
+           "outside": {"bbox": [4, 6, 49, 28]}, "str_box": {"bbox": "4,6,30,28"}, "five": {"bbox": [1, 2, 3, 4, 5]}}
+    rows = write_lines(tmp_path, [{"id": "ok", "crop": "window"}, {"id": "full", "crop": "full"}]
+                       + [{"id": k, **v} for k, v in bad.items()])
+    lines = stage.make_pairs(model, processor, make_args(tmp_path), rows)
+    got = dict(zip([r["id"] for r in rows], lines))
+    assert isinstance(got["ok"], dict) and isinstance(got["full"], dict) and got["full"]["focus"] is None
+    for key in bad:
+        assert isinstance(got[key], str), (key, got[key])
+        assert ("'crop'" if key in ("zoom", "bool", "null", "capital") else "bbox") in got[key], got[key]
+
+
+class Recorder:
+    """A processor that records the texts of each batch it is asked to pad (the decoding batches)."""
+    def __init__(self, processor):
+        self.processor = processor
+        self.batches = []
+
+    def __call__(self, text=None, **kwargs):
+        if kwargs.get("padding"):
+            self.batches.append(list(text))
+        return self.processor(text=text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+
+@pytest.mark.parametrize("instruction", [None, ""])
+def test_prompt_robust_is_the_text_the_robustness_responses_were_decoded_after(tiny_llava, tmp_path, instruction):
+    """pairs.jsonl's prompt_robust is the user text of y_l, y_init and both rows of y_w's contrastive
+    amplification: the authors' instruction + " " + P, or P alone when the instruction is ''."""
+    model, processor = stage.load_model(tiny_llava, "cpu")
+    recorder = Recorder(processor)
+    rows = write_lines(tmp_path, [{"id": "a"}, {"id": "b", "prompt": PROMPTS[0]}])
+    flags = [] if instruction is None else ["--robust-instruction", instruction]
+    lines = stage.make_pairs(model, recorder, make_args(tmp_path, *flags), rows)
+    focus, plain, contrast = recorder.batches  # y_w, y_l per instance; y_l, y_init; experts, then amateurs
+    for i, (row, line) in enumerate(zip(rows, lines)):
+        want = row["prompt"] if instruction == "" else f"{stage.ROBUST_INSTRUCTION} {row['prompt']}"
+        assert line["prompt_robust"] == want
+        text = stage.chat_prompt(processor, want, 1)
+        assert plain[2 * i: 2 * i + 2] == [text, text] and contrast[i] == contrast[i + len(rows)] == text
+        assert focus[2 * i + 1] == stage.chat_prompt(processor, row["prompt"], 1)  # y_l of focus: P itself
+
+
+def test_refine_init_with_lambda_zero_gives_y_init_itself(tiny_llava, tmp_path):
+    """--refine-init: y_w draws y_init's uniforms, so at lambda_ca = 0 (beta_head 0: V_head is every token) y_w
+    is y_init, token for token, at temperature 1; without it y_w has its own draws and differs."""
+    model, processor = stage.load_model(tiny_llava, "cpu")
+    images = random_images(4, seed=3)
+    flags = ["--lambda-ca", "0", "--beta-head", "0", "--temperature", "1", "--top-p", "1", "--max-new-tokens", "12"]
+    said = {}
+    for refine in (True, False):
+        args = make_args(tmp_path, *flags, *(["--refine-init"] if refine else []))
+        jobs = [stage.robust_pair_contexts(str(i), PROMPTS[i], im, stage.derived_images(im, [0, 0, 20, 20], 0.2, 0,
+                str(i), "multi"), args.refine_init) for i, im in enumerate(images)]
+        y_w = stage.respond(model, processor, [j[0] for j in jobs], args)
+        y_init = stage.respond(model, processor, [j[2] for j in jobs], args)
+        said[refine] = (y_w, y_init)
+        assert sum(len(t.split()) > 3 for t in y_init) >= 3, y_init  # long enough to tell samplers apart
+    assert said[True][0] == said[True][1] == said[False][1]
+    assert said[False][0] != said[False][1]
+
+
 # ---- equivalence of the decoding loop ----
 def test_lambda_zero_greedy_is_the_experts_generate(family):
     model, processor = family
@@ -124,17 +237,17 @@ def test_lambda_zero_greedy_is_the_experts_generate(family):
 
 
 def test_a_cache_the_model_ignores_is_an_error(tiny_llava):
-    """A transformers version whose forward knows neither name for the cache swallows it in **kwargs, so decoding
-    would silently run without its past: decode must stop with an error instead (as under 5.17 before the fix)."""
+    """A transformers version whose forward does not know `cache=` swallows it in **kwargs, so decoding would
+    silently run without its past: decode must stop with an error instead (as under 5.17 before the fix)."""
     model, processor = stage.load_model(tiny_llava, "cpu")
     forward = model.forward
 
-    def no_cache_forward(**kwargs):  # its signature names no cache: decode passes past_key_values, dropped here
-        kwargs.pop("past_key_values", None)
+    def no_cache_forward(**kwargs):  # a forward that drops the cache it is given
+        kwargs.pop("cache", None)
         return forward(**kwargs)
     model.forward = no_cache_forward
     inputs = inputs_for(processor, PROMPTS[:2], random_images(2))
-    with pytest.raises(AssertionError, match="past_key_values= was ignored"):
+    with pytest.raises(AssertionError, match="cache= was ignored"):
         stage.decode(model, inputs, [torch.Generator() for _ in range(2)], NO_EOS, 4, 0.0)
 
 
@@ -205,6 +318,7 @@ def read_out(path):
     return [json.loads(line) for line in open(path)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,combine", [("llava", "auto"), ("qwen", "stitch")])
 def test_stage_writes_pairs(request, tmp_path, name, combine):
     data = write_crops(tmp_path / "data")
@@ -237,7 +351,8 @@ def test_stage_writes_pairs(request, tmp_path, name, combine):
         # (no world.json beside this model: the authors' sentence); word-level tokenizer: a word is a token
         gen = r["gen"]
         assert (gen["focus_temperature"], gen["temperature"], gen["top_p"]) == (0.0, 0.2, 0.9)
-        assert gen["robust_instruction"] == stage.ROBUST_INSTRUCTION
+        assert gen["robust_instruction"] == stage.ROBUST_INSTRUCTION and not gen["refine_init"]
+        assert r["prompt_robust"] == f"{stage.ROBUST_INSTRUCTION} {r['prompt']}"
         assert all(len(t.split()) <= 3 for t in (r["focus"] or {}).values()), r["focus"]
         assert all(len(t.split()) <= 8 for t in (r["robust"] or {}).values()), r["robust"]
     assert rows[-1]["focus"] is None  # the "full" crop
@@ -247,6 +362,7 @@ def torchrun(nproc, *args):
     return run_torchrun(ROOT / SCRIPT, nproc, *args)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_and_two_processes_equal_one_uninterrupted_run(tiny_llava, tmp_path):
     data = write_crops(tmp_path, n_good=10, bad=False)
     flags = ["--model", tiny_llava, "--data", data, "--max-new-tokens", "24", "--focus-max-new-tokens", "24",
@@ -276,6 +392,7 @@ def test_resume_after_sigkill_and_two_processes_equal_one_uninterrupted_run(tiny
             assert p.read_bytes() == (tmp_path / run / "pairs_images" / p.name).read_bytes(), (run, p.name)
 
 
+@pytest.mark.slow
 def test_every_line_failing_exits_nonzero(tiny_llava, tmp_path):
     data = tmp_path / "crops.jsonl"
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")

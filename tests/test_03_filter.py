@@ -1,10 +1,13 @@
 """Stage 03: filter and IPS arithmetic on hand-made numbers, summed log-probs = one forward per response token (both
-families), the stage run as a subprocess on tiny LLaVA / Qwen2.5-VL with a tiny open_clip model, its train.jsonl
-driving one step of stage 04 at ln 2, re-filtering without a model, kill -9 + resume = uninterrupted, bad input
-lines listed while the others (L, RGBA, P, I;16 images) are scored, every line failing exits non-zero, --score-only."""
+families), the robust pair judged in the context 02 decoded it in (the instruction included), a wrong input field a
+line's error and contradicting flags refused before a model loads; marked slow, the stage run as a subprocess on tiny
+LLaVA / Qwen2.5-VL with a tiny open_clip model, its train.jsonl driving one step of stage 04 at ln 2, re-filtering
+without a model, kill -9 + resume = uninterrupted, --score-only; bad input lines listed while the others (L, RGBA, P,
+I;16 images) are scored, every line failing exits non-zero."""
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +26,7 @@ stage = load_script(SCRIPT)
 ENH = "answer mainly based on the first image , refer to the cropping details of the second image if necessary : "
 PROMPTS = ["describe the image .", "is there a red circle in the image ?", "what colour is the square ?"]
 ANSWERS = ["there is a red circle", "there is a blue square and a green cross", "yes", "no", "blue", ""]
+INSTRUCTION = "answer using a single word or phrase ."  # words of the tiny tokenizer: P' != P in tokens
 WIDE = ("--max-ppl", 1e9, "--margin-low", -1e9, "--margin-high", 1e9)  # random tiny models: keep every pair
 
 
@@ -51,9 +55,10 @@ def picture(rng, w=48, h=40, mode="RGB"):
     return img.convert(mode) if mode != "P" else img.convert("P", palette=Image.Palette.ADAPTIVE)
 
 
-def pair_row(folder, i, rng, mode="RGB", shape=None):
+def pair_row(folder, i, rng, mode="RGB", shape=None, instruction=None):
     """One pairs.jsonl line (stage 02's fields) with its images drawn under folder/img. shape: both, no_focus,
-    no_robust, stitched (I_aug one image), none (both pairs null)."""
+    no_robust, stitched (I_aug one image), none (both pairs null). instruction: the robust pair was decoded after
+    it (stage 02's "prompt_robust"); None: an older pairs file without that field (and no "gen")."""
     (folder / "img").mkdir(parents=True, exist_ok=True)
     roles = ("image", "crop", "deg", "noise", "aug") if shape == "stitched" else ("image", "crop", "deg", "noise")
     for role in roles:
@@ -64,7 +69,8 @@ def pair_row(folder, i, rng, mode="RGB", shape=None):
             "images": {r: f"img/{r}{i}.png" for r in roles if r != "image"},
             "focus": None if shape in ("no_focus", "none") else {"chosen": w, "rejected": l},
             "robust": None if shape in ("no_robust", "none") else {"chosen": l, "rejected": w + " and a circle",
-                                                                     "init": l}}
+                                                                     "init": l},
+            **({} if instruction is None else {"prompt_robust": f"{instruction} {prompt}".strip()})}
 
 
 def write_pairs(folder, rows):
@@ -128,20 +134,29 @@ def test_filter_reads_each_response_in_its_own_context_or_the_dpo_one():
     from (I, P), y_l from (I_noise, P). dpo: both from (I, P) (focus) or (I_noise, P) (robust). Every term has its
     own log-prob here (n = 2 tokens each), so a wrong pick shows."""
     logp = {"focus_w": -0.2, "focus_l": -0.4, "calib_aug_w": -0.6, "calib_deg_w": -0.8, "calib_aug_l": -1.0,
-            "calib_deg_l": -1.2, "robust_w": -1.4, "robust_l": -1.6, "robust_expert_w": -1.8}
+            "calib_deg_l": -1.2, "robust_w": -1.4, "robust_l": -1.6, "robust_expert_w": -1.8, "robust_own_l": -2.0}
     assert set(logp) == set(stage.TERMS)
     line = {"id": "a", "ref": logp, "ntok": dict.fromkeys(logp, 2)}
     own = stage.with_ppl_and_margin(line, ("focus", "robust"), "own")
-    assert own["ppl"]["focus_w"] == pytest.approx(math.exp(0.3)) and own["ppl"]["focus_l"] == pytest.approx(math.exp(0.6))
-    assert own["ppl"]["robust_w"] == pytest.approx(math.exp(0.9)) and own["ppl"]["robust_l"] == pytest.approx(math.exp(0.8))
-    assert own["margin"] == {"focus": pytest.approx(-0.3 + 0.6), "robust": pytest.approx(-0.9 + 0.8)}
+    assert own["ppl"]["focus_w"] == pytest.approx(math.exp(0.3))
+    assert own["ppl"]["focus_l"] == pytest.approx(math.exp(0.6))
+    # robust y_w under (I, P'), y_l under (I_noise, P'): P' = the instruction + P, where 02 decoded them
+    assert own["ppl"]["robust_w"] == pytest.approx(math.exp(0.9))
+    assert own["ppl"]["robust_l"] == pytest.approx(math.exp(1.0))
+    assert own["margin"] == {"focus": pytest.approx(-0.3 + 0.6), "robust": pytest.approx(-0.9 + 1.0)}
+    # a line decoded without an instruction (P' = P) has no robust_own_l: y_l's own context is robust_l's
+    no_instruction = {"id": "c", "ref": {k: v for k, v in logp.items() if k != "robust_own_l"}, "ntok": line["ntok"]}
+    x = stage.with_ppl_and_margin(no_instruction, ("focus", "robust"), "own")
+    assert x["ppl"]["robust_l"] == pytest.approx(math.exp(0.8)) and x["margin"]["robust"] == pytest.approx(-0.9 + 0.8)
     dpo = stage.with_ppl_and_margin(line, ("focus", "robust"), "dpo")
-    assert dpo["ppl"]["focus_w"] == pytest.approx(math.exp(0.1)) and dpo["ppl"]["focus_l"] == pytest.approx(math.exp(0.2))
-    assert dpo["ppl"]["robust_w"] == pytest.approx(math.exp(0.7)) and dpo["ppl"]["robust_l"] == pytest.approx(math.exp(0.8))
+    assert dpo["ppl"]["focus_w"] == pytest.approx(math.exp(0.1))
+    assert dpo["ppl"]["focus_l"] == pytest.approx(math.exp(0.2))
+    assert dpo["ppl"]["robust_w"] == pytest.approx(math.exp(0.7))
+    assert dpo["ppl"]["robust_l"] == pytest.approx(math.exp(0.8))
     assert dpo["margin"] == {"focus": pytest.approx(-0.1 + 0.2), "robust": pytest.approx(-0.7 + 0.8)}
     assert (own["filter_context"], dpo["filter_context"]) == ("own", "dpo")
-    no_robust = {"id": "b", "ref": {**logp, "robust_w": None, "robust_l": None, "robust_expert_w": None},
-                 "ntok": line["ntok"]}
+    no_robust = {"id": "b", "ref": {**logp, "robust_w": None, "robust_l": None, "robust_expert_w": None,
+                                    "robust_own_l": None}, "ntok": line["ntok"]}
     x = stage.with_ppl_and_margin(no_robust, ("focus", "robust"), "own")
     assert x["margin"]["robust"] is None and x["ppl"]["robust_w"] is None
 
@@ -176,16 +191,100 @@ def token_by_token(model, processor, prompt, response, images):
 def test_summed_logprobs_equal_token_by_token(family, request, tmp_path):
     model, processor = stage.load_model(request.getfixturevalue(f"tiny_{family}"), "cpu")
     rng = np.random.default_rng(1)
-    rows = [pair_row(tmp_path, 0, rng), pair_row(tmp_path, 1, rng, shape="stitched")]
+    rows = [pair_row(tmp_path, 0, rng, instruction=INSTRUCTION), pair_row(tmp_path, 1, rng, shape="stitched")]
     lines = [stage.read_line({**r, "_file": str(tmp_path / "pairs.jsonl")}, False) for r in rows]
     todo = [r for line in lines for r in stage.scoring_rows(line, stage.TERMS)]
-    assert len(todo) == 18 and {r[0] for r in todo} == set(stage.TERMS)
-    logp, ntok = stage.score_rows(model, processor, [r[1:] for r in todo], batch_size=3)  # lines mix in chunks
+    assert len(todo) == 19 and {r[0] for r in todo} == set(stage.TERMS)  # robust_own_l: line 0 (P' != P) only
+    scores = stage.score_rows(model, processor, [r[1:] for r in todo], batch_size=3)  # lines mix in chunks
     assert [len(r[3]) for r in todo if r[4] == "aug"] == [2, 2, 1, 1]  # I_aug = (I, I_crop), then stitched
     with torch.no_grad():
-        for (term, prompt, response, images, context), lp, n in zip(todo, logp, ntok):
+        for (term, prompt, response, images, context), (lp, n) in zip(todo, scores):
             expected, n_expected = token_by_token(model, processor, prompt, response, images)
             assert n == n_expected and lp == pytest.approx(expected, abs=1e-4), (term, lp, expected)
+
+
+# ---- the robust pair, judged in the context 02 decoded it in ----
+def test_robust_pair_is_filtered_in_its_decoding_context(tiny_llava, tmp_path):
+    """02 decodes the robust pair after the authors' instruction (P' = instruction + " " + P): the filter must judge
+    y_w under (I, P') and y_l under (I_noise, P'), P' read from "prompt_robust" or, in an older pairs file, rebuilt
+    from gen.robust_instruction; 04's DPO_rob terms stay under (I_noise, P). Expected: one plain forward per token
+    on the images read back from disk. Before, the filter scored both under plain P."""
+    folder, rng = tmp_path / "data", np.random.default_rng(5)
+    new = pair_row(folder, 0, rng, instruction=INSTRUCTION)  # stage 02's "prompt_robust"
+    old = dict(pair_row(folder, 1, rng), gen={"robust_instruction": INSTRUCTION})  # an older pairs file
+    plain = dict(pair_row(folder, 2, rng), gen={"robust_instruction": ""})  # the toy world's: P' = P
+    data = write_pairs(folder, [new, old, plain])
+    out = tmp_path / "out" / "train.jsonl"
+    stage.main(["--model", str(tiny_llava), "--clip", "none", "--data", str(data), "--out", str(out), *map(str, WIDE)])
+    model, processor = stage.load_model(tiny_llava, "cpu")
+    lines = {x["id"]: x for x in jsonl(out)}
+    with torch.no_grad():
+        for row, decoded in ((new, f"{INSTRUCTION} {new['prompt']}"), (old, f"{INSTRUCTION} {old['prompt']}"),
+                             (plain, plain["prompt"])):
+            x = lines[row["id"]]
+            image, noise = (Image.open(folder / p).convert("RGB") for p in (row["image"], row["images"]["noise"]))
+            w, l = row["robust"]["chosen"], row["robust"]["rejected"]
+            expert_w, n_w = token_by_token(model, processor, decoded, w, [image])
+            own_l, n_l = token_by_token(model, processor, decoded, l, [noise])
+            assert x["ref"]["robust_expert_w"] == pytest.approx(expert_w, abs=1e-4), row["id"]
+            assert x["ref"].get("robust_own_l", x["ref"]["robust_l"]) == pytest.approx(own_l, abs=1e-4), row["id"]
+            assert ("robust_own_l" in x["ref"]) == (row is not plain)  # P' = P: the same row as robust_l
+            assert x["ppl"]["robust_w"] == pytest.approx(math.exp(-expert_w / n_w), rel=1e-4)
+            assert x["ppl"]["robust_l"] == pytest.approx(math.exp(-own_l / n_l), rel=1e-4)
+            assert x["margin"]["robust"] == pytest.approx(expert_w / n_w - own_l / n_l, abs=1e-4)
+            for term, y in (("robust_w", w), ("robust_l", l)):  # what 04 trains on: (I_noise, P), as before
+                assert x["ref"][term] == pytest.approx(token_by_token(model, processor, row["prompt"], y, [noise])[0],
+                                                       abs=1e-4)
+        # the instruction changes the log-probs here, so dropping it cannot pass unseen
+        plain_p = token_by_token(model, processor, new["prompt"], new["robust"]["chosen"],
+                                 [Image.open(folder / new["image"]).convert("RGB")])[0]
+        assert abs(lines["p0"]["ref"]["robust_expert_w"] - plain_p) > 1e-3
+
+
+# ---- a wrong input field or flag: that line's error, or a refusal before any model loads ----
+BAD_FIELDS = [({"focus": "yes"}, "'focus' needs text fields"), ({"focus": False}, "'focus' needs text fields"),
+              ({"focus": {}}, "'focus' needs text fields"),
+              ({"robust": {"chosen": 1, "rejected": "no"}}, "'robust' needs"),
+              ({"bbox": [1, 2, 3]}, "'bbox' must be 4 integers"), ({"bbox": [True, 0, 8, 8]}, "'bbox' must be"),
+              ({"bbox": [0.5, 0, 8, 8]}, "'bbox' must be"), ({"images": "img/crop9.png"}, "'images' must be an object"),
+              ({"images": {"crop": 5, "deg": "img/deg9.png", "noise": "img/noise9.png"}}, "images.crop must be"),
+              ({"prompt_robust": 7}, "'prompt_robust' must be"), ({"prompt_robust": " "}, "'prompt_robust' must be"),
+              ({"gen": "fast"}, "'gen' must hold"), ({"gen": {"robust_instruction": None}}, "'gen' must hold"),
+              ({"prompt_enh": 5}, "prompt_enh")]
+
+
+def test_a_field_of_the_wrong_type_is_that_lines_error(tiny_llava, tmp_path):
+    """Each field 03 reads is checked on its line, never a traceback nor read as something else (before: "focus":
+    false or {} was read as no pair, a bbox of bools passed, "prompt_robust" and "gen" were not read)."""
+    folder, rng = tmp_path / "data", np.random.default_rng(4)
+    good, base = pair_row(folder, 0, rng), pair_row(folder, 9, rng)
+    for change, says in BAD_FIELDS:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            stage.read_line({**base, **change, "_file": str(folder / "pairs.jsonl")}, False)
+    bad = [dict(base, id=f"b{n}", **change) for n, (change, _) in enumerate(BAD_FIELDS)]
+    data = write_pairs(folder, [good, *bad, dict(base, bbox=[0, 0, 8, 8])])
+    out = tmp_path / "out" / "train.jsonl"
+    stage.main(["--model", str(tiny_llava), "--clip", "none", "--data", str(data), "--out", str(out), *map(str, WIDE)])
+    assert [x["id"] for x in jsonl(out)] == ["p0", "p9"]
+    errors = jsonl(out.with_suffix(".errors.jsonl"))
+    assert [e["line"] for e in errors] == list(range(2, 2 + len(BAD_FIELDS)))
+    for e, (_, says) in zip(errors, BAD_FIELDS):
+        assert says in e["error"], e
+
+
+@pytest.mark.parametrize("flags, says", [(("--margin-low", "0.5", "--margin-high", "-0.5"),
+                                          "--margin-low 0.5 is above --margin-high -0.5"),
+                                         (("--max-ppl", "1"), "--max-ppl 1 keeps no pair"),
+                                         (("--max-ppl", "0"), "--max-ppl 0 keeps no pair")])
+def test_a_filter_that_keeps_nothing_is_refused_before_any_model_loads(flags, says, tmp_path, capsys):
+    """Before, `--margin-low 0.5 --margin-high -0.5` scored every line, then said that no line was kept."""
+    with pytest.raises(SystemExit):
+        stage.main(["--model", str(tmp_path / "no_model"), "--data", str(tmp_path / "no.jsonl"), "--out",
+                    str(tmp_path / "train.jsonl"), *flags])
+    assert says in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written, no lock taken
+    args = stage.parse_args(["--margin-low", "0.1", "--margin-high", "0.1", "--max-ppl", "1.01"])  # a band of one point
+    assert (args.margin_low, args.margin_high, args.max_ppl) == (0.1, 0.1, 1.01)
 
 
 # ---- the stage as a user runs it ----
@@ -206,6 +305,7 @@ def llava_run(tiny_llava, tiny_clip, tmp_path_factory):
     return root, data, out, procs
 
 
+@pytest.mark.slow
 def test_authors_thresholds_drop_a_random_model_then_refilter(llava_run):
     root, data, out, (strict, files, other, wide) = llava_run
     assert strict.returncode != 0 and "no line keeps a branch" in strict.stderr, strict.stderr[-3000:]
@@ -223,8 +323,10 @@ def check_train_lines(out, tiny_clip):
     for x in lines.values():
         for path in [x["image"], *x["images"].values()]:  # paths relative to the output file
             assert not os.path.isabs(path) and (out.parent / path).is_file(), path
+        assert "robust_own_l" not in x["ref"]  # no instruction: P' = P, y_l's own context is robust_l's
         for term, (branch, *_) in stage.TERMS.items():
-            assert (x["ref"][term] is None) == (x[branch] is None) == (x["ntok"][term] is None), (x["id"], term)
+            if term != "robust_own_l":
+                assert (x["ref"][term] is None) == (x[branch] is None) == (x["ntok"][term] is None), (x["id"], term)
         assert x["keep"] == {"focus": x["focus"] is not None, "robust": x["robust"] is not None}
         # ppl and margin follow from ref and ntok, each response in the context that generated it: focus
         # y_w (I_aug, P_enh), y_l (I_deg, P); robust y_w (I, P) (contrastive amplification's expert), y_l (I_noise, P)
@@ -251,6 +353,7 @@ def check_train_lines(out, tiny_clip):
     return lines
 
 
+@pytest.mark.slow
 def test_llava_lines_and_one_step_of_stage_04(llava_run, tiny_llava, tiny_clip):
     root, _, out, _ = llava_run
     check_train_lines(out, tiny_clip)
@@ -261,6 +364,7 @@ def test_llava_lines_and_one_step_of_stage_04(llava_run, tiny_llava, tiny_clip):
         assert step[k] == pytest.approx(math.log(2), abs=1e-6), (k, step)
 
 
+@pytest.mark.slow
 def test_qwen_end_to_end(tiny_qwen, tiny_clip, tmp_path):
     data = mixed_pairs(tmp_path / "data")
     out = tmp_path / "out" / "train.jsonl"
@@ -274,6 +378,7 @@ def test_qwen_end_to_end(tiny_qwen, tiny_clip, tmp_path):
     assert report["branches"]["robust"]["ips_all"]["std"] == pytest.approx(np.std(ips))
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tiny_llava, tmp_path):
     rng = np.random.default_rng(2)
     data = write_pairs(tmp_path / "data", [pair_row(tmp_path / "data", i, rng) for i in range(40)])
@@ -331,6 +436,7 @@ def test_every_line_failing_exits_nonzero(tiny_llava, tmp_path):
         stage.main(["--model", str(tiny_llava), "--clip", "none", "--data", str(data), "--out", str(tmp_path / "o")])
 
 
+@pytest.mark.slow
 def test_score_only_matches_the_dpo_context_scores(llava_run, tiny_llava):
     root, data, out, _ = llava_run
     rows = [r for r in jsonl(data) if r["focus"]]  # the focus pairs as an off-policy file: question, chosen, rejected

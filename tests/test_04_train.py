@@ -1,6 +1,7 @@
 """Stage 04: the P2-DPO loss (hand-computed values and limits), the shared log-prob block (batched = token by
-token), LoRA merge, and the trainer run as a subprocess on tiny LLaVA / Qwen2.5-VL models: step 0 = ln 2,
-bad rows skipped, resume = uninterrupted, 2 processes (gloo) = 1 process, non-finite loss stops the run."""
+token), LoRA merge, every field of a train.jsonl line checked on its own line (errors.jsonl, repeated ids),
+flags refused together, and (slow) the trainer run as a subprocess on tiny LLaVA / Qwen2.5-VL models: step 0 =
+ln 2, bad rows skipped, resume = uninterrupted, 2 processes (gloo) = 1 process, non-finite loss stops the run."""
 import contextlib
 import json
 import math
@@ -64,9 +65,9 @@ def write_data(folder, model_dir, n_good=9, bad=True):
         for r, v, t in zip(todo, logp.tolist(), ntok.tolist()):
             r.setdefault("ref", {})[key], r.setdefault("ntok", {})[key] = v, t
     if bad:
-        rows.append(dict(rows[0], ref={k: v for k, v in rows[0]["ref"].items() if k != "robust_l"}))  # missing ref
-        rows.append(dict(rows[0], image="no_such_file.png"))  # missing image
-        rows.append(dict(rows[0], keep={"focus": False, "robust": False}))  # no usable branch
+        rows.append(dict(rows[0], id="bad0", ref={k: v for k, v in rows[0]["ref"].items() if k != "robust_l"}))
+        rows.append(dict(rows[0], id="bad1", image="no_such_file.png"))  # missing image
+        rows.append(dict(rows[0], id="bad2", keep={"focus": False, "robust": False}))  # no usable branch
     with open(folder / "train.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
         if bad:
@@ -161,11 +162,11 @@ def test_parse_line_uses_a_branch_only_when_paired_kept_and_on(tmp_path):
     with pytest.raises(ValueError, match="no usable branch"):
         stage.parse_line(row, str(tmp_path), stage.parse_args(["--no-focus"]))
     del ref["calib_deg_w"]  # needed by L_calib ...
-    with pytest.raises(ValueError, match="ref calib_deg_w"):
+    with pytest.raises(ValueError, match="'ref.calib_deg_w' must be a log-prob"):
         stage.parse_line(row, str(tmp_path), stage.parse_args([]))
     assert stage.parse_line(row, str(tmp_path), stage.parse_args(["--no-calib"]))["ref"]["deg"] == 0.0  # ... only
     row["keep"]["robust"], ref["robust_l"] = True, None
-    with pytest.raises(ValueError, match="ref robust_l"):
+    with pytest.raises(ValueError, match="'ref.robust_l' must be a log-prob"):
         stage.parse_line(row, str(tmp_path), stage.parse_args(["--no-calib"]))
 
 
@@ -269,6 +270,7 @@ def llava_run(tiny_llava, tmp_path_factory):
     return root, data, proc
 
 
+@pytest.mark.slow
 def test_step0_is_ln2_and_outputs_load(llava_run, tiny_llava):
     from transformers import AutoModelForImageTextToText
     root, data, proc = llava_run
@@ -293,6 +295,7 @@ def test_step0_is_ln2_and_outputs_load(llava_run, tiny_llava):
     assert max(v for k, v in diff.items() if "language_model" not in k) == 0  # vision, projector, lm_head frozen
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_and_nonfinite_stops(llava_run, tiny_llava):
     root, data, _ = llava_run
     out = root / "resumed"
@@ -300,7 +303,7 @@ def test_resume_equals_uninterrupted_and_nonfinite_stops(llava_run, tiny_llava):
     assert len(metrics(out)) == 2 and not (out / "model.safetensors").exists()
     good = (out / "checkpoint.pt").read_bytes()
     poisoned = data.parent / "poisoned.jsonl"  # a ref log-prob that overflows fp32: the loss becomes inf
-    poisoned.write_text(data.read_text().replace('"focus_w": -', '"focus_w": 1e300, "x": -'))
+    poisoned.write_text(data.read_text().replace('"focus_l": -', '"focus_l": -1e300, "x": -'))
     poisoned_args = ["--model", tiny_llava, "--data", poisoned, *COMMON]
     with pytest.raises(SystemExit, match="data_identity"):  # --resume with other data: refused, nothing changed
         stage.main(list(map(str, [*poisoned_args, "--out", out, "--resume"])))
@@ -314,6 +317,7 @@ def test_resume_equals_uninterrupted_and_nonfinite_stops(llava_run, tiny_llava):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@pytest.mark.slow
 def test_file_with_no_usable_line_exits_nonzero(tmp_path, tiny_llava):
     (tmp_path / "train.jsonl").write_text('{"id": "a", "image": "x.png", "prompt": "p", "focus": null}\n')
     proc = run_script(SCRIPT, "--model", tiny_llava, "--data", tmp_path / "train.jsonl", "--out", tmp_path / "o",
@@ -321,6 +325,7 @@ def test_file_with_no_usable_line_exits_nonzero(tmp_path, tiny_llava):
     assert proc.returncode != 0 and "no usable line" in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_lora_ddp(llava_run, tiny_llava):
     root, data, _ = llava_run
     args = ("--model", tiny_llava, "--data", data, "--effective-batch", 4, "--epochs", 1, "--lr", 1e-3,
@@ -331,6 +336,7 @@ def test_two_processes_equal_one_lora_ddp(llava_run, tiny_llava):
     np.testing.assert_allclose(curve(root / "two"), curve(root / "one"), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_qwen_full_finetune_fsdp_two_processes_equal_one(tiny_qwen, tmp_path):
     data = write_data(tmp_path / "data", tiny_qwen, n_good=5, bad=False)
     args = ("--model", tiny_qwen, "--data", data, "--effective-batch", 4, "--epochs", 1, "--lr", 1e-4,
@@ -365,3 +371,98 @@ def test_world_settings_toy_world_lr_else_paper(tmp_path):
     assert args.lr == 1e-5 and "paper's defaults" in line
     args = argparse.Namespace(model="llava-hf/llava-1.5-7b-hf", lr=None)  # a name, not a folder
     assert stage.world_settings(args, "04", {"lr": 1e-5}) and args.lr == 1e-5
+
+
+# ---- every field of a line checked on its own line; flags checked together ----
+def good_row(folder, i=0):
+    """A usable train.jsonl row with both branches, its images in folder (ref log-probs need not be the model's)."""
+    for role in ("image", "crop", "deg", "noise"):
+        if not (folder / f"{role}.png").exists():
+            image(np.random.default_rng(len(role)), 32, 32).save(folder / f"{role}.png")
+    return {"id": f"x{i}", "image": "image.png", "prompt": "describe the image .", "prompt_enh": ENH + "describe .",
+            "images": {"crop": "crop.png", "deg": "deg.png", "noise": "noise.png"},
+            "focus": {"chosen": "a red circle", "rejected": "a blue square"}, "robust": {"chosen": "yes", "rejected": "no"},
+            "ref": {k: -20.0 - i for k in REF_TERMS}, "clip": {"crop": 0.6, "image": 0.5, "ratio": 1.2},
+            "keep": {"focus": True, "robust": True}}
+
+
+def with_field(row, path, value):
+    row = json.loads(json.dumps(row))
+    *parents, last = path.split(".")
+    node = row
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return row
+
+
+@pytest.mark.parametrize("path, value, why", [
+    ("ref.focus_w", True, "'ref.focus_w' must be a log-prob"),  # was read as the log-prob 1.0
+    ("ref.focus_l", "-3.5", "'ref.focus_l' must be a log-prob"),
+    ("ref.robust_w", 0.5, "'ref.robust_w' must be a log-prob \\(<= 0\\)"),  # no probability is above 1
+    ("ref.calib_deg_l", False, "'ref.calib_deg_l' must be a log-prob"),  # (a term --calib-ref win does not use)
+    ("ref", [-1.0], "'ref' must be an object"),  # was an AttributeError
+    ("clip.crop", "0.6", "'clip.crop' must be a CLIPScore"),  # strings were dropped in silence: no DDW
+    ("clip.image", -0.5, "'clip.image' must be a CLIPScore \\(>= 0\\)"),
+    ("clip", [0.6, 0.5], "'clip' must be an object or null"),  # was an AttributeError
+    ("focus", "a red circle", "'focus' must be an object or null"),
+    ("robust.rejected", 3, "'robust.rejected' must be text"),
+    ("keep.robust", "yes", "'keep.robust' must be true or false"),
+    ("keep", ["focus"], "'keep' must be an object"),  # was an AttributeError
+    ("images", ["crop.png"], "'images' must be an object"),  # was an AttributeError
+    ("images.deg", 7, "'images.deg' must be an image file's path"),
+    ("prompt", 7, "'prompt' must be non-empty text"),
+])
+def test_a_field_of_the_wrong_type_or_range_is_its_lines_error(path, value, why, tmp_path):
+    row = good_row(tmp_path)
+    args = stage.parse_args([])
+    ex = stage.parse_line(row, str(tmp_path), args)
+    assert ex["ref"]["focus_w"] == -20.0 and ex["clip"] == [0.6, 0.5]
+    with pytest.raises(ValueError, match=why):
+        stage.parse_line(with_field(row, path, value), str(tmp_path), args)
+
+
+def test_bad_lines_and_repeated_ids_go_to_errors_jsonl_and_the_run_goes_on(tiny_llava, tmp_path):
+    rows = [good_row(tmp_path, 0), good_row(tmp_path, 1), good_row(tmp_path, 0),  # x0 again: line 3
+            with_field(good_row(tmp_path, 2), "ref.focus_w", True), None, with_field(good_row(tmp_path, 3), "clip.crop", "0.6"),
+            with_field(good_row(tmp_path, 4), "keep", ["focus"]), with_field(good_row(tmp_path, 5), "id", True),
+            good_row(tmp_path, 6)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join("{broken\n" if r is None else json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "p2dpo"
+    stage.main(list(map(str, ["--model", tiny_llava, "--data", data, "--out", out, "--effective-batch", 3,
+                              "--batch-size", 3, "--lora-rank", 2, "--epochs", 1])))
+    errors = [json.loads(line) for line in open(out / "errors.jsonl")]
+    assert [(e["line"], e["id"]) for e in errors] == [(3, "x0"), (4, "x2"), (5, None), (6, "x3"), (7, "x4"), (8, True)]
+    assert all(e["error"].startswith(f"{data}:{e['line']}: ") for e in errors)
+    assert "id 'x0' repeats line 1" in errors[0]["error"] and "'ref.focus_w'" in errors[1]["error"]
+    assert "'clip.crop'" in errors[3]["error"] and "'keep'" in errors[4]["error"] and "'id'" in errors[5]["error"]
+    recorded = json.loads((out / "args.json").read_text())
+    assert recorded["lines"] == 3 and recorded["skipped"] == 6 and (out / "model.safetensors").exists()
+
+
+def test_every_line_bad_ends_the_run_with_the_errors_kept_and_the_fix_runs(tiny_llava, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(with_field(good_row(tmp_path), "image", "moved.png")) + "\n")
+    argv = list(map(str, ["--model", tiny_llava, "--data", data, "--out", tmp_path / "p2dpo", "--lora-rank", 2]))
+    with pytest.raises(SystemExit, match="no usable line .*all 1 lines were left out"):
+        stage.main(argv)
+    assert "moved.png" in json.loads((tmp_path / "p2dpo" / "errors.jsonl").read_text())["error"]
+    data.write_text(json.dumps(good_row(tmp_path)) + "\n")  # the image put back: the same command now trains
+    stage.main(argv + ["--stop-after", "1"])
+    assert (tmp_path / "p2dpo" / "errors.jsonl").read_text() == "" and (tmp_path / "p2dpo" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("flags, why", [
+    (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite starts it over"),
+    (["--no-focus", "--no-robust"], "--no-focus with --no-robust leaves nothing to train"),
+    (["--beta", "0"], "--beta 0"), (["--lr", "0"], "--lr 0"), (["--lora-alpha", "0"], "--lora-alpha 0"),
+    (["--max-grad-norm", "0"], "--max-grad-norm 0"), (["--w-base", "0"], "--w-base 0"),
+    (["--alpha-max", "0.6"], "--alpha-max above --w-base gives a branch a negative weight"),
+])
+def test_flags_that_contradict_or_train_nothing_are_refused_before_anything_loads(flags, why, capsys):
+    with pytest.raises(SystemExit):
+        stage.parse_args(flags)
+    assert why in capsys.readouterr().err
+    for fine in (["--no-focus"], ["--lora-rank", "0", "--lora-alpha", "0"], ["--alpha-max", "0.6", "--no-ddw"]):
+        stage.parse_args(fine)

@@ -1,6 +1,8 @@
-"""Stage 05: the official POPE parser and metrics (golden numbers), matching by id, the official files as published,
-and end-to-end runs on tiny random LLaVA and Qwen2.5-VL models (noise sweep, CHAIR, re-scoring, resume)."""
+"""Stage 05 (POPE): the official parser and metrics (golden numbers), matching by id, the official files as
+published, flags checked together and every input field on its own line, and end-to-end runs on tiny random LLaVA and
+Qwen2.5-VL models (noise sweep, CHAIR, re-scoring, resume)."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -71,8 +73,8 @@ def test_rescore_official_popular_file(tmp_path):
         preds.append(pred)
     np.random.default_rng(0).shuffle(answers)
     (tmp_path / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
-    run_script("05_eval_pope.py", "--questions", OFFICIAL / "coco_pope_popular.json",
-               "--answers", tmp_path / "answers.jsonl", "--out", tmp_path / "out")
+    ev.main(["--questions", str(OFFICIAL / "coco_pope_popular.json"),
+             "--answers", str(tmp_path / "answers.jsonl"), "--out", str(tmp_path / "out")])
     got = json.loads((tmp_path / "out" / "metrics.json").read_text())
     expected = ev.pope_metrics(preds, [r["label"] for r in rows])
     assert expected["FP"] > 0 and expected["FN"] > 0 and expected["TP"] + expected["FP"] + expected["TN"] + \
@@ -106,9 +108,8 @@ def test_bad_question_line_names_file_and_line(tmp_path, line, problem):
 def test_bad_input_exits_nonzero_with_file_and_line(tmp_path):
     good = '{"question_id": 1, "image": "gone.png", "text": "Is there a red circle?", "label": "no"}\n'
     (tmp_path / "random.jsonl").write_text(good + '{"question_id": 2, "image"\n')
-    proc = run_script("05_eval_pope.py", "--model", tmp_path / "m", "--questions", tmp_path, "--out", tmp_path / "o",
-                      check=False)
-    assert proc.returncode != 0 and "random.jsonl:2: bad JSON line" in proc.stderr
+    with pytest.raises(SystemExit, match="random.jsonl:2: bad JSON line"):
+        ev.main(["--model", str(tmp_path / "m"), "--questions", str(tmp_path), "--out", str(tmp_path / "o")])
     (tmp_path / "random.jsonl").write_text(good)  # checked before any model is loaded
     with pytest.raises(SystemExit, match=r"random.jsonl:1: image not found: .*gone.png"):
         ev.main(["--model", str(tmp_path / "m"), "--questions", str(tmp_path), "--out", str(tmp_path / "o")])
@@ -162,6 +163,7 @@ def toy_pope(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny_llava", "tiny_qwen"])
 def test_end_to_end_rescore_and_resume(model, toy_pope, tmp_path, request):
     model_dir = request.getfixturevalue(model)
@@ -227,8 +229,111 @@ def test_resume_refuses_answers_asked_with_another_prompt(toy_pope, tmp_path, ti
     """An --out written before the newline join (space-joined prompts) is not silently mixed with new answers."""
     out = tmp_path / "eval"
     out.mkdir()
+    ev.write_args(ev.args_path(out, folder=True), {"stage": "05_eval_pope.py"})  # what that run recorded
     old = {"question_id": 1, "split": "popular", "sigma": 0.0, "text": "yes", "answer": "yes",
            "prompt": "is there a blue circle in the image ? Answer the question using a single word or phrase."}
     (out / "answers.jsonl").write_text(json.dumps(old) + "\n")
     with pytest.raises(SystemExit, match=r"question_id 1 was asked 'is there a blue circle in the image \? Answer"):
         ev.main(["--model", str(tiny_llava), "--questions", str(toy_pope / "pope"), "--out", str(out)])
+
+
+# ---- flags checked together, every input field on its own line (each test failed before its fix) ----
+@pytest.mark.parametrize("argv, why", [
+    (["--answers", "a.jsonl", "--model", "m"], "--answers re-scores a file without a model: --model would do nothing"),
+    (["--answers", "a.jsonl", "--describe", "d.jsonl", "--noise-sigma", "0.2"], "--noise-sigma, --describe would do"),
+    (["--truth", "truth.jsonl"], "--truth and --describe-max-new-tokens only matter with --describe"),
+    (["--noise-sigma", "0", "1.5"], "argument --noise-sigma: 1.5 is not a finite number in \\[0.0, 1.0\\]")])
+def test_flags_that_contradict_are_refused_naming_them(argv, why, capsys):
+    """Before, --answers ignored the model flags in silence and --noise-sigma took any value >= 0."""
+    with pytest.raises(SystemExit):
+        ev.parse_args(argv)
+    assert re.search(why, capsys.readouterr().err)
+
+
+def test_debug_and_max_image_pixels_exist_and_the_limit_applies(tiny_llava, tmp_path):
+    """05's error texts name --debug and --max-image-pixels: before, 05 refused both as unknown arguments."""
+    args = ev.parse_args(["--debug", "--max-image-pixels", "0"])
+    assert args.debug and args.max_image_pixels == 0
+    (tmp_path / "random.jsonl").write_text(json.dumps({"question_id": 1, "image": "a.png", "label": "no",
+                                                       "text": "is there a red circle ?"}) + "\n")
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")  # 1200 pixels
+    with pytest.raises(SystemExit, match=r"random.jsonl:1: unreadable image .*a\.png: .*\b1000\b"):
+        ev.main(["--model", str(tiny_llava), "--questions", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--max-image-pixels", "1000", "--max-new-tokens", "1"])
+    ev.main(["--model", str(tiny_llava), "--questions", str(tmp_path), "--out", str(tmp_path / "o"),
+             "--max-new-tokens", "1"])  # PIL's limit is global: back to its default
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485
+
+
+QUESTION = {"question_id": 2, "image": "a.png", "text": "is there a red circle ?", "label": "no"}
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("question_id", True, "question_id must be text or an integer"), ("question_id", 2.0, "question_id must be"),
+    ("question_id", [2], "question_id must be"), ("image", 5, "image must be non-empty text"),
+    ("image", None, "image must be"), ("text", 7, "text must be non-empty text"), ("text", " ", "text must be"),
+    ("label", True, "label must be 'yes' or 'no'"), ("label", None, "missing field 'label'")])
+def test_each_question_field_is_checked_on_its_line(tmp_path, field, value, why):
+    """A bool or float id was taken as another id; an image or text of the wrong type ended in a TypeError."""
+    line = {**QUESTION, field: value} if value is not None or field != "label" else \
+        {k: v for k, v in QUESTION.items() if k != "label"}
+    (tmp_path / "random.jsonl").write_text(json.dumps({**QUESTION, "question_id": 1}) + "\n" + json.dumps(line) + "\n")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=f"random.jsonl:2: {why}"):
+        ev.read_questions(tmp_path)
+    with pytest.raises(SystemExit, match=f"random.jsonl:2: {why}"):  # one sentence, never a traceback
+        ev.main(["--model", str(tmp_path / "m"), "--questions", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("text", 1, "text must be text"), ("text", None, "text must be text"), ("sigma", "0.2", "sigma must be a number"),
+    ("sigma", True, "sigma must be a number"), ("sigma", float("nan"), "sigma must be a number in"),
+    ("split", ["random"], "split must be non-empty text"), ("question_id", False, "question_id must be"),
+    ("prompt", 3, "prompt must be text")])
+def test_each_answer_field_is_checked_on_its_line(tmp_path, field, value, why):
+    """Before: a number as text ended in an AttributeError, a list as split in a TypeError, "0.2" as sigma in a
+    ValueError naming no file; a bool id answered question 0 or 1."""
+    (tmp_path / "random.jsonl").write_text(json.dumps(QUESTION) + "\n")
+    good = {"question_id": 2, "split": "random", "sigma": 0.0, "text": "No"}
+    (tmp_path / "answers.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({**good, field: value}) + "\n")
+    with pytest.raises(SystemExit, match=f"answers.jsonl:2: {why}"):
+        ev.main(["--questions", str(tmp_path / "random.jsonl"), "--answers", str(tmp_path / "answers.jsonl"),
+                 "--out", str(tmp_path / "o")])
+
+
+def test_truth_world_and_describe_lines_are_checked(toy_pope, tmp_path):
+    """A truth line whose objects are not a list of {"class"} ended in an AttributeError, a broken world.json in a
+    JSON error naming no file; a description id that repeats was described twice and counted twice."""
+    (tmp_path / "describe.jsonl").write_text("")
+    (tmp_path / "truth.jsonl").write_text(json.dumps({"image": "a.png", "objects": ["red circle"]}) + "\n")
+    with pytest.raises(ValueError, match=r"truth.jsonl:1: objects must be a list of \{\"class\": text\}"):
+        ev.read_truth(tmp_path / "describe.jsonl")
+    (tmp_path / "truth.jsonl").write_text(json.dumps({"image": "a.png", "objects": [{"class": "red circle"}]}) + "\n")
+    (tmp_path / "world.json").write_text("{broken")
+    with pytest.raises(ValueError, match="world.json: expected a JSON object whose 'classes' lists class names"):
+        ev.read_truth(tmp_path / "describe.jsonl")
+    describe = toy_pope / "describe" / "describe.jsonl"
+    twice = tmp_path / "describe_twice.jsonl"
+    twice.write_text(describe.read_text() + describe.read_text().splitlines(keepends=True)[0])
+    with pytest.raises(ValueError, match="describe_twice.jsonl:5: question_id 0 repeats line 1"):
+        ev.read_rows(twice, ev.DESCRIBE)
+
+
+def test_a_damaged_answer_in_the_out_or_another_programs_out_is_one_sentence(toy_pope, tiny_llava, tmp_path):
+    """A row of answers.jsonl without its sigma ended in a KeyError; an --out holding another program's args.json
+    (04's model folder, 05_eval_benchmarks.py's run) was written over."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    args = ["--model", str(tiny_llava), "--questions", str(toy_pope / "pope"), "--out", str(out)]
+    ev.write_args(ev.args_path(out, folder=True), {})  # a run of 05 that recorded its settings
+    (out / "answers.jsonl").write_text(json.dumps({"question_id": 1, "split": "random", "text": "yes"}) + "\n")
+    with pytest.raises(SystemExit, match="answers.jsonl:1: missing field 'sigma'"):
+        ev.main(args)
+    (out / "answers.jsonl").unlink()
+    for old, writer in (({"model": "m", "lr": 1e-5, "data": "train.jsonl"}, "an older version or another program"),
+                        ({"stage": "05_eval_benchmarks.py"}, "05_eval_benchmarks.py"),
+                        ({"stage": "04_train_calibrated_dpo.py"}, "04_train_calibrated_dpo.py")):
+        (out / "args.json").write_text(json.dumps(old))
+        with pytest.raises(SystemExit, match=f"was written by {writer}.*, not 05_eval_pope.py"):
+            ev.main(args)
+        assert json.loads((out / "args.json").read_text()) == old

@@ -3,6 +3,8 @@ import json
 import math
 import sys
 
+import pytest
+
 from conftest import ROOT, load_script, run_script
 
 
@@ -17,6 +19,7 @@ def projected_hours(res):
             "05": 9000 * 4 / res["pope"]["questions_per_s"] / 3600}
 
 
+@pytest.mark.slow
 def test_gpu_scale_small_on_cpu(tmp_path):
     """bench/gpu_scale.py --size small runs every part on a CPU (the code path --size 7b takes on a GPU) and writes
     positive times, throughputs and memory; output_attentions' measured stack equals L x B x H x T^2 x bytes; the
@@ -122,7 +125,7 @@ def test_gpu_scale_small_on_cpu(tmp_path):
     assert "random weights never stop at EOS" in proc.stdout and "upper bounds" in proc.stdout, proc.stdout
 
 
-def test_gpu_scale_7b_config():
+def test_gpu_scale_7b_config():  # fast: shapes on the meta device, no benchmark run
     """--size 7b builds LLaVA-1.5-7B's shapes: 7,063,427,072 parameters = Llama-2-7B's 6,738,415,616 + 64 padded
     vocabulary rows x 4096 x 2 (embedding, lm_head) + CLIP ViT-L/14-336's tower 303,507,456 + the projector (1024 x
     4096 + 4096 x 4096 + biases) 20,979,712 (built on the meta device: nothing allocated); its processor makes 576
@@ -153,8 +156,6 @@ def test_gpu_scale_7b_config():
 # ---- bench_pope.py and bench_growth.py: on a --tiny toy world built here, so world/ need not exist ----
 import math as _math  # noqa: E402
 
-import pytest  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def bench_world(tmp_path_factory):
@@ -163,6 +164,7 @@ def bench_world(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_bench_pope_small(bench_world, tmp_path):
     """bench_pope.py answers the same questions batched (05's generate_greedy) and one by one, on the toy model and
     the 36M LLaVA; the two modes give the same answers (the 36M model's random answers run to the cap, so they are
@@ -185,6 +187,7 @@ def test_bench_pope_small(bench_world, tmp_path):
         assert row[2] == str(r["questions"]) and row[5] == f"{r['speedup']:.2f}", (row, r)
 
 
+@pytest.mark.slow
 def test_bench_growth_small(bench_world, tmp_path):
     """bench_growth.py runs 01 -> 02 -> 03 as subprocesses at --limit 1, 2 and 4 of the tiny world's instances and
     derives per-instance times, the ratio, the line's intercept and the marginal ratio from the times it measured."""

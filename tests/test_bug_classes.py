@@ -280,7 +280,8 @@ def llava(tiny_llava):
 
 
 def test_contrastive_decode_samples_the_nucleus_of_the_contrasted_logits(llava):
-    """top_p on logits_CA (SPEC), not on the expert's logits before the contrast; lambda_ca 3, T 1, top_p 0.5."""
+    """top_p on logits_CA (ours, as VCD), not on the expert's logits before the contrast; lambda_ca 3, T 1,
+    top_p 0.5."""
     model, processor = llava
     images = [rand_image(1), rand_image(2)]
     noise = [rand_image(11), rand_image(12)]
@@ -295,8 +296,8 @@ def test_contrastive_decode_samples_the_nucleus_of_the_contrasted_logits(llava):
         assert got[i] == want, (i, got[i], want)
 
 
-def spec_views(image, bbox, sigma, seed, key):
-    """SPEC's I_crop, I_deg, I_noise from numpy/PIL, not from the module."""
+def paper_views(image, bbox, sigma, seed, key):
+    """The paper's I_crop, I_deg, I_noise (as 02's header defines them) from numpy/PIL, not from the module."""
     a = np.asarray(image).astype(np.float64)
     deg = np.asarray(image).copy()
     x1, y1, x2, y2 = bbox
@@ -309,8 +310,8 @@ def spec_views(image, bbox, sigma, seed, key):
 
 
 def test_each_role_of_a_pair_saw_its_own_images_and_prompt(llava, tmp_path):
-    """make_work on two instances, then every response recomputed by the naive decoder from its
-    (seed, id, role) generator and the images SPEC says it sees; non-default lambda_ca, T and sigma so that each
+    """make_pairs on two instances, then every response recomputed by the naive decoder from its
+    (seed, id, role) generator and the images the paper says it sees; non-default lambda_ca, T and sigma so that each
     image matters. focus: y_w = M(I_aug = (I, I_crop), P_enh), y_l = M(I_deg, P); robust: y_w = CA of
     expert (I, P) over amateur (I_noise, P), y_l = M(I_noise, P), init = M(I, P)."""
     model, processor = llava
@@ -328,18 +329,19 @@ def test_each_role_of_a_pair_saw_its_own_images_and_prompt(llava, tmp_path):
     args.enh_template = s02.ENH_TEMPLATE
     args.robust_instruction = s02.ROBUST_INSTRUCTION  # main() resolves it: a real model's default
     batch, errors = s02.read_instances(folder / "crops.jsonl", ("image", "prompt", "bbox"))
-    out = s02.make_work(model, processor, args)(batch)
+    out = s02.make_pairs(model, processor, args, batch)
     tok = processor.tokenizer
     for row, res in zip(rows, out):
         assert isinstance(res, dict), res
         key = row["id"]
         image = Image.open(folder / row["image"]).convert("RGB")
-        views = spec_views(image, row["bbox"], 0.5, 3, key)
-        for name, view in views.items():  # the files written are the SPEC's images
+        views = paper_views(image, row["bbox"], 0.5, 3, key)
+        for name, view in views.items():  # the files written are the paper's images
             assert np.array_equal(np.asarray(Image.open(folder / res["images"][name])), np.asarray(view)), name
         p, p_enh = row["prompt"], s02.ENH_TEMPLATE.format(question=row["prompt"])
         assert res["prompt_enh"] == p_enh
         p_rob = f"{s02.ROBUST_INSTRUCTION} {p}"  # the authors' instruction before P, robust branch only
+        assert res["prompt_robust"] == p_rob  # recorded, for 03 to score the pair in its own context
         roles = {"focus_w": (p_enh, [image, views["crop"]], None), "focus_l": (p, [views["deg"]], None),
                  "robust_w": (p_rob, [image], [views["noise"]]), "robust_l": (p_rob, [views["noise"]], None),
                  "init": (p_rob, [image], None)}

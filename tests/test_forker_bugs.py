@@ -209,11 +209,12 @@ def test_f02_each_branch_decodes_with_its_own_settings_and_images(llava, tmp_pat
         return decode(*a, **kw)
     monkeypatch.setattr(s02, "decode", recording_decode)
     batch, _ = s02.read_instances(data, ("image", "prompt", "bbox"))
-    out = s02.make_work(model, processor, args)(batch)
+    out = s02.make_pairs(model, processor, args, batch)
     # (1) the settings each line records
-    for res in out:
+    for row, res in zip(rows, out):
         for k, v in SETTINGS_02.items():
             assert res["gen"][k] == v, (k, res["gen"])
+        assert res["prompt_robust"] == f"{s02.ROBUST_INSTRUCTION} {row['prompt']}", res["prompt_robust"]
     # (2) each call: its settings, and its images
     views = {}
     for row in rows:
@@ -268,11 +269,10 @@ def test_f02_a_bad_line_before_good_ones_keeps_each_id_with_its_pairs(llava, tmp
     args = args_02(tmp_path / "d" / "pairs.jsonl", max_new_tokens=3)
     batch, errors = s02.read_instances(data, ("image", "prompt", "bbox"))
     assert [r["id"] for r in batch] == ["bad", "k0", "k1"] and not errors
-    work = s02.make_work(model, processor, args)
-    together = work(batch)
+    together = s02.make_pairs(model, processor, args, batch)
     assert isinstance(together[0], str) and "bbox" in together[0], together[0]
     for i in (1, 2):
-        [alone] = work([batch[i]])
+        [alone] = s02.make_pairs(model, processor, args, [batch[i]])
         assert together[i]["id"] == batch[i]["id"]
         assert (together[i]["focus"], together[i]["robust"]) == (alone["focus"], alone["robust"]), batch[i]["id"]
         assert together[i]["images"] == alone["images"]
@@ -289,7 +289,9 @@ CONTEXT_03 = {  # ref key -> (branch, response, prompt key, the context's images
     "calib_deg_l": ("focus", "rejected", "prompt", ("deg",)),
     "robust_w": ("robust", "chosen", "prompt", ("noise",)),
     "robust_l": ("robust", "rejected", "prompt", ("noise",)),
-    "robust_expert_w": ("robust", "chosen", "prompt", ("image",)),  # the filter's own context of y_w
+    # the filter's: each robust response where 02 decoded it, after P' (prompt_robust)
+    "robust_expert_w": ("robust", "chosen", "prompt_robust", ("image",)),
+    "robust_own_l": ("robust", "rejected", "prompt_robust", ("noise",)),
 }
 
 
@@ -298,6 +300,7 @@ def pairs_row(folder, i):
         rand_image(100 * i + seed, 36 if role != "crop" else 20, 30).save(folder / f"{role}{i}.png")
     prompt = ["describe the image .", "is there a red circle in the image ?"][i % 2]
     return {"id": f"p{i}", "image": f"image{i}.png", "prompt": prompt, "prompt_enh": ENH + prompt,
+            "prompt_robust": "answer this question : " + prompt,
             "images": {"crop": f"crop{i}.png", "deg": f"deg{i}.png", "noise": f"noise{i}.png"},
             "focus": {"chosen": ["there is a red circle", "blue"][i % 2], "rejected": ["a square", "yes no"][i % 2]},
             "robust": {"chosen": ["yes", "a green cross"][i % 2], "rejected": ["no", "red"][i % 2], "init": "no"}}
@@ -338,7 +341,7 @@ def naive_refs(stage03, llava):
 
 def test_f03_every_ref_term_is_scored_in_its_own_context(stage03, naive_refs):
     """ref and ntok of each term against the naive log-prob of its response under its context (calib_aug_l:
-    y_l under (I_aug, P_enh), the --calib-ref lose variant; robust_expert_w: y_w under the expert's (I, P))."""
+    y_l under (I_aug, P_enh), the --calib-ref lose variant; robust_expert_w: y_w under the expert's (I, P'))."""
     _, _, lines, _, _ = stage03
     for key, want in naive_refs.items():
         for term, (logp, ntok) in want.items():
@@ -434,10 +437,10 @@ def test_f04_lr_at_every_step_is_warmup_then_cosine(tiny_llava, tmp_path, monkey
 
 
 def test_f04_each_step_starts_from_a_zero_gradient(tiny_llava, tmp_path):
-    """lr 0 (nothing moves), the same line every step, no dropout: every step has the same gradient, so the
-    same pre-clipping norm; a gradient left over from the step before would add up."""
+    """lr 1e-12 (nothing moves to the precision compared), the same line every step, no dropout: every step
+    has the same gradient, so the same pre-clipping norm; a gradient left over from the step before adds up."""
     data = train_lines(tmp_path / "d", 3, same=True)
-    run_04("--model", tiny_llava, "--data", data, "--out", tmp_path / "o", "--lr", 0, "--epochs", 1,
+    run_04("--model", tiny_llava, "--data", data, "--out", tmp_path / "o", "--lr", 1e-12, "--epochs", 1,
            "--effective-batch", 1, "--batch-size", 1, "--lora-dropout", 0, "--max-grad-norm", 1e-3,
            "--device", "cpu")
     norms = [m["grad_norm"] for m in metrics_04(tmp_path / "o")]
@@ -584,7 +587,7 @@ def naive_hallusion(rows):
     """aAcc, fAcc, qAcc in percent (HallusionBench's utils.py, a yes/no verdict in place of its judge): a
     question pair is (category, subcategory, set_id, question_id) across figures; a figure is
     (..., figure_id); a VS question without a figure (figure 0) joins no figure and is right on 'Unknown'."""
-    verdict = lambda t: s05.yes_no_verdict(t)  # noqa: E731 (the string rule is tested on its own elsewhere)
+    verdict = benchmarks_05().yes_no_verdict  # (the string rule is tested on its own elsewhere)
     right, figures, pairs = [], {}, {}
     for r in rows:
         no_figure = r["category"] == "VS" and r["figure_id"] == "0"
@@ -599,7 +602,7 @@ def naive_hallusion(rows):
             "n": len(right)}
 
 
-def test_f05_hallusion_pairs_a_question_across_figures():
+def test_f05b_hallusion_pairs_a_question_across_figures():
     """VD set 0: question 0 right on both figures, question 1 wrong on both: by question one pair of the two
     holds (grouped by figure none would); 'Unknown' on a figure (VD set 2) is wrong. VS: a question without a
     figure answered 'Unknown' is right and joins no figure."""

@@ -1,9 +1,12 @@
 """analysis/perception_diagnostic.py: the attention mass in a box through stage 01's grid -> pixels mapping, the
-ratio to uniform attention, the focus subset fixed by the base model, the answer rule, the question set."""
+ratio to uniform attention, the subsets fixed by the base model's map under the true answer (the same for every
+model) beside each model's own half, the answer rule, the question set."""
 import json
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 from transformers import CLIPImageProcessor
 
 from conftest import load_script
@@ -30,25 +33,60 @@ def test_box_attention_counts_the_cells_inside_the_box():
     assert mass == pytest.approx(35 * 82 / 128 ** 2) and ratio == pytest.approx(1.0)
 
 
-def test_focus_subset_is_fixed_by_the_base_model():
-    # question: (mass, ratio, correct); base looks at q1 and q3 (q3 exactly uniform: in), the other model at q2
-    scores = {"base": {"q1": (0.2, 2.0, True), "q2": (0.05, 0.5, False), "q3": (0.1, 1.0, False)},
-              "other": {"q1": (0.02, 0.2, False), "q2": (0.5, 5.0, True), "q3": (0.09, 0.9, False)}}
-    m = pdiag.perception_metrics(scores, "base")
-    assert m["base"]["n_focus"] == m["other"]["n_focus"] == 2
-    assert m["base"]["p_acc"] == pytest.approx(50.0)  # q1 right, q3 wrong
-    assert m["other"]["p_acc"] == pytest.approx(0.0)  # on q1, q3 (base's), not on q2 (its own focus)
-    assert m["base"]["accuracy"] == pytest.approx(100 / 3) and m["other"]["accuracy"] == pytest.approx(100 / 3)
-    assert m["base"]["afr"] == pytest.approx(100 * 0.35 / 3) and m["other"]["afr"] == pytest.approx(100 * 0.61 / 3)
-    assert m["other"]["attention_ratio"] == pytest.approx(6.1 / 3)
-    assert pdiag.perception_metrics(scores, "base", focus_ratio=1.5)["base"]["n_focus"] == 1
-    # top half: base's ratios 2.0, 0.5, 1.0 have median 1.0, so q1 and q3 again (base's, not other's q2)
-    assert m["base"]["median_ratio"] == pytest.approx(1.0) and m["other"]["n_top"] == 2
-    assert m["base"]["p_acc_top"] == pytest.approx(50.0) and m["other"]["p_acc_top"] == pytest.approx(0.0)
-    four = {name: {**s, "q4": (0.3, 3.0, name == "other")} for name, s in scores.items()}
-    m4 = pdiag.perception_metrics(four, "base")  # base: 0.5, 1.0, 2.0, 3.0 -> median 1.5: q1, q4
-    assert m4["base"]["n_top"] == 2 and m4["other"]["p_acc_top"] == pytest.approx(50.0)
-    assert m4["base"]["p_acc_top"] == pytest.approx(50.0) and m4["base"]["n_focus"] == 3
+def test_subsets_are_the_same_whichever_model_is_evaluated():
+    """P-Acc's subsets come from the fixed map alone: each model evaluated alone, or both in either order, gets
+    the same questions and the same numbers; a model's own-map half is reported beside, apart."""
+    fixed = {"q1": 2.0, "q2": 0.5, "q3": 1.0, "q4": 3.0}  # the base model under the true answers
+    # question: (mass, ratio, correct) under each model's OWN answer; the own-map halves differ from the fixed one
+    base = {"q1": (0.03, 0.3, False), "q2": (0.5, 5.0, True), "q3": (0.02, 0.2, False), "q4": (0.4, 4.0, True)}
+    other = {"q1": (0.01, 0.1, False), "q2": (0.6, 6.0, True), "q3": (0.4, 4.0, True), "q4": (0.02, 0.2, True)}
+    # expectations from the fixed ratios alone: the top half is the 2 largest of 4, the focus subset ratio >= 1
+    top = sorted(fixed, key=fixed.get)[2:]
+    focus = [q for q in fixed if fixed[q] >= 1.0]
+    assert sorted(top) == ["q1", "q4"] and sorted(focus) == ["q1", "q3", "q4"]
+    runs = [pdiag.perception_metrics(s, fixed) for s in
+            ({"base": base}, {"other": other}, {"base": base, "other": other}, {"other": other, "base": base})]
+    for name, s in (("base", base), ("other", other)):
+        got = [m[name] for m in runs if name in m]
+        assert all(g == got[0] for g in got), (name, got)  # the same whichever model comes first, or alone
+        m = got[0]
+        assert m["n_top"] == 2 and m["n_focus"] == 3 and m["median_ratio"] == pytest.approx(1.5)
+        assert m["p_acc_top"] == pytest.approx(100 * np.mean([s[q][2] for q in top]))
+        assert m["p_acc"] == pytest.approx(100 * np.mean([s[q][2] for q in focus]))
+        own_top = sorted(s, key=lambda q: s[q][1])[2:]  # the model's own better-focused half
+        assert m["n_own_top"] == 2 and m["p_acc_own_top"] == pytest.approx(100 * np.mean([s[q][2] for q in own_top]))
+        assert m["accuracy"] == pytest.approx(100 * np.mean([v[2] for v in s.values()]))
+        assert m["afr"] == pytest.approx(100 * np.mean([v[0] for v in s.values()]))  # from the model's own map
+        assert m["attention_ratio"] == pytest.approx(np.mean([v[1] for v in s.values()]))
+    # what makes the test bite: on its own half each model looks better than on the fixed one
+    assert runs[0]["base"]["p_acc_own_top"] == 100.0 and runs[0]["base"]["p_acc_top"] == 50.0
+    assert runs[1]["other"]["p_acc_own_top"] == 100.0 and runs[1]["other"]["p_acc_top"] == 50.0
+    assert pdiag.perception_metrics({"base": base}, fixed, focus_ratio=2.5)["base"]["n_focus"] == 1
+
+
+def test_fixed_map_is_the_base_models_map_under_the_true_answer(tmp_path, tiny_llava):
+    """The fixed map is stage 01's map with y = the true answer, teacher-forced: the box mass equals the cells
+    of 01's attention_maps on (I, P, y_true) inside the box, and another answer would give another map."""
+    torch.set_num_threads(1)
+    model, processor = stage01.load_model(tiny_llava, "cpu", attn_implementation="eager")
+    model.requires_grad_(False)
+    rng = np.random.default_rng(0)
+    questions = []
+    for i, (prompt, answer) in enumerate((("what colour is the square ?", "red"),
+                                          ("what shape is the blue object ?", "circle"))):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        # the tiny model's processor: 32 px in, a 4 x 4 grid of 8-px cells; the box holds rows 0-1, columns 1-2
+        questions.append({"id": f"q{i}", "image": f"{i}.png", "prompt": prompt, "answer": answer,
+                          "box": [8, 0, 24, 16]})
+    fixed = pdiag.fixed_map(model, processor, questions, tmp_path, [0], "attention", stage01)
+    images = [Image.open(tmp_path / q["image"]).convert("RGB") for q in questions]
+    prompts = [q["prompt"] for q in questions]
+    truth, _ = stage01.attention_maps(model, processor, prompts, ["red", "circle"], images, [0], "attention")
+    wrong, _ = stage01.attention_maps(model, processor, prompts, ["blue", "square"], images, [0], "attention")
+    for q, t, w in zip(questions, truth, wrong):
+        mass = t[0:2, 1:3].sum()
+        assert fixed[q["id"]] == pytest.approx((mass, mass / (16 * 16 / 32 ** 2)), rel=1e-6)
+        assert abs(w[0:2, 1:3].sum() - mass) > 1e-4  # the answer moves the map: the forced one is the true one
 
 
 def test_answer_rule_takes_the_first_word():
