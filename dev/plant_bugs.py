@@ -319,6 +319,9 @@ BUGS_24 = [
         "HallusionBench: 'Unknown' right on any question"),
     bug("hallusion_fig0_counted", F05B, "            if not no_figure:\n", "            if True:\n", "05b",
         "HallusionBench: VS figure 0 counted as a figure"),
+    bug("sigma_first_bench", F05B, 'images = [noisy_image(j, args.seed) for j in batch if j["path"] is not None]',
+        'images = [noisy_image(dict(j, sigma=args.noise_sigma[0]), args.seed) for j in batch if j["path"]]',
+        "05b", "a benchmark's every sigma answers on the first sigma's image"),
     bug("pope_split_ignored", F05, 'split = row.get("split", next(iter(questions)))',
         "split = next(iter(questions))", "05", "answers grouped by sigma only, not split"),
     # ---- shared ----

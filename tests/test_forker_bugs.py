@@ -7,8 +7,8 @@ computed here: a closed form, a naive reference written below, pixels rebuilt wi
       every ref key read as stage 03 writes it (fixtures made by stage 03 itself).
   02  each branch's decoding settings, in pairs.jsonl's "gen", in the decode calls and in the tokens; the
       images each call was fed, against the views rebuilt with numpy.
-  05  each sigma of the noise sweep: the image fed (rebuilt with numpy noise), its answer and its label;
-      HallusionBench's question pairs.
+  05  each sigma of the noise sweep, in POPE and in the benchmarks' script (f05b_): the image fed (rebuilt
+      with numpy noise), its answer and its label; HallusionBench's question pairs.
   01  the grid cell of every pixel by its centre; a tie in the crop score goes to the first ratio.
   joins  a bad line placed before good ones: 03's scores, 02's results, 05's answers, run_rows' output.
   shared  a repeated id in any type; append_jsonl on disk at once.
@@ -618,6 +618,46 @@ def test_f05b_hallusion_pairs_a_question_across_figures():
         want = naive_hallusion(mine)
         assert got[group] == pytest.approx(want), (group, got[group], want)
     assert got["VD"]["qAcc"] == pytest.approx(100 / 3) and got["VD"]["fAcc"] == 0.0 and got["VS"]["fAcc"] == 100.0
+
+
+def test_f05b_each_sigma_answers_a_benchmark_on_its_own_noisy_image(tiny_llava, tmp_path, monkeypatch):
+    """HallusionBench with sigmas 0 and 0.6, seed 3, one question per batch: the k-th image fed is the k-th
+    answer row with an image, with numpy noise at that row's sigma (keyed by the filename as written); each
+    row's text is the naive greedy answer, and each sigma's HallusionBench_result.json holds its own rows'."""
+    ev = benchmarks_05()
+    model, processor = ev.load_model(tiny_llava, "cpu")
+    fed = []
+    model.model.vision_tower.register_forward_pre_hook(
+        lambda mod, a, kw: fed.append(a[0] if a else kw["pixel_values"]), with_kwargs=True)
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: (model, processor))
+    if hasattr(ev, "cached_model"):
+        ev.cached_model.cache_clear()
+    items = [hallusion_row("VD", "0", f, "0", "1", None) for f in ("0", "1")] + [
+        hallusion_row("VS", "1", "0", "0", "0", None)]  # the last one text only
+    for i, it in enumerate(items):
+        del it["model_prediction"]
+        if it["filename"]:
+            path = tmp_path / "hallusion_bench" / it["filename"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rand_image(70 + i, 36, 30).save(path)
+    (tmp_path / "HallusionBench.json").write_text(json.dumps(items))
+    out = tmp_path / "out"
+    ev.main(["--benchmark", "hallusionbench", "--model", str(tiny_llava), "--questions",
+             str(tmp_path / "HallusionBench.json"), "--out", str(out), "--noise-sigma", "0", "0.6", "--seed", "3",
+             "--batch-size", "1", "--max-new-tokens", "3"])
+    rows = [json.loads(x) for x in open(out / "answers.jsonl")]
+    assert sorted(r["sigma"] for r in rows) == [0.0] * 3 + [0.6] * 3
+    with_image = [r for r in rows if r["image"] is not None]
+    assert len(fed) == len(with_image) == 4, (len(fed), len(with_image))
+    for r, pv in zip(with_image, fed):
+        image = numpy_noise(Image.open(tmp_path / "hallusion_bench" / r["image"]).convert("RGB"), r["sigma"], 3,
+                            r["image"])
+        assert torch.equal(pv[0], pixels(processor, [image])[0]), r
+        assert r["text"] == naive_greedy(model, processor, r["prompt"], image, 3), r
+    for sigma in ("0", "0.6"):
+        result = json.loads((out / f"sigma{sigma}" / "HallusionBench_result.json").read_text())
+        mine = {r["question_id"]: r["text"] for r in rows if f"{r['sigma']:g}" == sigma}
+        assert [x["model_prediction"] for x in result] == [mine[ev.hallusion_key(x)] for x in result], sigma
 
 
 # ==== joins: run_rows with a bad line first; the shared blocks' guarantees ====
