@@ -193,7 +193,7 @@ def args_02(out, **kw):
 def test_f02_each_branch_decodes_with_its_own_settings_and_images(llava, tmp_path, monkeypatch):
     """Focus greedy (T 0) for 3 tokens, robustness at T 0.7, top-p 0.8, for 5 tokens, contrastive
     amplification at lambda_ca 2, beta_head 0.2 (none of them a default, no two alike): (1) pairs.jsonl's
-    "gen" records them; (2) each decode call got its branch's settings and was fed exactly its branch's images
+    "gen" records them, "prompt_robust" the instructed P; (2) each decode call got its branch's settings and was fed exactly its branch's images
     (rebuilt with numpy: I, I_crop, I_deg, I_noise at sigma 0.3, seed 4); (3) every response equals the naive
     decoder at its branch's settings."""
     model, processor = llava
