@@ -15,7 +15,8 @@ A file refactored after its bugs were written can leave an `old` snippet that no
 start of every run) names such stale bugs and exits 1, and tests/test_plant_bugs.py runs the same check.
 
 Selections are the fast tests a forker runs for the file they touched (the stage's unit tests, not its
-subprocess runs) plus tests/test_bug_classes.py; files missing from the chosen tests/ are dropped.
+subprocess runs) plus tests/test_bug_classes.py and tests/test_forker_bugs.py's tests of that stage (run first);
+files missing from the chosen tests/ are dropped. BUGS_24 are issue 24's (dev/PLANTED.md, second table).
 """
 import argparse
 import os
