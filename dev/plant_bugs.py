@@ -15,7 +15,8 @@ A file refactored after its bugs were written can leave an `old` snippet that no
 start of every run) names such stale bugs and exits 1, and tests/test_plant_bugs.py runs the same check.
 
 Selections are the fast tests a forker runs for the file they touched (the stage's unit tests, not its
-subprocess runs) plus tests/test_bug_classes.py; files missing from the chosen tests/ are dropped.
+subprocess runs) plus tests/test_bug_classes.py and tests/test_forker_bugs.py's tests of that stage (run first);
+files missing from the chosen tests/ are dropped. BUGS_24 are issue 24's (dev/PLANTED.md, second table).
 """
 import argparse
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW = "tests/test_bug_classes.py"
+FORKER = "tests/test_forker_bugs.py"  # issue 24: run first, a stage's own tests only (see selection)
 # the fast part of each stage's test file (its subprocess stage runs left out)
 FAST = {
     "01": ("tests/test_01_attention_crop.py", "not stage_writes and not toy_world_defaults and not every_line "
@@ -190,6 +192,145 @@ BUGS = [
         "right.append(verdict == truth)", "05b", "HallusionBench: Unknown on a VS question without a figure wrong"),
 ]
 
+# Issue 24: the twelve that survived a second planting (+ the one caught by luck), then 30+ more of their kinds.
+BUGS_24 = [
+    # ---- the survivors ----
+    bug("lr_cosine_ahead", F04, "math.cos(math.pi * (step - warmup) / max(1, total - warmup))",
+        "math.cos(math.pi * (step - warmup + 1) / max(1, total - warmup))", "04",
+        "cosine one step ahead (not the peak after warm-up, lr 0 at the last step)"),
+    bug("clip_per_micro", F04, "_, s = micro_step(model, processor, mb, args, ctx, world / len(batch))\n",
+        "_, s = micro_step(model, processor, mb, args, ctx, world / len(batch))\n"
+        '            torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], args.max_grad_norm)\n',
+        "04", "gradient clipped after every micro-step, then again"),
+    bug("merge_train_mode", F04, "module.scale * (module.lora_B.float() @ module.lora_A.float())",
+        "module.scale * (module.lora_B.float() @ F.linear(module.dropout(torch.eye(w.shape[1])), "
+        "module.lora_A.float()).T)", "04", "merge through the module in train mode (dropout on A)"),
+    bug('branch_temps_swap', F02, 'args.focus_temperature if focus else args.temperature, args.top_p,',
+        'args.temperature if focus else args.focus_temperature, args.top_p,', '02',
+        'per-branch temperatures swapped (focus T 0.2, robust greedy)'),
+    bug('pixel_corners', F01, 'u = (np.arange(n) + 0.5 + pad[axis]) * r / padded[axis] - offset[axis]',
+        'u = (np.arange(n) + pad[axis]) * r / padded[axis] - offset[axis]', '01',
+        'grid-to-pixel on pixel corners, not centres'),
+    bug("crop_tie_last", F01, "if best is None or score > best[0]:", "if best is None or score >= best[0]:", "01",
+        "a crop-score tie goes to the larger window, not the first"),
+    bug("score_good_index", F03, "rows = [(i, r) for i, line in lines.items() for r in scoring_rows(line, terms)]",
+        "rows = [(i, r) for i, line in enumerate(lines.values()) for r in scoring_rows(line, terms)]", "03",
+        "scores at a line's index among the good lines"),
+    bug("calib_aug_l_prompt", F03, '"calib_aug_l": ("focus", "rejected", "prompt_enh", "aug"),',
+        '"calib_aug_l": ("focus", "rejected", "prompt", "aug"),', "03", "ref.calib_aug_l scored with P, not P_enh"),
+    bug('sigma_first', F05, 'images = [noisy_image(j, args.seed) for j in batch]  # B images, each at its sigma',
+        'images = [noisy_image(dict(j, sigma=args.noise_sigma[0]), args.seed) for j in batch]', '05',
+        "every sigma answers on the first sigma's image"),
+    bug("hallusion_by_figure", F05B, 'pairs.setdefault("_".join(stem + [str(r["question_id"])]), [])',
+        'pairs.setdefault("_".join(stem + [str(r["figure_id"])]), [])', "05b",
+        "HallusionBench pairs grouped by figure_id, not question_id"),
+    bug("repeated_int_id", F01, "        elif str(key) in seen:\n", "        elif key in seen:\n", "01",
+        "shared: a repeated integer id passes (raw id vs its string)"),
+    bug("append_no_flush", F05, '    f.write(json.dumps(row) + "\\n")\n    f.flush()\n',
+        '    f.write(json.dumps(row) + "\\n")\n', "05", "shared: append_jsonl without a flush"),
+    bug("robust_ref_expert", F04, 'need.update(robust_w="robust_w", robust_l="robust_l")',
+        'need.update(robust_w="robust_expert_w", robust_l="robust_l")', "04",
+        "DPO_rob's y_w reference read from robust_expert_w (caught by luck before)"),
+    # ---- 04: schedule and optimizer order; merge; ref keys ----
+    bug("lr_warmup_from_0", F04, "return peak * ((step + 1) / (warmup + 1))", "return peak * (step / warmup)",
+        "04", "warm-up starts at lr 0 (the first step does nothing)"),
+    bug("lr_cosine_whole_run", F04, "math.cos(math.pi * (step - warmup) / max(1, total - warmup))",
+        "math.cos(math.pi * step / max(1, total))", "04", "cosine over the whole run, warm-up not subtracted"),
+    bug('lr_step_plus_1', F04, 'lr = lr_at(step, args.lr, math.ceil(args.warmup_ratio * total), total)',
+        'lr = lr_at(step + 1, args.lr, math.ceil(args.warmup_ratio * total), total)', '04',
+        'schedule read at step + 1 in the loop'),
+    bug('warmup_int', F04, 'lr = lr_at(step, args.lr, math.ceil(args.warmup_ratio * total), total)',
+        'lr = lr_at(step, args.lr, int(args.warmup_ratio * total), total)', '04',
+        'warm-up steps truncated, not ceil'),
+    bug("steps_floor", F04, "steps_per_epoch = math.ceil(len(lines) / per_step)",
+        "steps_per_epoch = len(lines) // per_step", "04", "the short last batch of an epoch dropped"),
+    bug('no_zero_grad', F04, '    optimizer.step()\n    optimizer.zero_grad(set_to_none=True)\n',
+        '    optimizer.step()\n', '04',
+        'gradients never zeroed between steps'),
+    bug("clip_inf_norm", F04, "grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)",
+        'grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm, norm_type=float("inf"))', "04",
+        "clipped by the max-abs norm, not the 2-norm"),
+    bug("merge_keeps_lora", F04, "            model.set_submodule(name, module.base)\n", "", "04",
+        "merge leaves the LoRA wrapper in place (B A added twice)"),
+    bug("calib_ref_always_w", F04, 'side = args.calib_ref[0]  # "w" or "l": whose Delta pi_ref', 'side = "w"', "04",
+        "--calib-ref lose ignored"),
+    bug("focus_ref_from_aug", F04, 'need.update(focus_w="focus_w", focus_l="focus_l")',
+        'need.update(focus_w="calib_aug_w", focus_l="focus_l")', "04",
+        "DPO_focus y_w reference from its generating context (I_aug, P_enh)"),
+    # ---- 02: per-branch settings and images ----
+    bug('max_tokens_swap', F02, 'args.focus_max_new_tokens if focus else args.max_new_tokens,',
+        'args.max_new_tokens if focus else args.focus_max_new_tokens,', '02',
+        'per-branch length caps swapped'),
+    bug('focus_at_robust_t', F02, 'args.focus_temperature if focus else args.temperature, args.top_p,',
+        'args.temperature, args.top_p,', '02',
+        'focus sampled at the robustness temperature'),
+    bug("gen_no_focus_t", F02, 'GEN_ARGS = ("temperature", "top_p", "max_new_tokens", "focus_temperature", ',
+        'GEN_ARGS = ("temperature", "top_p", "max_new_tokens", ', "02",
+        "pairs.jsonl's gen omits the focus temperature"),
+    bug('beta_head_fixed', F02, 'args.lambda_ca if contrastive else None, args.beta_head,',
+        'args.lambda_ca if contrastive else None, 0.1,', '02',
+        '--beta-head ignored (0.1)'),
+    bug('noise_seed_0', F02, '"noise": add_noise(image, sigma, seed, key)}',
+        '"noise": add_noise(image, sigma, 0, key)}', '02',
+        'I_noise ignores --seed'),
+    bug('focus_instructed', F02, 'mine = focus_pair_contexts(key, prompt, prompt_enh,',
+        'mine = focus_pair_contexts(key, prompt_robust, prompt_enh,', '02',
+        "the robustness instruction before the focus y_l's P too"),
+    bug('plain_at_focus', F02, '    focus = jobs[0].role in FOCUS\n',
+        '    focus = jobs[0].amateur_images is None\n', '02',
+        'robust y_l and y_init decoded with the focus settings'),
+    # ---- 03: each term's context; the order of a context's images ----
+    bug("robust_w_clean", F03, '"robust_w": ("robust", "chosen", "prompt", "noise"),',
+        '"robust_w": ("robust", "chosen", "prompt", "image"),', "03", "ref.robust_w under I, not I_noise"),
+    bug("calib_deg_l_chosen", F03, '"calib_deg_l": ("focus", "rejected", "prompt", "deg"),',
+        '"calib_deg_l": ("focus", "chosen", "prompt", "deg"),', "03", "ref.calib_deg_l scores y_w"),
+    bug('expert_on_noise', F03, '"robust_expert_w": ("robust", "chosen", "prompt_robust", "image"),',
+        '"robust_expert_w": ("robust", "chosen", "prompt_robust", "noise"),', '03',
+        "the filter's expert context of y_w is I_noise"),
+    bug('aug_order_03', F03, 'else [pil["image"], pil.get("crop")]',
+        'else [pil.get("crop"), pil["image"]]', '03',
+        'I_aug scored crop first (03)'),
+    bug('score_rows_position', F03, 'for i, a, n in zip(chunk, logp.tolist(), ntok.tolist()):',
+        'for i, a, n in zip(range(k, k + len(chunk)), logp.tolist(), ntok.tolist()):', '03',
+        'log-probs stored by position in their context group'),
+    bug("calib_aug_w_prompt", F03, '"calib_aug_w": ("focus", "chosen", "prompt_enh", "aug"),',
+        '"calib_aug_w": ("focus", "chosen", "prompt", "aug"),', "03", "ref.calib_aug_w scored with P, not P_enh"),
+    # ---- 01: geometry and ties ----
+    bug('offset_sign', F01, 'u = (np.arange(n) + 0.5 + pad[axis]) * r / padded[axis] - offset[axis]',
+        'u = (np.arange(n) + 0.5 + pad[axis]) * r / padded[axis] + offset[axis]', '01',
+        'centre-crop offset added'),
+    bug('resize_round', F01, 'else (int(short * X1 / Y1), short)',
+        'else (round(short * X1 / Y1), short)', '01',
+        'the long side rounded, not truncated as transformers does'),
+    bug("tie_first_position", F01, "k = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)", "k = 0", "01",
+        "a tie of S goes to the first position, not the middle"),
+    bug("grid_transposed", F01, "g = grid[1 - axis]", "g = grid[axis]", "01",
+        "grid rows and columns swapped in pixel_cells"),
+    # ---- 05: per-sigma images; joins; HallusionBench's rules ----
+    bug("noise_key_path", F05, 'return add_noise(image, job["sigma"], seed, job["noise_key"])',
+        'return add_noise(image, job["sigma"], seed, str(job["path"]))', "05",
+        "noise keyed by the resolved path, not the path as written"),
+    bug("noise_seed_0_05", F05, 'return add_noise(image, job["sigma"], seed, job["noise_key"])',
+        'return add_noise(image, job["sigma"], 0, job["noise_key"])', "05", "05's I_noise ignores --seed"),
+    bug('answers_by_id_only', F05, 'return [(n, r) for n, r in rows if wanted is None or row_key(r) in wanted]',
+        'return [(n, r) for n, r in rows if wanted is None or row_key(r)[2] in {k[2] for k in wanted}]', '05',
+        "a run scores every sigma's answers in its --out"),
+    bug("hallusion_unknown_right", F05B, 'right.append(verdict == truth or (verdict == "Unknown" and no_figure))',
+        'right.append(verdict == truth or verdict == "Unknown")', "05b",
+        "HallusionBench: 'Unknown' right on any question"),
+    bug("hallusion_fig0_counted", F05B, "            if not no_figure:\n", "            if True:\n", "05b",
+        "HallusionBench: VS figure 0 counted as a figure"),
+    bug("sigma_first_bench", F05B, 'images = [noisy_image(j, args.seed) for j in batch if j["path"] is not None]',
+        'images = [noisy_image(dict(j, sigma=args.noise_sigma[0]), args.seed) for j in batch if j["path"]]',
+        "05b", "a benchmark's every sigma answers on the first sigma's image"),
+    bug("pope_split_ignored", F05, 'split = row.get("split", next(iter(questions)))',
+        "split = next(iter(questions))", "05", "answers grouped by sigma only, not split"),
+    # ---- shared ----
+    bug("repeated_id_raw_key", F02, "        seen[str(key)] = n\n", "        seen[key] = n\n", "02",
+        "shared: ids stored raw, checked as text (a repeated integer id passes)"),
+]
+BUGS = BUGS + BUGS_24
+
 
 def stale(bugs=BUGS, root=ROOT):
     """The bugs whose `old` snippet does not occur exactly once in root's file: [(id, file, count)]."""
@@ -211,9 +352,12 @@ def check(bugs=BUGS, root=ROOT):
 
 
 def selection(b, tests_dir):
+    """The stage's fast tests: tests/test_forker_bugs.py's tests of that stage (named f<stage>_) and of the shared
+    blocks (fsh_), tests/test_bug_classes.py, the stage's own file (FAST) and the bug's extras."""
     path, k = FAST[b["stage"]]
-    files = [f for f in [NEW, path, *b["extra"]] if (tests_dir / Path(f).name).exists()]
-    return files, k
+    files = [f for f in [FORKER, NEW, path, *b["extra"]] if (tests_dir / Path(f).name).exists()]
+    others = [f"not f{s}_" for s in FAST if s != b["stage"]]
+    return files, " and ".join([f"({k})", *others])
 
 
 def run_one(b, tests_from, timeout, plant=True):
