@@ -432,6 +432,9 @@ def check_settings(args, out):
     path = out / "instances.args.json"
     old = {}
     wrote = any((out / f).is_file() and (out / f).stat().st_size for f in ("instances.jsonl", "human_pairs.jsonl"))
+    if wrote and not path.is_file():  # the user's own files, or another program's: never written over
+        raise SystemExit(f"{out} holds instances.jsonl or human_pairs.jsonl but no {path.name} says this "
+                         f"script made them: pass a new or empty --out")
     if path.is_file() and wrote:
         old = json.loads(path.read_text())
     for k in RESULT_ARGS:

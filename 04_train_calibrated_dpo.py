@@ -42,6 +42,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import socket
 import sys
 import time
@@ -1117,8 +1118,8 @@ def fail(message):
 
 
 def exits_in_one_sentence(rerun):
-    """From here on, Ctrl-C, a full disk or an unreadable file end the process in one sentence
-    saying what is kept and what to do (`rerun`), not a traceback (--debug: the traceback)."""
+    """From here on, Ctrl-C or SIGTERM, a full disk or an unreadable file end the process in one
+    sentence saying what is kept and what to do (`rerun`), not a traceback (--debug: the traceback)."""
     def hook(kind, e, tb):
         if "--debug" in sys.argv[1:] or not issubclass(kind, (KeyboardInterrupt, OSError)):
             return sys.__excepthook__(kind, e, tb)
@@ -1131,7 +1132,11 @@ def exits_in_one_sentence(rerun):
         else:
             return sys.__excepthook__(kind, e, tb)
         print(f"\n{what}: what was written so far is kept; {then}", file=sys.stderr)
+
+    def stop(signum, frame):  # `kill`, `timeout`, a job scheduler: the same as Ctrl-C
+        raise KeyboardInterrupt
     sys.excepthook = hook
+    signal.signal(signal.SIGTERM, stop)
 # ---- end shared ----
 
 

@@ -454,3 +454,15 @@ def test_every_field_of_an_rlhfv_row_is_checked_for_type_on_its_own_row(tmp_path
         stage.rlhfv_row({"text": b'{"question": "Q?"}', "image": None})
     with pytest.raises(ValueError, match="'idx' is a number, not text or an integer"):
         stage.row_id({"idx": 3.0}, 0, set())
+
+
+def test_an_out_holding_the_users_own_instances_is_refused_untouched(tmp_path):
+    """Before, a folder holding the user's own instances.jsonl (no args file beside it) was written over, rc 0."""
+    write_llava(tmp_path)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "instances.jsonl").write_text('{"id": "hand-made"}\n')
+    with pytest.raises(SystemExit, match="no instances.args.json says this script made them"):
+        stage.main(["--data", str(tmp_path / "rlhf_v.json"), "--out", str(out)])
+    assert (out / "instances.jsonl").read_text() == '{"id": "hand-made"}\n'
+    assert sorted(p.name for p in out.iterdir()) == ["instances.jsonl"]

@@ -508,7 +508,8 @@ def test_ctrl_c_a_full_disk_or_an_unreadable_file_end_in_one_sentence(kind, erro
     assert "ValueError: a bug" in capsys.readouterr().err
 
 
-def test_ctrl_c_in_a_real_run_is_one_sentence(tiny_llava, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; `kill`, `timeout`, a job scheduler
+def test_ctrl_c_in_a_real_run_is_one_sentence(sig, tiny_llava, tmp_path):
     data = instances(tmp_path, n=400)
     out = tmp_path / "crops.jsonl"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -518,7 +519,7 @@ def test_ctrl_c_in_a_real_run_is_one_sentence(tiny_llava, tmp_path):
     t = time.time()
     while not (out.exists() and out.stat().st_size) and time.time() - t < 300:
         time.sleep(0.01)
-    run.send_signal(signal.SIGINT)
+    run.send_signal(sig)
     err = run.communicate(timeout=120)[1]
     assert run.returncode != 0 and "Traceback" not in err, err[-2000:]
     assert "interrupted: what was written so far is kept; rerun the same command" in err
