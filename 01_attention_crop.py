@@ -71,13 +71,13 @@ import socket
 import sys
 import traceback
 import warnings
+import zlib
 from pathlib import Path
 
 # a model is a local folder or the user's own cache: never download
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
-import zlib
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
