@@ -517,8 +517,7 @@ def append_jsonl(f, row):
 
 # ---- shared: resume ----
 def continue_jsonl(path):
-    """The rows already in an output JSONL, after cutting a last line a crash left unfinished.
-    Any other bad line ends the run, naming it."""
+    """The rows already in an output JSONL, once a last line a crash left unfinished is cut."""
     path = Path(path)
     data = path.read_bytes() if path.exists() else b""
     if not data.endswith(b"\n"):
@@ -534,8 +533,7 @@ def continue_jsonl(path):
 
 # ---- shared: images ----
 def open_image(path):
-    """The image file, opened lazily (header only), behind PIL's decompression-bomb guard
-    (Image.MAX_IMAGE_PIXELS, its warning made an error). OSError / ValueError naming the file."""
+    """The image, opened lazily (header only) behind PIL's decompression-bomb guard, its warning an error."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:

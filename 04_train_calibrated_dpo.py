@@ -857,8 +857,7 @@ def append_jsonl(f, row):
 
 # ---- shared: images ----
 def open_image(path):
-    """The image file, opened lazily (header only), behind PIL's decompression-bomb guard
-    (Image.MAX_IMAGE_PIXELS, its warning made an error). OSError / ValueError naming the file."""
+    """The image, opened lazily (header only) behind PIL's decompression-bomb guard, its warning an error."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -920,8 +919,7 @@ def load_model(path, device, attn_implementation=None):
             path, dtype=dtype, attn_implementation=attn_implementation)
     except Exception as e:  # noqa: BLE001 (whatever the folder lacks; --debug shows the traceback)
         reason = str(e).strip().split("\n")[0][:300]
-        fail(f"--model {path}: no image-text model and processor load from it "
-             f"({type(e).__name__}: {reason})")
+        fail(f"--model {path}: no image-text model and processor load from it ({type(e).__name__}: {reason})")
     return model.to(device).eval(), processor
 
 
@@ -935,12 +933,10 @@ def chat_prompt(processor, prompt, n_images=1):
 
 # ---- shared: batch ----
 def build_batch(processor, prompts, responses, images):
-    """(inputs, response_mask (R, T) bool) scoring R (chat prompt with images, response) rows.
-
-    prompts, responses: R strings; images: R lists of PIL images in prompt order (a repeated image
-    is listed again: pixel_values and image_grid_thw follow row order). A response is tokenized
-    alone + EOS and appended at the id level, as generation made it; rows are left padded, so a
-    response is its row's last tokens."""
+    """(inputs, response_mask (R, T) bool) for R rows: chat prompt with images, then response.
+    prompts, responses: R strings; images: R lists of PIL images in prompt order (a repeated image listed
+    again). A response is tokenized alone + EOS and appended at the id level, as generation made it; rows
+    are left padded, so a response is its row's last tokens."""
     assert len(prompts) == len(responses) == len(images), (len(prompts), len(responses), len(images))
     tok = processor.tokenizer
     texts = [chat_prompt(processor, p, len(imgs)) for p, imgs in zip(prompts, images)]
@@ -968,18 +964,16 @@ def build_batch(processor, prompts, responses, images):
 
 # ---- shared: logprobs ----
 def response_logprobs(model, inputs, response_mask):
-    """Summed log pi(y | prompt, images) over each row's response tokens (EOS included),
-    log-softmax in fp32. inputs, response_mask: from build_batch (moved to the model here).
-    Returns (logp (R,) fp32, ntok (R,))."""
+    """(logp (R,) fp32, ntok (R,)): summed log pi(y | prompt, images) over each row's response tokens (EOS
+    included), log-softmax in fp32. inputs, response_mask: from build_batch (moved to the model here)."""
     p = next(model.parameters())
     inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)
               for k, v in inputs.items()}
     n = int(response_mask.sum(1).max())
     # (R, n + 1, V): only the positions that are scored
     logits = model(**inputs, use_cache=False, logits_to_keep=n + 1).logits
-    assert logits.shape[1] == n + 1, (
-        f"{logits.shape[1]} positions of logits for n + 1 = {n + 1}: logits_to_keep= was ignored "
-        "(renamed in this transformers version?), so log-probs would be read at the wrong positions")
+    assert logits.shape[1] == n + 1, f"{logits.shape[1]} positions of logits for n + 1 = {n + 1}: " \
+        "logits_to_keep= was ignored (renamed in this transformers?): log-probs would be read at wrong positions"
     logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (R, n, V): position t predicts token t + 1
     logp = logp.gather(-1, inputs["input_ids"][:, -n:, None]).squeeze(-1)  # (R, n)
     mask = response_mask[:, -n:].to(p.device)
@@ -1043,7 +1037,7 @@ def read_args(path):
 
 
 def write_args(path, settings):
-    """Record a run's settings and which stage wrote them."""
+    """Record a run's settings and which stage wrote them, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"stage": STAGE, **{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}}
     tmp = path.with_name(path.name + ".tmp")
@@ -1055,30 +1049,26 @@ def same_settings(old, new, keys, what):
     """Refuse a rerun whose `keys` differ from what the earlier run recorded."""
     for k in keys:
         if k in old and old[k] != new.get(k):
-            fail(f"{what} {k}={old[k]!r}, not {new.get(k)!r}: use another --out, or delete it to "
-                 f"start over")
+            fail(f"{what} {k}={old[k]!r}, not {new.get(k)!r}: use another --out, or delete it to start over")
 
 
 def claim_out(out, inputs, folder=False):
-    """Before any model loads: `out` is no input ({flag: path}), of this stage's kind, written by this
-    stage or not at all, and writable; then this process holds `<out>.lock` (an flock, freed when
-    the process ends; the file stays) and a second run into `out` refuses, naming the holder."""
+    """Before any model loads: refuse an `out` that is an input ({flag: path}), not a `folder` / file, written
+    by another stage or a folder of the user's; then hold `<out>.lock` (an flock: the kernel frees it when
+    the process ends; the file stays), so that a second run into `out` refuses, naming this one."""
     out = Path(out)
+    kind = "folder" if folder else "file"
     for flag, path in inputs.items():
         if path is not None and Path(path).resolve() == out.resolve():
-            fail(f"--out {out} is also the input {flag} {path}: writing it would destroy the "
-                 f"input; pass another --out")
+            fail(f"--out {out} is also the input {flag} {path}: writing it would destroy the input; pass another --out")
     if out.exists() and out.is_dir() != folder:
-        fail(f"--out {out} exists and is not a {'folder' if folder else 'file'}: this stage "
-             f"writes a {'folder' if folder else 'file'} there")
+        fail(f"--out {out} exists and is not a {kind}: this stage writes a {kind} there")
     recorded = read_args(args_path(out, folder))
     if recorded and recorded.get("stage") != STAGE:
         writer = recorded.get("stage") or "an older version or another program (no stage named)"
         fail(f"--out {out} was written by {writer}, not {STAGE}: pass another --out")
-    if folder and out.is_dir() and not args_path(out, folder).is_file() and any(
-            p.is_file() and p.stat().st_size for p in out.rglob("*")):  # (empty files: a failed run's)
-        fail(f"--out {out} is a folder this stage did not write (no args.json in it): pass a new "
-             f"or empty folder")
+    if folder and not recorded and out.is_dir() and any(p.is_file() and p.stat().st_size for p in out.rglob("*")):
+        fail(f"--out {out} is a folder this stage did not write (no args.json in it): pass a new or empty folder")
     lock = out.with_name(out.name + ".lock")
     if lock in LOCKS:  # main() run again in this process (a notebook, a test)
         return
@@ -1091,14 +1081,13 @@ def claim_out(out, inputs, folder=False):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        fail(f"{out} is in use by {f.read().strip() or 'another run'} (lock {lock}): wait for "
-             f"that run to end, or pass another --out")
+        fail(f"{out} is in use by {f.read().strip() or 'another run'} (lock {lock}): wait for that run to end, "
+             f"or pass another --out")
     except OSError as e:  # a filesystem without locks (some network mounts)
         print(f"warning: cannot lock {lock} ({e.strerror}): nothing stops a second run into {out}")
     LOCKS[lock] = f
     f.truncate(0)
-    f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
-    f.flush()
+    print(f"pid {os.getpid()} on host {socket.gethostname()}", file=f, flush=True)
 # ---- end shared ----
 
 
@@ -1118,8 +1107,8 @@ def fail(message):
 
 
 def exits_in_one_sentence(rerun):
-    """From here on, Ctrl-C or SIGTERM, a full disk or an unreadable file end the process in one
-    sentence saying what is kept and what to do (`rerun`), not a traceback (--debug: the traceback)."""
+    """From here on, Ctrl-C, SIGTERM (`kill`, `timeout`, a job scheduler), a full disk or an unreadable file
+    end the process in one sentence saying what is kept and what to do (`rerun`); --debug: the traceback."""
     def hook(kind, e, tb):
         if "--debug" in sys.argv[1:] or not issubclass(kind, (KeyboardInterrupt, OSError)):
             return sys.__excepthook__(kind, e, tb)
@@ -1132,11 +1121,8 @@ def exits_in_one_sentence(rerun):
         else:
             return sys.__excepthook__(kind, e, tb)
         print(f"\n{what}: what was written so far is kept; {then}", file=sys.stderr)
-
-    def stop(signum, frame):  # `kill`, `timeout`, a job scheduler: the same as Ctrl-C
-        raise KeyboardInterrupt
     sys.excepthook = hook
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt, as Ctrl-C does
 # ---- end shared ----
 
 

@@ -678,8 +678,7 @@ def append_jsonl(f, row):
 
 # ---- shared: resume ----
 def continue_jsonl(path):
-    """The rows already in an output JSONL, after cutting a last line a crash left unfinished.
-    Any other bad line ends the run, naming it."""
+    """The rows already in an output JSONL, once a last line a crash left unfinished is cut."""
     path = Path(path)
     data = path.read_bytes() if path.exists() else b""
     if not data.endswith(b"\n"):
@@ -695,8 +694,7 @@ def continue_jsonl(path):
 
 # ---- shared: images ----
 def open_image(path):
-    """The image file, opened lazily (header only), behind PIL's decompression-bomb guard
-    (Image.MAX_IMAGE_PIXELS, its warning made an error). OSError / ValueError naming the file."""
+    """The image, opened lazily (header only) behind PIL's decompression-bomb guard, its warning an error."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -772,8 +770,7 @@ def load_model(path, device, attn_implementation=None):
             path, dtype=dtype, attn_implementation=attn_implementation)
     except Exception as e:  # noqa: BLE001 (whatever the folder lacks; --debug shows the traceback)
         reason = str(e).strip().split("\n")[0][:300]
-        fail(f"--model {path}: no image-text model and processor load from it "
-             f"({type(e).__name__}: {reason})")
+        fail(f"--model {path}: no image-text model and processor load from it ({type(e).__name__}: {reason})")
     return model.to(device).eval(), processor
 
 
@@ -815,8 +812,8 @@ def fail(message):
 
 
 def exits_in_one_sentence(rerun):
-    """From here on, Ctrl-C or SIGTERM, a full disk or an unreadable file end the process in one
-    sentence saying what is kept and what to do (`rerun`), not a traceback (--debug: the traceback)."""
+    """From here on, Ctrl-C, SIGTERM (`kill`, `timeout`, a job scheduler), a full disk or an unreadable file
+    end the process in one sentence saying what is kept and what to do (`rerun`); --debug: the traceback."""
     def hook(kind, e, tb):
         if "--debug" in sys.argv[1:] or not issubclass(kind, (KeyboardInterrupt, OSError)):
             return sys.__excepthook__(kind, e, tb)
@@ -829,11 +826,8 @@ def exits_in_one_sentence(rerun):
         else:
             return sys.__excepthook__(kind, e, tb)
         print(f"\n{what}: what was written so far is kept; {then}", file=sys.stderr)
-
-    def stop(signum, frame):  # `kill`, `timeout`, a job scheduler: the same as Ctrl-C
-        raise KeyboardInterrupt
     sys.excepthook = hook
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt, as Ctrl-C does
 # ---- end shared ----
 
 
@@ -883,7 +877,7 @@ def read_args(path):
 
 
 def write_args(path, settings):
-    """Record a run's settings and which stage wrote them."""
+    """Record a run's settings and which stage wrote them, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"stage": STAGE, **{k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}}
     tmp = path.with_name(path.name + ".tmp")
@@ -895,30 +889,26 @@ def same_settings(old, new, keys, what):
     """Refuse a rerun whose `keys` differ from what the earlier run recorded."""
     for k in keys:
         if k in old and old[k] != new.get(k):
-            fail(f"{what} {k}={old[k]!r}, not {new.get(k)!r}: use another --out, or delete it to "
-                 f"start over")
+            fail(f"{what} {k}={old[k]!r}, not {new.get(k)!r}: use another --out, or delete it to start over")
 
 
 def claim_out(out, inputs, folder=False):
-    """Before any model loads: `out` is no input ({flag: path}), of this stage's kind, written by this
-    stage or not at all, and writable; then this process holds `<out>.lock` (an flock, freed when
-    the process ends; the file stays) and a second run into `out` refuses, naming the holder."""
+    """Before any model loads: refuse an `out` that is an input ({flag: path}), not a `folder` / file, written
+    by another stage or a folder of the user's; then hold `<out>.lock` (an flock: the kernel frees it when
+    the process ends; the file stays), so that a second run into `out` refuses, naming this one."""
     out = Path(out)
+    kind = "folder" if folder else "file"
     for flag, path in inputs.items():
         if path is not None and Path(path).resolve() == out.resolve():
-            fail(f"--out {out} is also the input {flag} {path}: writing it would destroy the "
-                 f"input; pass another --out")
+            fail(f"--out {out} is also the input {flag} {path}: writing it would destroy the input; pass another --out")
     if out.exists() and out.is_dir() != folder:
-        fail(f"--out {out} exists and is not a {'folder' if folder else 'file'}: this stage "
-             f"writes a {'folder' if folder else 'file'} there")
+        fail(f"--out {out} exists and is not a {kind}: this stage writes a {kind} there")
     recorded = read_args(args_path(out, folder))
     if recorded and recorded.get("stage") != STAGE:
         writer = recorded.get("stage") or "an older version or another program (no stage named)"
         fail(f"--out {out} was written by {writer}, not {STAGE}: pass another --out")
-    if folder and out.is_dir() and not args_path(out, folder).is_file() and any(
-            p.is_file() and p.stat().st_size for p in out.rglob("*")):  # (empty files: a failed run's)
-        fail(f"--out {out} is a folder this stage did not write (no args.json in it): pass a new "
-             f"or empty folder")
+    if folder and not recorded and out.is_dir() and any(p.is_file() and p.stat().st_size for p in out.rglob("*")):
+        fail(f"--out {out} is a folder this stage did not write (no args.json in it): pass a new or empty folder")
     lock = out.with_name(out.name + ".lock")
     if lock in LOCKS:  # main() run again in this process (a notebook, a test)
         return
@@ -931,23 +921,21 @@ def claim_out(out, inputs, folder=False):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        fail(f"{out} is in use by {f.read().strip() or 'another run'} (lock {lock}): wait for "
-             f"that run to end, or pass another --out")
+        fail(f"{out} is in use by {f.read().strip() or 'another run'} (lock {lock}): wait for that run to end, "
+             f"or pass another --out")
     except OSError as e:  # a filesystem without locks (some network mounts)
         print(f"warning: cannot lock {lock} ({e.strerror}): nothing stops a second run into {out}")
     LOCKS[lock] = f
     f.truncate(0)
-    f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
-    f.flush()
+    print(f"pid {os.getpid()} on host {socket.gethostname()}", file=f, flush=True)
 # ---- end shared ----
 
 
 # ---- shared: context ----
 def prompt_problems(model, processor, texts, images, extra, what):
-    """For each row None, or why the model cannot take it: its text holds an image placeholder
-    (the processor would count one image too many and fail the whole batch), or its tokens, image
-    tokens included, + extra[r] more (`what`) run past max_position_embeddings, where a model
-    gives garbage without an error. texts: R chat prompts; images: R lists of images."""
+    """For each row None, or why the model cannot take it: its text holds an image placeholder (the processor
+    would fail the whole batch), or its tokens, images included, + extra[r] `what` run past
+    max_position_embeddings (garbage, no error). texts: R chat prompts; images: R lists of images."""
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     marks = [getattr(processor, k, None) for k in ("image_token", "video_token")]
     problems = []
