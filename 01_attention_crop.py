@@ -658,13 +658,9 @@ def build_batch(processor, prompts, responses, images):
     T = max(int(m.sum()) + len(r) for m, r in zip(real, resp))
     inputs = dict(enc)  # pixel_values, image_grid_thw: as the processor made them
     per_token = [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == real.shape]
-    for k in per_token:  # input_ids, attention_mask, mm_token_type_ids
-        if k == "input_ids":
-            tails = resp
-        else:  # attention 1 on the response; mm type 0: text
-            tails = [[int(k == "attention_mask")] * len(r) for r in resp]
-        rows = [torch.cat([v[m], torch.tensor(t, dtype=v.dtype)])
-                for v, m, t in zip(enc[k], real, tails)]
+    for k in per_token:  # input_ids, attention_mask, mm_token_type_ids: attention 1 on the response, mm type 0 (text)
+        tails = resp if k == "input_ids" else [[int(k == "attention_mask")] * len(r) for r in resp]
+        rows = [torch.cat([v[m], torch.tensor(t, dtype=v.dtype)]) for v, m, t in zip(enc[k], real, tails)]
         pad = tok.pad_token_id if k == "input_ids" else 0
         inputs[k] = torch.stack([F.pad(row, (T - len(row), 0), value=pad) for row in rows])  # (R, T)
     lengths = torch.tensor([len(r) for r in resp])  # (R,)
@@ -728,9 +724,8 @@ def on_rank0(step, rank, world):
 
 # ---- shared: stage ----
 def read_instances(path, fields, limit=None):
-    """(rows, errors) of an input JSONL's first `limit` lines. A line without a unique "id" or a usable field
-    of `fields` (an "image" relative to the file) is an error {"file", "line", "id", "error"}; a row gets
-    "_file", "_line" and "_image"."""
+    """(rows, errors) of an input JSONL's first `limit` lines: a line without a unique "id" or a usable field of
+    `fields` is an error {"file", "line", "id", "error"}; a row gets "_file", "_line", "_image" (its image path)."""
     path = Path(path)
     if not path.is_file():
         fail(f"{path}: input file not found")
@@ -931,8 +926,8 @@ LOCKS = {}  # lock file -> its open file (claim_out): the kernel frees an flock 
 
 
 def fail(message):
-    """End the run with one sentence: what is at fault, what to do (--debug: the traceback too).
-    --out's lock is let go first, for a process that lives on (a notebook, a test)."""
+    """End the run in one sentence, what is at fault and what to do (--debug: the traceback too), letting go
+    of --out's lock first, for a process that lives on (a notebook, a test)."""
     if "--debug" in sys.argv[1:] and sys.exc_info()[0] is not None:
         traceback.print_exc()
     for f in LOCKS.values():

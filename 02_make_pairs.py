@@ -685,9 +685,8 @@ def on_rank0(step, rank, world):
 
 # ---- shared: stage ----
 def read_instances(path, fields, limit=None):
-    """(rows, errors) of an input JSONL's first `limit` lines. A line without a unique "id" or a usable field
-    of `fields` (an "image" relative to the file) is an error {"file", "line", "id", "error"}; a row gets
-    "_file", "_line" and "_image"."""
+    """(rows, errors) of an input JSONL's first `limit` lines: a line without a unique "id" or a usable field of
+    `fields` is an error {"file", "line", "id", "error"}; a row gets "_file", "_line", "_image" (its image path)."""
     path = Path(path)
     if not path.is_file():
         fail(f"{path}: input file not found")
@@ -888,8 +887,8 @@ LOCKS = {}  # lock file -> its open file (claim_out): the kernel frees an flock 
 
 
 def fail(message):
-    """End the run with one sentence: what is at fault, what to do (--debug: the traceback too).
-    --out's lock is let go first, for a process that lives on (a notebook, a test)."""
+    """End the run in one sentence, what is at fault and what to do (--debug: the traceback too), letting go
+    of --out's lock first, for a process that lives on (a notebook, a test)."""
     if "--debug" in sys.argv[1:] and sys.exc_info()[0] is not None:
         traceback.print_exc()
     for f in LOCKS.values():
@@ -972,14 +971,12 @@ def prompt_problems(model, processor, texts, images, extra, what):
 
 # ---- shared: world ----
 def world_settings(args, stage, defaults):
-    """Resolve the flags in `defaults` (name -> the paper's value) that were left unset (None): the
-    toy world's tuned value when --model is a folder beside a world.json (world/model: 00 writes
-    world.json's "stages"), else the paper's. Returns the line the stage prints first."""
+    """Set the flags in `defaults` (name -> the paper's value) left unset (None): to the toy world's value when
+    --model is a folder beside a world.json (00 writes its "stages"), else the paper's. Returns a line to print."""
     path = os.path.join(os.path.dirname(os.path.abspath(args.model)), "world.json")
     tuned = {}
     if os.path.isdir(args.model) and os.path.isfile(path):
-        with open(path) as f:
-            tuned = json.load(f).get("stages", {}).get(stage, {})
+        tuned = json.loads(Path(path).read_text()).get("stages", {}).get(stage, {})
     taken = []
     for name, paper in defaults.items():
         if getattr(args, name) is None:

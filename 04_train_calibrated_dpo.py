@@ -947,13 +947,9 @@ def build_batch(processor, prompts, responses, images):
     T = max(int(m.sum()) + len(r) for m, r in zip(real, resp))
     inputs = dict(enc)  # pixel_values, image_grid_thw: as the processor made them
     per_token = [k for k, v in enc.items() if torch.is_tensor(v) and v.shape == real.shape]
-    for k in per_token:  # input_ids, attention_mask, mm_token_type_ids
-        if k == "input_ids":
-            tails = resp
-        else:  # attention 1 on the response; mm type 0: text
-            tails = [[int(k == "attention_mask")] * len(r) for r in resp]
-        rows = [torch.cat([v[m], torch.tensor(t, dtype=v.dtype)])
-                for v, m, t in zip(enc[k], real, tails)]
+    for k in per_token:  # input_ids, attention_mask, mm_token_type_ids: attention 1 on the response, mm type 0 (text)
+        tails = resp if k == "input_ids" else [[int(k == "attention_mask")] * len(r) for r in resp]
+        rows = [torch.cat([v[m], torch.tensor(t, dtype=v.dtype)]) for v, m, t in zip(enc[k], real, tails)]
         pad = tok.pad_token_id if k == "input_ids" else 0
         inputs[k] = torch.stack([F.pad(row, (T - len(row), 0), value=pad) for row in rows])  # (R, T)
     lengths = torch.tensor([len(r) for r in resp])  # (R,)
@@ -1096,8 +1092,8 @@ LOCKS = {}  # lock file -> its open file (claim_out): the kernel frees an flock 
 
 
 def fail(message):
-    """End the run with one sentence: what is at fault, what to do (--debug: the traceback too).
-    --out's lock is let go first, for a process that lives on (a notebook, a test)."""
+    """End the run in one sentence, what is at fault and what to do (--debug: the traceback too), letting go
+    of --out's lock first, for a process that lives on (a notebook, a test)."""
     if "--debug" in sys.argv[1:] and sys.exc_info()[0] is not None:
         traceback.print_exc()
     for f in LOCKS.values():
@@ -1156,14 +1152,12 @@ def device_name(text):
 
 # ---- shared: world ----
 def world_settings(args, stage, defaults):
-    """Resolve the flags in `defaults` (name -> the paper's value) that were left unset (None): the
-    toy world's tuned value when --model is a folder beside a world.json (world/model: 00 writes
-    world.json's "stages"), else the paper's. Returns the line the stage prints first."""
+    """Set the flags in `defaults` (name -> the paper's value) left unset (None): to the toy world's value when
+    --model is a folder beside a world.json (00 writes its "stages"), else the paper's. Returns a line to print."""
     path = os.path.join(os.path.dirname(os.path.abspath(args.model)), "world.json")
     tuned = {}
     if os.path.isdir(args.model) and os.path.isfile(path):
-        with open(path) as f:
-            tuned = json.load(f).get("stages", {}).get(stage, {})
+        tuned = json.loads(Path(path).read_text()).get("stages", {}).get(stage, {})
     taken = []
     for name, paper in defaults.items():
         if getattr(args, name) is None:

@@ -726,8 +726,8 @@ LOCKS = {}  # lock file -> its open file (claim_out): the kernel frees an flock 
 
 
 def fail(message):
-    """End the run with one sentence: what is at fault, what to do (--debug: the traceback too).
-    --out's lock is let go first, for a process that lives on (a notebook, a test)."""
+    """End the run in one sentence, what is at fault and what to do (--debug: the traceback too), letting go
+    of --out's lock first, for a process that lives on (a notebook, a test)."""
     if "--debug" in sys.argv[1:] and sys.exc_info()[0] is not None:
         traceback.print_exc()
     for f in LOCKS.values():
