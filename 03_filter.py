@@ -739,8 +739,8 @@ def response_logprobs(model, inputs, response_mask):
     n = int(response_mask.sum(1).max())
     # (R, n + 1, V): only the positions that are scored
     logits = model(**inputs, use_cache=False, logits_to_keep=n + 1).logits
-    assert logits.shape[1] == n + 1, f"{logits.shape[1]} positions of logits for n + 1 = {n + 1}: " \
-        "logits_to_keep= was ignored (renamed in this transformers?): log-probs would be read at wrong positions"
+    assert logits.shape[1] == n + 1, (f"{logits.shape[1]} positions of logits for n + 1 = {n + 1}: logits_to_keep= "
+                                      "was ignored (renamed?), so log-probs would be read at the wrong positions")
     logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (R, n, V): position t predicts token t + 1
     logp = logp.gather(-1, inputs["input_ids"][:, -n:, None]).squeeze(-1)  # (R, n)
     mask = response_mask[:, -n:].to(p.device)
@@ -938,9 +938,9 @@ def same_settings(old, new, keys, what):
 
 
 def claim_out(out, inputs, folder=False):
-    """Before any model loads: refuse an `out` that is an input ({flag: path}), not a `folder` / file, written
-    by another stage or a folder of the user's; then hold `<out>.lock` (an flock: the kernel frees it when
-    the process ends; the file stays), so that a second run into `out` refuses, naming this one."""
+    """Before any model loads: refuse an `out` that is an input ({flag: path}), of the wrong kind (`folder`),
+    written by another stage, or a folder of the user's; then hold `<out>.lock` (an flock the kernel frees
+    when the process ends; the file stays), so that a second run into `out` refuses, naming this one."""
     out = Path(out)
     kind = "folder" if folder else "file"
     for flag, path in inputs.items():
@@ -981,8 +981,8 @@ LOCKS = {}  # lock file -> its open file (claim_out): the kernel frees an flock 
 
 
 def fail(message):
-    """End the run in one sentence, what is at fault and what to do (--debug: the traceback too), letting go
-    of --out's lock first, for a process that lives on (a notebook, a test)."""
+    """End the run with one sentence: what is at fault, what to do (--debug: the traceback too).
+    --out's lock is let go first, for a process that lives on (a notebook, a test)."""
     if "--debug" in sys.argv[1:] and sys.exc_info()[0] is not None:
         traceback.print_exc()
     for f in LOCKS.values():

@@ -726,8 +726,8 @@ LOCKS = {}  # lock file -> its open file (claim_out): the kernel frees an flock 
 
 
 def fail(message):
-    """End the run in one sentence, what is at fault and what to do (--debug: the traceback too), letting go
-    of --out's lock first, for a process that lives on (a notebook, a test)."""
+    """End the run with one sentence: what is at fault, what to do (--debug: the traceback too).
+    --out's lock is let go first, for a process that lives on (a notebook, a test)."""
     if "--debug" in sys.argv[1:] and sys.exc_info()[0] is not None:
         traceback.print_exc()
     for f in LOCKS.values():
@@ -818,9 +818,9 @@ def same_settings(old, new, keys, what):
 
 
 def claim_out(out, inputs, folder=False):
-    """Before any model loads: refuse an `out` that is an input ({flag: path}), not a `folder` / file, written
-    by another stage or a folder of the user's; then hold `<out>.lock` (an flock: the kernel frees it when
-    the process ends; the file stays), so that a second run into `out` refuses, naming this one."""
+    """Before any model loads: refuse an `out` that is an input ({flag: path}), of the wrong kind (`folder`),
+    written by another stage, or a folder of the user's; then hold `<out>.lock` (an flock the kernel frees
+    when the process ends; the file stays), so that a second run into `out` refuses, naming this one."""
     out = Path(out)
     kind = "folder" if folder else "file"
     for flag, path in inputs.items():
