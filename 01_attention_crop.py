@@ -9,9 +9,6 @@ A_bar = (1/H) sum_h A_h:
   A     = mean over answer rows of A_tok @ A_img             (N,)   --map paper
   A     = mean over answer rows of (A_tok @ A_img + A_dir)   (N,)   --map ours (default)
   averaged over L, reshaped to the model's patch grid (h, w), normalised to sum 1.
-  --method grad_att (the authors' code, ViCrop-style), on (I, P) alone:
-  A = mean_h A_h[last prompt position, image]
-      * ReLU(d log p(top-1 next token) / d A_h[last prompt position, image]).
 Grid -> pixels: each patch's mass is spread evenly over the original pixels it saw, replaying the
   processor's geometry (pad to square, resize, centre crop: a side cut away gets no attention;
   Qwen2.5-VL's smart resize stretches the whole image onto the grid).
@@ -36,7 +33,8 @@ The paper's "specific prompt guiding the model to focus on key visual areas" is 
 Input   {"id", "image", "prompt"} JSONL (image paths relative to the file).
 Output  crops.jsonl: input fields ("image" rewritten relative to the output file) + "answer",
         "bbox": [x1, y1, x2, y2] (int px, x2/y2 exclusive), "grid": [h, w],
-        "attn": [[...]] (h x w, sums to 1, 4 decimals), "method", "crop": "full" | "window";
+        "attn": [[...]] (h x w, sums to 1, 4 decimals), "method": "attention",
+        "crop": "full" | "window";
         <out>.args.json; <out>.errors.jsonl (one line per bad input line: an unreadable image, a
         prompt the model cannot take). A rerun into --out resumes if RESULT_ARGS are equal.
 Shapes: B rows in a batch, T tokens, H heads, N image tokens, (h, w) patch grid, (Y, X) image pixels.
@@ -50,9 +48,8 @@ Our choices where the paper is silent: a forward hook reduces each chosen layer'
   weights to (B, T) at once (output_attentions=True would keep every layer's: a 7B model's stack
   does not fit). Answer positions are y's tokens without their closing EOS (an empty answer: that
   EOS, the model's decision to stop); prompt text = every non-padding, non-image prompt token (chat
-  template included); layers are averaged before normalising; a grad_att map that ReLU zeroes
-  everywhere becomes uniform; ties of S go to the tied position nearest their mean (a lone blob
-  sits mid-window). crop_base: world.json's beside --data (toy world), else the processor's fixed
+  template included); layers are averaged before normalising; ties of S go to the tied position
+  nearest their mean (a lone blob sits mid-window). crop_base: world.json's beside --data (toy world), else the processor's fixed
   input side (336 for LLaVA-1.5), else 336 (Qwen2.5-VL's dynamic size: 12 merged 28-px patches).
   Toy world layer 0, measured on its 400 instances: the queried object lies in the bbox for 55% of
   "what shape is the <colour> object ?" (layer 1: 53%, layer 2: 1%, a random window as large: 20%).
@@ -86,7 +83,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import cached_file
 
 # resuming into an existing --out needs these equal
-RESULT_ARGS = ("data_identity", "model_identity", "method", "map", "focus_prompt", "layers",
+RESULT_ARGS = ("data_identity", "model_identity", "map", "focus_prompt", "layers",
                "crop_base", "ratios", "max_new_tokens")
 
 
@@ -96,8 +93,6 @@ def parse_args(argv=None):
     p.add_argument("--model", default="world/model", help="model folder or a name in your cache")
     p.add_argument("--data", default="world/instances.jsonl", help="JSONL: id, image, prompt")
     p.add_argument("--out", default="runs/crops.jsonl", help="output JSONL (a rerun resumes)")
-    p.add_argument("--method", choices=("attention", "grad_att"), default="attention",
-                   help="attention: the paper's map (see --map); grad_att: the authors' code's")
     p.add_argument("--map", choices=("ours", "paper"), default="ours",
                    help="paper: A_tok @ A_img, as the paper writes it; ours: + the direct "
                         "answer -> image term A_dir (module docstring: why it is the default)")
@@ -126,9 +121,7 @@ def parse_args(argv=None):
                    help="an image with more is a bad line (a decompression bomb); 0: no limit")
     p.add_argument("--debug", action="store_true", help="show an error's traceback")
     args = p.parse_args(argv)
-    # flags checked together, before any model loads
-    if args.method == "grad_att" and args.map == "paper":
-        p.error("--map paper picks terms of --method attention's map: grad_att has none of them")
+    # flags checked before any model loads
     if args.focus_prompt is not None and not args.focus_prompt.strip():
         p.error("--focus-prompt is blank: leave the flag out to run without a focusing prompt")
     viz = Path(args.viz or "")
@@ -152,81 +145,35 @@ def relevance(A_bar, ans, txt, img, direct=True):
     return (through_text + a) * img  # (B, T): through the prompt text, plus direct
 
 
-def grad_att(att, grad):
-    """ViCrop's map: mean over heads of A_h * ReLU(dlog p(top-1) / dA_h). att, grad: (B, H, T) rows
-    of the last prompt position. Returns (B, T)."""
-    return (att * F.relu(grad)).mean(1)
-
-
 def decoder_layers(model):
     """The language model's decoder layers (LLaVA and Qwen2.5-VL in transformers 5)."""
     return model.model.language_model.layers
 
 
-def tapped_forward(model, inputs, layers, keep):
-    """One forward (no KV cache, last logits only) with hooks on the chosen layers' self-attention:
-    each layer's (B, H, T, T) weights (eager attention returns them) go through keep(weights) at
-    once, so one layer's weights live at a time. Returns (logits (B, 1, V), [kept, layer order])."""
+@torch.no_grad()
+def relevance_map(model, inputs, ans, txt, img, layers, direct=True):
+    """The paper's A for a batch: (B, T), averaged over layers. One forward (no KV cache, last
+    logits only); a hook reduces each chosen layer's (B, H, T, T) weights (eager attention) at once."""
     kept = []
 
     def hook(module, args, out):
         assert out[1] is not None, "no attention weights: load the model with attn_implementation='eager'"
-        kept.append(keep(out[1]))
+        kept.append(relevance(out[1].mean(1, dtype=torch.float32), ans, txt, img, direct))  # (B, T)
     handles = [decoder_layers(model)[i].self_attn.register_forward_hook(hook) for i in layers]
     try:
-        return model(**inputs, use_cache=False, logits_to_keep=1).logits, kept
+        model(**inputs, use_cache=False, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
+    return torch.stack(kept).mean(0)  # (B, T)
 
 
-def relevance_map(model, inputs, ans, txt, img, layers, direct=True):
-    """The paper's A for a batch: (B, T) relevance of each position, averaged over layers."""
-    def keep(w):  # (B, H, T, T) -> (B, T)
-        return relevance(w.mean(1, dtype=torch.float32), ans, txt, img, direct)
-    with torch.no_grad():
-        return torch.stack(tapped_forward(model, inputs, layers, keep)[1]).mean(0)  # (B, T)
-
-
-def grad_att_map(model, inputs, layers):
-    """The authors' A for a batch of (I, P): (B, T), averaged over layers. Autograd starts at the
-    first chosen layer's input (a leaf made by a pre-hook; the weights are frozen); each chosen
-    layer keeps its last-row weights and, from a tensor hook, their gradient."""
-    leaf = []
-    grads = []
-
-    def make_leaf(module, args, kwargs):
-        h = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
-        leaf.append(h)
-        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
-
-    def keep(w):  # (B, H, T, T) -> (B, H, T): the last prompt position's row
-        w.register_hook(lambda g: grads.append(g[:, :, -1].float()))
-        return w[:, :, -1].detach().float()
-    first = decoder_layers(model)[min(layers)].register_forward_pre_hook(make_leaf, with_kwargs=True)
-    try:
-        with torch.enable_grad():
-            logits, att = tapped_forward(model, inputs, layers, keep)
-            # (B,): log p(top-1 next token); rows are independent, so one backward serves them all
-            logp = torch.log_softmax(logits[:, -1].float(), -1).max(-1).values
-            torch.autograd.grad(logp.sum(), leaf)
-    finally:
-        first.remove()
-    # backward runs the top layer first: the gradients arrive in reverse layer order
-    maps = [grad_att(a, g) for a, g in zip(att, grads[::-1])]  # one (B, T) per layer
-    return torch.stack(maps).mean(0)  # (B, T)
-
-
-def attention_maps(model, processor, prompts, answers, images, layers, method, direct=True):
+def attention_maps(model, processor, prompts, answers, images, layers, direct=True):
     """Normalised patch-grid maps, one (h, w) float array per row, and whether each grid stretches
     over its whole image (Qwen2.5-VL) rather than following a CLIP-style resize / crop.
     prompts, answers: B strings; images: B; direct: A_dir in the map (--map ours)."""
-    if method == "attention":  # (I, P, y): y appended after the prompt as ids, + EOS, left padded
-        inputs, resp = build_batch(processor, prompts, answers, [[im] for im in images])
-    else:  # (I, P): the last position predicts the first answer token
-        texts = [chat_prompt(processor, p) for p in prompts]
-        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-        resp = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    # (I, P, y): y appended after the prompt as ids, + EOS, left padded
+    inputs, resp = build_batch(processor, prompts, answers, [[im] for im in images])
     p = next(model.parameters())
     inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)
               for k, v in inputs.items()}  # pixel values in the model's dtype
@@ -236,10 +183,7 @@ def attention_maps(model, processor, prompts, answers, images, layers, method, d
     ans = resp.clone()
     # without the closing EOS, unless the answer is empty (then only EOS)
     ans[:, -1] &= resp.sum(1) == 1
-    if method == "attention":
-        rel = relevance_map(model, inputs, ans, txt, img, layers, direct)  # (B, T)
-    else:
-        rel = grad_att_map(model, inputs, layers)  # (B, T)
+    rel = relevance_map(model, inputs, ans, txt, img, layers, direct)  # (B, T)
     if "image_grid_thw" in inputs:  # Qwen2.5-VL: (t, H, W) patches per image, m x m merged to a token
         m = model.config.vision_config.spatial_merge_size
         grids = [(int(hh) // m, int(ww) // m) for t, hh, ww in inputs["image_grid_thw"].tolist()]
@@ -252,8 +196,7 @@ def attention_maps(model, processor, prompts, answers, images, layers, method, d
         if v.size == h * w + 1:  # "full" feature strategy: the first image token is CLS
             v = v[1:]
         assert v.size == h * w, f"row {b}: {v.size} image tokens for a {h}x{w} grid"
-        # a grad_att map that ReLU zeroed everywhere becomes uniform
-        v = v / v.sum() if v.sum() > 0 else np.full(v.size, 1.0 / v.size)
+        v = v / v.sum() if v.sum() > 0 else np.full(v.size, 1.0 / v.size)  # (underflow: uniform)
         maps.append(v.reshape(h, w))
     return maps, "image_grid_thw" in inputs
 
@@ -378,9 +321,9 @@ def crop_batch(model, processor, args, batch):
     texts = [chat_prompt(processor, asked[i]) for i in idx]
     # y: the model's own greedy answer to (I, P)
     answers = generate_greedy(model, processor, texts, imgs, args.max_new_tokens)
-    # A: one forward over (I, P, y) (grad_att: over (I, P)), on the patch grid
+    # A: one forward over (I, P, y), on the patch grid
     maps, stretch = attention_maps(model, processor, [asked[i] for i in idx], answers, imgs,
-                                   args.layers, args.method, direct=args.map == "ours")
+                                   args.layers, direct=args.map == "ours")
     for i, answer, grid_map in zip(idx, answers, maps):
         row = batch[i]
         image = images[i]
@@ -389,7 +332,7 @@ def crop_batch(model, processor, args, batch):
         bbox, crop, _ = adaptive_crop(heat, image.size, args.crop_base, args.ratios, step=cell)
         results[i] = {**row, "image": relpath_for(args.out, row["_image"]), "answer": answer,
                       "bbox": bbox, "grid": list(grid_map.shape),
-                      "attn": np.round(grid_map, 4).tolist(), "method": args.method, "crop": crop}
+                      "attn": np.round(grid_map, 4).tolist(), "method": "attention", "crop": crop}
         if args.viz:
             caption = f"{row['prompt']} -> {answer}"
             save_viz(Path(args.viz) / viz_name(row["id"]), image, heat, bbox, caption)
@@ -417,7 +360,6 @@ def main(argv=None):
     args.model_identity = model_identity(args.model)
     # eager attention: the weights reach the hooks
     model, processor = load_model(args.model, device, attn_implementation="eager")
-    model.requires_grad_(False)  # grad_att differentiates activations only
     resolve_defaults(args, model, processor, rank)  # --layers, --crop-base
     on_rank0(lambda: save_args(args, args.out, RESULT_ARGS), rank, world)
     # ---- the method, batch by batch (crop_batch): y, the map A, grid -> pixels, the crop ----
