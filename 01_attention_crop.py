@@ -62,13 +62,11 @@ import hashlib
 import json
 import math
 import os
-import re
 import signal
 import socket
 import sys
 import traceback
 import warnings
-import zlib
 from pathlib import Path
 
 # a model is a local folder or the user's own cache: never download
@@ -77,7 +75,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import cached_file
@@ -110,7 +108,6 @@ def parse_args(argv=None):
                    help="window sides as multiples of crop_base (the authors' values)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=32,
                    help="answer length cap, greedy (ours: a short answer is what the map explains)")
-    p.add_argument("--viz", default=None, help="folder for one PNG per instance: heat map, bbox")
     p.add_argument("--seed", type=at_least(0), default=0,
                    help="global seed (decoding is greedy: nothing here is random)")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="instances per forward")
@@ -124,9 +121,6 @@ def parse_args(argv=None):
     # flags checked before any model loads
     if args.focus_prompt is not None and not args.focus_prompt.strip():
         p.error("--focus-prompt is blank: leave the flag out to run without a focusing prompt")
-    viz = Path(args.viz or "")
-    if args.viz and (viz.is_file() or viz.resolve() == Path(args.out).resolve()):
-        p.error(f"--viz {args.viz} is a file, or --out: pass a folder of its own for the PNGs")
     return args
 
 
@@ -333,9 +327,6 @@ def crop_batch(model, processor, args, batch):
         results[i] = {**row, "image": relpath_for(args.out, row["_image"]), "answer": answer,
                       "bbox": bbox, "grid": list(grid_map.shape),
                       "attn": np.round(grid_map, 4).tolist(), "method": "attention", "crop": crop}
-        if args.viz:
-            caption = f"{row['prompt']} -> {answer}"
-            save_viz(Path(args.viz) / viz_name(row["id"]), image, heat, bbox, caption)
     return results
 
 
@@ -375,7 +366,7 @@ def main(argv=None):
 # "# ---- shared: NAME ----" rulers so each script stands alone (tests/test_shared_blocks.py
 # keeps every copy identical).
 # ==================================================================================================
-# ---- plumbing: usable rows, defaults from the data and the processor, the viz PNG ----
+# ---- plumbing: usable rows, defaults from the data and the processor ----
 def usable_rows(model, processor, args, batch, asked):
     """({row index: its image} for the rows that can run, [None, or why a row cannot]): its image
     must load, and the model must take its prompt `asked` + --max-new-tokens (prompt_problems)."""
@@ -421,33 +412,6 @@ def input_side(processor):
     size = ip.crop_size if getattr(ip, "do_center_crop", False) else getattr(ip, "size", None)
     side = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
     return int(side) if side else 336
-
-
-def viz_name(key):
-    """The PNG of an id: characters outside [A-Za-z0-9._-] become "_", and an id so changed, or with
-    capitals, gets its crc32, so no two ids share a file ("a b" and "a_b"; "A" and "a" on a
-    case-insensitive disk)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(key))[:100].lstrip(".") or "_"
-    if safe != str(key) or safe != safe.lower():
-        safe += f"-{zlib.crc32(str(key).encode()):08x}"
-    return safe + ".png"
-
-
-def save_viz(path, image, heat, bbox, caption):
-    """PNG: the heat map in red over the image, the bbox in green, the caption below."""
-    k = max(1, 256 // max(image.size))  # small images are scaled up, pixels kept sharp
-    size = (image.width * k, image.height * k)
-    a = 0.7 * (heat - heat.min()) / max(heat.max() - heat.min(), 1e-12)  # (Y, X) in [0, 0.7]
-    a = a[..., None]  # (Y, X, 1)
-    over = np.asarray(image, np.float32) * (1 - a) + np.array([255, 40, 0]) * a  # (Y, X, 3)
-    canvas = Image.new("RGB", (size[0], size[1] + 28), "white")
-    canvas.paste(Image.fromarray(over.round().astype(np.uint8)).resize(size, Image.NEAREST))
-    x1, y1, x2, y2 = (v * k for v in bbox)
-    draw = ImageDraw.Draw(canvas)
-    draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=(0, 220, 0), width=2)
-    draw.text((4, size[1] + 6), caption[:120], fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
 # ---- end plumbing ----
 
 
