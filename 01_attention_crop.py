@@ -32,9 +32,8 @@ The paper's "specific prompt guiding the model to focus on key visual areas" is 
 
 Input   {"id", "image", "prompt"} JSONL (image paths relative to the file).
 Output  crops.jsonl: input fields ("image" rewritten relative to the output file) + "answer",
-        "bbox": [x1, y1, x2, y2] (int px, x2/y2 exclusive), "grid": [h, w],
-        "attn": [[...]] (h x w, sums to 1, 4 decimals), "method": "attention",
-        "crop": "full" | "window";
+        "bbox": [x1, y1, x2, y2] (int px, x2/y2 exclusive), "grid": [h, w], "method": "attention",
+        "attn": [[...]] (h x w, sums to 1, 4 decimals), "crop": "full" | "window";
         <out>.args.json; <out>.errors.jsonl (one line per bad input line: an unreadable image, a
         prompt the model cannot take). A rerun into --out resumes if RESULT_ARGS are equal.
 Shapes: B rows in a batch, T tokens, H heads, N image tokens, (h, w) patch grid, (Y, X) image pixels.
@@ -48,8 +47,8 @@ Our choices where the paper is silent: a forward hook reduces each chosen layer'
   weights to (B, T) at once (output_attentions=True would keep every layer's: a 7B model's stack
   does not fit). Answer positions are y's tokens without their closing EOS (an empty answer: that
   EOS, the model's decision to stop); prompt text = every non-padding, non-image prompt token (chat
-  template included); layers are averaged before normalising; ties of S go to the tied position
-  nearest their mean (a lone blob sits mid-window). crop_base: world.json's beside --data (toy world), else the processor's fixed
+  template included); ties of S go to the tied position nearest their mean (a lone blob sits
+  mid-window). crop_base: world.json's beside --data (toy world), else the processor's fixed
   input side (336 for LLaVA-1.5), else 336 (Qwen2.5-VL's dynamic size: 12 merged 28-px patches).
   Toy world layer 0, measured on its 400 instances: the queried object lies in the bbox for 55% of
   "what shape is the <colour> object ?" (layer 1: 53%, layer 2: 1%, a random window as large: 20%).
@@ -118,7 +117,6 @@ def parse_args(argv=None):
                    help="an image with more is a bad line (a decompression bomb); 0: no limit")
     p.add_argument("--debug", action="store_true", help="show an error's traceback")
     args = p.parse_args(argv)
-    # flags checked before any model loads
     if args.focus_prompt is not None and not args.focus_prompt.strip():
         p.error("--focus-prompt is blank: leave the flag out to run without a focusing prompt")
     return args
@@ -175,8 +173,7 @@ def attention_maps(model, processor, prompts, answers, images, layers, direct=Tr
     img = inputs["input_ids"] == model.config.image_token_id  # (B, T)
     txt = inputs["attention_mask"].bool() & ~img & ~resp  # (B, T): prompt text, chat template too
     ans = resp.clone()
-    # without the closing EOS, unless the answer is empty (then only EOS)
-    ans[:, -1] &= resp.sum(1) == 1
+    ans[:, -1] &= resp.sum(1) == 1  # no closing EOS, unless the answer is empty (then only EOS)
     rel = relevance_map(model, inputs, ans, txt, img, layers, direct)  # (B, T)
     if "image_grid_thw" in inputs:  # Qwen2.5-VL: (t, H, W) patches per image, m x m merged to a token
         m = model.config.vision_config.spatial_merge_size
@@ -263,11 +260,10 @@ def pixel_heat(grid_map, cols, rows):
 # ---- the adaptive crop ----
 def adaptive_crop(attn, image_size, crop_base, ratios, step=1.0):
     """The authors' multi-ratio window search. For each r: side = round(r * crop_base) px, clamped
-    to the image (a ratio whose window covers the whole image is skipped; at the smallest r, 1, the
-    answer is the image, "full"); S = the attention mass of every window position (integral image,
-    stride 1 px);
-    score_r = (max S - mean of S at the windows shifted by `step` px left / right / up / down,
-               where they fit) / window area.
+    to the image; a window covering the whole image is skipped (the smallest r's: bbox = the image,
+    "full"). S = the attention mass of every window position (integral image, stride 1 px);
+    score_r = (max S - mean of S at the windows `step` px left / right / up / down, where they fit)
+              / window area.
     attn: (Y, X) mass per original pixel (pixel_heat); image_size: (X, Y); step: one grid cell in
     original px (the authors slide on the grid, so their neighbours are one cell away).
     Returns ([x1, y1, x2, y2] ints, x2/y2 exclusive, "full" | "window", r)."""
@@ -275,8 +271,7 @@ def adaptive_crop(attn, image_size, crop_base, ratios, step=1.0):
     assert attn.shape == (Y, X), f"attention map {attn.shape} for an image of {X}x{Y} (X, Y)"
     if round(min(ratios) * crop_base) >= max(X, Y):  # even the r = 1 window covers the image
         return [0, 0, X, Y], "full", min(ratios)
-    I = np.zeros((Y + 1, X + 1))
-    # (Y + 1, X + 1): I[y, x] = mass of attn[:y, :x]
+    I = np.zeros((Y + 1, X + 1))  # (Y + 1, X + 1): I[y, x] = mass of attn[:y, :x]
     I[1:, 1:] = attn.astype(np.float64).cumsum(0).cumsum(1)
     s = max(1, round(step))  # the neighbours' shift, px
     best = None
@@ -305,8 +300,9 @@ def crop_batch(model, processor, args, batch):
     """B input rows -> B output rows (or an error message for a row that cannot run: an unreadable
     image, a prompt the model cannot take). The paper's steps in order: the answer y, the map A,
     grid -> pixels, the crop."""
-    # P as the model sees it
-    asked = [with_focus(row["prompt"], args.focus_prompt) for row in batch]
+    # P as the model sees it: the paper's focusing prompt first, if any
+    focus = f"{args.focus_prompt.strip()} " if args.focus_prompt else ""
+    asked = [focus + row["prompt"] for row in batch]
     images, results = usable_rows(model, processor, args, batch, asked)  # {row index: image}
     idx = list(images)
     if not idx:
@@ -328,11 +324,6 @@ def crop_batch(model, processor, args, batch):
                       "bbox": bbox, "grid": list(grid_map.shape),
                       "attn": np.round(grid_map, 4).tolist(), "method": "attention", "crop": crop}
     return results
-
-
-def with_focus(prompt, focus_prompt):
-    """P as the answer and the attention pass see it: the paper's focusing prompt first, if any."""
-    return f"{focus_prompt.strip()} {prompt}" if focus_prompt else prompt
 
 
 def main(argv=None):
