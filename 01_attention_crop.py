@@ -9,9 +9,6 @@ A_bar = (1/H) sum_h A_h:
   A     = mean over answer rows of A_tok @ A_img             (N,)   --map paper
   A     = mean over answer rows of (A_tok @ A_img + A_dir)   (N,)   --map ours (default)
   averaged over L, reshaped to the model's patch grid (h, w), normalised to sum 1.
-  --method grad_att (the authors' code, ViCrop-style), on (I, P) alone:
-  A = mean_h A_h[last prompt position, image]
-      * ReLU(d log p(top-1 next token) / d A_h[last prompt position, image]).
 Grid -> pixels: each patch's mass is spread evenly over the original pixels it saw, replaying the
   processor's geometry (pad to square, resize, centre crop: a side cut away gets no attention;
   Qwen2.5-VL's smart resize stretches the whole image onto the grid).
@@ -35,8 +32,8 @@ The paper's "specific prompt guiding the model to focus on key visual areas" is 
 
 Input   {"id", "image", "prompt"} JSONL (image paths relative to the file).
 Output  crops.jsonl: input fields ("image" rewritten relative to the output file) + "answer",
-        "bbox": [x1, y1, x2, y2] (int px, x2/y2 exclusive), "grid": [h, w],
-        "attn": [[...]] (h x w, sums to 1, 4 decimals), "method", "crop": "full" | "window";
+        "bbox": [x1, y1, x2, y2] (int px, x2/y2 exclusive), "grid": [h, w], "method": "attention",
+        "attn": [[...]] (h x w, sums to 1, 4 decimals), "crop": "full" | "window";
         <out>.args.json; <out>.errors.jsonl (one line per bad input line: an unreadable image, a
         prompt the model cannot take). A rerun into --out resumes if RESULT_ARGS are equal.
 Shapes: B rows in a batch, T tokens, H heads, N image tokens, (h, w) patch grid, (Y, X) image pixels.
@@ -50,9 +47,8 @@ Our choices where the paper is silent: a forward hook reduces each chosen layer'
   weights to (B, T) at once (output_attentions=True would keep every layer's: a 7B model's stack
   does not fit). Answer positions are y's tokens without their closing EOS (an empty answer: that
   EOS, the model's decision to stop); prompt text = every non-padding, non-image prompt token (chat
-  template included); layers are averaged before normalising; a grad_att map that ReLU zeroes
-  everywhere becomes uniform; ties of S go to the tied position nearest their mean (a lone blob
-  sits mid-window). crop_base: world.json's beside --data (toy world), else the processor's fixed
+  template included); ties of S go to the tied position nearest their mean (a lone blob sits
+  mid-window). crop_base: world.json's beside --data (toy world), else the processor's fixed
   input side (336 for LLaVA-1.5), else 336 (Qwen2.5-VL's dynamic size: 12 merged 28-px patches).
   Toy world layer 0, measured on its 400 instances: the queried object lies in the bbox for 55% of
   "what shape is the <colour> object ?" (layer 1: 53%, layer 2: 1%, a random window as large: 20%).
@@ -65,13 +61,11 @@ import hashlib
 import json
 import math
 import os
-import re
 import signal
 import socket
 import sys
 import traceback
 import warnings
-import zlib
 from pathlib import Path
 
 # a model is a local folder or the user's own cache: never download
@@ -80,13 +74,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import cached_file
 
 # resuming into an existing --out needs these equal
-RESULT_ARGS = ("data_identity", "model_identity", "method", "map", "focus_prompt", "layers",
+RESULT_ARGS = ("data_identity", "model_identity", "map", "focus_prompt", "layers",
                "crop_base", "ratios", "max_new_tokens")
 
 
@@ -96,8 +90,6 @@ def parse_args(argv=None):
     p.add_argument("--model", default="world/model", help="model folder or a name in your cache")
     p.add_argument("--data", default="world/instances.jsonl", help="JSONL: id, image, prompt")
     p.add_argument("--out", default="runs/crops.jsonl", help="output JSONL (a rerun resumes)")
-    p.add_argument("--method", choices=("attention", "grad_att"), default="attention",
-                   help="attention: the paper's map (see --map); grad_att: the authors' code's")
     p.add_argument("--map", choices=("ours", "paper"), default="ours",
                    help="paper: A_tok @ A_img, as the paper writes it; ours: + the direct "
                         "answer -> image term A_dir (module docstring: why it is the default)")
@@ -115,7 +107,6 @@ def parse_args(argv=None):
                    help="window sides as multiples of crop_base (the authors' values)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=32,
                    help="answer length cap, greedy (ours: a short answer is what the map explains)")
-    p.add_argument("--viz", default=None, help="folder for one PNG per instance: heat map, bbox")
     p.add_argument("--seed", type=at_least(0), default=0,
                    help="global seed (decoding is greedy: nothing here is random)")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="instances per forward")
@@ -126,14 +117,8 @@ def parse_args(argv=None):
                    help="an image with more is a bad line (a decompression bomb); 0: no limit")
     p.add_argument("--debug", action="store_true", help="show an error's traceback")
     args = p.parse_args(argv)
-    # flags checked together, before any model loads
-    if args.method == "grad_att" and args.map == "paper":
-        p.error("--map paper picks terms of --method attention's map: grad_att has none of them")
     if args.focus_prompt is not None and not args.focus_prompt.strip():
         p.error("--focus-prompt is blank: leave the flag out to run without a focusing prompt")
-    viz = Path(args.viz or "")
-    if args.viz and (viz.is_file() or viz.resolve() == Path(args.out).resolve()):
-        p.error(f"--viz {args.viz} is a file, or --out: pass a folder of its own for the PNGs")
     return args
 
 
@@ -152,81 +137,35 @@ def relevance(A_bar, ans, txt, img, direct=True):
     return (through_text + a) * img  # (B, T): through the prompt text, plus direct
 
 
-def grad_att(att, grad):
-    """ViCrop's map: mean over heads of A_h * ReLU(dlog p(top-1) / dA_h). att, grad: (B, H, T) rows
-    of the last prompt position. Returns (B, T)."""
-    return (att * F.relu(grad)).mean(1)
-
-
 def decoder_layers(model):
     """The language model's decoder layers (LLaVA and Qwen2.5-VL in transformers 5)."""
     return model.model.language_model.layers
 
 
-def tapped_forward(model, inputs, layers, keep):
-    """One forward (no KV cache, last logits only) with hooks on the chosen layers' self-attention:
-    each layer's (B, H, T, T) weights (eager attention returns them) go through keep(weights) at
-    once, so one layer's weights live at a time. Returns (logits (B, 1, V), [kept, layer order])."""
+@torch.no_grad()
+def relevance_map(model, inputs, ans, txt, img, layers, direct=True):
+    """The paper's A for a batch: (B, T), averaged over layers. One forward (no KV cache, last
+    logits only); a hook reduces each chosen layer's (B, H, T, T) weights (eager attention) at once."""
     kept = []
 
     def hook(module, args, out):
         assert out[1] is not None, "no attention weights: load the model with attn_implementation='eager'"
-        kept.append(keep(out[1]))
+        kept.append(relevance(out[1].mean(1, dtype=torch.float32), ans, txt, img, direct))  # (B, T)
     handles = [decoder_layers(model)[i].self_attn.register_forward_hook(hook) for i in layers]
     try:
-        return model(**inputs, use_cache=False, logits_to_keep=1).logits, kept
+        model(**inputs, use_cache=False, logits_to_keep=1)
     finally:
         for h in handles:
             h.remove()
+    return torch.stack(kept).mean(0)  # (B, T)
 
 
-def relevance_map(model, inputs, ans, txt, img, layers, direct=True):
-    """The paper's A for a batch: (B, T) relevance of each position, averaged over layers."""
-    def keep(w):  # (B, H, T, T) -> (B, T)
-        return relevance(w.mean(1, dtype=torch.float32), ans, txt, img, direct)
-    with torch.no_grad():
-        return torch.stack(tapped_forward(model, inputs, layers, keep)[1]).mean(0)  # (B, T)
-
-
-def grad_att_map(model, inputs, layers):
-    """The authors' A for a batch of (I, P): (B, T), averaged over layers. Autograd starts at the
-    first chosen layer's input (a leaf made by a pre-hook; the weights are frozen); each chosen
-    layer keeps its last-row weights and, from a tensor hook, their gradient."""
-    leaf = []
-    grads = []
-
-    def make_leaf(module, args, kwargs):
-        h = (args[0] if args else kwargs["hidden_states"]).detach().requires_grad_(True)
-        leaf.append(h)
-        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
-
-    def keep(w):  # (B, H, T, T) -> (B, H, T): the last prompt position's row
-        w.register_hook(lambda g: grads.append(g[:, :, -1].float()))
-        return w[:, :, -1].detach().float()
-    first = decoder_layers(model)[min(layers)].register_forward_pre_hook(make_leaf, with_kwargs=True)
-    try:
-        with torch.enable_grad():
-            logits, att = tapped_forward(model, inputs, layers, keep)
-            # (B,): log p(top-1 next token); rows are independent, so one backward serves them all
-            logp = torch.log_softmax(logits[:, -1].float(), -1).max(-1).values
-            torch.autograd.grad(logp.sum(), leaf)
-    finally:
-        first.remove()
-    # backward runs the top layer first: the gradients arrive in reverse layer order
-    maps = [grad_att(a, g) for a, g in zip(att, grads[::-1])]  # one (B, T) per layer
-    return torch.stack(maps).mean(0)  # (B, T)
-
-
-def attention_maps(model, processor, prompts, answers, images, layers, method, direct=True):
+def attention_maps(model, processor, prompts, answers, images, layers, direct=True):
     """Normalised patch-grid maps, one (h, w) float array per row, and whether each grid stretches
     over its whole image (Qwen2.5-VL) rather than following a CLIP-style resize / crop.
     prompts, answers: B strings; images: B; direct: A_dir in the map (--map ours)."""
-    if method == "attention":  # (I, P, y): y appended after the prompt as ids, + EOS, left padded
-        inputs, resp = build_batch(processor, prompts, answers, [[im] for im in images])
-    else:  # (I, P): the last position predicts the first answer token
-        texts = [chat_prompt(processor, p) for p in prompts]
-        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-        resp = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+    # (I, P, y): y appended after the prompt as ids, + EOS, left padded
+    inputs, resp = build_batch(processor, prompts, answers, [[im] for im in images])
     p = next(model.parameters())
     inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)
               for k, v in inputs.items()}  # pixel values in the model's dtype
@@ -234,12 +173,8 @@ def attention_maps(model, processor, prompts, answers, images, layers, method, d
     img = inputs["input_ids"] == model.config.image_token_id  # (B, T)
     txt = inputs["attention_mask"].bool() & ~img & ~resp  # (B, T): prompt text, chat template too
     ans = resp.clone()
-    # without the closing EOS, unless the answer is empty (then only EOS)
-    ans[:, -1] &= resp.sum(1) == 1
-    if method == "attention":
-        rel = relevance_map(model, inputs, ans, txt, img, layers, direct)  # (B, T)
-    else:
-        rel = grad_att_map(model, inputs, layers)  # (B, T)
+    ans[:, -1] &= resp.sum(1) == 1  # no closing EOS, unless the answer is empty (then only EOS)
+    rel = relevance_map(model, inputs, ans, txt, img, layers, direct)  # (B, T)
     if "image_grid_thw" in inputs:  # Qwen2.5-VL: (t, H, W) patches per image, m x m merged to a token
         m = model.config.vision_config.spatial_merge_size
         grids = [(int(hh) // m, int(ww) // m) for t, hh, ww in inputs["image_grid_thw"].tolist()]
@@ -252,8 +187,7 @@ def attention_maps(model, processor, prompts, answers, images, layers, method, d
         if v.size == h * w + 1:  # "full" feature strategy: the first image token is CLS
             v = v[1:]
         assert v.size == h * w, f"row {b}: {v.size} image tokens for a {h}x{w} grid"
-        # a grad_att map that ReLU zeroed everywhere becomes uniform
-        v = v / v.sum() if v.sum() > 0 else np.full(v.size, 1.0 / v.size)
+        v = v / v.sum() if v.sum() > 0 else np.full(v.size, 1.0 / v.size)  # (underflow: uniform)
         maps.append(v.reshape(h, w))
     return maps, "image_grid_thw" in inputs
 
@@ -326,11 +260,10 @@ def pixel_heat(grid_map, cols, rows):
 # ---- the adaptive crop ----
 def adaptive_crop(attn, image_size, crop_base, ratios, step=1.0):
     """The authors' multi-ratio window search. For each r: side = round(r * crop_base) px, clamped
-    to the image (a ratio whose window covers the whole image is skipped; at the smallest r, 1, the
-    answer is the image, "full"); S = the attention mass of every window position (integral image,
-    stride 1 px);
-    score_r = (max S - mean of S at the windows shifted by `step` px left / right / up / down,
-               where they fit) / window area.
+    to the image; a window covering the whole image is skipped (the smallest r's: bbox = the image,
+    "full"). S = the attention mass of every window position (integral image, stride 1 px);
+    score_r = (max S - mean of S at the windows `step` px left / right / up / down, where they fit)
+              / window area.
     attn: (Y, X) mass per original pixel (pixel_heat); image_size: (X, Y); step: one grid cell in
     original px (the authors slide on the grid, so their neighbours are one cell away).
     Returns ([x1, y1, x2, y2] ints, x2/y2 exclusive, "full" | "window", r)."""
@@ -338,8 +271,7 @@ def adaptive_crop(attn, image_size, crop_base, ratios, step=1.0):
     assert attn.shape == (Y, X), f"attention map {attn.shape} for an image of {X}x{Y} (X, Y)"
     if round(min(ratios) * crop_base) >= max(X, Y):  # even the r = 1 window covers the image
         return [0, 0, X, Y], "full", min(ratios)
-    I = np.zeros((Y + 1, X + 1))
-    # (Y + 1, X + 1): I[y, x] = mass of attn[:y, :x]
+    I = np.zeros((Y + 1, X + 1))  # (Y + 1, X + 1): I[y, x] = mass of attn[:y, :x]
     I[1:, 1:] = attn.astype(np.float64).cumsum(0).cumsum(1)
     s = max(1, round(step))  # the neighbours' shift, px
     best = None
@@ -368,8 +300,9 @@ def crop_batch(model, processor, args, batch):
     """B input rows -> B output rows (or an error message for a row that cannot run: an unreadable
     image, a prompt the model cannot take). The paper's steps in order: the answer y, the map A,
     grid -> pixels, the crop."""
-    # P as the model sees it
-    asked = [with_focus(row["prompt"], args.focus_prompt) for row in batch]
+    # P as the model sees it: the paper's focusing prompt first, if any
+    focus = f"{args.focus_prompt.strip()} " if args.focus_prompt else ""
+    asked = [focus + row["prompt"] for row in batch]
     images, results = usable_rows(model, processor, args, batch, asked)  # {row index: image}
     idx = list(images)
     if not idx:
@@ -378,9 +311,9 @@ def crop_batch(model, processor, args, batch):
     texts = [chat_prompt(processor, asked[i]) for i in idx]
     # y: the model's own greedy answer to (I, P)
     answers = generate_greedy(model, processor, texts, imgs, args.max_new_tokens)
-    # A: one forward over (I, P, y) (grad_att: over (I, P)), on the patch grid
+    # A: one forward over (I, P, y), on the patch grid
     maps, stretch = attention_maps(model, processor, [asked[i] for i in idx], answers, imgs,
-                                   args.layers, args.method, direct=args.map == "ours")
+                                   args.layers, direct=args.map == "ours")
     for i, answer, grid_map in zip(idx, answers, maps):
         row = batch[i]
         image = images[i]
@@ -389,16 +322,8 @@ def crop_batch(model, processor, args, batch):
         bbox, crop, _ = adaptive_crop(heat, image.size, args.crop_base, args.ratios, step=cell)
         results[i] = {**row, "image": relpath_for(args.out, row["_image"]), "answer": answer,
                       "bbox": bbox, "grid": list(grid_map.shape),
-                      "attn": np.round(grid_map, 4).tolist(), "method": args.method, "crop": crop}
-        if args.viz:
-            caption = f"{row['prompt']} -> {answer}"
-            save_viz(Path(args.viz) / viz_name(row["id"]), image, heat, bbox, caption)
+                      "attn": np.round(grid_map, 4).tolist(), "method": "attention", "crop": crop}
     return results
-
-
-def with_focus(prompt, focus_prompt):
-    """P as the answer and the attention pass see it: the paper's focusing prompt first, if any."""
-    return f"{focus_prompt.strip()} {prompt}" if focus_prompt else prompt
 
 
 def main(argv=None):
@@ -417,7 +342,6 @@ def main(argv=None):
     args.model_identity = model_identity(args.model)
     # eager attention: the weights reach the hooks
     model, processor = load_model(args.model, device, attn_implementation="eager")
-    model.requires_grad_(False)  # grad_att differentiates activations only
     resolve_defaults(args, model, processor, rank)  # --layers, --crop-base
     on_rank0(lambda: save_args(args, args.out, RESULT_ARGS), rank, world)
     # ---- the method, batch by batch (crop_batch): y, the map A, grid -> pixels, the crop ----
@@ -433,7 +357,7 @@ def main(argv=None):
 # "# ---- shared: NAME ----" rulers so each script stands alone (tests/test_shared_blocks.py
 # keeps every copy identical).
 # ==================================================================================================
-# ---- plumbing: usable rows, defaults from the data and the processor, the viz PNG ----
+# ---- plumbing: usable rows, defaults from the data and the processor ----
 def usable_rows(model, processor, args, batch, asked):
     """({row index: its image} for the rows that can run, [None, or why a row cannot]): its image
     must load, and the model must take its prompt `asked` + --max-new-tokens (prompt_problems)."""
@@ -479,33 +403,6 @@ def input_side(processor):
     size = ip.crop_size if getattr(ip, "do_center_crop", False) else getattr(ip, "size", None)
     side = size.get("height") if isinstance(size, dict) else getattr(size, "height", None)
     return int(side) if side else 336
-
-
-def viz_name(key):
-    """The PNG of an id: characters outside [A-Za-z0-9._-] become "_", and an id so changed, or with
-    capitals, gets its crc32, so no two ids share a file ("a b" and "a_b"; "A" and "a" on a
-    case-insensitive disk)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(key))[:100].lstrip(".") or "_"
-    if safe != str(key) or safe != safe.lower():
-        safe += f"-{zlib.crc32(str(key).encode()):08x}"
-    return safe + ".png"
-
-
-def save_viz(path, image, heat, bbox, caption):
-    """PNG: the heat map in red over the image, the bbox in green, the caption below."""
-    k = max(1, 256 // max(image.size))  # small images are scaled up, pixels kept sharp
-    size = (image.width * k, image.height * k)
-    a = 0.7 * (heat - heat.min()) / max(heat.max() - heat.min(), 1e-12)  # (Y, X) in [0, 0.7]
-    a = a[..., None]  # (Y, X, 1)
-    over = np.asarray(image, np.float32) * (1 - a) + np.array([255, 40, 0]) * a  # (Y, X, 3)
-    canvas = Image.new("RGB", (size[0], size[1] + 28), "white")
-    canvas.paste(Image.fromarray(over.round().astype(np.uint8)).resize(size, Image.NEAREST))
-    x1, y1, x2, y2 = (v * k for v in bbox)
-    draw = ImageDraw.Draw(canvas)
-    draw.rectangle([x1, y1, x2 - 1, y2 - 1], outline=(0, 220, 0), width=2)
-    draw.text((4, size[1] + 6), caption[:120], fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
 # ---- end plumbing ----
 
 

@@ -10,7 +10,7 @@ ours, on questions about ONE named object whose true box the toy world knows:
             where to look")
   AFR     = 100 x mean over questions of mass, from each model's OWN map (stage 01 on its own greedy answer)
   fixed map = the BASE model's (the first --model's) map with y = the TRUE answer word, teacher-forced, in the
-            forward stage 01 makes (its attention_maps, its layers and method): computed once, the same for
+            forward stage 01 makes (its attention_maps, its layers): computed once, the same for
             every model evaluated, and independent of any model's answer
   P-Acc   = 100 x answer accuracy on the questions whose fixed-map ratio is >= --focus-ratio
   P-Acc top half = the same on the questions whose fixed-map ratio is >= its median
@@ -127,7 +127,7 @@ def box_attention(attn, image_size, box, image_processor, stretch, stage01):
 
 
 @torch.no_grad()
-def fixed_map(model, processor, questions, root, layers, method, stage01, batch_size=8):
+def fixed_map(model, processor, questions, root, layers, stage01, batch_size=8):
     """{question id: (mass, ratio)} under the map stage 01 makes with y = the TRUE answer word, teacher-forced
     (its attention_maps on (I, P, y_true)): nobody's own answer enters it, so, made once with the base model,
     it fixes the same subsets for every model. questions: build_questions' rows, images relative to root."""
@@ -136,7 +136,7 @@ def fixed_map(model, processor, questions, root, layers, method, stage01, batch_
         batch = questions[start:start + batch_size]
         images = [stage01.load_image(Path(root) / q["image"]) for q in batch]
         maps, stretch = stage01.attention_maps(model, processor, [q["prompt"] for q in batch],
-                                               [q["answer"] for q in batch], images, layers, method)
+                                               [q["answer"] for q in batch], images, layers)
         for q, image, grid_map in zip(batch, images, maps):
             out[q["id"]] = box_attention(grid_map, image.size, q["box"], processor.image_processor, stretch,
                                          stage01)
@@ -229,7 +229,7 @@ def main(argv=None):
     scores = {}
     for name, path in args.models.items():
         scores[name] = score_crops(crops[name], questions, out, path, stage01)
-    # the fixed map: the base model under the true answer, in 01's forward with 01's layers and method
+    # the fixed map: the base model under the true answer, in 01's forward with 01's layers
     base, base_path = next(iter(args.models.items()))
     fixed = cached_fixed_map(out, base_path, crops[base], data, questions, stage01)
     metrics = perception_metrics(scores, {q: ratio for q, (_, ratio) in fixed.items()}, args.focus_ratio)
@@ -299,12 +299,12 @@ def score_crops(crops, questions, out, model, stage01):
 
 
 def cached_fixed_map(out, model_path, base_crops, data, questions, stage01):
-    """fixed_map for the base model, with the layers and method its stage 01 run recorded (so it is 01's map,
+    """fixed_map for the base model, with the layers its stage 01 run recorded (so it is 01's map,
     only with the true answer), kept in <out>/fixed_map.json and reused while the model, the questions and
     those settings are the same."""
     made = json.loads(base_crops.with_suffix(".args.json").read_text())
     key = {"model_identity": stage01.model_identity(model_path), "data_identity": stage01.file_identity(data),
-           "layers": made["layers"], "method": made["method"]}
+           "layers": made["layers"]}
     path = out / "fixed_map.json"
     if path.is_file():
         old = json.loads(path.read_text())
@@ -314,7 +314,7 @@ def cached_fixed_map(out, model_path, base_crops, data, questions, stage01):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, processor = stage01.load_model(model_path, device, attn_implementation="eager")
     model.requires_grad_(False)
-    fixed = fixed_map(model, processor, questions, out, key["layers"], key["method"], stage01)
+    fixed = fixed_map(model, processor, questions, out, key["layers"], stage01)
     path.write_text(json.dumps({**key, "mass_ratio": fixed}, indent=1))
     return fixed
 

@@ -12,8 +12,8 @@ ASSUMED from "RLHF-V's questions are mostly short instructions of roughly 5-40 w
 word is one token of the bench's tokenizer (LLaMA's makes about 1.3 tokens a word; next to 576-1152 image tokens
 that is under 2% of a row). Parts, each calling the stage's own functions on those instances:
   attention  01: attention_maps(...) for --attn-batch instance(s) of one 336 px image and a 32-token answer, the
-             hook on 01's default layer, the authors' grad_att, and one output_attentions=True forward, which keeps
-             every layer's (B, H, T, T) weights (measured, and computed as L x B x H x T^2 x bytes)
+             hook on 01's default layer, and one output_attentions=True forward, which keeps every layer's
+             (B, H, T, T) weights (measured, and computed as L x B x H x T^2 x bytes)
   crop       01: s/instance of crop_batch (01's whole per-batch work: greedy answer of at most 32 tokens, attention
              map, pixel heat, adaptive crop) over all instances, batches of 8 (01's default), eager attention
   decode     02: decode(...) greedy, plain (B rows) vs contrastive amplification (expert + amateur: one forward
@@ -289,7 +289,7 @@ def make_clip(size, folder, seed):
 
 
 def part_attention(s01, model, processor, args, meter):
-    """01 on one batch of (I, P, y): the hooked forward (paper's map, authors' grad_att) vs output_attentions=True."""
+    """01 on one batch of (I, P, y): the hooked forward (the paper's map) vs output_attentions=True."""
     model.set_attn_implementation("eager")  # 01 loads the model so: eager attention returns the weights
     B, n_layers = args.attn_batch, len(s01.decoder_layers(model))
     layers, imgs = [n_layers // 2], images(B, args.seed)  # 01's default layer
@@ -298,12 +298,11 @@ def part_attention(s01, model, processor, args, meter):
     B, T = inputs["input_ids"].shape
     H, nbytes = model.config.text_config.num_attention_heads, torch.finfo(model.dtype).bits // 8
     out = {"tokens": T, "layer": layers[0]}
-    for method in ("attention", "grad_att"):
-        s01.attention_maps(model, processor, prompts, answers, imgs, layers, method)  # warm-up
-        with meter.part(model) as m:
-            maps, _ = s01.attention_maps(model, processor, prompts, answers, imgs, layers, method)
-        assert maps[0].shape == (IMAGE // PATCH,) * 2 and abs(maps[0].sum() - 1) < 1e-6, (maps[0].shape, maps[0].sum())
-        out[method] = m
+    s01.attention_maps(model, processor, prompts, answers, imgs, layers)  # warm-up
+    with meter.part(model) as m:
+        maps, _ = s01.attention_maps(model, processor, prompts, answers, imgs, layers)
+    assert maps[0].shape == (IMAGE // PATCH,) * 2 and abs(maps[0].sum() - 1) < 1e-6, (maps[0].shape, maps[0].sum())
+    out["attention"] = m
     p = next(model.parameters())
     inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device) for k, v in inputs.items()}
     with meter.part(model) as m, torch.no_grad():
@@ -684,7 +683,6 @@ def print_table(res):
     if "attention" in res:
         a = res["attention"]
         row(f"01 attention, hook on layer {a['layer']}, T {a['tokens']}", a["attention"])
-        row("01 grad_att, hook on the same layer", a["grad_att"])
         row("01 forward, output_attentions=True", a["output_attentions"])
         print(f"   attention weights kept: one layer {a['one_layer_mb']:.0f} MiB at a time (hook) vs every layer "
               f"{a['output_attentions']['kept_mb']:.0f} MiB (output_attentions; L x B x H x T^2 x bytes = "

@@ -175,8 +175,6 @@ BUGS = [
     bug("focus_not_in_map", F01, "attention_maps(model, processor, [asked[i] for i in idx]",
         "attention_maps(model, processor, [batch[i]['prompt'] for i in idx]", "01",
         "--focus-prompt reaches the answer but not the map's forward"),
-    bug("viz_name_clash", F01, 'safe += f"-{zlib.crc32(str(key).encode()):08x}"', "pass", "01",
-        "--viz: ids 'a b' and 'a_b' share one PNG"),
     # ---- 05: POPE ----
     bug("pope_lower", F05, "words = text.split(\".\")[0].replace(\",\", \"\").split(\" \")",
         "words = text.lower().split(\".\")[0].replace(\",\", \"\").split(\" \")", "05",

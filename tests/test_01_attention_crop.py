@@ -1,13 +1,12 @@
-"""Stage 01: the attention map (hand-computed A = A_tok (x) A_img with and without our A_dir, and grad_att values;
+"""Stage 01: the attention map (hand-computed A = A_tok (x) A_img with and without our A_dir;
 --map paper = A_tok @ A_img indexed from output_attentions=True; hooks = output_attentions=True; batched = one by
-one), --focus-prompt in both forward passes but not in the output, flags refused together before a model loads, one
-PNG per id, the processor geometry (hand-computed and read back from real pixel_values: centre crop, pad to square,
+one), --focus-prompt in both forward passes but not in the output, a blank one refused before a model loads, the
+processor geometry (hand-computed and read back from real pixel_values: centre crop, pad to square,
 Qwen's smart resize), the adaptive crop (integral image = brute force, full / clamped windows), and (marked slow)
 the stage run as a subprocess on tiny LLaVA / Qwen2.5-VL models: fields, defaults, bad lines, resume after SIGKILL,
 2 processes (gloo) = 1 process."""
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -70,13 +69,6 @@ def test_relevance_paper_map_has_no_direct_term():
     ans, txt, img = (torch.tensor([m]).bool() for m in ([0, 0, 0, 1, 1], [0, 0, 1, 0, 0], [1, 1, 0, 0, 0]))
     out = stage.relevance(A, ans, txt, img, direct=False)
     assert torch.allclose(out, torch.tensor([[0.05, 0.15, 0, 0, 0]]), atol=1e-7)
-
-
-def test_grad_att_hand_computed():
-    """mean over heads of A * ReLU(grad): heads (0.5 * 2, 0.5 * 0) and (0.25 * 0, 0.25 * 4) -> [0.5, 0.5]."""
-    att = torch.tensor([[[0.5, 0.5], [0.25, 0.25]]])  # (B=1, H=2, T=2)
-    grad = torch.tensor([[[2.0, -1.0], [-3.0, 4.0]]])
-    assert torch.allclose(stage.grad_att(att, grad), torch.tensor([[0.5, 0.5]]))
 
 
 def brute_crop(attn, X, Y, base, ratios, step):
@@ -200,30 +192,16 @@ def test_pixel_heat_keeps_each_cells_mass():
 
 
 # ---- the map: hooks = output_attentions=True; batched = one by one ----
-def reference_maps(model, processor, prompts, answers, images, layers, method):
-    """The same maps the naive way: every layer's attentions from output_attentions=True (ViCrop's code for
-    grad_att: autograd.grad of log p(top-1) w.r.t. those tensors, the model's weights requiring grad)."""
-    if method == "attention":
-        inputs, resp = stage.build_batch(processor, prompts, answers, [[im] for im in images])
-    else:
-        inputs = processor(text=[stage.chat_prompt(processor, p) for p in prompts], images=images, padding=True,
-                           return_tensors="pt")
-        resp = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+def reference_maps(model, processor, prompts, answers, images, layers):
+    """The same maps the naive way: every layer's attentions from output_attentions=True."""
+    inputs, resp = stage.build_batch(processor, prompts, answers, [[im] for im in images])
     img = inputs["input_ids"] == model.config.image_token_id
     txt, ans = inputs["attention_mask"].bool() & ~img & ~resp, resp.clone()
     ans[:, -1] &= resp.sum(1) == 1
-    model.requires_grad_(method == "grad_att")
-    with torch.set_grad_enabled(method == "grad_att"):
+    with torch.no_grad():
         out = model(**inputs, use_cache=False, output_attentions=True)
-    if method == "attention":
-        rel = torch.stack([stage.relevance(out.attentions[i].float().mean(1), ans, txt, img) for i in layers]).mean(0)
-    else:
-        logp = torch.log_softmax(out.logits[:, -1].float(), -1).max(-1).values.sum()
-        grads = torch.autograd.grad(logp, [out.attentions[i] for i in layers])
-        rel = torch.stack([(out.attentions[i][:, :, -1] * torch.relu(g[:, :, -1])).mean(1)
-                           for i, g in zip(layers, grads)]).mean(0)
-    model.requires_grad_(False)
-    return [(v / v.sum()).detach().numpy() for v in (rel[b][img[b]] for b in range(len(prompts)))]
+    rel = torch.stack([stage.relevance(out.attentions[i].float().mean(1), ans, txt, img) for i in layers]).mean(0)
+    return [(v / v.sum()).numpy() for v in (rel[b][img[b]] for b in range(len(prompts)))]
 
 
 def assert_same_map(a, b):
@@ -239,20 +217,19 @@ def loaded(request):
     return model, processor
 
 
-@pytest.mark.parametrize("method", ["attention", "grad_att"])
-def test_hooks_equal_output_attentions_and_batch_equals_single(loaded, method):
+def test_hooks_equal_output_attentions_and_batch_equals_single(loaded):
     model, processor = loaded
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 256, (y, x, 3), dtype=np.uint8)) for x, y in SIZES[:3]]
     prompts, answers = PROMPTS[:3], ["red circle", "", "yes there is a blue square"]  # "" : the EOS position
-    maps, stretch = stage.attention_maps(model, processor, prompts, answers, images, [0, 1], method)
-    ref = reference_maps(model, processor, prompts, answers, images, [0, 1], method)
+    maps, stretch = stage.attention_maps(model, processor, prompts, answers, images, [0, 1])
+    ref = reference_maps(model, processor, prompts, answers, images, [0, 1])
     for m, r in zip(maps, ref):
         assert m.sum() == pytest.approx(1.0) and np.isfinite(m).all()
         assert_same_map(m, r)
     for i in range(3):  # one by one: other padding, same maps
         single, _ = stage.attention_maps(model, processor, prompts[i:i + 1], answers[i:i + 1], images[i:i + 1],
-                                         [0, 1], method)
+                                         [0, 1])
         assert_same_map(single[0], maps[i])
     assert stretch == ("qwen" in type(model).__name__.lower())
     if not stretch:
@@ -267,8 +244,8 @@ def test_paper_map_is_A_tok_at_A_img(loaded):
     rng = np.random.default_rng(3)
     images = [Image.fromarray(rng.integers(0, 256, (y, x, 3), dtype=np.uint8)) for x, y in SIZES[:2]]
     prompts, answers = PROMPTS[:2], ["red circle", "yes"]
-    paper, _ = stage.attention_maps(model, processor, prompts, answers, images, [0, 1], "attention", direct=False)
-    ours, _ = stage.attention_maps(model, processor, prompts, answers, images, [0, 1], "attention")
+    paper, _ = stage.attention_maps(model, processor, prompts, answers, images, [0, 1], direct=False)
+    ours, _ = stage.attention_maps(model, processor, prompts, answers, images, [0, 1])
     inputs, resp = stage.build_batch(processor, prompts, answers, [[im] for im in images])
     with torch.no_grad():
         att = model(**inputs, use_cache=False, output_attentions=True).attentions
@@ -301,7 +278,7 @@ def test_crop_batch_computes_the_map_chosen(loaded, choice, tmp_path):
     images = [Image.open(r["_image"]).convert("RGB") for r in rows]
     for direct in (True, False):
         maps, _ = stage.attention_maps(model, processor, [r["prompt"] for r in rows], [r["answer"] for r in out],
-                                       images, [0, 1], "attention", direct=direct)
+                                       images, [0, 1], direct=direct)
         same = all(np.array_equal(np.round(m, 4), np.array(r["attn"])) for m, r in zip(maps, out))
         assert same == (direct == (choice == "ours")), (choice, direct)
 
@@ -341,17 +318,14 @@ def test_focus_prompt_reaches_the_forward_passes_and_output_keeps_p(loaded, tmp_
     assert seen and not any(focus in text for text in seen)
 
 
-# ---- flags and names ----
-@pytest.mark.parametrize("flags, words", [(["--method", "grad_att", "--map", "paper"], "grad_att has none"),
-                                          (["--focus-prompt", "   "], "--focus-prompt is blank"),
-                                          (["--viz", "{data}"], "--viz"), (["--viz", "{out}"], "--viz")])
-def test_contradictory_flags_refused_before_a_model_loads(flags, words, tmp_path, capsys):
+# ---- flags ----
+def test_blank_focus_prompt_refused_before_a_model_loads(tmp_path, capsys):
     data = write_instances(tmp_path, 1)
     out = tmp_path / "crops.jsonl"
-    flags = [f.format(data=data, out=out) for f in flags]
     with pytest.raises(SystemExit) as e:  # --model names no folder: a refusal about it would come later
-        stage.main(["--model", str(tmp_path / "no_model"), "--data", str(data), "--out", str(out), *flags])
-    assert e.value.code == 2 and words in capsys.readouterr().err
+        stage.main(["--model", str(tmp_path / "no_model"), "--data", str(data), "--out", str(out),
+                    "--focus-prompt", "   "])
+    assert e.value.code == 2 and "--focus-prompt is blank" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -362,22 +336,6 @@ def test_window_under_one_pixel_refused(tiny_llava, tmp_path):
                     "--crop-base", "20", "--ratios", "0.01", "1"])
 
 
-def test_viz_names_are_unique_per_id(tiny_llava, tmp_path):
-    """Ids that differ only in characters a file name cannot hold, or in case, get PNGs of their own."""
-    ids = ["a b", "a_b", "A_b", "a/b", "..", ".", 7, "7", "q0"]
-    names = [stage.viz_name(k) for k in ids]
-    assert len({n.lower() for n in names if n != stage.viz_name(7)}) == len(ids) - 2  # 7 and "7": one id
-    assert stage.viz_name("q0") == "q0.png" and stage.viz_name("a_b") == "a_b.png"
-    assert all(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.png", n) for n in names), names
-    folder = tmp_path / "data"
-    write_instances(folder, 1)
-    (folder / "instances.jsonl").write_text("".join(json.dumps({"id": k, "image": "im0.png", "prompt": PROMPTS[0]})
-                                                    + "\n" for k in ("a b", "a_b")))
-    stage.main(["--model", str(tiny_llava), "--data", str(folder / "instances.jsonl"), "--out",
-                str(tmp_path / "crops.jsonl"), "--viz", str(tmp_path / "viz"), "--max-new-tokens", "2"])
-    assert len(list((tmp_path / "viz").glob("*.png"))) == 2
-
-
 # ---- the stage as a user runs it (subprocesses: the slow tier) ----
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava", "qwen"])
@@ -385,7 +343,7 @@ def test_stage_writes_its_fields(family, request, tmp_path):
     model = request.getfixturevalue(f"tiny_{family}")
     data = write_instances(tmp_path / "data", 6)
     out = tmp_path / "out" / "crops.jsonl"
-    run_script(SCRIPT, "--model", model, "--data", data, "--out", out, "--viz", tmp_path / "viz", "--batch-size", 4,
+    run_script(SCRIPT, "--model", model, "--data", data, "--out", out, "--batch-size", 4,
                "--max-new-tokens", 6)
     rows, args = lines(out), json.loads(out.with_suffix(".args.json").read_text())
     assert list(rows) == [f"q{i}" for i in range(6)]
@@ -408,8 +366,6 @@ def test_stage_writes_its_fields(family, request, tmp_path):
             assert r["grid"] == [4, 4]
         full = max(image.size) <= args["crop_base"]
         assert r["crop"] == ("full" if full else "window") and (not full or r["bbox"] == [0, 0, *image.size])
-        k = max(1, 256 // max(image.size))  # small images scaled up; the caption below
-        assert Image.open(tmp_path / "viz" / f"{i}.png").size == (image.width * k, image.height * k + 28)
 
 
 @pytest.mark.slow
@@ -446,9 +402,9 @@ def test_toy_world_defaults_and_bad_lines(tiny_llava, tmp_path):
                                  "unreadable image"]):
         assert words in e["error"] and f"{data}:{e['line']}:" in e["error"], e
     assert "6 of 11 input lines written; 5 skipped" in proc.stdout
-    again = run_script(SCRIPT, "--model", tiny_llava, "--data", data, "--out", out, "--method", "grad_att",
+    again = run_script(SCRIPT, "--model", tiny_llava, "--data", data, "--out", out, "--map", "paper",
                        check=False)  # other result-changing settings: refused, file untouched
-    assert again.returncode != 0 and "method" in again.stderr and len(lines(out)) == 6
+    assert again.returncode != 0 and "map" in again.stderr and len(lines(out)) == 6
 
 
 @pytest.mark.slow

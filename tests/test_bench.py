@@ -46,7 +46,7 @@ def test_gpu_scale_small_on_cpu(tmp_path):
         assert math.isclose(m["mfu"], m["tflop"] / m["s"] / 1.0), (what, m)
     a = res["attention"]
     assert a["tokens"] > 576 and a["layer"] == 2, a  # 576 image tokens + prompt + answer; 01's middle layer of 4
-    for part in ("attention", "grad_att", "output_attentions"):
+    for part in ("attention", "output_attentions"):
         check(a[part], part)
     stack = 4 * 1 * 4 * a["tokens"] ** 2 * 4 / 2**20  # L x B x H x T^2 x fp32 bytes, MiB
     assert math.isclose(a["stack_mb"], stack) and math.isclose(a["output_attentions"]["kept_mb"], stack), a

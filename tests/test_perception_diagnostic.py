@@ -78,11 +78,11 @@ def test_fixed_map_is_the_base_models_map_under_the_true_answer(tmp_path, tiny_l
         # the tiny model's processor: 32 px in, a 4 x 4 grid of 8-px cells; the box holds rows 0-1, columns 1-2
         questions.append({"id": f"q{i}", "image": f"{i}.png", "prompt": prompt, "answer": answer,
                           "box": [8, 0, 24, 16]})
-    fixed = pdiag.fixed_map(model, processor, questions, tmp_path, [0], "attention", stage01)
+    fixed = pdiag.fixed_map(model, processor, questions, tmp_path, [0], stage01)
     images = [Image.open(tmp_path / q["image"]).convert("RGB") for q in questions]
     prompts = [q["prompt"] for q in questions]
-    truth, _ = stage01.attention_maps(model, processor, prompts, ["red", "circle"], images, [0], "attention")
-    wrong, _ = stage01.attention_maps(model, processor, prompts, ["blue", "square"], images, [0], "attention")
+    truth, _ = stage01.attention_maps(model, processor, prompts, ["red", "circle"], images, [0])
+    wrong, _ = stage01.attention_maps(model, processor, prompts, ["blue", "square"], images, [0])
     for q, t, w in zip(questions, truth, wrong):
         mass = t[0:2, 1:3].sum()
         assert fixed[q["id"]] == pytest.approx((mass, mass / (16 * 16 / 32 ** 2)), rel=1e-6)
