@@ -4,9 +4,8 @@ Paper: P2-DPO (ICLR 2026), method: the focus-enhanced and the visual-robustness 
 reference (base) model, P the instance's prompt, bbox stage 01's crop.
   I_crop  = I.crop(bbox);   I_deg = I with the bbox rectangle filled by I's mean RGB colour
   I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) seeded by (seed, id); sigma 0.2
-  I_aug   = (I, I_crop) as two images, with P_enh = "Answer the question mainly based on the first image,
-            refer to the cropping details of the second image if necessary, answer this question: {P}"
-            (authors' code); --combine stitch: one canvas, I left, I_crop resized to I's height right
+  I_aug   = (I, I_crop) as two images, with P_enh = ENH_TEMPLATE around P (authors' code); --combine stitch:
+            one canvas, I left, I_crop resized to I's height right
   focus   : y_w = M(I_aug, P_enh),  y_l = M(I_deg, P)
   robust  : y_l = M(I_noise, P_rob),  y_init = M(I, P_rob),  y_w by contrastive amplification of the
             expert EP = (I, P_rob) over the amateur AT = (I_noise, P_rob), both fed the tokens chosen so far:
@@ -15,25 +14,21 @@ reference (base) model, P the instance's prompt, bbox stage 01's crop.
             (authors'; VCD's 1.0, 0.1 is the documented alternative)
   null    : a pair whose two responses are equal is dropped (the line stays); a "full" crop has no focus pair
 Decoding per branch as the authors' scripts: focus greedy, at most 150 new tokens; robustness temperature 0.2,
-top-p 0.9, at most 256, after their instruction: P_rob = "Strictly answer the following question according
-to the facts of the image, and control the length of the output." + " " + P (P alone with
+top-p 0.9, at most 256, after their instruction: P_rob = ROBUST_INSTRUCTION + " " + P (P alone with
 --robust-instruction ''; the toy world's world.json sets '': its words are outside the toy vocabulary).
-y_init: the paper has contrastive amplification "refine" y_init into y_w, and no rule for how. By default
-(ours) y_w is sampled on its own generator, as VCD samples, and y_init is only stored (03 and 04 use y_w and
-y_l). --refine-init makes the refinement literal: y_w draws y_init's per-step uniforms, so y_w = y_init at
-lambda_ca = beta_head = 0, and y_w leaves y_init only from the first token amplification changes. On the toy
+y_init: the paper has amplification "refine" y_init into y_w, with no rule for how. By default (ours) y_w is
+sampled on its own generator, as VCD samples, and y_init is only stored (03 and 04 use y_w and y_l).
+--refine-init: y_w draws y_init's per-step uniforms, so y_w = y_init at lambda_ca = beta_head = 0. On the toy
 world (01's crops of its first 100 instances, seed 0) y_w differs from y_init in 31 of 89 robustness pairs by
-default (sampling and amplification together), in 19 of 91 with --refine-init (amplification and V_head
-alone). Off by default, so that the pairs (and the README's results) stay what they were.
+default, in 19 of 91 with --refine-init. Off by default, so that the pairs (and the README's results) stay.
 
 Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt", "bbox" [x1, y1, x2, y2] (int
         pixels inside the image, x2, y2 exclusive), optional "crop": "full" | "window"; other fields copied.
-        A bad field is that line's error (<out>.errors.jsonl); the other lines go on.
+        A bad line goes to <out>.errors.jsonl; the other lines go on.
 Output  pairs.jsonl: input fields ("image" relative to the output file) + "images": {"crop", "deg", "noise"
-        [, "aug" if stitched]} (PNGs in <out stem>_images/), "prompt_enh", "prompt_robust" (P_rob: the user
-        text the robustness responses were decoded after), "focus": {"chosen", "rejected"} | null, "robust":
-        {"chosen", "rejected", "init"} | null, "gen": {decoding settings}; <out>.args.json. A rerun into
-        the same --out resumes (same --data, model and RESULT_ARGS, else refused).
+        [, "aug" if stitched]} (PNGs in <out stem>_images/), "prompt_enh", "prompt_robust" (P_rob),
+        "focus": {"chosen", "rejected"} | null, "robust": {"chosen", "rejected", "init"} | null, "gen":
+        {decoding settings}; <out>.args.json. A rerun into --out resumes (same --data, model, RESULT_ARGS).
 Shapes: B instances, R rows of a forward (2B in contrastive amplification: experts, then amateurs), T tokens,
         V vocabulary.
 
@@ -43,8 +38,7 @@ Shapes: B instances, R rows of a forward (2B in contrastive amplification: exper
 Ours, where the paper is silent: temperature and top-p act on logits_CA; the amateur reads the tokens
 amplification chose (as VCD); responses are equal when their stripped texts are; I_deg's colour is the
 rounded mean of the whole image; image placeholder tokens are never generated (such a response could not be
-scored with its image); a response's sampler is seeded by (seed, id, role), so no response depends on
-batch, order or process count.
+scored with its image); a response's sampler is seeded by (seed, id, role): no dependence on batch or order.
 """
 import argparse
 import errno
@@ -97,12 +91,10 @@ def parse_args(argv=None):
     p.add_argument("--data", default="runs/crops.jsonl", help="crops.jsonl from stage 01")
     p.add_argument("--out", default="runs/pairs.jsonl", help="output JSONL; images: <out stem>_images/")
     p.add_argument("--combine", choices=("auto", "multi", "stitch"), default="auto",
-                   help="I_aug as two images (multi, authors') or one stitched canvas; "
-                        "auto: multi if the processor takes two images")
-    p.add_argument("--enh-template", default=None,
-                   help="P_enh with {question} (default: the authors' sentence, or its stitched form)")
-    p.add_argument("--sigma", type=at_least(0.0, float, most=1.0), default=0.2,
-                   help="I_noise std in (0, 1], pixel units (paper: 0.2)")
+                   help="I_aug as two images (multi, authors') or one canvas; auto: multi if the processor can")
+    p.add_argument("--enh-template", help="P_enh with {question} (default: the authors', or its stitched form)")
+    p.add_argument("--sigma", type=at_least(1e-6, float, most=1.0), default=0.2,
+                   help="I_noise std in (0, 1], pixel units (paper: 0.2); 0 would leave nothing to resist")
     p.add_argument("--lambda-ca", type=at_least(0.0, float), default=0.1,
                    help="contrastive amplification strength (authors: 0.1; VCD: 1.0)")
     p.add_argument("--beta-head", type=at_least(0.0, float, most=1.0), default=0.1,
@@ -113,12 +105,10 @@ def parse_args(argv=None):
                    help="robustness responses: nucleus sampling mass (authors: 0.9)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=256,
                    help="robustness responses: length cap (authors: 256)")
-    p.add_argument("--robust-instruction", default=None,
-                   help="robustness responses: text put before P ('' = none; default: the authors' "
-                        "instruction, or '' from the toy world's world.json beside --model)")
+    p.add_argument("--robust-instruction", help="robustness responses: text put before P ('' = none; default: "
+                   "the authors', or '' from the toy world's world.json beside --model)")
     p.add_argument("--refine-init", action="store_true",
-                   help="y_w draws y_init's random numbers, so it departs from y_init only where "
-                        "amplification changes a token (ours; see the header)")
+                   help="y_w draws y_init's random numbers (ours; see the header)")
     p.add_argument("--focus-temperature", type=at_least(0.0, float), default=0.0,
                    help="focus responses: sampling temperature (authors: greedy, 0); top-p as above")
     p.add_argument("--focus-max-new-tokens", type=at_least(1), default=150,
@@ -132,24 +122,18 @@ def parse_args(argv=None):
                    help="an image with more pixels is a bad line (a decompression bomb); 0: no limit")
     p.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
     args = p.parse_args(argv)
-    # ---- plumbing: flags that contradict the method, refused before any model loads ----
-    if args.sigma == 0:
-        p.error("--sigma 0 makes I_noise the clean image, so the robustness pair has no noise to "
-                "resist: give a sigma in (0, 1]")
-    template = args.enh_template or "{question}"
-    try:  # {question} and no other name in braces (P_enh is formatted per line, mid-run)
-        template.replace("{question}", "").format()
-    except (KeyError, IndexError, ValueError):
-        template = ""
-    if "{question}" not in template:
-        p.error(f"--enh-template {args.enh_template!r}: needs {{question}} and no other name in "
-                f"braces (a brace itself is written twice)")
+    try:  # P_enh is formatted per line, mid-run: a template that would fail then is refused now
+        enh_ok = "\0" in (args.enh_template or "{question}").format(question="\0")
+    except (KeyError, IndexError, ValueError, AttributeError):
+        enh_ok = False
+    if not enh_ok:
+        p.error(f"--enh-template {args.enh_template!r}: needs {{question}} and no other name in braces "
+                f"(a brace itself is written twice)")
     return args
 
 
 def degraded_image(image, bbox):
-    """I_deg = I with the bbox rectangle filled by I's mean RGB colour: the region the model
-    attended to is gone."""
+    """I_deg = I with the bbox rectangle filled by I's mean RGB colour: what the model attended to is gone."""
     pixels = np.asarray(image, dtype=np.float64).reshape(-1, 3)  # (H * W, 3)
     colour = tuple(int(c) for c in pixels.mean(0).round())
     out = image.copy()
@@ -158,9 +142,8 @@ def degraded_image(image, bbox):
 
 
 def derived_images(image, bbox, sigma, seed, key, combine):
-    """{"crop", "deg", "noise"[, "aug"]}, the views the pairs are built from (deterministic): I_crop
-    = I.crop(bbox), I_deg, I_noise (seeded by (seed, id)); with combine "stitch", I_aug as one canvas
-    for models without multi-image input: I left, I_crop resized to I's height right."""
+    """{"crop": I_crop, "deg": I_deg, "noise": I_noise[, "aug": I_aug]}: with combine "stitch", I_aug as one
+    canvas (models without multi-image input), I left, I_crop resized to I's height right."""
     crop = image.crop(tuple(bbox))
     views = {"crop": crop, "deg": degraded_image(image, bbox), "noise": add_noise(image, sigma, seed, key)}
     if combine == "stitch":
@@ -183,8 +166,7 @@ class Job(NamedTuple):
 
 
 def focus_pair_contexts(key, prompt, prompt_enh, image, views, full_crop):
-    """Focus pair: y_w = M(I_aug, P_enh), y_l = M(I_deg, P). [Job y_w, Job y_l], or [] when
-    stage 01's crop is the full image: a whole-image "crop" adds no detail, so no focus pair."""
+    """Focus pair: [y_w = M(I_aug, P_enh), y_l = M(I_deg, P)], or [] for a full-image crop (no detail added)."""
     if full_crop:
         return []
     aug = [views["aug"]] if "aug" in views else [image, views["crop"]]  # I_aug: stitched, or (I, I_crop)
@@ -194,9 +176,8 @@ def focus_pair_contexts(key, prompt, prompt_enh, image, views, full_crop):
 
 
 def robust_pair_contexts(key, prompt, image, views, refine_init=False):
-    """Robustness pair: y_w by contrastive amplification of the expert (I, P_rob) over the amateur
-    (I_noise, P_rob), drawing y_init's uniforms with refine_init; y_l = M(I_noise, P_rob); y_init =
-    M(I, P_rob). prompt: P_rob. [Job y_w, Job y_l, Job y_init]."""
+    """Robustness pair, prompt P_rob: [y_w by contrastive amplification of the expert (I, P_rob) over the
+    amateur (I_noise, P_rob), with y_init's uniforms if refine_init; y_l = M(I_noise, P_rob); y_init = M(I, P_rob)]."""
     chosen = Job(key, "robust_w", prompt, [image], amateur_images=[views["noise"]],
                  draws="init" if refine_init else None)
     rejected = Job(key, "robust_l", prompt, [views["noise"]])
@@ -205,13 +186,10 @@ def robust_pair_contexts(key, prompt, image, views, refine_init=False):
 
 
 def contrastive_logits(logits_ep, logits_at, lambda_ca, beta_head):
-    """logits_CA = (1 + lambda_ca) * logits_EP - lambda_ca * logits_AT on
-    V_head = {v : p_EP(v) >= beta_head * max_u p_EP(u)}, -inf elsewhere.
-
-    The head keeps the amplification from promoting tokens the expert itself finds implausible.
-    logits_ep, logits_at: (B, V) next-token logits of the expert (I, P) and the amateur
-    (I_noise, P) on the same prefix. Returns (B, V) fp32; with lambda_ca = 0 it is the expert's
-    logits on V_head (all of them with beta_head = 0)."""
+    """logits_CA = (1 + lambda_ca) * logits_EP - lambda_ca * logits_AT on V_head, -inf elsewhere,
+    V_head = {v : p_EP(v) >= beta_head * max_u p_EP(u)}: the head keeps amplification from promoting tokens
+    the expert itself finds implausible. logits_ep, logits_at: (B, V) next-token logits of the expert (I, P)
+    and the amateur (I_noise, P) on the same prefix. Returns (B, V) fp32; lambda_ca = 0: logits_EP on V_head."""
     logits_ep = logits_ep.float()
     logits_at = logits_at.float()
     p_ep = torch.softmax(logits_ep, -1)  # (B, V)
@@ -221,11 +199,9 @@ def contrastive_logits(logits_ep, logits_at, lambda_ca, beta_head):
 
 
 def next_token(logits, uniforms, temperature, top_p):
-    """y_t ~ softmax(logits / temperature) on the top-p nucleus (the most likely tokens until
-    their mass reaches top_p), drawn by inverse CDF of one uniform per row; temperature 0 = argmax.
-
-    logits: (B, V); uniforms: (B,) in [0, 1). Returns (B,) token ids. A row depends only on its own
-    logits and uniform, not on the batch."""
+    """y_t ~ softmax(logits / temperature) on the top-p nucleus (the most likely tokens until their mass
+    reaches top_p), by inverse CDF of one uniform per row; temperature 0 = argmax. logits: (B, V); uniforms:
+    (B,) in [0, 1). Returns (B,) token ids; a row depends on its own logits and uniform, not on the batch."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)  # (B, V)
@@ -241,20 +217,18 @@ def next_token(logits, uniforms, temperature, top_p):
 
 
 def response_generator(seed, key, role):
-    """The sampler of one response: a CPU generator seeded by (seed, id, role), whatever batch or
-    device it is in."""
+    """The sampler of one response: a CPU generator seeded by (seed, id, role), whatever its batch or device."""
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{key}/{role}".encode("utf-8")))
 
 
 @torch.no_grad()
 def decode(model, inputs, generators, eos_ids, max_new_tokens, temperature=0.2, top_p=0.9,
            lambda_ca=None, beta_head=0.1, use_cache=True, stop_at_eos=True, suppress_ids=()):
-    """y_t = next_token(logits_t, u_t) token by token for a left-padded batch, each row up to its
-    first EOS. lambda_ca None: plain decoding of the R = B rows. Else contrastive amplification:
-    rows [0, B) are the experts (I, P), rows [B, 2B) their amateurs (I_noise, P), one forward of 2B
-    rows a step, logits_t = logits_CA, and both halves read the chosen token.
-    inputs: processor output, (R, T) ids and mask; generators: B (u_t); suppress_ids: never chosen
-    (image placeholders). Returns B lists of new token ids, EOS excluded."""
+    """y_t = next_token(logits_t, u_t) token by token for a left-padded batch, each row up to its first EOS.
+    lambda_ca None: plain decoding of the R = B rows. Else contrastive amplification: rows [0, B) are the
+    experts (I, P), rows [B, 2B) their amateurs (I_noise, P), one forward of 2B rows a step, logits_t =
+    logits_CA, and both halves read the chosen token. inputs: processor output, (R, T) ids and mask;
+    generators: B (u_t); suppress_ids: never chosen (image placeholders). Returns B lists of ids, EOS cut."""
     inputs = {k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
               for k, v in inputs.items()}
     ids = inputs.pop("input_ids")  # (R, T)
@@ -287,10 +261,8 @@ def decode(model, inputs, generators, eos_ids, max_new_tokens, temperature=0.2, 
 
 
 def respond(model, processor, jobs, args):
-    """The texts M answers to Jobs of one branch, as one batch with the branch's decoding (the
-    authors'): focus roles --focus-temperature (greedy), --focus-max-new-tokens; robustness roles
-    --temperature, --top-p, --max-new-tokens. Jobs with amateur images (y_w) are decoded by
-    contrastive amplification: rows [0, B) the experts, [B, 2B) their amateurs, same prompts."""
+    """The texts M answers to Jobs of one branch, one batch with the branch's decoding (focus or robustness
+    flags); Jobs with amateur images (y_w) by contrastive amplification: experts, then their amateurs."""
     if not jobs:
         return []
     focus = jobs[0].role in FOCUS
@@ -311,8 +283,8 @@ def respond(model, processor, jobs, args):
 
 
 def preference_pairs(said):
-    """(focus, robust) of one instance from its responses {role: text}: each a pair, or None when it
-    was not decoded (a full-image crop) or is null: its two responses are equal, nothing to prefer."""
+    """(focus, robust) pairs from an instance's {role: response}; None if not decoded (a full-image crop) or null
+    (its two responses are equal, nothing to prefer)."""
     focus = None
     if "focus_w" in said and said["focus_w"] != said["focus_l"]:
         focus = {"chosen": said["focus_w"], "rejected": said["focus_l"]}
@@ -323,9 +295,8 @@ def preference_pairs(said):
 
 
 def make_pairs(model, processor, args, batch):
-    """One batch of input rows -> for each, its output line or why it is a bad line: the paper's
-    steps in order (derived images; the focus and the robustness pair's contexts; their responses,
-    one batch per branch; null pairs dropped)."""
+    """Input rows -> each one's output line or why it is bad, by the paper's steps: derived images; the focus and
+    robustness pairs' contexts; their responses, one batch per branch; null pairs dropped."""
     lines = []
     jobs = []
     for row in batch:
@@ -380,8 +351,7 @@ def main(argv=None):
     if args.enh_template is None:
         args.enh_template = ENH_TEMPLATE if args.combine == "multi" else STITCH_TEMPLATE
     on_rank0(lambda: save_args(args, args.out, RESULT_ARGS), rank, world)
-    # ---- the method, a batch of instances at a time: derived images, focus pair, robustness
-    # pair by contrastive amplification, null pairs dropped (make_pairs) ----
+    # ---- the method, a batch at a time: derived images, focus and robustness pairs, null pairs dropped ----
     result = run_rows(rows, errors, lambda batch: make_pairs(model, processor, args, batch),
                       args.out, args.batch_size, rank, world, desc="pairs")
     if rank == 0:
@@ -393,17 +363,15 @@ def main(argv=None):
 
 
 # ==================================================================================================
-# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output
-# and printing, then helpers that several stages need, copied verbatim between
-# "# ---- shared: NAME ----" rulers so each script stands alone (tests/test_shared_blocks.py
-# keeps every copy identical).
+# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output, then
+# helpers several stages need, copied verbatim between "# ---- shared: NAME ----" rulers so each
+# script stands alone (tests/test_shared_blocks.py keeps every copy identical).
 # ==================================================================================================
 # ---- plumbing: the model's forward while decoding, input checks, images on disk ----
 def forward_step(model, inputs, use_cache=True):
-    """step(ids, mask (R, T + t)) -> (R, V) fp32 next-token logits, for decode: the first call reads
-    the prompt and its images (`inputs`) into a KV cache, later calls only the newest token
-    (use_cache=False: the whole sequence every call). Positions count the attention mask (left
-    padding); Qwen-VL's 3-D M-RoPE positions add the deltas its prefill leaves in rope_deltas."""
+    """step(ids, mask (R, T + t)) -> (R, V) fp32 next-token logits: the first call reads the prompt and its
+    images (`inputs`) into a KV cache, later calls only the newest token (use_cache=False: the whole sequence).
+    Positions count the mask (left padding); Qwen-VL's M-RoPE adds the deltas its prefill leaves."""
     mrope = hasattr(model.model, "rope_deltas")
     mm = inputs.pop("mm_token_type_ids", None)  # (R, T) 0 text, 1 image
     cache = DynamicCache(config=model.config) if use_cache else None
@@ -434,8 +402,8 @@ def forward_step(model, inputs, use_cache=True):
 
 
 def read_line(row):
-    """(image, None) for a usable input row, else (None, why not): "crop" (optional) is "full" or
-    "window", the image reads, "bbox" is 4 ints (not bools) with 0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H."""
+    """(image, None) for a usable input row, else (None, why not): "crop" (optional) is "full" or "window",
+    the image reads, "bbox" is 4 ints (not bools) with 0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H."""
     if row.get("crop", "window") not in ("full", "window"):
         return None, f"field 'crop' must be \"full\" or \"window\", not {row['crop']!r}"
     try:
@@ -452,14 +420,13 @@ def check_bbox(bbox, size):
         return f"bbox must be 4 integers [x1, y1, x2, y2], got {bbox!r}"
     x1, y1, x2, y2 = bbox
     if not (0 <= x1 < x2 <= size[0] and 0 <= y1 < y2 <= size[1]):
-        return (f"bbox {bbox} is not a box inside the {size[0]}x{size[1]} image "
-                f"(0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H)")
+        return f"bbox {bbox} is not a box inside the {size[0]}x{size[1]} image (0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H)"
     return None
 
 
 def context_problem(model, processor, jobs, args):
-    """None, or why one of an instance's contexts cannot be decoded: it holds the image
-    placeholder, or it + its length cap runs past the model's positions (garbage, no error)."""
+    """None, or why one of an instance's contexts cannot be decoded: it holds the image placeholder, or it
+    + its length cap runs past the model's positions (garbage, no error)."""
     texts = [chat_prompt(processor, job.prompt, len(job.images)) for job in jobs]
     caps = [args.focus_max_new_tokens if job.role in FOCUS else args.max_new_tokens for job in jobs]
     problems = prompt_problems(model, processor, texts, [job.images for job in jobs], caps,
@@ -477,8 +444,7 @@ def file_stem(key):
 
 
 def output_line(row, views, prompt_enh, prompt_robust, args):
-    """An instance's output line, its pairs still to fill; its views saved as PNGs in
-    <out stem>_images/."""
+    """An instance's output line, its pairs still to fill; its views saved as PNGs in <out stem>_images/."""
     out = Path(args.out)
     folder = out.parent / f"{out.stem}_images"
     folder.mkdir(parents=True, exist_ok=True)

@@ -105,7 +105,7 @@ def test_file_stem_is_safe_and_unique():
 # ---- flags and input fields: refused in one sentence, or that line's error ----
 @pytest.mark.parametrize("flags, words", [
     (["--sigma", "3"], "argument --sigma"),  # help: (0, 1]
-    (["--sigma", "0"], "--sigma 0"),  # I_noise = I: nothing to resist
+    (["--sigma", "0"], "argument --sigma"),  # I_noise = I: nothing to resist
     (["--enh-template", "no placeholder"], "--enh-template"),
     (["--enh-template", "{foo}: {question}"], "--enh-template"),  # a KeyError per line, mid-run, before
     (["--enh-template", "{question"], "--enh-template"),
