@@ -4,8 +4,7 @@ Paper: P2-DPO (ICLR 2026), method: the focus-enhanced and the visual-robustness 
 reference (base) model, P the instance's prompt, bbox stage 01's crop.
   I_crop  = I.crop(bbox);   I_deg = I with the bbox rectangle filled by I's mean RGB colour
   I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) seeded by (seed, id); sigma 0.2
-  I_aug   = (I, I_crop) as two images, with P_enh = ENH_TEMPLATE around P (authors' code); --combine stitch:
-            one canvas, I left, I_crop resized to I's height right
+  I_aug   = (I, I_crop) as two images, with P_enh = ENH_TEMPLATE around P (authors' code)
   focus   : y_w = M(I_aug, P_enh),  y_l = M(I_deg, P)
   robust  : y_l = M(I_noise, P_rob),  y_init = M(I, P_rob),  y_w by contrastive amplification of the
             expert EP = (I, P_rob) over the amateur AT = (I_noise, P_rob), both fed the tokens chosen so far:
@@ -25,12 +24,11 @@ default, in 19 of 91 with --refine-init. Off by default, so that the pairs (and 
 Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt", "bbox" [x1, y1, x2, y2] (int
         pixels inside the image, x2, y2 exclusive), optional "crop": "full" | "window"; other fields copied.
         A bad line goes to <out>.errors.jsonl; the other lines go on.
-Output  pairs.jsonl: input fields ("image" relative to the output file) + "images": {"crop", "deg", "noise"
-        [, "aug" if stitched]} (PNGs in <out stem>_images/), "prompt_enh", "prompt_robust" (P_rob),
-        "focus": {"chosen", "rejected"} | null, "robust": {"chosen", "rejected", "init"} | null, "gen":
-        {decoding settings}; <out>.args.json. A rerun into --out resumes (same --data, model, RESULT_ARGS).
-Shapes: B instances, R rows of a forward (2B in contrastive amplification: experts, then amateurs), T tokens,
-        V vocabulary.
+Output  pairs.jsonl: input fields ("image" relative to the output file) + "images": {"crop", "deg", "noise"}
+        (PNGs in <out stem>_images/), "prompt_enh", "prompt_robust" (P_rob), "focus": {"chosen", "rejected"}
+        | null, "robust": {"chosen", "rejected", "init"} | null, "gen": {decoding settings}; <out>.args.json.
+        A rerun into --out resumes (same --data, model, RESULT_ARGS).
+Shapes: B instances, R rows of a forward (2B in contrastive amplification: experts, then amateurs), T tokens, V vocab.
 
   python 02_make_pairs.py                      # toy world on CPU (world/model, runs/crops.jsonl)
   python 02_make_pairs.py --model llava-hf/llava-1.5-7b-hf --data runs/crops.jsonl       # one GPU
@@ -68,18 +66,15 @@ from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
 from transformers.utils import cached_file
 
-# P_enh, the authors' code; then its adaptation to one stitched canvas (--combine stitch)
+# P_enh, the authors' code
 ENH_TEMPLATE = ("Answer the question mainly based on the first image, refer to the cropping "
                 "details of the second image if necessary, answer this question: {question}")
-STITCH_TEMPLATE = ("Answer the question mainly based on the left part of the image, the right "
-                   "part shows a zoomed detail of it, refer to the zoomed detail if necessary, "
-                   "answer this question: {question}")
 # the instruction the authors' robust-pair script puts before P
 ROBUST_INSTRUCTION = ("Strictly answer the following question according to the facts of the "
                       "image, and control the length of the output.")
 FOCUS = ("focus_w", "focus_l")  # the roles decoded with the focus settings
 GEN_ARGS = ("temperature", "top_p", "max_new_tokens", "focus_temperature", "focus_max_new_tokens",
-            "robust_instruction", "lambda_ca", "beta_head", "combine", "sigma", "seed", "refine_init")
+            "robust_instruction", "lambda_ca", "beta_head", "sigma", "seed", "refine_init")
 # a resumed --out must have been made with the same values of these
 RESULT_ARGS = GEN_ARGS + ("model", "enh_template", "data_identity", "model_identity")
 
@@ -90,9 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="world/model", help="reference (base) model: folder or HF cache name")
     p.add_argument("--data", default="runs/crops.jsonl", help="crops.jsonl from stage 01")
     p.add_argument("--out", default="runs/pairs.jsonl", help="output JSONL; images: <out stem>_images/")
-    p.add_argument("--combine", choices=("auto", "multi", "stitch"), default="auto",
-                   help="I_aug as two images (multi, authors') or one canvas; auto: multi if the processor can")
-    p.add_argument("--enh-template", help="P_enh with {question} (default: the authors', or its stitched form)")
+    p.add_argument("--enh-template", help="P_enh with {question} (default: the authors')")
     p.add_argument("--sigma", type=at_least(1e-6, float, most=1.0), default=0.2,
                    help="I_noise std in (0, 1], pixel units (paper: 0.2); 0 would leave nothing to resist")
     p.add_argument("--lambda-ca", type=at_least(0.0, float), default=0.1,
@@ -141,18 +134,10 @@ def degraded_image(image, bbox):
     return out
 
 
-def derived_images(image, bbox, sigma, seed, key, combine):
-    """{"crop": I_crop, "deg": I_deg, "noise": I_noise[, "aug": I_aug]}: with combine "stitch", I_aug as one
-    canvas (models without multi-image input), I left, I_crop resized to I's height right."""
+def derived_images(image, bbox, sigma, seed, key):
+    """{"crop": I_crop, "deg": I_deg, "noise": I_noise}, the views the pairs are built from (deterministic)."""
     crop = image.crop(tuple(bbox))
-    views = {"crop": crop, "deg": degraded_image(image, bbox), "noise": add_noise(image, sigma, seed, key)}
-    if combine == "stitch":
-        w, h = image.size
-        zoom = crop.resize((max(1, round(crop.width * h / crop.height)), h), Image.BICUBIC)
-        views["aug"] = Image.new("RGB", (w + zoom.width, h))
-        views["aug"].paste(image, (0, 0))
-        views["aug"].paste(zoom, (w, 0))
-    return views
+    return {"crop": crop, "deg": degraded_image(image, bbox), "noise": add_noise(image, sigma, seed, key)}
 
 
 class Job(NamedTuple):
@@ -169,8 +154,7 @@ def focus_pair_contexts(key, prompt, prompt_enh, image, views, full_crop):
     """Focus pair: [y_w = M(I_aug, P_enh), y_l = M(I_deg, P)], or [] for a full-image crop (no detail added)."""
     if full_crop:
         return []
-    aug = [views["aug"]] if "aug" in views else [image, views["crop"]]  # I_aug: stitched, or (I, I_crop)
-    chosen = Job(key, "focus_w", prompt_enh, aug)
+    chosen = Job(key, "focus_w", prompt_enh, [image, views["crop"]])  # I_aug = (I, I_crop)
     rejected = Job(key, "focus_l", prompt, [views["deg"]])
     return [chosen, rejected]
 
@@ -305,7 +289,7 @@ def make_pairs(model, processor, args, batch):
             lines.append(problem)
             continue
         key = str(row["id"])
-        views = derived_images(image, row["bbox"], args.sigma, args.seed, key, args.combine)
+        views = derived_images(image, row["bbox"], args.sigma, args.seed, key)
         prompt = row["prompt"]
         prompt_enh = args.enh_template.format(question=prompt)
         prompt_robust = f"{args.robust_instruction} {prompt}" if args.robust_instruction else prompt
@@ -347,9 +331,8 @@ def main(argv=None):
     args.data_identity = file_identity(args.data)  # a rerun into --out compares these
     args.model_identity = model_identity(args.model)
     model, processor = load_model(args.model, device)
-    args.combine = resolve_combine(processor, args.combine)
-    if args.enh_template is None:
-        args.enh_template = ENH_TEMPLATE if args.combine == "multi" else STITCH_TEMPLATE
+    check_two_images(processor)
+    args.enh_template = args.enh_template or ENH_TEMPLATE
     on_rank0(lambda: save_args(args, args.out, RESULT_ARGS), rank, world)
     # ---- the method, a batch at a time: derived images, focus and robustness pairs, null pairs dropped ----
     result = run_rows(rows, errors, lambda batch: make_pairs(model, processor, args, batch),
@@ -470,20 +453,13 @@ def placeholder_ids(processor):
     return sorted({processor.tokenizer.convert_tokens_to_ids(t) for t in tokens if isinstance(t, str)})
 
 
-def resolve_combine(processor, combine):
-    """--combine as run: auto -> multi when the processor takes a two-image prompt (the authors'
-    I_aug), else stitch; multi with a processor that refuses two images ends the run, naming it."""
-    if combine == "stitch":
-        return combine
+def check_two_images(processor):
+    """I_aug is two images: a processor that refuses a two-image prompt ends the run here, not mid-batch."""
+    img = Image.new("RGB", (32, 32))
     try:
-        img = Image.new("RGB", (32, 32))
         processor(text=[chat_prompt(processor, "x", 2)], images=[img, img], return_tensors="pt")
-        return "multi"
-    except Exception as e:  # noqa: BLE001 (any refusal of two images means one canvas)
-        if combine == "multi":
-            fail(f"--combine multi: this model's processor refuses two images ({type(e).__name__}); "
-                 f"use --combine stitch or auto")
-        return "stitch"
+    except Exception as e:  # noqa: BLE001 (whatever the refusal)
+        fail(f"--model: its processor refuses two images ({type(e).__name__}), and I_aug = (I, I_crop) is two")
 # ---- end plumbing ----
 
 

@@ -104,7 +104,7 @@ BUGS = [
         "CA amateur sees the clean image"),
     bug("robust_l_clean", F02, 'rejected = Job(key, "robust_l", prompt, [views["noise"]])',
         'rejected = Job(key, "robust_l", prompt, [image])', "02", "robust y_l from the clean image"),
-    bug("aug_order", F02, 'else [image, views["crop"]]', 'else [views["crop"], image]', "02",
+    bug("aug_order", F02, 'prompt_enh, [image, views["crop"]])', 'prompt_enh, [views["crop"], image])', "02",
         "I_aug shows the crop first"),
     bug("crop_xy", F02, "crop = image.crop(tuple(bbox))", "crop = image.crop((bbox[1], bbox[0], bbox[3], bbox[2]))",
         "02", "I_crop with x and y swapped"),
