@@ -379,12 +379,10 @@ def part_pairs(s02, model, processor, args, meter, instances):
     targs = s02.parse_args(argv)
     s02.world_settings(targs, "02", {"robust_instruction": s02.ROBUST_INSTRUCTION})  # main(): the paper's
     s02.check_two_images(processor)
-    targs.enh_template = s02.ENH_TEMPLATE
     rows, errors = s02.read_instances(instances, ("image", "prompt", "bbox"), args.pairs_instances)
     assert rows and not errors, errors
     warm = s02.parse_args(argv[:-4] + ["--focus-max-new-tokens", "2", "--max-new-tokens", "2"])
-    for k in ("robust_instruction", "enh_template"):
-        setattr(warm, k, getattr(targs, k))
+    warm.robust_instruction = targs.robust_instruction
     s02.make_pairs(model, processor, warm, rows[:1])  # warm-up: the same path, 2 tokens a response
     work = lambda batch: s02.make_pairs(model, processor, targs, batch)  # noqa: E731
     results = []

@@ -103,17 +103,12 @@ def test_file_stem_is_safe_and_unique():
 @pytest.mark.parametrize("flags, words", [
     (["--sigma", "3"], "argument --sigma"),  # help: (0, 1]
     (["--sigma", "0"], "argument --sigma"),  # I_noise = I: nothing to resist
-    (["--enh-template", "no placeholder"], "--enh-template"),
-    (["--enh-template", "{foo}: {question}"], "--enh-template"),  # a KeyError per line, mid-run, before
-    (["--enh-template", "{question"], "--enh-template"),
-    (["--enh-template", "{{question}}"], "--enh-template"),  # a literal brace, no placeholder
     (["--beta-head", "1.5"], "argument --beta-head")])
 def test_out_of_range_or_contradictory_flags_are_refused_before_the_model_loads(flags, words, tmp_path, capsys):
     with pytest.raises(SystemExit):  # a model and data that do not exist: the flags are refused first
         stage.main([*flags, "--model", str(tmp_path / "none"), "--data", str(tmp_path / "none.jsonl"),
                     "--out", str(tmp_path / "pairs.jsonl")])
     assert words in capsys.readouterr().err and not (tmp_path / "pairs.jsonl.lock").exists()
-    assert stage.parse_args(["--enh-template", "Q: {question} (zoom {{x}})"]).enh_template
 
 
 def test_a_processor_that_refuses_two_images_is_one_sentence(tiny_llava):
@@ -139,7 +134,6 @@ def write_lines(folder, rows):
 def make_args(tmp_path, *flags):
     args = stage.parse_args(["--out", str(tmp_path / "pairs.jsonl"), "--max-new-tokens", "3",
                              "--focus-max-new-tokens", "2", *flags])
-    args.enh_template = stage.ENH_TEMPLATE
     if args.robust_instruction is None:  # main() resolves it
         args.robust_instruction = stage.ROBUST_INSTRUCTION
     return args

@@ -185,7 +185,6 @@ def args_02(out, **kw):
     for k, v in s.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     args = s02.parse_args(argv)
-    args.enh_template = s02.ENH_TEMPLATE
     args.robust_instruction = s02.ROBUST_INSTRUCTION  # main() resolves it: a real model's default
     return args
 
