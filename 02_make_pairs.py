@@ -12,22 +12,20 @@ reference (base) model, P the instance's prompt, bbox stage 01's crop.
               V_head = {v : p_EP(v) >= beta_head * max_u p_EP(u)};  lambda_ca 0.1, beta_head 0.1
             (authors'; VCD's 1.0, 0.1 is the documented alternative)
   null    : a pair whose two responses are equal is dropped (the line stays); a "full" crop has no focus pair
-Decoding per branch as the authors' scripts: focus greedy, at most 150 new tokens; robustness temperature 0.2,
-top-p 0.9, at most 256, after their instruction: P_rob = ROBUST_INSTRUCTION + " " + P (P alone with
---robust-instruction ''; the toy world's world.json sets '': its words are outside the toy vocabulary).
-y_init: the paper has amplification "refine" y_init into y_w, with no rule for how. By default (ours) y_w is
-sampled on its own generator, as VCD samples, and y_init is only stored (03 and 04 use y_w and y_l).
---refine-init: y_w draws y_init's per-step uniforms, so y_w = y_init at lambda_ca = beta_head = 0. On the toy
-world (01's crops of its first 100 instances, seed 0) y_w differs from y_init in 31 of 89 robustness pairs by
-default, in 19 of 91 with --refine-init. Off by default, so that the pairs (and the README's results) stay.
+Decoding per branch as the authors' scripts (the flags' defaults): focus greedy, robustness sampled after their
+instruction, P_rob = ROBUST_INSTRUCTION + " " + P (P alone with --robust-instruction '', as the toy world's
+world.json sets: its words are outside the toy vocabulary).
+y_init: the paper has amplification "refine" y_init into y_w, with no rule for how. Ours: y_w samples on its own
+generator, as VCD samples, and y_init is only stored; --refine-init: y_w draws y_init's per-step uniforms, so
+y_w = y_init at lambda_ca = beta_head = 0. Toy world (01's crops of its first 100 instances, seed 0): y_w differs
+from y_init in 31 of 89 robustness pairs by default, 19 of 91 with --refine-init; off so the README's results stay.
 
 Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt", "bbox" [x1, y1, x2, y2] (int
         pixels inside the image, x2, y2 exclusive), optional "crop": "full" | "window"; other fields copied.
         A bad line goes to <out>.errors.jsonl; the other lines go on.
-Output  pairs.jsonl: input fields ("image" relative to the output file) + "images": {"crop", "deg", "noise"}
-        (PNGs in <out stem>_images/), "prompt_enh", "prompt_robust" (P_rob), "focus": {"chosen", "rejected"}
-        | null, "robust": {"chosen", "rejected", "init"} | null, "gen": {decoding settings}; <out>.args.json.
-        A rerun into --out resumes (same --data, model, RESULT_ARGS).
+Output  pairs.jsonl: input fields ("image" relative to it) + "images": {"crop", "deg", "noise"} (PNGs in
+        <out stem>_images/), "prompt_enh", "prompt_robust" (P_rob), "focus": {"chosen", "rejected"} | null,
+        "robust": {"chosen", "rejected", "init"} | null, "gen"; <out>.args.json. A rerun into --out resumes.
 Shapes: B instances, R rows of a forward (2B in contrastive amplification: experts, then amateurs), T tokens, V vocab.
 
   python 02_make_pairs.py                      # toy world on CPU (world/model, runs/crops.jsonl)
@@ -75,8 +73,7 @@ ROBUST_INSTRUCTION = ("Strictly answer the following question according to the f
 FOCUS = ("focus_w", "focus_l")  # the roles decoded with the focus settings
 GEN_ARGS = ("temperature", "top_p", "max_new_tokens", "focus_temperature", "focus_max_new_tokens",
             "robust_instruction", "lambda_ca", "beta_head", "sigma", "seed", "refine_init")
-# a resumed --out must have been made with the same values of these
-RESULT_ARGS = GEN_ARGS + ("model", "enh_template", "data_identity", "model_identity")
+RESULT_ARGS = GEN_ARGS + ("model", "enh_template", "data_identity", "model_identity")  # a resume must match
 
 
 def parse_args(argv=None):
@@ -95,16 +92,13 @@ def parse_args(argv=None):
                    help="robustness responses: sampling temperature (authors: 0.2); 0 = greedy")
     p.add_argument("--top-p", type=at_least(1e-6, float, most=1.0), default=0.9,
                    help="robustness responses: nucleus sampling mass (authors: 0.9)")
-    p.add_argument("--max-new-tokens", type=at_least(1), default=256,
-                   help="robustness responses: length cap (authors: 256)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="robustness length cap (authors: 256)")
     p.add_argument("--robust-instruction", help="robustness responses: text put before P ('' = none; default: "
                    "the authors', or '' from the toy world's world.json beside --model)")
-    p.add_argument("--refine-init", action="store_true",
-                   help="y_w draws y_init's random numbers (ours; see the header)")
+    p.add_argument("--refine-init", action="store_true", help="y_w draws y_init's random numbers (ours; header)")
     p.add_argument("--focus-temperature", type=at_least(0.0, float), default=0.0,
                    help="focus responses: sampling temperature (authors: greedy, 0); top-p as above")
-    p.add_argument("--focus-max-new-tokens", type=at_least(1), default=150,
-                   help="focus responses: length cap (authors: 150)")
+    p.add_argument("--focus-max-new-tokens", type=at_least(1), default=150, help="focus length cap (authors: 150)")
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of the noise and of every sampler")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="instances per step")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
@@ -145,19 +139,17 @@ def focus_pair_contexts(key, prompt, prompt_enh, image, views, full_crop):
     """Focus pair: [y_w = M(I_aug, P_enh), y_l = M(I_deg, P)], or [] for a full-image crop (no detail added)."""
     if full_crop:
         return []
-    chosen = Job(key, "focus_w", prompt_enh, [image, views["crop"]])  # I_aug = (I, I_crop)
-    rejected = Job(key, "focus_l", prompt, [views["deg"]])
-    return [chosen, rejected]
+    return [Job(key, "focus_w", prompt_enh, [image, views["crop"]]),  # I_aug = (I, I_crop)
+            Job(key, "focus_l", prompt, [views["deg"]])]
 
 
 def robust_pair_contexts(key, prompt, image, views, refine_init=False):
-    """Robustness pair, prompt P_rob: [y_w by contrastive amplification of the expert (I, P_rob) over the
-    amateur (I_noise, P_rob), with y_init's uniforms if refine_init; y_l = M(I_noise, P_rob); y_init = M(I, P_rob)]."""
-    chosen = Job(key, "robust_w", prompt, [image], amateur_images=[views["noise"]],
-                 draws="init" if refine_init else None)
-    rejected = Job(key, "robust_l", prompt, [views["noise"]])
-    init = Job(key, "init", prompt, [image])
-    return [chosen, rejected, init]
+    """Robustness pair, prompt P_rob: [y_w by contrastive amplification of the expert (I, P_rob) over the amateur
+    (I_noise, P_rob), with y_init's uniforms if refine_init; y_l = M(I_noise, P_rob); y_init = M(I, P_rob)]."""
+    draws = "init" if refine_init else None
+    return [Job(key, "robust_w", prompt, [image], amateur_images=[views["noise"]], draws=draws),
+            Job(key, "robust_l", prompt, [views["noise"]]),
+            Job(key, "init", prompt, [image])]
 
 
 def contrastive_logits(logits_ep, logits_at, lambda_ca, beta_head):
@@ -330,8 +322,7 @@ def main(argv=None):
                       args.out, args.batch_size, rank, world, desc="pairs")
     if rank == 0:
         n = {b: sum(r[b] is not None for r in result) for b in ("focus", "robust")}
-        print(f"{len(result)} lines: {n['focus']} focus pairs, {n['robust']} robustness pairs (the "
-              f"rest null: equal responses, or a full-image crop)")
+        print(f"{len(result)} lines: {n['focus']} focus pairs, {n['robust']} robustness pairs (the rest null)")
     if world > 1:
         dist.destroy_process_group()
 
@@ -378,24 +369,20 @@ def forward_step(model, inputs, use_cache=True):
 def read_line(row):
     """(image, None) for a usable input row, else (None, why not): "crop" (optional) is "full" or "window",
     the image reads, "bbox" is 4 ints (not bools) with 0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H."""
+    bbox = row["bbox"]
     if row.get("crop", "window") not in ("full", "window"):
         return None, f"field 'crop' must be \"full\" or \"window\", not {row['crop']!r}"
     try:
         image = load_image(row["_image"])
     except (OSError, ValueError) as e:
         return None, f"unreadable image {row['_image']}: {e}"
-    problem = check_bbox(row["bbox"], image.size)
-    return (None, problem) if problem else (image, None)
-
-
-def check_bbox(bbox, size):
-    """None if bbox is a box inside an image of `size` (read_line), else the problem."""
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(type(v) is int for v in bbox)):
-        return f"bbox must be 4 integers [x1, y1, x2, y2], got {bbox!r}"
+        return None, f"bbox must be 4 integers [x1, y1, x2, y2], got {bbox!r}"
     x1, y1, x2, y2 = bbox
-    if not (0 <= x1 < x2 <= size[0] and 0 <= y1 < y2 <= size[1]):
-        return f"bbox {bbox} is not a box inside the {size[0]}x{size[1]} image (0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H)"
-    return None
+    W, H = image.size
+    if not (0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H):
+        return None, f"bbox {bbox} is not a box inside the {W}x{H} image (0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H)"
+    return image, None
 
 
 def context_problem(model, processor, jobs, args):
@@ -412,9 +399,7 @@ def file_stem(key):
     """A file name for an id: unsafe characters become "_", and a changed or capitalised id gets its
     crc32 (no two ids share a file, even on a case-insensitive disk)."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(key))[:100].lstrip(".") or "_"
-    if safe == str(key) and safe == safe.lower():
-        return safe
-    return f"{safe}-{zlib.crc32(str(key).encode()):08x}"
+    return safe if safe == str(key) == safe.lower() else f"{safe}-{zlib.crc32(str(key).encode()):08x}"
 
 
 def output_line(row, views, prompt_enh, prompt_robust, args):
