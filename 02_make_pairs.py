@@ -20,9 +20,8 @@ generator, as VCD samples, and y_init is only stored; --refine-init: y_w draws y
 y_w = y_init at lambda_ca = beta_head = 0. Toy world (01's crops of its first 100 instances, seed 0): y_w differs
 from y_init in 31 of 89 robustness pairs by default, 19 of 91 with --refine-init; off so the README's results stay.
 
-Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt", "bbox" [x1, y1, x2, y2] (int
-        pixels inside the image, x2, y2 exclusive), optional "crop": "full" | "window"; other fields copied.
-        A bad line goes to <out>.errors.jsonl; the other lines go on.
+Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt", "bbox" [x1, y1, x2, y2] (int pixels
+        inside the image, x2, y2 exclusive), optional "crop": "full" | "window". A bad line: <out>.errors.jsonl.
 Output  pairs.jsonl: input fields ("image" relative to it) + "images": {"crop", "deg", "noise"} (PNGs in
         <out stem>_images/), "prompt_enh", "prompt_robust" (P_rob), "focus": {"chosen", "rejected"} | null,
         "robust": {"chosen", "rejected", "init"} | null, "gen"; <out>.args.json. A rerun into --out resumes.
@@ -64,12 +63,10 @@ from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
 from transformers.utils import cached_file
 
-# P_enh, the authors' code
-ENH_TEMPLATE = ("Answer the question mainly based on the first image, refer to the cropping "
-                "details of the second image if necessary, answer this question: {question}")
-# the instruction the authors' robust-pair script puts before P
-ROBUST_INSTRUCTION = ("Strictly answer the following question according to the facts of the "
-                      "image, and control the length of the output.")
+ENH_TEMPLATE = ("Answer the question mainly based on the first image, refer to the cropping details of the second "
+                "image if necessary, answer this question: {question}")  # P_enh, the authors' code
+ROBUST_INSTRUCTION = ("Strictly answer the following question according to the facts of the image, and control "
+                      "the length of the output.")  # put before P by the authors' robust-pair script
 FOCUS = ("focus_w", "focus_l")  # the roles decoded with the focus settings
 GEN_ARGS = ("temperature", "top_p", "max_new_tokens", "focus_temperature", "focus_max_new_tokens",
             "robust_instruction", "lambda_ca", "beta_head", "sigma", "seed", "refine_init")
@@ -173,8 +170,7 @@ def next_token(logits, uniforms, temperature, top_p):
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)  # (B, V)
     p, order = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
-    # keep a token while the mass before it is below top_p
-    p = torch.where(p.cumsum(-1) - p < top_p, p, 0.0)
+    p = torch.where(p.cumsum(-1) - p < top_p, p, 0.0)  # keep a token while the mass before it is below top_p
     cdf = p.cumsum(-1)  # (B, V), unnormalised
     target = uniforms.to(cdf) * cdf[:, -1]  # (B,) u scaled to the nucleus' mass
     j = torch.searchsorted(cdf, target[:, None], right=True)  # (B, 1)
@@ -203,8 +199,7 @@ def decode(model, inputs, generators, eos_ids, max_new_tokens, temperature=0.2, 
     R = ids.shape[0]
     B = R // 2 if lambda_ca is not None else R
     assert len(generators) == B, f"{len(generators)} generators for {B} rows"
-    assert lambda_ca is None or torch.equal(ids[:B], ids[B:]), \
-        "expert and amateur rows must hold the same prompt and image sizes"
+    assert lambda_ca is None or torch.equal(ids[:B], ids[B:]), "experts and amateurs must share prompts and sizes"
     next_logits = forward_step(model, inputs, use_cache)  # plumbing: KV cache, positions
     eos = torch.tensor(sorted(eos_ids), device=ids.device)
     new = ids.new_zeros(B, 0)  # (B, t) the tokens chosen so far
@@ -386,13 +381,11 @@ def read_line(row):
 
 
 def context_problem(model, processor, jobs, args):
-    """None, or why one of an instance's contexts cannot be decoded: it holds the image placeholder, or it
-    + its length cap runs past the model's positions (garbage, no error)."""
+    """None, or why one of an instance's contexts cannot be decoded (prompt_problems, with its length cap)."""
     texts = [chat_prompt(processor, job.prompt, len(job.images)) for job in jobs]
     caps = [args.focus_max_new_tokens if job.role in FOCUS else args.max_new_tokens for job in jobs]
-    problems = prompt_problems(model, processor, texts, [job.images for job in jobs], caps,
-                               "new tokens (--max-new-tokens, --focus-max-new-tokens)")
-    return next((problem for problem in problems if problem), None)
+    return next(filter(None, prompt_problems(model, processor, texts, [job.images for job in jobs], caps,
+                                             "new tokens (--max-new-tokens, --focus-max-new-tokens)")), None)
 
 
 def file_stem(key):
