@@ -239,8 +239,7 @@ def respond(model, processor, jobs, args):
     ids = decode(model, dict(inputs), generators, eos_token_ids(model, processor),
                  args.focus_max_new_tokens if focus else args.max_new_tokens,
                  args.focus_temperature if focus else args.temperature, args.top_p,
-                 args.lambda_ca if contrastive else None, args.beta_head,
-                 suppress_ids=placeholder_ids(processor))
+                 args.lambda_ca if contrastive else None, args.beta_head, suppress_ids=placeholder_ids(processor))
     return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
