@@ -4,9 +4,7 @@ Paper: P2-DPO (ICLR 2026), method: the focus-enhanced and the visual-robustness 
 reference (base) model, P the instance's prompt, bbox stage 01's crop.
   I_crop  = I.crop(bbox);   I_deg = I with the bbox rectangle filled by I's mean RGB colour
   I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) seeded by (seed, id); sigma 0.2
-  I_aug   = (I, I_crop) as two images, with P_enh = "Answer the question mainly based on the first image,
-            refer to the cropping details of the second image if necessary, answer this question: {P}"
-            (authors' code); --combine stitch: one canvas, I left, I_crop resized to I's height right
+  I_aug   = (I, I_crop) as two images, with P_enh = ENH_TEMPLATE around P (authors' code)
   focus   : y_w = M(I_aug, P_enh),  y_l = M(I_deg, P)
   robust  : y_l = M(I_noise, P_rob),  y_init = M(I, P_rob),  y_w by contrastive amplification of the
             expert EP = (I, P_rob) over the amateur AT = (I_noise, P_rob), both fed the tokens chosen so far:
@@ -14,28 +12,20 @@ reference (base) model, P the instance's prompt, bbox stage 01's crop.
               V_head = {v : p_EP(v) >= beta_head * max_u p_EP(u)};  lambda_ca 0.1, beta_head 0.1
             (authors'; VCD's 1.0, 0.1 is the documented alternative)
   null    : a pair whose two responses are equal is dropped (the line stays); a "full" crop has no focus pair
-Decoding per branch as the authors' scripts: focus greedy, at most 150 new tokens; robustness temperature 0.2,
-top-p 0.9, at most 256, after their instruction: P_rob = "Strictly answer the following question according
-to the facts of the image, and control the length of the output." + " " + P (P alone with
---robust-instruction ''; the toy world's world.json sets '': its words are outside the toy vocabulary).
-y_init: the paper has contrastive amplification "refine" y_init into y_w, and no rule for how. By default
-(ours) y_w is sampled on its own generator, as VCD samples, and y_init is only stored (03 and 04 use y_w and
-y_l). --refine-init makes the refinement literal: y_w draws y_init's per-step uniforms, so y_w = y_init at
-lambda_ca = beta_head = 0, and y_w leaves y_init only from the first token amplification changes. On the toy
-world (01's crops of its first 100 instances, seed 0) y_w differs from y_init in 31 of 89 robustness pairs by
-default (sampling and amplification together), in 19 of 91 with --refine-init (amplification and V_head
-alone). Off by default, so that the pairs (and the README's results) stay what they were.
+Decoding per branch as the authors' scripts (the flags' defaults): focus greedy, robustness sampled after their
+instruction, P_rob = ROBUST_INSTRUCTION + " " + P (P alone with --robust-instruction '', as the toy world's
+world.json sets: its words are outside the toy vocabulary).
+y_init: the paper has amplification "refine" y_init into y_w, with no rule for how. Ours: y_w samples on its own
+generator, as VCD samples, and y_init is only stored; --refine-init: y_w draws y_init's per-step uniforms, so
+y_w = y_init at lambda_ca = beta_head = 0. Toy world (01's crops of its first 100 instances, seed 0): y_w differs
+from y_init in 31 of 89 robustness pairs by default, 19 of 91 with --refine-init; off so the README's results stay.
 
-Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt", "bbox" [x1, y1, x2, y2] (int
-        pixels inside the image, x2, y2 exclusive), optional "crop": "full" | "window"; other fields copied.
-        A bad field is that line's error (<out>.errors.jsonl); the other lines go on.
-Output  pairs.jsonl: input fields ("image" relative to the output file) + "images": {"crop", "deg", "noise"
-        [, "aug" if stitched]} (PNGs in <out stem>_images/), "prompt_enh", "prompt_robust" (P_rob: the user
-        text the robustness responses were decoded after), "focus": {"chosen", "rejected"} | null, "robust":
-        {"chosen", "rejected", "init"} | null, "gen": {decoding settings}; <out>.args.json. A rerun into
-        the same --out resumes (same --data, model and RESULT_ARGS, else refused).
-Shapes: B instances, R rows of a forward (2B in contrastive amplification: experts, then amateurs), T tokens,
-        V vocabulary.
+Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt", "bbox" [x1, y1, x2, y2] (int pixels
+        inside the image, x2, y2 exclusive), optional "crop": "full" | "window". A bad line: <out>.errors.jsonl.
+Output  pairs.jsonl: input fields ("image" relative to it) + "images": {"crop", "deg", "noise"} (PNGs in
+        <out stem>_images/), "prompt_enh", "prompt_robust" (P_rob), "focus": {"chosen", "rejected"} | null,
+        "robust": {"chosen", "rejected", "init"} | null, "gen"; <out>.args.json. A rerun into --out resumes.
+Shapes: B instances, R rows of a forward (2B in contrastive amplification: experts, then amateurs), T tokens, V vocab.
 
   python 02_make_pairs.py                      # toy world on CPU (world/model, runs/crops.jsonl)
   python 02_make_pairs.py --model llava-hf/llava-1.5-7b-hf --data runs/crops.jsonl       # one GPU
@@ -43,8 +33,7 @@ Shapes: B instances, R rows of a forward (2B in contrastive amplification: exper
 Ours, where the paper is silent: temperature and top-p act on logits_CA; the amateur reads the tokens
 amplification chose (as VCD); responses are equal when their stripped texts are; I_deg's colour is the
 rounded mean of the whole image; image placeholder tokens are never generated (such a response could not be
-scored with its image); a response's sampler is seeded by (seed, id, role), so no response depends on
-batch, order or process count.
+scored with its image); a response's sampler is seeded by (seed, id, role): no dependence on batch or order.
 """
 import argparse
 import errno
@@ -74,20 +63,14 @@ from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, DynamicCache
 from transformers.utils import cached_file
 
-# P_enh, the authors' code; then its adaptation to one stitched canvas (--combine stitch)
-ENH_TEMPLATE = ("Answer the question mainly based on the first image, refer to the cropping "
-                "details of the second image if necessary, answer this question: {question}")
-STITCH_TEMPLATE = ("Answer the question mainly based on the left part of the image, the right "
-                   "part shows a zoomed detail of it, refer to the zoomed detail if necessary, "
-                   "answer this question: {question}")
-# the instruction the authors' robust-pair script puts before P
-ROBUST_INSTRUCTION = ("Strictly answer the following question according to the facts of the "
-                      "image, and control the length of the output.")
+ENH_TEMPLATE = ("Answer the question mainly based on the first image, refer to the cropping details of the second "
+                "image if necessary, answer this question: {question}")  # P_enh, the authors' code
+ROBUST_INSTRUCTION = ("Strictly answer the following question according to the facts of the image, and control "
+                      "the length of the output.")  # put before P by the authors' robust-pair script
 FOCUS = ("focus_w", "focus_l")  # the roles decoded with the focus settings
 GEN_ARGS = ("temperature", "top_p", "max_new_tokens", "focus_temperature", "focus_max_new_tokens",
-            "robust_instruction", "lambda_ca", "beta_head", "combine", "sigma", "seed", "refine_init")
-# a resumed --out must have been made with the same values of these
-RESULT_ARGS = GEN_ARGS + ("model", "enh_template", "data_identity", "model_identity")
+            "robust_instruction", "lambda_ca", "beta_head", "sigma", "seed", "refine_init")
+RESULT_ARGS = GEN_ARGS + ("model", "enh_template", "data_identity", "model_identity")  # a resume must match
 
 
 def parse_args(argv=None):
@@ -96,13 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="world/model", help="reference (base) model: folder or HF cache name")
     p.add_argument("--data", default="runs/crops.jsonl", help="crops.jsonl from stage 01")
     p.add_argument("--out", default="runs/pairs.jsonl", help="output JSONL; images: <out stem>_images/")
-    p.add_argument("--combine", choices=("auto", "multi", "stitch"), default="auto",
-                   help="I_aug as two images (multi, authors') or one stitched canvas; "
-                        "auto: multi if the processor takes two images")
-    p.add_argument("--enh-template", default=None,
-                   help="P_enh with {question} (default: the authors' sentence, or its stitched form)")
-    p.add_argument("--sigma", type=at_least(0.0, float, most=1.0), default=0.2,
-                   help="I_noise std in (0, 1], pixel units (paper: 0.2)")
+    p.add_argument("--sigma", type=at_least(1e-6, float, most=1.0), default=0.2,
+                   help="I_noise std in (0, 1], pixel units (paper: 0.2); 0 would leave nothing to resist")
     p.add_argument("--lambda-ca", type=at_least(0.0, float), default=0.1,
                    help="contrastive amplification strength (authors: 0.1; VCD: 1.0)")
     p.add_argument("--beta-head", type=at_least(0.0, float, most=1.0), default=0.1,
@@ -111,18 +89,13 @@ def parse_args(argv=None):
                    help="robustness responses: sampling temperature (authors: 0.2); 0 = greedy")
     p.add_argument("--top-p", type=at_least(1e-6, float, most=1.0), default=0.9,
                    help="robustness responses: nucleus sampling mass (authors: 0.9)")
-    p.add_argument("--max-new-tokens", type=at_least(1), default=256,
-                   help="robustness responses: length cap (authors: 256)")
-    p.add_argument("--robust-instruction", default=None,
-                   help="robustness responses: text put before P ('' = none; default: the authors' "
-                        "instruction, or '' from the toy world's world.json beside --model)")
-    p.add_argument("--refine-init", action="store_true",
-                   help="y_w draws y_init's random numbers, so it departs from y_init only where "
-                        "amplification changes a token (ours; see the header)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="robustness length cap (authors: 256)")
+    p.add_argument("--robust-instruction", help="robustness responses: text put before P ('' = none; default: "
+                   "the authors', or '' from the toy world's world.json beside --model)")
+    p.add_argument("--refine-init", action="store_true", help="y_w draws y_init's random numbers (ours; header)")
     p.add_argument("--focus-temperature", type=at_least(0.0, float), default=0.0,
                    help="focus responses: sampling temperature (authors: greedy, 0); top-p as above")
-    p.add_argument("--focus-max-new-tokens", type=at_least(1), default=150,
-                   help="focus responses: length cap (authors: 150)")
+    p.add_argument("--focus-max-new-tokens", type=at_least(1), default=150, help="focus length cap (authors: 150)")
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of the noise and of every sampler")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="instances per step")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
@@ -131,25 +104,11 @@ def parse_args(argv=None):
     p.add_argument("--max-image-pixels", type=at_least(0), default=Image.MAX_IMAGE_PIXELS,
                    help="an image with more pixels is a bad line (a decompression bomb); 0: no limit")
     p.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
-    args = p.parse_args(argv)
-    # ---- plumbing: flags that contradict the method, refused before any model loads ----
-    if args.sigma == 0:
-        p.error("--sigma 0 makes I_noise the clean image, so the robustness pair has no noise to "
-                "resist: give a sigma in (0, 1]")
-    template = args.enh_template or "{question}"
-    try:  # {question} and no other name in braces (P_enh is formatted per line, mid-run)
-        template.replace("{question}", "").format()
-    except (KeyError, IndexError, ValueError):
-        template = ""
-    if "{question}" not in template:
-        p.error(f"--enh-template {args.enh_template!r}: needs {{question}} and no other name in "
-                f"braces (a brace itself is written twice)")
-    return args
+    return p.parse_args(argv)
 
 
 def degraded_image(image, bbox):
-    """I_deg = I with the bbox rectangle filled by I's mean RGB colour: the region the model
-    attended to is gone."""
+    """I_deg = I with the bbox rectangle filled by I's mean RGB colour: what the model attended to is gone."""
     pixels = np.asarray(image, dtype=np.float64).reshape(-1, 3)  # (H * W, 3)
     colour = tuple(int(c) for c in pixels.mean(0).round())
     out = image.copy()
@@ -157,19 +116,10 @@ def degraded_image(image, bbox):
     return out
 
 
-def derived_images(image, bbox, sigma, seed, key, combine):
-    """{"crop", "deg", "noise"[, "aug"]}, the views the pairs are built from (deterministic): I_crop
-    = I.crop(bbox), I_deg, I_noise (seeded by (seed, id)); with combine "stitch", I_aug as one canvas
-    for models without multi-image input: I left, I_crop resized to I's height right."""
+def derived_images(image, bbox, sigma, seed, key):
+    """{"crop": I_crop, "deg": I_deg, "noise": I_noise}, the views the pairs are built from (deterministic)."""
     crop = image.crop(tuple(bbox))
-    views = {"crop": crop, "deg": degraded_image(image, bbox), "noise": add_noise(image, sigma, seed, key)}
-    if combine == "stitch":
-        w, h = image.size
-        zoom = crop.resize((max(1, round(crop.width * h / crop.height)), h), Image.BICUBIC)
-        views["aug"] = Image.new("RGB", (w + zoom.width, h))
-        views["aug"].paste(image, (0, 0))
-        views["aug"].paste(zoom, (w, 0))
-    return views
+    return {"crop": crop, "deg": degraded_image(image, bbox), "noise": add_noise(image, sigma, seed, key)}
 
 
 class Job(NamedTuple):
@@ -183,35 +133,27 @@ class Job(NamedTuple):
 
 
 def focus_pair_contexts(key, prompt, prompt_enh, image, views, full_crop):
-    """Focus pair: y_w = M(I_aug, P_enh), y_l = M(I_deg, P). [Job y_w, Job y_l], or [] when
-    stage 01's crop is the full image: a whole-image "crop" adds no detail, so no focus pair."""
+    """Focus pair: [y_w = M(I_aug, P_enh), y_l = M(I_deg, P)], or [] for a full-image crop (no detail added)."""
     if full_crop:
         return []
-    aug = [views["aug"]] if "aug" in views else [image, views["crop"]]  # I_aug: stitched, or (I, I_crop)
-    chosen = Job(key, "focus_w", prompt_enh, aug)
-    rejected = Job(key, "focus_l", prompt, [views["deg"]])
-    return [chosen, rejected]
+    return [Job(key, "focus_w", prompt_enh, [image, views["crop"]]),  # I_aug = (I, I_crop)
+            Job(key, "focus_l", prompt, [views["deg"]])]
 
 
 def robust_pair_contexts(key, prompt, image, views, refine_init=False):
-    """Robustness pair: y_w by contrastive amplification of the expert (I, P_rob) over the amateur
-    (I_noise, P_rob), drawing y_init's uniforms with refine_init; y_l = M(I_noise, P_rob); y_init =
-    M(I, P_rob). prompt: P_rob. [Job y_w, Job y_l, Job y_init]."""
-    chosen = Job(key, "robust_w", prompt, [image], amateur_images=[views["noise"]],
-                 draws="init" if refine_init else None)
-    rejected = Job(key, "robust_l", prompt, [views["noise"]])
-    init = Job(key, "init", prompt, [image])
-    return [chosen, rejected, init]
+    """Robustness pair, prompt P_rob: [y_w by contrastive amplification of the expert (I, P_rob) over the amateur
+    (I_noise, P_rob), with y_init's uniforms if refine_init; y_l = M(I_noise, P_rob); y_init = M(I, P_rob)]."""
+    draws = "init" if refine_init else None
+    return [Job(key, "robust_w", prompt, [image], amateur_images=[views["noise"]], draws=draws),
+            Job(key, "robust_l", prompt, [views["noise"]]),
+            Job(key, "init", prompt, [image])]
 
 
 def contrastive_logits(logits_ep, logits_at, lambda_ca, beta_head):
-    """logits_CA = (1 + lambda_ca) * logits_EP - lambda_ca * logits_AT on
-    V_head = {v : p_EP(v) >= beta_head * max_u p_EP(u)}, -inf elsewhere.
-
-    The head keeps the amplification from promoting tokens the expert itself finds implausible.
-    logits_ep, logits_at: (B, V) next-token logits of the expert (I, P) and the amateur
-    (I_noise, P) on the same prefix. Returns (B, V) fp32; with lambda_ca = 0 it is the expert's
-    logits on V_head (all of them with beta_head = 0)."""
+    """logits_CA = (1 + lambda_ca) * logits_EP - lambda_ca * logits_AT on V_head, -inf elsewhere,
+    V_head = {v : p_EP(v) >= beta_head * max_u p_EP(u)}: the head keeps amplification from promoting tokens
+    the expert itself finds implausible. logits_ep, logits_at: (B, V) next-token logits of the expert (I, P)
+    and the amateur (I_noise, P) on the same prefix. Returns (B, V) fp32; lambda_ca = 0: logits_EP on V_head."""
     logits_ep = logits_ep.float()
     logits_at = logits_at.float()
     p_ep = torch.softmax(logits_ep, -1)  # (B, V)
@@ -221,17 +163,14 @@ def contrastive_logits(logits_ep, logits_at, lambda_ca, beta_head):
 
 
 def next_token(logits, uniforms, temperature, top_p):
-    """y_t ~ softmax(logits / temperature) on the top-p nucleus (the most likely tokens until
-    their mass reaches top_p), drawn by inverse CDF of one uniform per row; temperature 0 = argmax.
-
-    logits: (B, V); uniforms: (B,) in [0, 1). Returns (B,) token ids. A row depends only on its own
-    logits and uniform, not on the batch."""
+    """y_t ~ softmax(logits / temperature) on the top-p nucleus (the most likely tokens until their mass
+    reaches top_p), by inverse CDF of one uniform per row; temperature 0 = argmax. logits: (B, V); uniforms:
+    (B,) in [0, 1). Returns (B,) token ids; a row depends on its own logits and uniform, not on the batch."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)  # (B, V)
     p, order = probs.sort(dim=-1, descending=True, stable=True)  # (B, V)
-    # keep a token while the mass before it is below top_p
-    p = torch.where(p.cumsum(-1) - p < top_p, p, 0.0)
+    p = torch.where(p.cumsum(-1) - p < top_p, p, 0.0)  # keep a token while the mass before it is below top_p
     cdf = p.cumsum(-1)  # (B, V), unnormalised
     target = uniforms.to(cdf) * cdf[:, -1]  # (B,) u scaled to the nucleus' mass
     j = torch.searchsorted(cdf, target[:, None], right=True)  # (B, 1)
@@ -241,20 +180,18 @@ def next_token(logits, uniforms, temperature, top_p):
 
 
 def response_generator(seed, key, role):
-    """The sampler of one response: a CPU generator seeded by (seed, id, role), whatever batch or
-    device it is in."""
+    """The sampler of one response: a CPU generator seeded by (seed, id, role), whatever its batch or device."""
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{key}/{role}".encode("utf-8")))
 
 
 @torch.no_grad()
 def decode(model, inputs, generators, eos_ids, max_new_tokens, temperature=0.2, top_p=0.9,
            lambda_ca=None, beta_head=0.1, use_cache=True, stop_at_eos=True, suppress_ids=()):
-    """y_t = next_token(logits_t, u_t) token by token for a left-padded batch, each row up to its
-    first EOS. lambda_ca None: plain decoding of the R = B rows. Else contrastive amplification:
-    rows [0, B) are the experts (I, P), rows [B, 2B) their amateurs (I_noise, P), one forward of 2B
-    rows a step, logits_t = logits_CA, and both halves read the chosen token.
-    inputs: processor output, (R, T) ids and mask; generators: B (u_t); suppress_ids: never chosen
-    (image placeholders). Returns B lists of new token ids, EOS excluded."""
+    """y_t = next_token(logits_t, u_t) token by token for a left-padded batch, each row up to its first EOS.
+    lambda_ca None: plain decoding of the R = B rows. Else contrastive amplification: rows [0, B) are the
+    experts (I, P), rows [B, 2B) their amateurs (I_noise, P), one forward of 2B rows a step, logits_t =
+    logits_CA, and both halves read the chosen token. inputs: processor output, (R, T) ids and mask;
+    generators: B (u_t); suppress_ids: never chosen (image placeholders). Returns B lists of ids, EOS cut."""
     inputs = {k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
               for k, v in inputs.items()}
     ids = inputs.pop("input_ids")  # (R, T)
@@ -262,8 +199,7 @@ def decode(model, inputs, generators, eos_ids, max_new_tokens, temperature=0.2, 
     R = ids.shape[0]
     B = R // 2 if lambda_ca is not None else R
     assert len(generators) == B, f"{len(generators)} generators for {B} rows"
-    assert lambda_ca is None or torch.equal(ids[:B], ids[B:]), \
-        "expert and amateur rows must hold the same prompt and image sizes"
+    assert lambda_ca is None or torch.equal(ids[:B], ids[B:]), "experts and amateurs must share prompts and sizes"
     next_logits = forward_step(model, inputs, use_cache)  # plumbing: KV cache, positions
     eos = torch.tensor(sorted(eos_ids), device=ids.device)
     new = ids.new_zeros(B, 0)  # (B, t) the tokens chosen so far
@@ -287,10 +223,8 @@ def decode(model, inputs, generators, eos_ids, max_new_tokens, temperature=0.2, 
 
 
 def respond(model, processor, jobs, args):
-    """The texts M answers to Jobs of one branch, as one batch with the branch's decoding (the
-    authors'): focus roles --focus-temperature (greedy), --focus-max-new-tokens; robustness roles
-    --temperature, --top-p, --max-new-tokens. Jobs with amateur images (y_w) are decoded by
-    contrastive amplification: rows [0, B) the experts, [B, 2B) their amateurs, same prompts."""
+    """The texts M answers to Jobs of one branch, one batch with the branch's decoding (focus or robustness
+    flags); Jobs with amateur images (y_w) by contrastive amplification: experts, then their amateurs."""
     if not jobs:
         return []
     focus = jobs[0].role in FOCUS
@@ -305,14 +239,13 @@ def respond(model, processor, jobs, args):
     ids = decode(model, dict(inputs), generators, eos_token_ids(model, processor),
                  args.focus_max_new_tokens if focus else args.max_new_tokens,
                  args.focus_temperature if focus else args.temperature, args.top_p,
-                 args.lambda_ca if contrastive else None, args.beta_head,
-                 suppress_ids=placeholder_ids(processor))
+                 args.lambda_ca if contrastive else None, args.beta_head, suppress_ids=placeholder_ids(processor))
     return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
 def preference_pairs(said):
-    """(focus, robust) of one instance from its responses {role: text}: each a pair, or None when it
-    was not decoded (a full-image crop) or is null: its two responses are equal, nothing to prefer."""
+    """(focus, robust) pairs from an instance's {role: response}; None if not decoded (a full-image crop) or null
+    (its two responses are equal, nothing to prefer)."""
     focus = None
     if "focus_w" in said and said["focus_w"] != said["focus_l"]:
         focus = {"chosen": said["focus_w"], "rejected": said["focus_l"]}
@@ -323,9 +256,8 @@ def preference_pairs(said):
 
 
 def make_pairs(model, processor, args, batch):
-    """One batch of input rows -> for each, its output line or why it is a bad line: the paper's
-    steps in order (derived images; the focus and the robustness pair's contexts; their responses,
-    one batch per branch; null pairs dropped)."""
+    """Input rows -> each one's output line or why it is bad, by the paper's steps: derived images; the focus and
+    robustness pairs' contexts; their responses, one batch per branch; null pairs dropped."""
     lines = []
     jobs = []
     for row in batch:
@@ -334,9 +266,9 @@ def make_pairs(model, processor, args, batch):
             lines.append(problem)
             continue
         key = str(row["id"])
-        views = derived_images(image, row["bbox"], args.sigma, args.seed, key, args.combine)
+        views = derived_images(image, row["bbox"], args.sigma, args.seed, key)
         prompt = row["prompt"]
-        prompt_enh = args.enh_template.format(question=prompt)
+        prompt_enh = ENH_TEMPLATE.format(question=prompt)
         prompt_robust = f"{args.robust_instruction} {prompt}" if args.robust_instruction else prompt
         mine = focus_pair_contexts(key, prompt, prompt_enh, image, views, row.get("crop") == "full")
         mine += robust_pair_contexts(key, prompt_robust, image, views, args.refine_init)
@@ -376,34 +308,29 @@ def main(argv=None):
     args.data_identity = file_identity(args.data)  # a rerun into --out compares these
     args.model_identity = model_identity(args.model)
     model, processor = load_model(args.model, device)
-    args.combine = resolve_combine(processor, args.combine)
-    if args.enh_template is None:
-        args.enh_template = ENH_TEMPLATE if args.combine == "multi" else STITCH_TEMPLATE
+    check_two_images(processor)
+    args.enh_template = ENH_TEMPLATE  # recorded: a resume made with another P_enh is refused
     on_rank0(lambda: save_args(args, args.out, RESULT_ARGS), rank, world)
-    # ---- the method, a batch of instances at a time: derived images, focus pair, robustness
-    # pair by contrastive amplification, null pairs dropped (make_pairs) ----
+    # ---- the method, a batch at a time: derived images, focus and robustness pairs, null pairs dropped ----
     result = run_rows(rows, errors, lambda batch: make_pairs(model, processor, args, batch),
                       args.out, args.batch_size, rank, world, desc="pairs")
     if rank == 0:
         n = {b: sum(r[b] is not None for r in result) for b in ("focus", "robust")}
-        print(f"{len(result)} lines: {n['focus']} focus pairs, {n['robust']} robustness pairs (the "
-              f"rest null: equal responses, or a full-image crop)")
+        print(f"{len(result)} lines: {n['focus']} focus pairs, {n['robust']} robustness pairs (the rest null)")
     if world > 1:
         dist.destroy_process_group()
 
 
 # ==================================================================================================
-# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output
-# and printing, then helpers that several stages need, copied verbatim between
-# "# ---- shared: NAME ----" rulers so each script stands alone (tests/test_shared_blocks.py
-# keeps every copy identical).
+# Appendix: plumbing. A first reading may skip everything below: the stage's own input/output, then
+# helpers several stages need, copied verbatim between "# ---- shared: NAME ----" rulers so each
+# script stands alone (tests/test_shared_blocks.py keeps every copy identical).
 # ==================================================================================================
 # ---- plumbing: the model's forward while decoding, input checks, images on disk ----
 def forward_step(model, inputs, use_cache=True):
-    """step(ids, mask (R, T + t)) -> (R, V) fp32 next-token logits, for decode: the first call reads
-    the prompt and its images (`inputs`) into a KV cache, later calls only the newest token
-    (use_cache=False: the whole sequence every call). Positions count the attention mask (left
-    padding); Qwen-VL's 3-D M-RoPE positions add the deltas its prefill leaves in rope_deltas."""
+    """step(ids, mask (R, T + t)) -> (R, V) fp32 next-token logits: the first call reads the prompt and its
+    images (`inputs`) into a KV cache, later calls only the newest token (use_cache=False: the whole sequence).
+    Positions count the mask (left padding); Qwen-VL's M-RoPE adds the deltas its prefill leaves."""
     mrope = hasattr(model.model, "rope_deltas")
     mm = inputs.pop("mm_token_type_ids", None)  # (R, T) 0 text, 1 image
     cache = DynamicCache(config=model.config) if use_cache else None
@@ -434,51 +361,41 @@ def forward_step(model, inputs, use_cache=True):
 
 
 def read_line(row):
-    """(image, None) for a usable input row, else (None, why not): "crop" (optional) is "full" or
-    "window", the image reads, "bbox" is 4 ints (not bools) with 0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H."""
+    """(image, None) for a usable input row, else (None, why not): "crop" (optional) is "full" or "window",
+    the image reads, "bbox" is 4 ints (not bools) with 0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H."""
+    bbox = row["bbox"]
     if row.get("crop", "window") not in ("full", "window"):
         return None, f"field 'crop' must be \"full\" or \"window\", not {row['crop']!r}"
     try:
         image = load_image(row["_image"])
     except (OSError, ValueError) as e:
         return None, f"unreadable image {row['_image']}: {e}"
-    problem = check_bbox(row["bbox"], image.size)
-    return (None, problem) if problem else (image, None)
-
-
-def check_bbox(bbox, size):
-    """None if bbox is a box inside an image of `size` (read_line), else the problem."""
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(type(v) is int for v in bbox)):
-        return f"bbox must be 4 integers [x1, y1, x2, y2], got {bbox!r}"
+        return None, f"bbox must be 4 integers [x1, y1, x2, y2], got {bbox!r}"
     x1, y1, x2, y2 = bbox
-    if not (0 <= x1 < x2 <= size[0] and 0 <= y1 < y2 <= size[1]):
-        return (f"bbox {bbox} is not a box inside the {size[0]}x{size[1]} image "
-                f"(0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H)")
-    return None
+    W, H = image.size
+    if not (0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H):
+        return None, f"bbox {bbox} is not a box inside the {W}x{H} image (0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H)"
+    return image, None
 
 
 def context_problem(model, processor, jobs, args):
-    """None, or why one of an instance's contexts cannot be decoded: it holds the image
-    placeholder, or it + its length cap runs past the model's positions (garbage, no error)."""
+    """None, or why one of an instance's contexts cannot be decoded (prompt_problems, with its length cap)."""
     texts = [chat_prompt(processor, job.prompt, len(job.images)) for job in jobs]
     caps = [args.focus_max_new_tokens if job.role in FOCUS else args.max_new_tokens for job in jobs]
-    problems = prompt_problems(model, processor, texts, [job.images for job in jobs], caps,
-                               "new tokens (--max-new-tokens, --focus-max-new-tokens)")
-    return next((problem for problem in problems if problem), None)
+    return next(filter(None, prompt_problems(model, processor, texts, [job.images for job in jobs], caps,
+                                             "new tokens (--max-new-tokens, --focus-max-new-tokens)")), None)
 
 
 def file_stem(key):
     """A file name for an id: unsafe characters become "_", and a changed or capitalised id gets its
     crc32 (no two ids share a file, even on a case-insensitive disk)."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(key))[:100].lstrip(".") or "_"
-    if safe == str(key) and safe == safe.lower():
-        return safe
-    return f"{safe}-{zlib.crc32(str(key).encode()):08x}"
+    return safe if safe == str(key) == safe.lower() else f"{safe}-{zlib.crc32(str(key).encode()):08x}"
 
 
 def output_line(row, views, prompt_enh, prompt_robust, args):
-    """An instance's output line, its pairs still to fill; its views saved as PNGs in
-    <out stem>_images/."""
+    """An instance's output line, its pairs still to fill; its views saved as PNGs in <out stem>_images/."""
     out = Path(args.out)
     folder = out.parent / f"{out.stem}_images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -504,20 +421,13 @@ def placeholder_ids(processor):
     return sorted({processor.tokenizer.convert_tokens_to_ids(t) for t in tokens if isinstance(t, str)})
 
 
-def resolve_combine(processor, combine):
-    """--combine as run: auto -> multi when the processor takes a two-image prompt (the authors'
-    I_aug), else stitch; multi with a processor that refuses two images ends the run, naming it."""
-    if combine == "stitch":
-        return combine
+def check_two_images(processor):
+    """I_aug is two images: a processor that refuses a two-image prompt ends the run here, not mid-batch."""
+    img = Image.new("RGB", (32, 32))
     try:
-        img = Image.new("RGB", (32, 32))
         processor(text=[chat_prompt(processor, "x", 2)], images=[img, img], return_tensors="pt")
-        return "multi"
-    except Exception as e:  # noqa: BLE001 (any refusal of two images means one canvas)
-        if combine == "multi":
-            fail(f"--combine multi: this model's processor refuses two images ({type(e).__name__}); "
-                 f"use --combine stitch or auto")
-        return "stitch"
+    except Exception as e:  # noqa: BLE001 (whatever the refusal)
+        fail(f"--model: its processor refuses two images ({type(e).__name__}), and I_aug = (I, I_crop) is two")
 # ---- end plumbing ----
 
 

@@ -262,7 +262,7 @@ def make_pairs(s02, instances, lengths, vocab, seed):
     rows = []
     for r in map(json.loads, instances.read_text().splitlines()):
         image = s02.load_image(folder / r["image"])
-        views = s02.derived_images(image, r["bbox"], 0.2, seed, r["id"], "multi")  # crop, deg, noise
+        views = s02.derived_images(image, r["bbox"], 0.2, seed, r["id"])  # crop, deg, noise
         for name, view in views.items():
             view.save(folder / f"{r['id']}.{name}.png", compress_level=1)
         rows.append({**r, "images": {name: f"{r['id']}.{name}.png" for name in views},
@@ -377,13 +377,11 @@ def part_pairs(s02, model, processor, args, meter, instances):
             str(args.seed), "--focus-max-new-tokens", str(focus), "--max-new-tokens", str(robust)]
     targs = s02.parse_args(argv)
     s02.world_settings(targs, "02", {"robust_instruction": s02.ROBUST_INSTRUCTION})  # main(): the paper's
-    targs.combine = s02.resolve_combine(processor, targs.combine)
-    targs.enh_template = s02.ENH_TEMPLATE if targs.combine == "multi" else s02.STITCH_TEMPLATE
+    s02.check_two_images(processor)
     rows, errors = s02.read_instances(instances, ("image", "prompt", "bbox"), args.pairs_instances)
     assert rows and not errors, errors
     warm = s02.parse_args(argv[:-4] + ["--focus-max-new-tokens", "2", "--max-new-tokens", "2"])
-    for k in ("robust_instruction", "combine", "enh_template"):
-        setattr(warm, k, getattr(targs, k))
+    warm.robust_instruction = targs.robust_instruction
     s02.make_pairs(model, processor, warm, rows[:1])  # warm-up: the same path, 2 tokens a response
     work = lambda batch: s02.make_pairs(model, processor, targs, batch)  # noqa: E731
     results = []

@@ -76,10 +76,10 @@ def test_next_token_nucleus_and_inverse_cdf():
                            torch.rand(3, generator=stage.response_generator(0, "x", "init")))
 
 
-def test_derived_images_and_bbox_check():
+def test_derived_images():
     image = random_images(1)[0]  # 56 x 48
     bbox = [10, 5, 30, 25]
-    views = stage.derived_images(image, bbox, 0.2, 0, "k", "stitch")
+    views = stage.derived_images(image, bbox, 0.2, 0, "k")
     a, deg = np.asarray(image), np.array(views["deg"])
     mean = np.round(a.reshape(-1, 3).astype(np.float64).mean(0))
     assert (deg[5:25, 10:30] == mean).all()  # the box: the mean colour; outside: untouched
@@ -87,12 +87,6 @@ def test_derived_images_and_bbox_check():
     assert np.array_equal(deg, a)
     assert np.array_equal(np.asarray(views["crop"]), a[5:25, 10:30])
     assert np.array_equal(np.asarray(views["noise"]), np.asarray(stage.add_noise(image, 0.2, 0, "k")))
-    assert views["aug"].size == (56 + 48, 48)  # the 20 x 20 crop resized to the image's height, on the right
-    assert np.array_equal(np.asarray(views["aug"])[:, :56], a)
-    assert "aug" not in stage.derived_images(image, bbox, 0.2, 0, "k", "multi")
-    assert stage.check_bbox(bbox, image.size) is None and stage.check_bbox([0, 0, 56, 48], image.size) is None
-    for bad in ([0, 0, 57, 48], [10, 5, 10, 25], [-1, 0, 5, 5], [1.0, 2, 3, 4], [1, 2, 3], "0,0,5,5", [True, 0, 5, 5]):
-        assert stage.check_bbox(bad, image.size), bad
 
 
 def test_file_stem_is_safe_and_unique():
@@ -105,30 +99,25 @@ def test_file_stem_is_safe_and_unique():
 # ---- flags and input fields: refused in one sentence, or that line's error ----
 @pytest.mark.parametrize("flags, words", [
     (["--sigma", "3"], "argument --sigma"),  # help: (0, 1]
-    (["--sigma", "0"], "--sigma 0"),  # I_noise = I: nothing to resist
-    (["--enh-template", "no placeholder"], "--enh-template"),
-    (["--enh-template", "{foo}: {question}"], "--enh-template"),  # a KeyError per line, mid-run, before
-    (["--enh-template", "{question"], "--enh-template"),
-    (["--enh-template", "{{question}}"], "--enh-template"),  # a literal brace, no placeholder
+    (["--sigma", "0"], "argument --sigma"),  # I_noise = I: nothing to resist
     (["--beta-head", "1.5"], "argument --beta-head")])
 def test_out_of_range_or_contradictory_flags_are_refused_before_the_model_loads(flags, words, tmp_path, capsys):
     with pytest.raises(SystemExit):  # a model and data that do not exist: the flags are refused first
         stage.main([*flags, "--model", str(tmp_path / "none"), "--data", str(tmp_path / "none.jsonl"),
                     "--out", str(tmp_path / "pairs.jsonl")])
     assert words in capsys.readouterr().err and not (tmp_path / "pairs.jsonl.lock").exists()
-    assert stage.parse_args(["--enh-template", "Q: {question} (zoom {{x}})"]).enh_template
 
 
-def test_combine_multi_with_a_one_image_processor_is_one_sentence():
+def test_a_processor_that_refuses_two_images_is_one_sentence(tiny_llava):
     class OneImage:  # a processor that refuses a second image
         def apply_chat_template(self, messages, **kwargs):
             return "<image> " * (len(messages[0]["content"]) - 1) + "x"
 
         def __call__(self, text, images, **kwargs):
             raise ValueError("one image per prompt")
-    assert stage.resolve_combine(OneImage(), "auto") == "stitch"
-    with pytest.raises(SystemExit, match="--combine multi"):
-        stage.resolve_combine(OneImage(), "multi")
+    with pytest.raises(SystemExit, match="refuses two images"):
+        stage.check_two_images(OneImage())
+    stage.check_two_images(stage.load_model(tiny_llava, "cpu")[1])  # I_aug = (I, I_crop): taken
 
 
 def write_lines(folder, rows):
@@ -141,8 +130,7 @@ def write_lines(folder, rows):
 
 def make_args(tmp_path, *flags):
     args = stage.parse_args(["--out", str(tmp_path / "pairs.jsonl"), "--max-new-tokens", "3",
-                             "--focus-max-new-tokens", "2", "--combine", "multi", *flags])
-    args.enh_template = stage.ENH_TEMPLATE
+                             "--focus-max-new-tokens", "2", *flags])
     if args.robust_instruction is None:  # main() resolves it
         args.robust_instruction = stage.ROBUST_INSTRUCTION
     return args
@@ -152,12 +140,14 @@ def test_a_bad_crop_or_bbox_field_is_that_lines_error(tiny_llava, tmp_path):
     model, processor = stage.load_model(tiny_llava, "cpu")
     bad = {"zoom": {"crop": "zoom"}, "bool": {"crop": True}, "null": {"crop": None}, "capital": {"crop": "Full"},
            "true_box": {"bbox": [True, 0, 5, 5]}, "flat": {"bbox": [4, 6, 4, 28]}, "upside": {"bbox": [4, 28, 30, 6]},
-           "outside": {"bbox": [4, 6, 49, 28]}, "str_box": {"bbox": "4,6,30,28"}, "five": {"bbox": [1, 2, 3, 4, 5]}}
-    rows = write_lines(tmp_path, [{"id": "ok", "crop": "window"}, {"id": "full", "crop": "full"}]
-                       + [{"id": k, **v} for k, v in bad.items()])
+           "outside": {"bbox": [4, 6, 49, 28]}, "str_box": {"bbox": "4,6,30,28"}, "five": {"bbox": [1, 2, 3, 4, 5]},
+           "three": {"bbox": [1, 2, 3]}, "negative": {"bbox": [-1, 0, 5, 5]}, "float": {"bbox": [1.0, 2, 3, 4]}}
+    rows = write_lines(tmp_path, [{"id": "ok", "crop": "window"}, {"id": "full", "crop": "full"},
+                                  {"id": "whole", "bbox": [0, 0, 48, 40]}] + [{"id": k, **v} for k, v in bad.items()])
     lines = stage.make_pairs(model, processor, make_args(tmp_path), rows)
     got = dict(zip([r["id"] for r in rows], lines))
-    assert isinstance(got["ok"], dict) and isinstance(got["full"], dict) and got["full"]["focus"] is None
+    assert isinstance(got["ok"], dict) and isinstance(got["whole"], dict) and isinstance(got["full"], dict)
+    assert got["full"]["focus"] is None
     for key in bad:
         assert isinstance(got[key], str), (key, got[key])
         assert ("'crop'" if key in ("zoom", "bool", "null", "capital") else "bbox") in got[key], got[key]
@@ -206,7 +196,7 @@ def test_refine_init_with_lambda_zero_gives_y_init_itself(tiny_llava, tmp_path):
     for refine in (True, False):
         args = make_args(tmp_path, *flags, *(["--refine-init"] if refine else []))
         jobs = [stage.robust_pair_contexts(str(i), PROMPTS[i], im, stage.derived_images(im, [0, 0, 20, 20], 0.2, 0,
-                str(i), "multi"), args.refine_init) for i, im in enumerate(images)]
+                str(i)), args.refine_init) for i, im in enumerate(images)]
         y_w = stage.respond(model, processor, [j[0] for j in jobs], args)
         y_init = stage.respond(model, processor, [j[2] for j in jobs], args)
         said[refine] = (y_w, y_init)
@@ -319,13 +309,12 @@ def read_out(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,combine", [("llava", "auto"), ("qwen", "stitch")])
-def test_stage_writes_pairs(request, tmp_path, name, combine):
+@pytest.mark.parametrize("name", ["llava", "qwen"])
+def test_stage_writes_pairs(request, tmp_path, name):
     data = write_crops(tmp_path / "data")
     out = tmp_path / "data" / "run" / "pairs.jsonl"
     run_script(SCRIPT, "--model", request.getfixturevalue(f"tiny_{name}"), "--data", data, "--out", out,
-               "--combine", combine, "--max-new-tokens", "8", "--focus-max-new-tokens", "3", "--batch-size", "3",
-               "--device", "cpu")
+               "--max-new-tokens", "8", "--focus-max-new-tokens", "3", "--batch-size", "3", "--device", "cpu")
     rows = read_out(out)
     assert [r["id"] for r in rows] == ["x0", "odd/id 1", "x2", "x3", "x4", "x5"]  # every image mode, input order
     errors = {e["id"]: e["error"] for e in read_out(out.with_suffix(".errors.jsonl"))}
@@ -334,14 +323,13 @@ def test_stage_writes_pairs(request, tmp_path, name, combine):
                        "nobox": "missing field 'bbox'", "outside": "not a box inside", "floats": "4 integers",
                        "broken": "unreadable image", "x0": "repeats line"}.items():
         assert words in errors[key] and "crops.jsonl:" in errors[key], (key, errors[key])
-    args = json.loads(out.with_suffix(".args.json").read_text())
-    assert args["combine"] == ("multi" if combine == "auto" else "stitch")
+    assert json.loads(out.with_suffix(".args.json").read_text())["enh_template"] == stage.ENH_TEMPLATE
     for i, r in enumerate(rows):
         src = out.parent / r["image"]  # paths are relative to the output file
         assert src.resolve() == (tmp_path / "data" / f"img{i}.png").resolve(), r["image"]
         views = {k: Image.open(out.parent / p) for k, p in r["images"].items()}
-        assert set(views) == {"crop", "deg", "noise"} | ({"aug"} if args["combine"] == "stitch" else set())
-        expected = stage.derived_images(stage.load_image(src), r["bbox"], 0.2, 0, r["id"], args["combine"])
+        assert set(views) == {"crop", "deg", "noise"}
+        expected = stage.derived_images(stage.load_image(src), r["bbox"], 0.2, 0, r["id"])
         assert all(np.array_equal(np.asarray(views[k]), np.asarray(expected[k])) for k in views), r["id"]
         assert r["prompt_enh"].endswith(r["prompt"]) and r["gen"]["lambda_ca"] == 0.1 and r["gen"]["sigma"] == 0.2
         assert r["answer"] == "" and r["method"] == "test"  # input fields are copied

@@ -324,9 +324,8 @@ def test_each_role_of_a_pair_saw_its_own_images_and_prompt(llava, tmp_path):
                      "bbox": [4, 6, 30, 28]})
     (folder / "crops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = s02.parse_args(["--out", str(folder / "pairs.jsonl"), "--seed", "3", "--sigma", "0.5", "--lambda-ca",
-                           "3", "--temperature", "1", "--max-new-tokens", "6", "--combine", "multi",
+                           "3", "--temperature", "1", "--max-new-tokens", "6",
                            "--focus-temperature", "1", "--focus-max-new-tokens", "6"])
-    args.enh_template = s02.ENH_TEMPLATE
     args.robust_instruction = s02.ROBUST_INSTRUCTION  # main() resolves it: a real model's default
     batch, errors = s02.read_instances(folder / "crops.jsonl", ("image", "prompt", "bbox"))
     out = s02.make_pairs(model, processor, args, batch)

@@ -181,11 +181,10 @@ SETTINGS_02 = dict(seed=4, sigma=0.3, lambda_ca=2.0, beta_head=0.2, temperature=
 
 def args_02(out, **kw):
     s = dict(SETTINGS_02, **kw)
-    argv = ["--out", str(out), "--combine", "multi"]
+    argv = ["--out", str(out)]
     for k, v in s.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     args = s02.parse_args(argv)
-    args.enh_template = s02.ENH_TEMPLATE
     args.robust_instruction = s02.ROBUST_INSTRUCTION  # main() resolves it: a real model's default
     return args
 
