@@ -453,33 +453,30 @@ def read_line(row, score_only):
     if bbox is not None and not (isinstance(bbox, list) and len(bbox) == 4
                                  and all(type(v) is int for v in bbox)):  # a bool is no pixel
         raise ValueError(f"'bbox' must be 4 integers [x1, y1, x2, y2], not {bbox!r:.60}")
-    roles = {"image": row["image"]}  # role -> image path, relative to the row's JSONL
+    roles = {"image": row["image"]}  # role -> image path, relative to the row's JSONL unless absolute
     if "focus" in pairs:
         roles.update(crop=images.get("crop"), deg=images.get("deg"))
         if images.get("aug"):  # a stitched I_aug (else I_aug is (I, I_crop))
             roles["aug"] = images["aug"]
     if "robust" in pairs:
         roles["noise"] = images.get("noise")
-    pil = {role: read_image(Path(row["_file"]).parent, role, p) for role, p in roles.items()}
+    pil = {}
+    for role, path in roles.items():
+        if not is_text(path):
+            raise ValueError(f"images.{role} must be an image path, not {path!r:.60}")
+        path = Path(row["_file"]).parent / path
+        if not path.is_file():
+            raise ValueError(f"image not found: {path}")
+        try:
+            pil[role] = load_image(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"unreadable image {path}: {e}")
     aug = [pil["aug"]] if "aug" in pil else [pil["image"], pil.get("crop")]
     contexts = {"image": [pil["image"]], "deg": [pil.get("deg")], "noise": [pil.get("noise")],
                 "aug": aug}
     return {"prompt": prompt, "prompt_enh": row.get("prompt_enh"),
             "prompt_robust": robust_prompt(row) if "robust" in pairs else prompt,
             "pairs": pairs, "contexts": contexts, "pil": pil}
-
-
-def read_image(root, role, path):
-    """The RGB image at root / path; ValueError naming it."""
-    if not is_text(path):
-        raise ValueError(f"images.{role} must be an image path, not {path!r:.60}")
-    path = root / path
-    if not path.is_file():
-        raise ValueError(f"image not found: {path}")
-    try:
-        return load_image(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"unreadable image {path}: {e}")
 
 
 def is_text(value):
