@@ -3,9 +3,8 @@
 Paper: P2-DPO (ICLR 2026), data filtering, dynamic deficiency weighting (DDW), implicit preference
 strength (IPS). pi_ref: the base model, frozen; log pi_ref(y | c) sums the response tokens and EOS
 (prompt and image tokens masked), log-softmax in fp32, so stage 04 never holds a reference model.
-P': the user text the robust pair was decoded from (stage 02's "prompt_robust": the authors'
-instruction + " " + P; P when the instruction is empty, as on the toy world). Stage 04 trains in
-the contexts of 1a; 1b is read by the filter only.
+P': the user text 02 decoded the robust pair from ("prompt_robust": the authors' instruction + " " + P;
+P when it is empty, as on the toy world). 04 trains in the contexts of 1a; the filter reads 1b.
   1a. ref.focus_w, ref.focus_l         = log pi_ref(y | I, P)               04's DPO_focus
       ref.calib_aug_w, ref.calib_deg_w = log pi_ref(y_w | I_aug, P_enh), log pi_ref(y_w | I_deg, P)
                                          04's L_calib (calib_aug_l, calib_deg_l: the same for y_l)
@@ -25,25 +24,18 @@ the contexts of 1a; 1b is read by the filter only.
       share < 0, over all and over kept pairs
 
 Input   pairs.jsonl (stage 02; paths relative to it): "id", "image", "prompt", "prompt_enh",
-        "prompt_robust" (older files: rebuilt from "gen": {"robust_instruction"}; P without
-        either), "images": {"crop", "deg", "noise", ["aug": a stitched I_aug; else (I, I_crop)]},
-        "focus" / "robust": {"chosen", "rejected", ...} | null, "bbox" (4 integers). A field of
-        the wrong type, an image missing or unreadable, a context + response past the model's
-        positions: that line's error. --score-only: any preference JSONL {"id", "image", "prompt"
-        (or "question"), "chosen", "rejected"}, scored under (I, P) as the branch "pair".
-Output  <out> (train.jsonl), the lines that keep a branch: the input fields (paths relative to
-        <out>) + "ref": {"focus_w", "focus_l", "calib_aug_w", "calib_deg_w", "calib_aug_l",
-        "calib_deg_l", "robust_w", "robust_l", "robust_expert_w", ["robust_own_l"]} (null where
-        the pair is null), "ntok": {the same keys}, "clip": {"crop", "image", "ratio"} | null,
-        "ppl": {"focus_w", "focus_l", "robust_w", "robust_l"}, "margin": {"focus", "robust"},
-        "filter_context": "own" | "dpo", "keep": {"focus", "robust"}, "why": {"focus", "robust":
-        [reasons dropped]}; --score-only: "pair_w", "pair_l" and "pair" instead, no <out>.
-        <out>.dropped.jsonl: the other lines; <out>.report.json: "lines", "written", "thresholds",
-        "branches": {branch: {"pairs", "kept", "dropped", "reasons", "ips_all", "ips_kept",
-        "margin", "ppl_chosen", "ppl_rejected"}}, "clip_ratio", "kept_both", "clip_ratio_kept_both";
-        <out>.errors.jsonl; <out>.args.json; <out>.scores: each scored line before the filter (up
-        to "clip"), the resume checkpoint: a rerun scores new ids only and re-filters without a
-        model (the same --data, model and SCORE_ARGS only).
+        "prompt_robust" (older files: built from "gen": {"robust_instruction"}), "images": {"crop",
+        "deg", "noise", ["aug": a stitched I_aug; else (I, I_crop)]}, "focus" / "robust": {"chosen",
+        "rejected"} | null, "bbox". A bad field or image, or a context + response past the model's
+        positions, is that line's error. --score-only: {"id", "image", "prompt" | "question",
+        "chosen", "rejected"}, scored under (I, P) as the branch "pair"; the report only.
+Output  <out> (train.jsonl): the lines that keep a branch, their input fields (paths relative to <out>)
+        + "ref" and "ntok" {the terms of 1; null where the pair is}, "clip": {"crop", "image",
+        "ratio"} | null, "ppl", "margin", "filter_context", "keep": {"focus", "robust"}, "why":
+        {branch: [reasons dropped]}; <out>.dropped.jsonl: the other lines; <out>.report.json: per
+        branch the pairs kept and dropped by reason, IPS, M and PPL, then r; <out>.errors.jsonl;
+        <out>.args.json; <out>.scores: the lines scored before the filter, the resume checkpoint (a
+        rerun scores new ids only, and re-filters without a model).
 Shapes: R scoring rows in a forward (up to 10 a line), B lines, D CLIP embedding width.
 
 Launch: the toy world on CPU; one GPU; 8 GPUs:
@@ -85,33 +77,27 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import cached_file
 
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="world/model",
-                   help="reference model (the base model 04 trains): a folder or a cached name")
-    p.add_argument("--clip", default="world/clip",
-                   help="open_clip model for DDW: a folder in open_clip's local-dir format (the "
-                   "toy world's), a model name such as ViT-L-14 (the paper's CLIP), or none")
+    p.add_argument("--model", default="world/model", help="the reference (04's base) model")
+    p.add_argument("--clip", default="world/clip", help="open_clip model for DDW: a local-dir folder "
+                   "(the toy world's), a name such as ViT-L-14 (the paper's CLIP), or none")
     p.add_argument("--clip-pretrained", default="openai",
-                   help="weights of a named --clip: a cached open_clip tag or a file (ours: "
-                   "CLIP's original weights)")
-    p.add_argument("--data", default="runs/pairs.jsonl",
-                   help="pairs.jsonl from stage 02 (with --score-only: any preference JSONL)")
-    p.add_argument("--out", default="runs/train.jsonl",
-                   help="train.jsonl for stage 04; the other files are named after it")
+                   help="a named --clip's weights: a cached tag or a file (ours: CLIP's original)")
+    p.add_argument("--data", default="runs/pairs.jsonl", help="02's pairs (--score-only: any pairs)")
+    p.add_argument("--out", default="runs/train.jsonl", help="04's train.jsonl; other files named after it")
     p.add_argument("--max-ppl", type=at_least(0.0, float), default=2.5,
                    help="keep a pair when PPL(y_w), PPL(y_l) < this (authors'); above 1")
     p.add_argument("--margin-low", type=at_least(-math.inf, float), default=-0.174,
                    help="keep a pair when M >= this (authors')")
     p.add_argument("--margin-high", type=at_least(-math.inf, float), default=0.208,
                    help="keep a pair when M <= this (authors'); at least --margin-low")
-    p.add_argument("--filter-context", choices=("own", "dpo"), default="own",
-                   help="where PPL and M score each response: own = where it was decoded "
-                   "(authors' code), dpo = the branch's DPO context")
+    p.add_argument("--filter-context", choices=("own", "dpo"), default="own", help="PPL and M score "
+                   "a response where it was decoded (own, authors' code) or in its DPO context")
     p.add_argument("--score-only", action="store_true",
-                   help="score a preference JSONL, write the IPS report only (paper: on- vs "
-                   "off-policy pairs)")
+                   help="score preference pairs, write the IPS report only (paper: on- vs off-policy)")
     p.add_argument("--seed", type=at_least(0), default=0, help="global seed (kept for the chain)")
     p.add_argument("--batch-size", type=at_least(1), default=16,
                    help="scoring rows per forward, lines per step of the resumable loop")
@@ -136,8 +122,7 @@ SCORE_ARGS = ("model", "clip", "clip_pretrained", "score_only", "data_identity",
 
 
 # ---- 1. The reference log-probs of every loss term ----
-# ref key -> (branch, response, prompt field, context images): 1a, what stage 04's loss reads, then
-# 1b, the robust pair where it was decoded (for the filter; robust_own_l only where P' != P)
+# ref key -> (branch, response, prompt field, context images): 1a, what 04's loss reads, then 1b
 TERMS = {
     "focus_w": ("focus", "chosen", "prompt", "image"),
     "focus_l": ("focus", "rejected", "prompt", "image"),
@@ -156,18 +141,15 @@ PAIR_TERMS = {"pair_w": ("pair", "chosen", "prompt", "image"),
 # branch -> its DPO terms (y_w, y_l): the context c of IPS (and of --filter-context dpo)
 DPO_TERMS = {"focus": ("focus_w", "focus_l"), "robust": ("robust_w", "robust_l"),
              "pair": ("pair_w", "pair_l")}
-# --filter-context -> branch -> the terms (y_w, y_l) PPL and M read. own: where each was decoded
-# (authors' code): focus y_w = M(I_aug, P_enh), y_l = M(I_deg, P); robust y_w by contrastive
-# amplification of the expert (I, P'), y_l = M(I_noise, P')
+# --filter-context -> branch -> the terms (y_w, y_l) PPL and M read; own: c(y) of the docstring's 3.
 FILTER_TERMS = {"own": {"focus": ("calib_aug_w", "calib_deg_l"),
                         "robust": ("robust_expert_w", "robust_own_l"), "pair": ("pair_w", "pair_l")},
                 "dpo": DPO_TERMS}
 
 
 def robust_prompt(row):
-    """P' = the authors' robust instruction + " " + P (P when it is empty): the user text stage 02
-    decoded the robust pair from. The row's "prompt_robust", or, in an older pairs file, rebuilt as
-    02 builds it from "gen": {"robust_instruction"} (P without either). ValueError: not text."""
+    """P': "prompt_robust", the user text 02 decoded the robust pair from; in an older pairs file built
+    as 02 builds it, the authors' instruction + " " + P (P when it is empty) from "gen"."""
     if row.get("prompt_robust") is not None:
         if not is_text(row["prompt_robust"]):
             raise ValueError(f"'prompt_robust' must be text, not {row['prompt_robust']!r:.60}")
@@ -181,7 +163,7 @@ def robust_prompt(row):
 
 def scoring_rows(line, terms):
     """[(term, prompt, response, context images, context)]: a row per term whose branch has a pair
-    in the line (read_line's); robust_own_l only where P' != P, else its row is robust_l's."""
+    in read_line's line; robust_own_l only where P' != P (else its row is robust_l's)."""
     rows = []
     for term, (branch, side, prompt, context) in terms.items():
         if branch in line["pairs"] and (term != "robust_own_l" or line[prompt] != line["prompt"]):
@@ -193,8 +175,7 @@ def scoring_rows(line, terms):
 @torch.inference_mode()
 def score_rows(model, processor, rows, batch_size):
     """[(summed log pi_ref(y | c), n(y))] of (prompt, response, images, context) rows, in row order,
-    through the shared block stage 04 also uses. Rows of one context share forwards (same image
-    count, little padding), batch_size rows at most; rows of several lines mix."""
+    by the shared block 04 also uses. A forward holds rows of one context (same image count)."""
     scores = [None] * len(rows)
     for context in dict.fromkeys(r[3] for r in rows):
         group = [i for i, r in enumerate(rows) if r[3] == context]  # in input order
@@ -209,25 +190,25 @@ def score_rows(model, processor, rows, batch_size):
 
 
 def reference_logprobs(lines, results, reference, terms, batch_size):
-    """{i: {term: (summed log pi_ref(y | c), n(y))}} for the scoring rows of lines {i: line}. A
-    line with a context + response past the model's positions (garbage, not an error, in the
-    model) leaves `lines`, its reason in results[i]. reference(): (model, processor)."""
+    """{i: {term: (summed log pi_ref(y | c), n(y))}} for lines {i: line}. A line whose context +
+    response passes the model's positions (garbage, not an error, in the model) leaves `lines`,
+    its reason in results[i]. reference(): (model, processor)."""
     rows = [(i, r) for i, line in lines.items() for r in scoring_rows(line, terms)]
-    if rows:
-        model, processor = reference()
-        # the response as text after its prompt: its tokens count, a placeholder in it is found
-        texts = [chat_prompt(processor, r[1], len(r[3])) + r[2] for _, r in rows]
-        fits = prompt_problems(model, processor, texts, [r[3] for _, r in rows], [1] * len(rows),
-                               "EOS token")
-        for (i, r), problem in zip(rows, fits):
-            if problem and i in lines:
-                results[i] = f"{r[0]}: {problem}"
-                del lines[i]
-        rows = [(i, r) for i, r in rows if i in lines]
+    if not rows:
+        return {i: {} for i in lines}
+    model, processor = reference()
+    # the response as text after its prompt: its tokens count, a placeholder in it is found
+    texts = [chat_prompt(processor, r[1], len(r[3])) + r[2] for _, r in rows]
+    fits = prompt_problems(model, processor, texts, [r[3] for _, r in rows], [1] * len(rows),
+                           "EOS token")
+    for (i, r), problem in zip(rows, fits):
+        if problem and i in lines:
+            results[i] = f"{r[0]}: {problem}"
+            del lines[i]
+    rows = [(i, r) for i, r in rows if i in lines]
     scores = {i: {} for i in lines}
-    if rows:
-        for (i, r), s in zip(rows, score_rows(*reference(), [r[1:] for _, r in rows], batch_size)):
-            scores[i][r[0]] = s
+    for (i, r), s in zip(rows, score_rows(model, processor, [r[1:] for _, r in rows], batch_size)):
+        scores[i][r[0]] = s
     return scores
 
 
@@ -247,8 +228,7 @@ def gain_ratio(clip_crop, clip_image):
 
 @torch.inference_mode()
 def clip_scores(clip, prompts, images, crops):
-    """[{"crop", "image", "ratio"}] for B (P, I, I_crop): CLIPScore(P, I_crop), CLIPScore(P, I)
-    and r."""
+    """[{"crop", "image", "ratio"}] for B (P, I, I_crop): CLIPScore(P, I_crop), CLIPScore(P, I), r."""
     model, preprocess, tokenizer = clip
     device = next(model.parameters()).device
     text = model.encode_text(tokenizer(prompts).to(device))  # (B, D); P cut to the CLIP context
@@ -262,8 +242,7 @@ def clip_scores(clip, prompts, images, crops):
 def score_batch(batch, args, reference, clip, out):
     """Steps 1 and 2 for a batch of input rows (run_rows' work): each row -> its scored line (the
     input fields, paths relative to `out`, + "ref", "ntok", "clip") or why it cannot be scored.
-    reference(), clip(): the models, loaded on first use (a rerun that only re-filters needs
-    neither). PPL and M follow from ref and ntok when filtering."""
+    reference(), clip(): the models, loaded on first use (re-filtering alone needs neither)."""
     terms = PAIR_TERMS if args.score_only else TERMS
     results = [None] * len(batch)
     lines = {}  # index in the batch -> the line read_line made of its row
@@ -293,8 +272,7 @@ def score_batch(batch, args, reference, clip, out):
 
 # ---- 3. Perplexity and margin ----
 def perplexity(logp, ntok):
-    """PPL(y) = exp(-log pi_ref(y | c) / n(y)). logp: the summed log-prob; ntok: n(y), EOS
-    included. -> float."""
+    """PPL(y) = exp(-log pi_ref(y | c) / n(y)). logp: the summed log-prob; ntok: n(y), EOS included."""
     try:
         return math.exp(-logp / ntok)
     except OverflowError:  # a mean log-prob below -709: out of any PPL bound
@@ -308,9 +286,8 @@ def mean_margin(logp_w, ntok_w, logp_l, ntok_l):
 
 
 def with_ppl_and_margin(line, branches, context):
-    """A scored line + "ppl": {"<branch>_w", "<branch>_l": PPL}, "margin": {branch: M} (None where
-    the line has no such pair) and "filter_context": y_w and y_l each scored by its term in
-    FILTER_TERMS[context] (own contexts, or the DPO one)."""
+    """A scored line + "ppl": {"<branch>_w", "<branch>_l"}, "margin": {branch} (None without a pair)
+    and "filter_context": y_w and y_l each scored by its term in FILTER_TERMS[context]."""
     scores = {t: (v, line["ntok"][t]) for t, v in line["ref"].items() if v is not None}
     if "robust_own_l" not in line["ref"] and "robust_l" in scores:  # P' = P: the same context
         scores["robust_own_l"] = scores["robust_l"]
@@ -361,8 +338,7 @@ def implicit_preference_strength(ref_w, ref_l):
 
 
 def summary(values):
-    """n, mean, std (population), min, median, max and share < 0 of a 1-D sequence; None fields
-    when it is empty."""
+    """n, mean, std (population), min, median, max and share < 0; None fields when it is empty."""
     x = np.asarray(values, dtype=np.float64)  # (n,)
     if not len(x):
         return {"n": 0, **dict.fromkeys(("mean", "std", "min", "median", "max", "negative"))}
@@ -371,12 +347,11 @@ def summary(values):
 
 
 def filter_report(lines, branches, args):
-    """Counts kept / dropped per branch and reason, IPS over all pairs and over kept ones, PPL,
-    margin and r."""
-    written = sum(any(x["keep"].values()) for x in lines)
-    thresholds = {k: vars(args)[k] for k in ("max_ppl", "margin_low", "margin_high",
-                                             "filter_context")}
-    report = {"lines": len(lines), "written": written, "thresholds": thresholds, "branches": {}}
+    """Per branch: pairs kept, dropped and why, IPS over all and over kept pairs, M and PPL; then r
+    over all lines and over the lines that keep both branches."""
+    thresholds = {k: vars(args)[k] for k in ("max_ppl", "margin_low", "margin_high", "filter_context")}
+    report = {"lines": len(lines), "written": sum(any(x["keep"].values()) for x in lines),
+              "thresholds": thresholds, "branches": {}}
     for b in branches:
         w, l = DPO_TERMS[b]
         pairs = [x for x in lines if x["margin"].get(b) is not None]
@@ -385,9 +360,7 @@ def filter_report(lines, branches, args):
                                                        [x["ref"][l] for x in xs]))
                for k, xs in (("ips_all", pairs), ("ips_kept", kept))}
         report["branches"][b] = {
-            "pairs": len(pairs),
-            "kept": len(kept),
-            "dropped": len(lines) - len(kept),
+            "pairs": len(pairs), "kept": len(kept), "dropped": len(lines) - len(kept),
             # a pair can fail several checks: the reasons can add up to more than the dropped
             "reasons": {r: sum(r in x["why"][b] for x in lines) for r in REASONS},
             **ips,
@@ -402,10 +375,9 @@ def filter_report(lines, branches, args):
     both = [x for x in lines if len(branches) > 1 and all(x["keep"].values())]
     report["kept_both"] = len(both)
     ratios = [x["clip"]["ratio"] for x in both if x.get("clip") and x["clip"]["ratio"] is not None]
-    spread = dict.fromkeys(("p05", "p95"))  # where DDW's alpha = 0.2 tanh((r - 1) / 0.1) lands
-    if ratios:
-        spread = dict(zip(("p05", "p95"), np.percentile(ratios, [5, 95]).tolist()))
-    report["clip_ratio_kept_both"] = {**summary(ratios), **spread}
+    # p05, p95: where DDW's alpha = 0.2 tanh((r - 1) / 0.1) lands
+    spread = np.percentile(ratios, [5, 95]).tolist() if ratios else [None, None]
+    report["clip_ratio_kept_both"] = {**summary(ratios), "p05": spread[0], "p95": spread[1]}
     return report
 
 
@@ -430,8 +402,7 @@ def main(argv=None):
     args.model_identity = model_identity(args.model)
     on_rank0(lambda: save_args(args, scores, SCORE_ARGS), rank, world)
     reference = functools.lru_cache(maxsize=1)(lambda: load_model(args.model, device))
-    clip = functools.lru_cache(maxsize=1)(
-        lambda: load_clip(args.clip, args.clip_pretrained, device))
+    clip = functools.lru_cache(maxsize=1)(lambda: load_clip(args.clip, args.clip_pretrained, device))
     # ---- end plumbing ----
 
     # 1. + 2. the reference log-probs of every term, then the CLIP gain ratio, a batch at a time
@@ -459,14 +430,10 @@ def main(argv=None):
 # "# ---- shared: NAME ----" rulers so each script stands alone (tests/test_shared_blocks.py
 # keeps every copy identical).
 # ==================================================================================================
-# ---- plumbing: reading an input line ----
+# ---- plumbing: an input line, the CLIP model, the outputs ----
 def read_line(row, score_only):
-    """The prompts, pairs and context images of one row of read_instances (which checked "id",
-    "image" and, but with --score-only, "prompt"), each image decoded once. ValueError says why
-    the line cannot be scored: a field missing or of the wrong type, an image missing or
-    unreadable. Image paths are relative to the row's JSONL unless absolute."""
-    images = {} if score_only else row.get("images", {})
-    bbox = None if score_only else row.get("bbox")
+    """The prompts, pairs and context images (each decoded once) of a read_instances row, which
+    checked "id", "image" and, but with --score-only, "prompt". ValueError: why it cannot be scored."""
     pairs = {"pair": row} if score_only else {b: row[b] for b in ("focus", "robust")
                                               if row.get(b) is not None}
     for b, pair in pairs.items():  # an empty response is a response (EOS alone), not an error
@@ -479,38 +446,37 @@ def read_line(row, score_only):
         raise ValueError("missing or empty 'prompt' (or 'question')")
     if "focus" in pairs and not is_text(row.get("prompt_enh")):
         raise ValueError("a focus pair needs 'prompt_enh' (non-empty text)")
+    images = {} if score_only else row.get("images", {})
     if not isinstance(images, dict):
         raise ValueError(f"'images' must be an object of image paths, not {images!r:.60}")
+    bbox = None if score_only else row.get("bbox")
     if bbox is not None and not (isinstance(bbox, list) and len(bbox) == 4
                                  and all(type(v) is int for v in bbox)):  # a bool is no pixel
         raise ValueError(f"'bbox' must be 4 integers [x1, y1, x2, y2], not {bbox!r:.60}")
-    roles = {"image": row["image"]}  # role -> image path
+    roles = {"image": row["image"]}  # role -> image path, relative to the row's JSONL unless absolute
     if "focus" in pairs:
         roles.update(crop=images.get("crop"), deg=images.get("deg"))
         if images.get("aug"):  # a stitched I_aug (else I_aug is (I, I_crop))
             roles["aug"] = images["aug"]
     if "robust" in pairs:
         roles["noise"] = images.get("noise")
-    pil = {role: read_image(Path(row["_file"]).parent, role, p) for role, p in roles.items()}
+    pil = {}
+    for role, path in roles.items():
+        if not is_text(path):
+            raise ValueError(f"images.{role} must be an image path, not {path!r:.60}")
+        path = Path(row["_file"]).parent / path
+        if not path.is_file():
+            raise ValueError(f"image not found: {path}")
+        try:
+            pil[role] = load_image(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"unreadable image {path}: {e}")
     aug = [pil["aug"]] if "aug" in pil else [pil["image"], pil.get("crop")]
     contexts = {"image": [pil["image"]], "deg": [pil.get("deg")], "noise": [pil.get("noise")],
                 "aug": aug}
     return {"prompt": prompt, "prompt_enh": row.get("prompt_enh"),
             "prompt_robust": robust_prompt(row) if "robust" in pairs else prompt,
             "pairs": pairs, "contexts": contexts, "pil": pil}
-
-
-def read_image(root, role, path):
-    """The RGB image at `path` (relative to root unless absolute); ValueError naming it."""
-    if not is_text(path):
-        raise ValueError(f"images.{role} must be an image path, not {path!r:.60}")
-    path = root / path
-    if not path.is_file():
-        raise ValueError(f"image not found: {path}")
-    try:
-        return load_image(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"unreadable image {path}: {e}")
 
 
 def is_text(value):
@@ -529,8 +495,8 @@ def relative_paths(row, out):
 
 def load_clip(name, pretrained, device):
     """(model, preprocess, tokenizer) of an open_clip model, or None for "none". name: a folder in
-    open_clip's local-dir format (as 00 writes world/clip) or a model name whose `pretrained`
-    weights (a tag or a file) are already on this machine: nothing is downloaded."""
+    open_clip's local-dir format (00's world/clip) or a model name whose `pretrained` weights (a tag
+    or a file) are on this machine: nothing is downloaded."""
     if name == "none":
         return None
     import open_clip  # here: it imports torchvision, which --clip none does without
@@ -552,8 +518,7 @@ def load_clip(name, pretrained, device):
 
 
 def write_outputs(lines, report, args, out):
-    """<out> (the lines that keep a branch), <out>.dropped.jsonl (the others), <out>.report.json;
-    the report printed."""
+    """<out> (the lines that keep a branch), <out>.dropped.jsonl, <out>.report.json; the report printed."""
     dropped = out.with_suffix(".dropped.jsonl")
     report_path = out.with_suffix(".report.json")
     if not args.score_only:
@@ -563,9 +528,9 @@ def write_outputs(lines, report, args, out):
     num = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     stats = lambda s, *keys: "  ".join(f"{k} {num(s[k])}" for k in keys)  # noqa: E731
     t = report["thresholds"]
-    print(f"filter: PPL < {t['max_ppl']:g} (chosen and rejected), "
-          f"{t['margin_low']:g} <= M <= {t['margin_high']:g}, each response in "
-          f"{'its own generation' if t['filter_context'] == 'own' else 'the DPO'} context")
+    where = "its own generation" if t["filter_context"] == "own" else "the DPO"
+    print(f"filter: PPL < {t['max_ppl']:g} (chosen and rejected), {t['margin_low']:g} <= M <= "
+          f"{t['margin_high']:g}, each response in {where} context")
     for b, r in report["branches"].items():
         reasons = ", ".join(f"{k} {v}" for k, v in r["reasons"].items())
         print(f"{b}: {r['pairs']} pairs, {r['kept']} kept, {r['dropped']} dropped "
