@@ -154,7 +154,7 @@ def fp32(x):
 
 def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta):
     """DPO(w, l | c) = -log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)]), summed log-probs.
-    pi_w, pi_l, ref_w, ref_l: (B,). Returns (losses, chosen, rejected rewards), each (B,)."""
+    pi_w, pi_l, ref_w, ref_l: (B,). Returns losses, chosen_rewards, rejected_rewards, each (B,)."""
     pi_w, pi_l, ref_w, ref_l = map(fp32, (pi_w, pi_l, ref_w, ref_l))
     pi_logratios = pi_w - pi_l
     ref_logratios = ref_w - ref_l
@@ -740,12 +740,12 @@ class Checkpoints:
         due = [step - self.saved >= self.every or late or step == self.args.stop_after]
         if world > 1:
             dist.broadcast_object_list(due, src=0)
-        if due[0] and rank == 0:
-            trained = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-            state = {"step": step, "model": trained, "optim": optimizer.state_dict()}
-            torch.save(state, self.path + ".tmp")
-            os.replace(self.path + ".tmp", self.path)
         if due[0]:
+            if rank == 0:
+                trained = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+                torch.save({"step": step, "model": trained, "optim": optimizer.state_dict()},
+                           self.path + ".tmp")
+                os.replace(self.path + ".tmp", self.path)
             self.saved = step
             self.saved_at = time.time()
 
