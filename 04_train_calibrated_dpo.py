@@ -29,8 +29,8 @@ Toy world on a CPU; one GPU; eight GPUs:
   python 04_train_calibrated_dpo.py --model llava-hf/llava-1.5-7b-hf --batch-size 4 --grad-checkpointing
   torchrun --nproc_per_node=8 04_train_calibrated_dpo.py --model Qwen/Qwen2.5-VL-7B-Instruct --batch-size 2
 Ours, where the paper is silent: a global batch's loss is divided by its line count, so the number
-of processes does not matter (DDP for LoRA, FSDP for --lora-rank 0); dropout is seeded by (seed,
-step, rank); warm-up starts at lr > 0; a pair's y_w and y_l share one row (pair_logprobs).
+of processes does not matter (DDP); dropout is seeded by (seed, step, rank); warm-up starts at
+lr > 0; a pair's y_w and y_l share one row (pair_logprobs).
 """
 import argparse
 import contextlib
@@ -55,12 +55,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint.state_dict as dcp_sd
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import cached_file
@@ -69,11 +66,11 @@ from transformers.utils import cached_file
 TERMS = ("focus_w", "focus_l", "aug", "deg", "robust_w", "robust_l")
 # L_total is a sum of a part per group of terms: a group's gradient needs no other group's forward.
 GROUPS = (("focus_w", "focus_l"), ("robust_w", "robust_l"), ("aug", "deg"))
-# What a --resume may change; every other argument, and what the arguments resolve to, must be
-# those of the run that wrote the checkpoint (data and model: by identity, not by spelling).
+# What a --resume may change; every other argument and what the arguments resolve to must be the
+# first run's (data and model: by identity, not by spelling).
 RESUME_MAY_CHANGE = ("resume", "overwrite", "stop_after", "save_every", "save_minutes", "device",
-                     "batch_size", "grad_accum", "grad_checkpointing", "shared_prefix",
-                     "world_size", "max_image_pixels", "debug", "data", "model", "out")
+                     "batch_size", "grad_accum", "grad_checkpointing", "world_size",
+                     "max_image_pixels", "debug", "data", "model", "out")
 # Logged each step: each statistic -> the lines it is a mean over (those that have its term).
 STATS = {"loss": "all", "dpo_focus": "focus", "calib": "calib", "acc_focus": "focus",
          "margin_focus": "focus", "delta_pi_w": "calib", "w_focus": "focus",
@@ -84,8 +81,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     real = at_least(0.0, float)  # a finite number >= 0
-    p.add_argument("--model", default="world/model", help="base model: a folder, or a name in "
-                   "your own HF cache")
+    p.add_argument("--model", default="world/model", help="a model folder or HF cache name")
     p.add_argument("--data", default="runs/train.jsonl", help="train.jsonl from stage 03")
     p.add_argument("--out", default="runs/p2dpo", help="output folder: model, metrics, checkpoint")
     g = p.add_argument_group("the paper's loss")
@@ -101,36 +97,29 @@ def parse_args(argv=None):
     g.add_argument("--no-robust", action="store_true", help=f"{ablation} the robustness branch")
     g.add_argument("--no-calib", action="store_true", help=f"{ablation} L_calib (and its forwards)")
     g.add_argument("--no-ddw", action="store_true", help=f"{ablation} DDW: static w_base / w_base")
-    g = p.add_argument_group("LoRA (the authors' settings)")
-    g.add_argument("--lora-rank", type=at_least(0), default=32,
-                   help="LoRA rank r; 0: full fine-tuning of the language model")
-    g.add_argument("--lora-alpha", type=real, default=32, help="LoRA alpha: the scale is alpha / r")
+    g = p.add_argument_group("LoRA and optimisation (the authors' settings)")
+    g.add_argument("--lora-rank", type=at_least(0), default=32, help="rank r; 0: full fine-tuning")
+    g.add_argument("--lora-alpha", type=real, default=32, help="the LoRA scale is alpha / r")
     g.add_argument("--lora-dropout", type=at_least(0.0, float, most=0.99), default=0.05,
                    help="dropout on the LoRA input")
-    g = p.add_argument_group("optimisation (the authors' settings)")
-    g.add_argument("--lr", type=real, default=None, help="AdamW peak learning rate (default: 1e-5; "
-                   "the toy world's world.json beside --model sets its own: 1e-4)")
+    g.add_argument("--lr", type=real, default=None,
+                   help="AdamW peak lr (default: 1e-5; the toy world's world.json: 1e-4)")
     g.add_argument("--weight-decay", type=real, default=0.05, help="AdamW weight decay")
     g.add_argument("--warmup-ratio", type=at_least(0.0, float, most=1.0), default=0.03,
                    help="linear warm-up share, then cosine")
     g.add_argument("--epochs", type=at_least(1), default=4, help="passes over the data")
     g.add_argument("--effective-batch", type=at_least(1), default=16, help="lines per step, in all")
     g.add_argument("--batch-size", type=at_least(1), default=4, help="lines per micro-step per GPU")
-    g.add_argument("--grad-accum", type=at_least(0), default=0,
-                   help="micro-steps per step (0: from the two above)")
+    g.add_argument("--grad-accum", type=at_least(0), default=0, help="micro-steps a step (0: derived)")
     g.add_argument("--max-grad-norm", type=real, default=1.0, help="gradient norm clip (HF/TRL's)")
-    g.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute activations in backward (less memory)")
-    g.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
-                   help="a pair's y_w, y_l in one row (pair_logprobs); no: a row each, same values")
+    g.add_argument("--grad-checkpointing", action="store_true", help="less memory, more compute")
     g = p.add_argument_group("run")
     g.add_argument("--save-every", type=at_least(0), default=0,
                    help="write checkpoint.pt every N steps (0: every 3%% of the run)")
     g.add_argument("--save-minutes", type=real, default=10.0, help="and every N minutes (0: never)")
     g.add_argument("--stop-after", type=at_least(0), default=0,
                    help="end after N steps, the schedule unchanged (then --resume)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from <out>/checkpoint.pt (the same data and settings only)")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     g.add_argument("--overwrite", action="store_true", help="start over in a trained --out")
     g.add_argument("--seed", type=int, default=0, help="seed of LoRA init, data order and dropout")
     g.add_argument("--device", type=device_name, help="cuda or cpu",
@@ -165,8 +154,7 @@ def fp32(x):
 
 def dpo_loss(pi_w, pi_l, ref_w, ref_l, beta):
     """DPO(w, l | c) = -log sigmoid(beta * [(pi_w - ref_w) - (pi_l - ref_l)]), summed log-probs.
-    pi_w, pi_l, ref_w, ref_l: (B,). Returns (losses, chosen_rewards, rejected_rewards), each (B,).
-    """
+    pi_w, pi_l, ref_w, ref_l: (B,). Returns losses, chosen_rewards, rejected_rewards, each (B,)."""
     pi_w, pi_l, ref_w, ref_l = map(fp32, (pi_w, pi_l, ref_w, ref_l))
     pi_logratios = pi_w - pi_l
     ref_logratios = ref_w - ref_l
@@ -220,13 +208,11 @@ def p2dpo_loss(pi, ref, has_focus, has_robust, clip_crop, clip_image, beta=0.1, 
     l_focus = torch.where(has_focus, dpo_f + lambda_calib * calib, 0.0)
     l_robust = torch.where(has_robust, dpo_r, 0.0)
     losses = w_focus * l_focus + w_robust * l_robust
-    delta_pi_w = torch.as_tensor(pi["aug"]) - torch.as_tensor(pi["deg"])
+    delta_pi_w = fp32(pi["aug"]) - fp32(pi["deg"])
     diagnostics = dict(dpo_focus=dpo_f, calib=calib, dpo_robust=dpo_r, w_focus=w_focus,
+                       margin_focus=chosen_f - rejected_f, margin_robust=chosen_r - rejected_r,
                        acc_focus=(chosen_f > rejected_f).float(),
-                       margin_focus=chosen_f - rejected_f,
-                       acc_robust=(chosen_r > rejected_r).float(),
-                       margin_robust=chosen_r - rejected_r,
-                       delta_pi_w=delta_pi_w.detach().float())
+                       acc_robust=(chosen_r > rejected_r).float(), delta_pi_w=delta_pi_w.detach())
     return losses, diagnostics
 
 
@@ -252,8 +238,7 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, r, alpha, dropout):
-    """Wrap every nn.Linear of the language model in LoRALinear (not lm_head, the vision tower or
-    the projector)."""
+    """LoRALinear around each nn.Linear of the language model (not lm_head, vision, projector)."""
     lm = model.model.language_model
     for name, module in list(lm.named_modules()):
         if isinstance(module, nn.Linear):
@@ -262,8 +247,7 @@ def add_lora(model, r, alpha, dropout):
 
 @torch.no_grad()
 def merge_lora(model):
-    """W <- W + (alpha / r) B A, summed in fp32, stored in W's dtype; the plain nn.Linear goes back
-    in its place."""
+    """W <- W + (alpha / r) B A, summed in fp32, in W's dtype; the nn.Linear back in its place."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             w = module.base.weight
@@ -273,8 +257,8 @@ def merge_lora(model):
 
 # ---- the policy's log-probs: a pair's two responses on one shared prefix ----
 def build_pair_batch(processor, prompts, pairs, images):
-    """(inputs, branch (R, T) long): R packed rows [prompt, y_w + EOS, y_l + EOS], left padded, of R
-    (chat prompt with images, (y_w, y_l)); branch: 0 on the prompt and padding, 1 on y_w + EOS, 2 on
+    """(inputs, branch (R, T) long): R rows [prompt, y_w + EOS, y_l + EOS], left padded, of R (chat
+    prompt with images, (y_w, y_l)); branch: 0 on the prompt and padding, 1 on y_w + EOS, 2 on
     y_l + EOS. prompts, images: as build_batch's, which tokenizes y_w as y_l is tokenized here."""
     inputs, w_mask = build_batch(processor, prompts, [w for w, _ in pairs], images)  # [prompt, y_w]
     tok = processor.tokenizer
@@ -296,7 +280,7 @@ def build_pair_batch(processor, prompts, pairs, images):
 
 def pair_logprobs(model, inputs, branch):
     """Summed log pi(y_w | prompt, images) and log pi(y_l | prompt, images), from one forward of
-    build_pair_batch's rows [prompt, y_w + EOS, y_l + EOS].
+    build_pair_batch's rows [prompt, y_w + EOS, y_l + EOS], log-softmax in fp32.
 
     The 4D attention mask (R, 1, T, T) lets one row score two responses as two rows would: a query
     sees a key that is earlier, not padding, and in the prompt or in the query's own response, so
@@ -304,8 +288,8 @@ def pair_logprobs(model, inputs, branch):
     distances it would in a row of its own; and the prompt, its image tokens and the vision tower
     run once per pair instead of twice. Same log-probs and gradients as a row per response
     (response_logprobs) to rounding: tests/test_04_shared_prefix.py. Under LoRA dropout the two
-    responses share the prompt's dropout mask. Log-softmax in fp32. Returns (logp (2R,) fp32,
-    ntok (2R,)): every row's y_w, then every row's y_l."""
+    responses share the prompt's dropout mask. Returns (logp (2R,) fp32, ntok (2R,)): every row's
+    y_w, then every row's y_l."""
     core = getattr(model, "module", model)  # (DDP wraps the model)
     p = next(model.parameters())
     inputs = {k: v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)
@@ -322,8 +306,7 @@ def pair_logprobs(model, inputs, branch):
     if attention == "eager":  # an additive mask
         mask = torch.where(mask, 0.0, torch.finfo(p.dtype).min).to(p.dtype)
     elif attention != "sdpa":
-        fail(f"--shared-prefix needs the model's attention to be sdpa or eager (a 4D mask), not "
-             f"{attention}; pass --no-shared-prefix")
+        fail(f"pair_logprobs needs sdpa or eager attention (a 4D mask), not {attention}")
     n_w = (branch == 1).sum(1)  # (R,)
     if hasattr(core.model, "get_rope_index"):  # Qwen-VL's M-RoPE: (3, R, T) from the image grids
         extra = {k: inputs[k] for k in ("mm_token_type_ids", "image_grid_thw") if k in inputs}
@@ -351,10 +334,9 @@ def pair_logprobs(model, inputs, branch):
 
 
 def term_batches(processor, exs, terms=TERMS, shared_prefix=True):
-    """The CPU half of scoring B examples `exs` (images decoded, the processor run; apart, so that a
-    live reference can share it). For each context some line has, its terms all in `terms`:
-    (keys, idx, score, batch), where score(model, *batch) gives keys[0]'s log-probs of the lines
-    idx, then keys[1]'s. shared_prefix: a pair in one row (pair_logprobs), else a row each."""
+    """The CPU half of scoring the examples `exs` (a live reference can share it): per context some
+    line has, its terms in `terms`, (keys, idx, score, batch); score(model, *batch) gives keys[0]'s
+    log-probs of the lines idx, then keys[1]'s. shared_prefix=False (benchmarks): a row each."""
     focus = [i for i, ex in enumerate(exs) if ex["focus"]]
     robust = [i for i, ex in enumerate(exs) if ex["robust"]]
     contexts = [("focus", focus, ("focus_w", "focus_l"), "prompt", "image"),  # (I, P)
@@ -380,9 +362,8 @@ def term_batches(processor, exs, terms=TERMS, shared_prefix=True):
 
 
 def policy_logps(model, batches, B, ctx):
-    """Summed log pi_theta of each term in `batches` (term_batches' output for B examples): one
-    forward per context. Returns a dict over TERMS of (B,) fp32, 0 where a line lacks the term or
-    `batches` does not hold it."""
+    """Summed log pi_theta of each term in term_batches' `batches` of B examples, a forward per
+    context: a dict over TERMS of (B,) fp32, 0 where a line lacks the term or `batches` omit it."""
     out = {}
     for keys, idx, score, batch in batches:
         with ctx:
@@ -397,14 +378,13 @@ def policy_logps(model, batches, B, ctx):
 # ---- one optimizer step ----
 def micro_step(model, processor, mb, args, ctx, scale, batches=None):
     """Forward and backward of a micro-batch of (example, weight), a group of terms at a time (one
-    group's activations alive at once), adding scale * d sum(weight * loss) / d theta to .grad.
-    batches: its term_batches, if made. Returns, detached, (losses (B,), sums (2 * len(STATS),):
-    each STATS entry's weighted sum, then its count; weight-0 lines count nowhere)."""
+    group's activations alive at once): .grad += scale * d sum(weight * loss) / d theta. Returns
+    (losses (B,), (2 * len(STATS),): each STATS entry's sum, then count; weight 0: nowhere)."""
     exs = [ex for ex, _ in mb]
     groups = GROUPS[:2] if args.no_calib else GROUPS
     lambda_calib = 0.0 if args.no_calib else args.lambda_calib
     if batches is None:
-        batches = term_batches(processor, exs, [k for g in groups for k in g], args.shared_prefix)
+        batches = term_batches(processor, exs, [k for g in groups for k in g])
     tensor = functools.partial(torch.tensor, device=next(model.parameters()).device)
     ref = {k: tensor([ex["ref"][k] for ex in exs]) for k in TERMS}
     weight = tensor([w for _, w in mb])  # (B,)
@@ -416,9 +396,8 @@ def micro_step(model, processor, mb, args, ctx, scale, batches=None):
         return p2dpo_loss(pi, ref, has_f, has_r, clip[:, 0], clip[:, 1], args.beta, lambda_calib,
                           args.w_base, args.alpha_max, args.tau, not args.no_ddw)
 
-    # L_total is a sum of parts that each read one group's log-probs (the DDW weights are
-    # constants), so a backward per group, the other groups' log-probs held constant, adds up to
-    # one backward over all terms (test_04_train.py::test_backward_per_group_equals_one_backward).
+    # L_total's parts each read one group's log-probs (DDW weights are constants): a backward per
+    # group, the others held constant, adds up to one over all terms (test_backward_per_group_...).
     pi = {k: tensor([0.0] * len(exs)) for k in TERMS}  # each group's values, once it has run
     for group in groups:
         mine = [b for b in batches if set(b[0]) <= set(group)]
@@ -437,30 +416,26 @@ def micro_step(model, processor, mb, args, ctx, scale, batches=None):
 
 
 def train_step(model, processor, lines, batch, lr, args, ctx, optimizer, accum, rank, world):
-    """One AdamW step at learning rate lr on the global batch `batch` (indices into `lines`, all
-    ranks'): the clipped gradient of L_total, the mean over its lines whatever the number of
-    processes and micro-steps. Returns the step's log (STATS means, grad norm before clipping, lr);
-    raises FloatingPointError before the update if either is not finite."""
+    """One AdamW step at lr on the global batch (`batch`: indices into `lines`, all ranks'): the
+    clipped gradient of L_total, a mean over its lines whatever the number of processes and
+    micro-steps. Returns the step's log; FloatingPointError before the update if not finite."""
     t0 = time.time()
     optimizer.param_groups[0]["lr"] = lr  # (one group)
-    # this rank's micro-batches, with a weight-0 line where another rank's has a branch this one
-    # lacks: every rank then makes the same forwards and collectives (DDP, FSDP)
-    mbs = micro_batches(lines, batch, rank, world, args.batch_size, accum)
+    mbs = micro_batches(lines, batch, rank, world, args.batch_size, accum)  # this rank's
     sums = 0
-    # DDP: .grad accumulates locally until the last micro-step, whose backwards average .grad over
-    # ranks (an average of averages is the average): scale = world / len(batch) gives the mean
+    # DDP: .grad accumulates locally until the last micro-step, whose backwards average over ranks
     for j, mb in enumerate(mbs):
-        last = j == len(mbs) - 1 or not isinstance(model, nn.parallel.DistributedDataParallel)
+        last = j == len(mbs) - 1 or world == 1
         with contextlib.nullcontext() if last else model.no_sync():
             _, s = micro_step(model, processor, mb, args, ctx, world / len(batch))
         sums = sums + s
     if world > 1:
         dist.all_reduce(sums)
+    totals, counts = sums.split(len(STATS))  # each STATS entry's mean; None where no line had it
+    log = {k: float(v / c) if c > 0 else None for k, v, c in zip(STATS, totals, counts)}
     params = optimizer.param_groups[0]["params"]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
-        grad_norm = grad_norm.full_tensor()
-    log = {**stat_means(sums), "grad_norm": float(grad_norm)}
+    log["grad_norm"] = float(grad_norm)
     if not (math.isfinite(log["loss"]) and math.isfinite(log["grad_norm"])):
         raise FloatingPointError(f"non-finite loss ({log['loss']}) or grad norm "
                                  f"({log['grad_norm']})")
@@ -470,8 +445,7 @@ def train_step(model, processor, lines, batch, lr, args, ctx, optimizer, accum, 
 
 
 def lr_at(step, peak, warmup, total):
-    """AdamW's learning rate at a step (from 0): a linear warm-up that starts at lr > 0, then a
-    cosine down to 0 at `total` steps."""
+    """The lr at a step (from 0): a linear warm-up from lr > 0, then a cosine to 0 at `total`."""
     if step < warmup:
         return peak * ((step + 1) / (warmup + 1))
     return peak * (0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
@@ -502,7 +476,7 @@ def main(argv=None):
     # ---- the policy: the base model with LoRA, and AdamW ----
     torch.manual_seed(args.seed)  # the same LoRA init on every rank
     raw, processor = load_model(args.model, device)  # raw: the unwrapped module, to save
-    model = prepare(raw, args, world, device)  # (raw gets LoRA in place)
+    model = prepare(raw, args, world)  # (raw gets LoRA in place)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     saver = Checkpoints(args, total, raw, optimizer, rank, world)  # --resume: loaded here
@@ -527,13 +501,14 @@ def main(argv=None):
         log = dict(step=step + 1, epoch=epoch, **log)
         if rank == 0:
             append_jsonl(metrics, log)
-            say(format_log(log))
+            say(" ".join(f"{name} {v:.4g}" if isinstance(v, float) else f"{name} {v}"
+                         for name, v in log.items()))
         saver.after(step + 1)  # checkpoint.pt when due, and at --stop-after
     if stopping:
         say(f"stopped after step {end} (--stop-after); continue with --resume")
-    else:
+    elif rank == 0:
         merge_lora(raw)  # (full fine-tuning: nothing to merge)
-        save_model(raw, processor, args.out, device, rank)
+        save_model(raw, processor, args.out, device)
         say(f"wrote {args.out} (a model folder for AutoModelForImageTextToText, LoRA merged)")
     if world > 1:
         dist.destroy_process_group()
@@ -546,31 +521,27 @@ def main(argv=None):
 # keeps every copy identical).
 # ==================================================================================================
 # ---- plumbing: what trains, and the data-parallel wrapper ----
-def prepare(model, args, world, device):
-    """Freeze all but LoRA (or the language model + lm_head with --lora-rank 0); wrap for data
-    parallelism: DDP for LoRA, FSDP (each decoder layer, then the rest) for full fine-tuning."""
+def prepare(model, args, world):
+    """Freeze all but LoRA (--lora-rank 0: all but the language model and lm_head, in fp32 master
+    weights computed under autocast); under torchrun, DDP (inputs go to the model's device)."""
     model.requires_grad_(False)
     if args.lora_rank > 0:
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
-    else:  # fp32 master weights (load_model gives bf16 on CUDA), computed under autocast
+    else:
         for part in (model.model.language_model, model.lm_head):
             part.float().requires_grad_(True)
     if args.grad_checkpointing:  # (use_reentrant=False, the default)
         model.activation_checkpointing_enable()
     model.train()
-    if world > 1 and args.lora_rank > 0:  # (response_logprobs moves inputs to the model's device)
+    if world > 1:  # (the scoring functions move inputs to the model's device)
         return nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    if world > 1:
-        mesh = init_device_mesh(device.type, (world,))
-        for module in (*model.model.language_model.layers, model):
-            fully_shard(module, mesh=mesh)
     return model
 
 
 def micro_batches(lines, batch, rank, world, batch_size, accum):
     """This rank's share of a global batch (line indices): up to `accum` micro-batches of (example,
     weight). Where another rank's micro-batch has a branch this one lacks, one line of it is added
-    with weight 0, so every rank makes the same forward and collective calls (DDP, FSDP)."""
+    with weight 0, so every rank makes the same forward and collective calls (DDP)."""
     shares = [batch[r::world] for r in range(world)]
     out = []
     for j in range(accum):
@@ -587,8 +558,7 @@ def micro_batches(lines, batch, rank, world, batch_size, accum):
 # ---- plumbing: the data ----
 def read_lines(args, rank, say):
     """(examples, errors) of the first --limit lines of --data: parse_line's example of each good
-    line, {"file", "line", "id", "error"} of each other (not JSON, a field of the wrong type or
-    range, an earlier line's id, no branch to train). No good line: the run ends here."""
+    line, {"file", "line", "id", "error"} of each other. No good line: the run ends here."""
     if not os.path.isfile(args.data):
         fail(f"--data {args.data}: input file not found")
     root = os.path.dirname(os.path.abspath(args.data))  # image paths are relative to its folder
@@ -620,9 +590,9 @@ def read_lines(args, rank, say):
     if errors:
         say(f"{len(errors)} of {len(rows)} lines of {args.data} left out (listed in {where})")
     if not examples:
-        if rank == 0:  # the folder is 04's from now on: args.json says so, the corrected rerun goes on
+        if rank == 0:  # the folder is 04's from now on (args.json): the corrected rerun goes on
             write_args(args_path(args.out, folder=True), vars(args))
-            write_errors(args.out, errors)
+            Path(where).write_text("".join(json.dumps(e) + "\n" for e in errors))
         fail(f"no usable line in {args.data}: all {len(rows)} lines were left out (see {where})")
     return examples, errors
 
@@ -640,10 +610,9 @@ FIELDS = {"text": (lambda v: isinstance(v, str) and v.strip() != "", "non-empty 
 
 
 def parse_line(row, root, args):
-    """One train.jsonl row -> a training example {"prompt", "prompt_enh", "images": {context:
-    [files]}, "focus", "robust": (y_w, y_l) | None, "ref": {term: log pi_ref}, "clip": [crop,
-    image]}. Each field read is checked (FIELDS); ValueError (OSError: an image) names the first
-    one that is wrong."""
+    """A train.jsonl row -> {"prompt", "prompt_enh", "images": {context: [files]}, "focus",
+    "robust": (y_w, y_l) | None, "ref": {term: log pi_ref}, "clip": [crop, image]}; ValueError
+    (OSError: an image) names the first field read that is wrong."""
     def get(name, kind):  # the field "a.b" of row, checked
         value = row
         for key in name.split("."):
@@ -697,8 +666,7 @@ def parse_line(row, root, args):
 
 
 def training_image(path):
-    """load_image for the loop: read_lines checked each header, so a file that fails now is damaged
-    after it; the run ends naming it (the last checkpoint.pt keeps the steps before)."""
+    """load_image mid-run: read_lines checked each header, so a failure is a file damaged since."""
     try:
         return load_image(path)
     except (OSError, ValueError) as e:
@@ -707,9 +675,8 @@ def training_image(path):
 
 # ---- plumbing: the output folder ----
 def check_out(args, resolved):
-    """Refuse, before the model loads, a run that would spoil --out: a fresh run into a trained
-    --out without --overwrite; a --resume without a checkpoint, or with other data or settings
-    (RESUME_MAY_CHANGE aside) than args.json records of the run that wrote it."""
+    """Refuse, before the model loads, a fresh run into a trained --out without --overwrite, and a
+    --resume without a checkpoint or with other data or settings (RESUME_MAY_CHANGE aside)."""
     out = Path(args.out)
     trained = (out / "checkpoint.pt").is_file() or (out / "config.json").is_file()
     if not args.resume:
@@ -726,86 +693,58 @@ def check_out(args, resolved):
 
 
 def open_outputs(args, start, resolved, errors):
-    """(rank 0) Write args.json (a fresh run: the arguments and what they resolve to; a resumed
-    run keeps its first run's) and errors.jsonl; open metrics.jsonl, keeping the rows up to the
-    step `start` resumes from. A fresh run first removes what --overwrite replaces."""
+    """(rank 0) Write args.json (a resumed run keeps its first run's) and errors.jsonl; open
+    metrics.jsonl with its rows up to step `start`. A fresh run first removes what it replaces."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.resume:  # the old checkpoint, and the config.json that marks a saved model
         for name in ("checkpoint.pt", "config.json"):
             (out / name).unlink(missing_ok=True)
         write_args(args_path(out, folder=True), {**vars(args), **resolved})
-    write_errors(out, errors)
+    (out / "errors.jsonl").write_text("".join(json.dumps(e) + "\n" for e in errors))
     kept = [r for _, r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start] if start else []
     metrics = open(out / "metrics.jsonl", "w")
     metrics.writelines(json.dumps(r) + "\n" for r in kept)
     return metrics
 
 
-def write_errors(out, errors):
-    """<out>/errors.jsonl: the input lines left out and why."""
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "errors.jsonl"), "w") as f:
-        f.writelines(json.dumps(e) + "\n" for e in errors)
-
-
-def format_log(log):
-    """The step's log line: each field with 4 significant digits."""
-    return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in log.items())
-
-
-def stat_means(sums):
-    """Each STATS entry's sum / its count, None where no line had the term. sums: (2 * len(STATS),),
-    micro_step's sums added over the micro-steps and ranks."""
-    totals, counts = sums.split(len(STATS))
-    return {k: float(v / c) if c > 0 else None for k, v, c in zip(STATS, totals, counts)}
-
-
 # ---- plumbing: checkpoints and the trained model ----
-def full_state(frozen=False):
-    """Options for torch's state dicts under DDP or FSDP: unsharded, on the CPU of rank 0; the
-    trainable weights only unless frozen=True."""
-    return dcp_sd.StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False,
-                                   ignore_frozen_params=not frozen)
-
-
 class Checkpoints:
-    """<out>/checkpoint.pt: the trainable weights and AdamW's state after a step. --resume loads it
-    (saved: its step; 0 in a fresh run). after(step) writes it every --save-every steps (0: every
-    3% of the run: a kill loses at most that), when --save-minutes passed (rank 0's clock decides
-    for every rank: saving is collective), and at --stop-after. Every rank helps gather it (DDP,
-    FSDP); rank 0 writes a .tmp, then renames it: a crash mid-write leaves the last one whole."""
+    """<out>/checkpoint.pt: the trainable weights and AdamW's state after a step; --resume loads it
+    (saved: its step). after(step) writes it every --save-every steps (0: 3% of the run), when
+    --save-minutes passed (rank 0's clock decides) and at --stop-after: rank 0 writes a .tmp and
+    renames it, so a crash mid-write leaves the last one whole."""
 
     def __init__(self, args, total, model, optimizer, rank, world):
         self.args = args
         self.path = os.path.join(args.out, "checkpoint.pt")
         self.every = args.save_every or math.ceil(0.03 * total)
         self.parts = (model, optimizer, rank, world)
-        self.saved = self.load() if args.resume else 0  # the step checkpoint.pt holds
+        self.saved = self.load(model, optimizer) if args.resume else 0  # the step it holds
         self.saved_at = time.time()
 
-    def load(self):
+    def load(self, model, optimizer):
         try:
             ck = torch.load(self.path, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
             reason = (str(e).strip().splitlines() or ["an empty file"])[0]
             fail(f"--resume: {self.path} is damaged ({type(e).__name__}: {reason}); start over "
                  f"with --overwrite")
-        dcp_sd.set_state_dict(*self.parts[:2], model_state_dict=ck["model"],
-                              optim_state_dict=ck["optim"], options=full_state())
+        model.load_state_dict(ck["model"], strict=False)  # (the trainable weights only)
+        optimizer.load_state_dict(ck["optim"])
         return ck["step"]
 
     def after(self, step):
         model, optimizer, rank, world = self.parts
-        minutes = self.args.save_minutes
-        late = minutes > 0 and time.time() - self.saved_at >= 60 * minutes
-        due = [step - self.saved >= self.every or late]
+        late = 0 < 60 * self.args.save_minutes <= time.time() - self.saved_at
+        due = [step - self.saved >= self.every or late or step == self.args.stop_after]
         if world > 1:
             dist.broadcast_object_list(due, src=0)
-        if due[0] or step == self.args.stop_after:
-            model_sd, optim_sd = dcp_sd.get_state_dict(model, optimizer, options=full_state())
+        if due[0]:
             if rank == 0:
-                torch.save({"step": step, "model": model_sd, "optim": optim_sd}, self.path + ".tmp")
+                trained = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+                torch.save({"step": step, "model": trained, "optim": optimizer.state_dict()},
+                           self.path + ".tmp")
                 os.replace(self.path + ".tmp", self.path)
             self.saved = step
             self.saved_at = time.time()
@@ -816,15 +755,12 @@ class Checkpoints:
         return "no checkpoint.pt was written yet"
 
 
-def save_model(model, processor, out, device, rank):
-    """The model and processor as a folder for from_pretrained, in the dtype load_model gives: bf16
-    on CUDA, fp32 on CPU. Every rank helps gather the weights; rank 0 writes."""
+def save_model(model, processor, out, device):
+    """The model and processor as a from_pretrained folder in load_model's dtype (bf16 on CUDA)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    state = dcp_sd.get_model_state_dict(model, options=full_state(frozen=True))
-    if rank == 0:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        model.save_pretrained(out, state_dict=state)
-        processor.save_pretrained(out)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.save_pretrained(out, state_dict=state)
+    processor.save_pretrained(out)
 # ---- end plumbing ----
 
 

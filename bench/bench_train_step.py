@@ -8,9 +8,9 @@ buys, side by side in one run, on the same model, the same micro-batch and the s
   live_ref     the same step plus the reference model's no-grad forwards on the same six terms, fed the same
                tensors: images are decoded and the processor run once per step in both variants (a trainer's
                collator does it once for both models), so the difference is the reference's forwards alone
-  shared_prefix  precomputed with 04's --shared-prefix (the default): a pair's y_w and y_l in one row on one
-               copy of the prompt and image; precomputed and live_ref score a row per response
-               (--no-shared-prefix), so shared_prefix / precomputed is what the shared prefix buys
+  shared_prefix  precomputed with 04's shared prefix (what 04 trains with): a pair's y_w and y_l in one row on
+               one copy of the prompt and image; precomputed and live_ref score a row per response
+               (term_batches(..., shared_prefix=False)), so shared_prefix / precomputed is what it buys
 Each variant runs in its own subprocess (so peak memory is its own), alternated `--rounds` times; step time is the
 median over steps (the first, warm-up, step excluded) and the best round. Peak memory: torch.cuda's peak allocation
 on a GPU; on a CPU the peak resident set (VmHWM, reset after a warm-up that imports every lazily loaded module) less
@@ -88,15 +88,15 @@ def worker(model_dir, variant, args):
     torch.set_num_threads(args.threads)
     s04 = load_stage("04_train_calibrated_dpo.py")
     targs = s04.parse_args(["--lora-rank", str(args.lora_rank), "--lr", "1e-5"]  # the paper's lr
-                           + ["--grad-checkpointing"] * args.grad_checkpointing
-                           + ["--no-shared-prefix"] * (variant != "shared_prefix"))
+                           + ["--grad-checkpointing"] * args.grad_checkpointing)
+    shared_prefix = variant == "shared_prefix"
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         exs = make_examples(Path(tmp), args.batch_size, 64)
         if device.type == "cpu":  # import every lazily loaded module before the baseline, then reset the peak
             warm, processor = s04.load_model(model_dir, device)
             with torch.no_grad():
-                batches = s04.term_batches(processor, exs, shared_prefix=targs.shared_prefix)
+                batches = s04.term_batches(processor, exs, shared_prefix=shared_prefix)
                 s04.policy_logps(warm, batches, len(exs), contextlib.nullcontext())
             del warm
             gc.collect()
@@ -107,7 +107,7 @@ def worker(model_dir, variant, args):
             torch.cuda.reset_peak_memory_stats()
         torch.manual_seed(0)
         model, processor = s04.load_model(model_dir, device)
-        model = s04.prepare(model, targs, 1, device)
+        model = s04.prepare(model, targs, 1)
         ref = s04.load_model(model_dir, device)[0].requires_grad_(False) if variant == "live_ref" else None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=targs.lr, weight_decay=targs.weight_decay)
@@ -116,7 +116,7 @@ def worker(model_dir, variant, args):
         for _ in range(args.steps + 1):
             t0 = time.perf_counter()
             # images and processor: once, whatever the variant
-            batches = s04.term_batches(processor, exs, shared_prefix=targs.shared_prefix)
+            batches = s04.term_batches(processor, exs, shared_prefix=shared_prefix)
             if ref is not None:  # what a live reference costs: its forwards on every term of the batch
                 with torch.no_grad():
                     logps = s04.policy_logps(ref, batches, len(exs), ctx)
@@ -183,7 +183,7 @@ def main():
             print(f"targets: time ratio <= {TARGETS['time']}, memory ratio <= {TARGETS['memory']}: "
                   + ("MISSED" if failed else "met"))
         else:
-            print("shared: a pair's y_w and y_l on one prompt and image (04 --shared-prefix); pre: a row per response")
+            print("shared: a pair's y_w and y_l on one prompt and image (04's default); pre: a row per response")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     sys.exit(1 if failed else 0)

@@ -29,7 +29,7 @@ that is under 2% of a row). Parts, each calling the stage's own functions on tho
   train      04: one optimizer step of P2-DPO at the paper's effective batch (16 lines = --train-batch 4 x
              --accum 4): prepare (LoRA r 32, gradient checkpointing), micro_step, AdamW; with 03's precomputed
              reference log-probs (what 04 does: "precomputed", a pair's two responses on one shared prefix), then
-             the same with a row per response ("rows": 04 --no-shared-prefix, the path before issue 15), then
+             the same with a row per response ("rows": a row per response, the path before issue 15), then
              with a live reference (TRL's default; a second model whose no-grad forwards score the six terms
              first, shared prefix as 04); then one step at each --train-sizes micro-batch (accum
              to >= 16 lines), until one runs out of memory or the run passes --budget-s; best = most lines/s.
@@ -471,7 +471,7 @@ def part_train(s04, model, processor, args, meter, pairs):
     lines = [s04.parse_line(r, str(pairs.parent), targs) for r in rows]
     effective = args.train_batch * args.accum  # lines per optimizer step (7b: the paper's 16)
     torch.manual_seed(args.seed)
-    model = s04.prepare(model, targs, 1, torch.device(args.device))  # LoRA on the language model, checkpointing
+    model = s04.prepare(model, targs, 1)  # LoRA on the language model, checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=targs.lr, weight_decay=targs.weight_decay)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else contextlib.nullcontext()
@@ -497,7 +497,7 @@ def part_train(s04, model, processor, args, meter, pairs):
         return [lines[i % len(lines)] for i in range(n)]
     out = {}
     info = dict(lora_rank=args.lora_rank, trainable_m=sum(p.numel() for p in params) / 1e6)
-    for variant in ("precomputed", "rows", "live_ref"):  # rows: 04 --no-shared-prefix, the old path
+    for variant in ("precomputed", "rows", "live_ref"):  # rows: a row per response, the old path
         ref = build_model(args.size, args.device, args.seed + 1)[0] if variant == "live_ref" else None
         shared = variant != "rows"
         step(take(args.train_batch), args.train_batch, ref, shared)  # warm-up

@@ -37,8 +37,7 @@ FAST = {
     "02": ("tests/test_02_make_pairs.py", "not stage_writes and not resume_after and not every_line"),
     "03": ("tests/test_03_filter.py", "not authors_thresholds and not llava_lines and not qwen_end and not "
                                       "kill_and_resume and not bad_lines and not every_line and not score_only"),
-    "04": ("tests/test_04_train.py", "not step0 and not resume_equals and not no_usable and not two_processes "
-                                     "and not fsdp"),
+    "04": ("tests/test_04_train.py", "not step0 and not resume_equals and not no_usable and not two_processes"),
     "05": ("tests/test_05_eval_pope.py", "not end_to_end"),
     "05b": ("tests/test_05_benchmarks.py", "not end_to_end"),
 }

@@ -1,4 +1,4 @@
-"""Stage 04 --shared-prefix: a pair's y_w and y_l scored in one packed row [prompt, y_w, y_l] (y_l blind to y_w,
+"""Stage 04's shared prefix: a pair's y_w and y_l scored in one packed row [prompt, y_w, y_l] (y_l blind to y_w,
 its positions restarting after the prompt) give the log-probs of a row per response, and micro_step gives the same
 losses and the same gradient on every trainable parameter, on tiny LLaVA and Qwen2.5-VL (M-RoPE), LoRA and full
 fine-tuning, with gradient checkpointing, for lines with the focus pair only, the robust pair only, or both."""
@@ -69,10 +69,11 @@ def examples(folder, lines, family):
     return out
 
 
-def grads_of(model, processor, mb, args):
-    """(losses, {name: .grad}) of one micro_step from zero gradients."""
+def grads_of(model, processor, mb, args, shared_prefix):
+    """(losses, {name: .grad}) of one micro_step from zero gradients; shared_prefix=False: a row per response."""
     model.zero_grad(set_to_none=True)
-    losses, sums = stage.micro_step(model, processor, mb, args, contextlib.nullcontext(), 0.5)
+    batches = stage.term_batches(processor, [ex for ex, _ in mb], shared_prefix=shared_prefix)
+    losses, sums = stage.micro_step(model, processor, mb, args, contextlib.nullcontext(), 0.5, batches)
     return losses, sums, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -83,17 +84,15 @@ def test_micro_step_shared_prefix_equals_a_row_per_response(family, lines, train
     flags = ["--lora-dropout", "0", "--lora-rank", "0" if train == "full" else "4"]
     flags += ["--grad-checkpointing"] * ("checkpointing" in train)
     args = stage.parse_args(flags)
-    assert args.shared_prefix  # the default
     mb = [(ex, 1.0) for ex in examples(tmp_path, lines, family)]
     model, processor = stage.load_model(request.getfixturevalue(f"tiny_{family}"), "cpu")
     torch.manual_seed(0)
-    model = stage.prepare(model, args, 1, torch.device("cpu"))
+    model = stage.prepare(model, args, 1)
     for m in model.modules():  # B = 0 at init: give A a gradient too
         if isinstance(m, stage.LoRALinear):
             torch.nn.init.normal_(m.lora_B, std=0.1)
-    shared, shared_sums, shared_grads = grads_of(model, processor, mb, args)
-    args.shared_prefix = False
-    apart, apart_sums, apart_grads = grads_of(model, processor, mb, args)
+    shared, shared_sums, shared_grads = grads_of(model, processor, mb, args, True)
+    apart, apart_sums, apart_grads = grads_of(model, processor, mb, args, False)
     torch.testing.assert_close(shared, apart, rtol=0, atol=1e-5)
     torch.testing.assert_close(shared_sums, apart_sums, rtol=0, atol=1e-5)
     assert shared_grads.keys() == apart_grads.keys() and len(apart_grads) > 4
@@ -102,12 +101,11 @@ def test_micro_step_shared_prefix_equals_a_row_per_response(family, lines, train
         torch.testing.assert_close(shared_grads[name], g, rtol=0, atol=1e-5, msg=name)
 
 
-def test_flag_and_the_rows_it_packs(tiny_llava, tmp_path):
-    """--no-shared-prefix turns it off; term_batches packs only the pair contexts, one row per line."""
-    assert stage.parse_args([]).shared_prefix and not stage.parse_args(["--no-shared-prefix"]).shared_prefix
+def test_the_rows_it_packs(tiny_llava, tmp_path):
+    """term_batches packs only the pair contexts, one row per line (shared_prefix=False, benchmarks: a row each)."""
     processor = stage.load_model(tiny_llava, "cpu")[1]
     exs = examples(tmp_path, "bb", "llava")
-    packed = stage.term_batches(processor, exs)  # (the default, as the flag's)
+    packed = stage.term_batches(processor, exs)  # (the default, micro_step's)
     rows = {keys: (score.__name__, batch[0]["input_ids"].shape[0]) for keys, _, score, batch in packed}
     assert rows == {("focus_w", "focus_l"): ("pair_logprobs", 2), ("robust_w", "robust_l"): ("pair_logprobs", 2),
                     ("aug",): ("response_logprobs", 2), ("deg",): ("response_logprobs", 2)}

@@ -211,7 +211,7 @@ def test_backward_per_group_equals_one_backward(tiny_llava, tmp_path):
     mb = [(ex, 1.0) for ex in exs[:5]] + [(exs[5], 0.0)]
     model, processor = stage.load_model(tiny_llava, "cpu")
     torch.manual_seed(0)
-    model = stage.prepare(model, args, 1, torch.device("cpu"))
+    model = stage.prepare(model, args, 1)
     for m in model.modules():  # B = 0 at init: give A a gradient too
         if isinstance(m, stage.LoRALinear):
             torch.nn.init.normal_(m.lora_B, std=0.1)
@@ -337,7 +337,7 @@ def test_two_processes_equal_one_lora_ddp(llava_run, tiny_llava):
 
 
 @pytest.mark.slow
-def test_qwen_full_finetune_fsdp_two_processes_equal_one(tiny_qwen, tmp_path):
+def test_qwen_full_finetune_ddp_two_processes_equal_one(tiny_qwen, tmp_path):
     data = write_data(tmp_path / "data", tiny_qwen, n_good=5, bad=False)
     args = ("--model", tiny_qwen, "--data", data, "--effective-batch", 4, "--epochs", 1, "--lr", 1e-4,
             "--lora-rank", 0, "--no-ddw", "--calib-ref", "lose")
@@ -345,7 +345,7 @@ def test_qwen_full_finetune_fsdp_two_processes_equal_one(tiny_qwen, tmp_path):
     rows = metrics(tmp_path / "one")
     assert rows[0]["dpo_focus"] == pytest.approx(LN2, abs=1e-6)
     assert rows[0]["dpo_robust"] == pytest.approx(LN2, abs=1e-6)
-    torchrun(2, *args, "--out", tmp_path / "two", "--batch-size", 2)  # FSDP (no checkpointing: same numbers)
+    torchrun(2, *args, "--out", tmp_path / "two", "--batch-size", 2)  # DDP (no checkpointing: same numbers)
     assert json.load(open(tmp_path / "two" / "args.json"))["world_size"] == 2
     np.testing.assert_allclose(curve(tmp_path / "two"), curve(tmp_path / "one"), atol=1e-5)
     from transformers import AutoModelForImageTextToText

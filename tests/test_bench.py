@@ -104,7 +104,7 @@ def test_gpu_scale_small_on_cpu(tmp_path):
     # noise (measured once 1.013 in a run on a busy machine), so only a clear excess fails
     assert math.isclose(ratio["memory"], pre["peak_gb"] / live["peak_gb"]) and ratio["memory"] < 1.05, ratio
     assert live["tflop"] > pre["tflop"], (pre, live)  # the reference's forwards on top
-    rows = res["train"]["rows"]  # 04 --no-shared-prefix: the prompt and image once per response, not per pair
+    rows = res["train"]["rows"]  # a row per response: the prompt and image once per response, not per pair
     assert rows["tflop"] > pre["tflop"], (pre, rows)
     assert math.isclose(res["train"]["shared_prefix"]["speedup"], rows["s"] / pre["s"]), res["train"]["shared_prefix"]
     sizes = res["train"]["sizes"]

@@ -392,7 +392,7 @@ def test_term_batches_score_each_term_in_its_context(llava, tmp_path):
                 ("aug",): ([pil["image"], pil["crop"]], row["prompt_enh"], [f["chosen"]]),
                 ("deg",): ([pil["deg"]], row["prompt"], [f["chosen"]])}
     tok = processor.tokenizer
-    for shared in (False, True):  # a row per response; --shared-prefix: a pair's two responses in one row
+    for shared in (False, True):  # a row per response (benchmarks); the default: a pair's two responses in one row
         got = {keys: batch for keys, idx, score, batch in s04.term_batches(processor, [ex], shared_prefix=shared)}
         assert set(got) == set(expected), got.keys()
         for keys, (images, prompt, responses) in expected.items():
