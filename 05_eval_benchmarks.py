@@ -26,10 +26,10 @@ Sources (repository: path): junyangwang0410/AMBER: README.md (query, answer list
   response_template.json); TideDra/VL-RLHF: src/vlrlhf/eval/mmhal/eval.py (images/ by file name).
 
 Input   amber: a query file [{"id": int >= 1, "image", "query"}], annotations.json [{"id", "type",
-          "truth": "yes" | "no" (generative: a list)}]; --answers: [{"id", "response"}]
+          "truth": "yes" | "no" (generative: a list)}]
         hallusionbench: HallusionBench.json [{"category": "VD" | "VS", "subcategory", "set_id",
           "figure_id", "question_id", "question", "gt_answer": "0" | "1", "filename" (null: no
-          image), ...}]; --answers: a HallusionBench_result.json (+ "model_prediction")
+          image), ...}]
         mmhal: response_template.json [{"question", "image_src", ...}], images by image_src's name
 Output  <out>/answers.jsonl {"question_id", "split" (the benchmark), "sigma", "image", "prompt",
           "text", ["answer": AMBER's "Yes" | "No"]}, appended as produced; <out>/args.json;
@@ -42,8 +42,6 @@ Shapes: B = prompts in a batch.
       --images AMBER/image --limit 8                                  # CPU smoke run, world/model
   python 05_eval_benchmarks.py --benchmark hallusionbench --model llava-hf/llava-1.5-7b-hf \
       --questions HallusionBench/HallusionBench.json --out runs/hallusion_llava   # one GPU
-  python 05_eval_benchmarks.py --benchmark amber --questions AMBER/data/query/query_all.json \
-      --answers runs/amber_base/sigma0/amber_responses.json --out runs/amber_rescore  # no model
 No torchrun path: each benchmark takes one GPU. A rerun into --out resumes what it lacks, made by
 the same model (files and all) and settings, else it is refused. A bad input item, an unreadable
 image or a prompt past the context ends the run in one sentence naming its file and item.
@@ -76,11 +74,7 @@ from transformers.utils import cached_file
 
 BENCHMARKS = ("amber", "hallusionbench", "mmhal")
 # resuming into an --out needs these arguments equal to those of the run that wrote its answers
-ANSWER_ARGS = ("model", "benchmark", "max_new_tokens", "open_max_new_tokens", "seed",
-               "model_identity")
-# flags a re-score (--answers) has no use for: given with it, they are refused, not ignored
-MODEL_FLAGS = ("model", "images", "max_new_tokens", "open_max_new_tokens", "noise_sigma", "seed",
-               "batch_size", "device", "max_image_pixels")
+ANSWER_ARGS = ("model", "benchmark", "max_new_tokens", "open_max_new_tokens", "seed", "model_identity")
 # the benchmarks a flag matters for (HallusionBench has no open questions, MMHal-Bench no others)
 ONLY_FOR = {"annotations": ("amber",), "max_new_tokens": ("amber", "hallusionbench"),
             "open_max_new_tokens": ("amber", "mmhal")}
@@ -89,21 +83,15 @@ ONLY_FOR = {"annotations": ("amber",), "max_new_tokens": ("amber", "hallusionben
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--benchmark", choices=BENCHMARKS, required=True,
-                   help="which benchmark --questions holds")
+    p.add_argument("--benchmark", choices=BENCHMARKS, required=True, help="which benchmark --questions holds")
     p.add_argument("--model", default="world/model", help="model folder or a name in your HF cache")
     p.add_argument("--questions", required=True,
-                   help="AMBER's query file, HallusionBench.json or MMHal-Bench's "
-                        "response_template.json")
-    p.add_argument("--images", default=None,
-                   help="image folder (default: beside --questions: AMBER its folder, "
-                        "HallusionBench hallusion_bench/, MMHal-Bench images/)")
+                   help="AMBER's query file, HallusionBench.json or MMHal-Bench's response_template.json")
+    p.add_argument("--images", default=None, help="image folder (default: beside --questions: AMBER its "
+                                                  "folder, HallusionBench hallusion_bench/, MMHal-Bench images/)")
     p.add_argument("--annotations", default=None,
                    help="AMBER's annotations.json (default: beside the query file or one up)")
-    p.add_argument("--out", default=None,
-                   help="output folder (default: runs/<benchmark>_base; a rerun resumes)")
-    p.add_argument("--answers", default=None,
-                   help="re-score this AMBER or HallusionBench answer file instead of a model")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<benchmark>_base; a rerun resumes)")
     p.add_argument("--max-new-tokens", type=at_least(1), default=128,
                    help="yes/no answer length cap (LLaVA-1.5's setting: 128)")
     p.add_argument("--open-max-new-tokens", type=at_least(1), default=1024,
@@ -115,37 +103,18 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=at_least(1), default=32, help="prompts per generate call")
     p.add_argument("--device", type=device_name,
                    default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--limit", type=at_least(1), default=None,
-                   help="use only the first N questions of the benchmark file")
+    p.add_argument("--limit", type=at_least(1), default=None, help="use only the first N questions of the file")
     p.add_argument("--max-image-pixels", type=at_least(0), default=89_478_485,
-                   help="an image with more pixels ends the run (PIL's default guard against "
-                        "decompression bombs); 0: no limit")
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback behind an error message (spelled out in full)")
+                   help="an image with more pixels ends the run (PIL's decompression-bomb guard); 0: no limit")
+    p.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
     args = p.parse_args(argv)
-    # flags checked together before anything loads: one made pointless by another is refused
-    def given(names):
-        return [f"--{k.replace('_', '-')}" for k in names if getattr(args, k) != p.get_default(k)]
-    if args.answers and args.benchmark == "mmhal":
-        p.error("--answers: MMHal-Bench is scored by a GPT-4 judge (LLaVA-RLHF's "
-                "Eval/eval_gpt_mmhal.py), not here")
-    if args.answers and given(MODEL_FLAGS):
-        p.error(f"--answers re-scores a file without a model: {', '.join(given(MODEL_FLAGS))} "
-                f"would do nothing")
-    pointless = given(k for k, which in ONLY_FOR.items() if args.benchmark not in which)
+    # checked before anything loads: a flag that would do nothing for this benchmark is refused
+    pointless = [f"--{k.replace('_', '-')}" for k, which in ONLY_FOR.items()
+                 if args.benchmark not in which and getattr(args, k) != p.get_default(k)]
     if pointless:
         p.error(f"{', '.join(pointless)} would do nothing for --benchmark {args.benchmark}")
     args.out = args.out or f"runs/{args.benchmark}_base"
     return args
-
-
-def parse_yes_no(text):
-    """The official POPE rule, as 05_eval_pope.py: keep the text before the first '.', drop ',',
-    split on single spaces; "no" if any word is `No`, `not` or `no`, else "yes"."""
-    words = text.split(".")[0].replace(",", "").split(" ")
-    if any(w in ("No", "not", "no") for w in words):
-        return "no"
-    return "yes"
 
 
 def ratio(a, b):
@@ -156,9 +125,11 @@ def ratio(a, b):
 # ---- each benchmark's rules ----
 def amber_response(text):
     """A yes/no answer as AMBER's scorer compares it: exactly "Yes" or "No" (inference.py tests
-    `response == 'Yes'` and `response == 'No'`, so "yes" or "No." would score as wrong), read by
-    the POPE rule so that both benchmarks parse answers alike."""
-    return "No" if parse_yes_no(text) == "no" else "Yes"
+    `response == 'Yes'` and `response == 'No'`, so "yes" or "No." would score as wrong), read by the
+    official POPE rule (05_eval_pope.py's parse_yes_no) so that both benchmarks parse answers alike:
+    the text before the first '.', ',' dropped, split on single spaces; "No" if a word is No, not, no."""
+    words = text.split(".")[0].replace(",", "").split(" ")
+    return "No" if any(w in ("No", "not", "no") for w in words) else "Yes"
 
 
 # AMBER's inference.py counts each yes/no item in one counter set chosen by its annotation's
@@ -183,9 +154,8 @@ def amber_metrics(rows):
     scores 0.0 and attribute, the sum of three counter sets, divides by n + 0.003. A response that
     is not exactly "Yes" or "No" is wrong and is not a "No".
     rows: [(annotation type, truth "yes"|"no", response)]. Returns {group: counts and rates}."""
-    counters = {}  # {counter set: {count: value}}, accumulated in inference.py's order
-    for name in ("overall", "existence", "state", "number", "action", "relation"):
-        counters[name] = {"n": 0.001, "correct": 0, "truth_no": 0.001, "said_no": 0.001, "tp": 0}
+    counters = {name: {"n": 0.001, "correct": 0, "truth_no": 0.001, "said_no": 0.001, "tp": 0}
+                for name in ("overall", "existence", "state", "number", "action", "relation")}
     for kind, truth, response in rows:
         for name in ("overall", AMBER_DIMENSION.get(kind, "relation")):
             c = counters[name]
@@ -201,10 +171,8 @@ def amber_metrics(rows):
         recall = round(total["tp"] / total["truth_no"] * 100, 1)
         eps = 0.001 if group == "existence" else 0.0001
         f1 = 2 * (precision / 100) * (recall / 100) / ((precision / 100) + (recall / 100) + eps)
-        metrics[group] = {"accuracy": round(total["correct"] / total["n"] * 100, 1),
-                          "precision": precision,
-                          "recall": recall,
-                          "f1": round(f1 * 100, 1),
+        metrics[group] = {"accuracy": round(total["correct"] / total["n"] * 100, 1), "precision": precision,
+                          "recall": recall, "f1": round(f1 * 100, 1),
                           **{k: int(v) for k, v in total.items()}}  # the counts, less 0.001s
     return metrics
 
@@ -285,42 +253,37 @@ def score_benchmark(benchmark, items, responses):
     the benchmark's own answer file (what its official scorer reads)."""
     if benchmark == "amber":
         said = {str(r["id"]): r["response"] for r in responses}
-        rows = [(it["type"], it["truth"], said[it["id"]])
-                for it in items if not it["open"] and it["id"] in said]
+        rows = [(it["type"], it["truth"], said[it["id"]]) for it in items if not it["open"] and it["id"] in said]
         generative = sum(it["open"] and it["id"] in said for it in items)
         return {"discriminative": amber_metrics(rows), "generative_exported": generative}
     if benchmark == "hallusionbench":
-        return {"approximate": hallusion_metrics(responses),
-                "note": "rule-based verdict, not the official GPT-4 judge"}
+        return {"approximate": hallusion_metrics(responses), "note": "rule-based verdict, not the official GPT-4 judge"}
     return {"n": len(responses), "note": "scored by GPT-4 with LLaVA-RLHF's eval_gpt_mmhal.py"}
 
 
 # ---- answering: each question at each sigma, then each sigma's official answer file ----
 def benchmark_jobs(args, items):
-    """The noise sweep: one job per item per sigma, its split the benchmark's name, the question
-    asked about I_noise at that sigma (noise keyed by the image path as written); every image is
-    checked to exist first (HallusionBench's text-only questions have none)."""
+    """The noise sweep: one job per item per sigma, its split the benchmark's name, the question asked
+    about I_noise at that sigma (noise keyed by the image path as written); every image is checked to
+    exist first (HallusionBench's text-only questions have none)."""
     folder = Path(args.images or Path(args.questions).parent / IMAGE_FOLDERS[args.benchmark])
     for it in items:
         it["path"] = None if it["image"] is None else folder / it["image"]
         if it["path"] is not None and not it["path"].is_file():
-            raise FileNotFoundError(f"{args.questions}: item {it['index']}: image not found: "
-                                    f"{it['path']}")
+            raise FileNotFoundError(f"{args.questions}: item {it['index']}: image not found: {it['path']}")
     jobs = []
     for sigma in args.noise_sigma:
         for it in items:
-            row = {"question_id": it["id"], "split": args.benchmark, "sigma": sigma,
-                   "image": it["image"]}
-            jobs.append({"key": (args.benchmark, sigma, it["id"]), "row": row,
-                         "prompt": it["prompt"], "path": it["path"], "noise_key": it["image"],
-                         "sigma": sigma, "open": it["open"],
+            row = {"question_id": it["id"], "split": args.benchmark, "sigma": sigma, "image": it["image"]}
+            jobs.append({"key": (args.benchmark, sigma, it["id"]), "row": row, "prompt": it["prompt"],
+                         "path": it["path"], "noise_key": it["image"], "sigma": sigma, "open": it["open"],
                          "where": f"{args.questions}: item {it['index']}"})
     return jobs
 
 
 def noisy_image(job, seed):
-    """A job's image as the model sees it: I_noise at the job's sigma. An unreadable file ends the
-    run naming the question (every question needs its answer; those before it are kept)."""
+    """A job's image as the model sees it: I_noise at the job's sigma. An unreadable file ends the run
+    naming the question (every question needs its answer; those before it are kept)."""
     try:
         image = load_image(job["path"])
     except (OSError, ValueError) as e:
@@ -329,24 +292,23 @@ def noisy_image(job, seed):
 
 
 def generate_all(args, jobs, out_path, max_new_tokens, desc, parse=None):
-    """Answer every job whose key is not yet in out_path, greedily, B jobs per generate call (all
-    with an image, or all without: HallusionBench's text-only questions), each row appended as it
-    comes (the file is the checkpoint); parse(text), when given, adds the parsed "answer". A row
-    already there with another prompt or image under the same key stops the run."""
+    """Answer every job whose key is not yet in out_path, greedily, B jobs per generate call (all with
+    an image, or all without: HallusionBench's text-only questions), each row appended as it comes (the
+    file is the checkpoint); parse(text), when given, adds the parsed "answer". A row already there
+    with another prompt or image under the same key stops the run."""
     asked = {j["key"]: (j["prompt"], j["noise_key"]) for j in jobs}  # the image as written
     done = set()
     for _, r in answered(out_path):
-        key = row_key(r)
-        done.add(key)
-        if key in asked and (r.get("prompt"), r.get("image")) != asked[key]:
-            fail(f"{out_path}: question_id {r['question_id']!r} was asked {r.get('prompt')!r} "
-                 f"about {r.get('image')!r} there, not {asked[key][0]!r} about {asked[key][1]!r} "
-                 f"(another benchmark file under the same name?): use another --out")
+        done.add(row_key(r))
+        if row_key(r) in asked and (r["prompt"], r["image"]) != asked[row_key(r)]:
+            fail(f"{out_path}: question_id {r['question_id']!r} was asked {r['prompt']!r} about {r['image']!r} "
+                 f"there, not {asked[row_key(r)][0]!r} about {asked[row_key(r)][1]!r} (another benchmark "
+                 f"file under the same name?): use another --out")
     todo = [j for j in jobs if j["key"] not in done]
     if not todo:
         return
     model, processor = cached_model(args.model, args.device)
-    record_args(args, Path(out_path).parent)  # the model loads: this run's answers are valid
+    write_args(args_path(out_path.parent, folder=True), vars(args))  # the model loaded: its answers are valid
     groups = [[j for j in todo if j["path"] is not None], [j for j in todo if j["path"] is None]]
     with open(out_path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc) as bar:
         for group in groups:
@@ -354,19 +316,15 @@ def generate_all(args, jobs, out_path, max_new_tokens, desc, parse=None):
                 batch = group[i:i + args.batch_size]
                 images = [noisy_image(j, args.seed) for j in batch if j["path"] is not None]
                 texts = [chat_prompt(processor, j["prompt"], 1 if images else 0) for j in batch]
-                per_row = [[im] for im in images] or [[] for _ in batch]
-                problems = prompt_problems(model, processor, texts, per_row,
+                problems = prompt_problems(model, processor, texts, [[im] for im in images] or [[] for _ in batch],
                                            [max_new_tokens] * len(batch), "new tokens at most")
                 for j, problem in zip(batch, problems):  # every question needs its answer
                     if problem:
                         fail(f"{j['where']}: {problem}")
-                outputs = generate_greedy(model, processor, texts, images or None,
-                                          max_new_tokens)  # B texts
+                outputs = generate_greedy(model, processor, texts, images or None, max_new_tokens)  # B texts
                 for j, text in zip(batch, outputs):
                     row = {**j["row"], "prompt": j["prompt"], "text": text}
-                    if parse:
-                        row["answer"] = parse(text)
-                    append_jsonl(f, row)
+                    append_jsonl(f, {**row, "answer": parse(text)} if parse else row)
                 bar.update(len(batch))
 
 
@@ -374,8 +332,7 @@ def answer_file(benchmark, items, answered):
     """One sigma's answer file in the benchmark's official format, in question-file order.
     answered: {id: answers.jsonl row}."""
     if benchmark == "amber":  # a yes/no response is the normalised "answer"
-        return [{"id": it["fields"]["id"],
-                 "response": answered[it["id"]].get("answer", answered[it["id"]]["text"])}
+        return [{"id": it["fields"]["id"], "response": answered[it["id"]].get("answer", answered[it["id"]]["text"])}
                 for it in items if it["id"] in answered]
     if benchmark == "hallusionbench":
         return [{**it["fields"], "model_prediction": answered[it["id"]]["text"]}
@@ -391,43 +348,37 @@ def main(argv=None):
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
     args.noise_sigma = sorted(set(args.noise_sigma))  # a repeated sigma would ask everything twice
     out = Path(args.out)
-    inputs = {"--questions": args.questions, "--annotations": args.annotations,
-              "--answers": args.answers, "--model": args.model}
-    claim_out(out, inputs, folder=True)
+    claim_out(out, {"--questions": args.questions, "--annotations": args.annotations, "--model": args.model},
+              folder=True)
     out.mkdir(parents=True, exist_ok=True)
     try:
         items = read_benchmark(args)
-        if args.answers:  # re-score the benchmark's own answer file: no model
-            files = {0.0: read_answer_file(args, out, items)}
-            written = {}
-            record_args(args, out)
-        else:
-            if Path(args.model).exists():  # a local folder: resumes compare where, not spelling
-                args.model = str(Path(args.model).resolve())
-            jobs = benchmark_jobs(args, items)
-            args.model_identity = model_identity(args.model)  # retrained in place: another model
-            check_resume(args, out)
-            # 1. answer each question at each sigma: yes/no ones, then open ones (their own cap)
-            path = out / "answers.jsonl"
-            parse = amber_response if args.benchmark == "amber" else None
-            generate_all(args, [j for j in jobs if not j["open"]], path, args.max_new_tokens,
-                         args.benchmark, parse=parse)
-            generate_all(args, [j for j in jobs if j["open"]], path, args.open_max_new_tokens,
-                         f"{args.benchmark} (open)")
-            # 2. each sigma's answers in the benchmark's own answer file, for its official scorer
-            files = {}
-            for sigma in args.noise_sigma:
-                rows = answered(path, [j for j in jobs if j["sigma"] == sigma])
-                files[sigma] = answer_file(args.benchmark, items,
-                                           {str(r["question_id"]): r for _, r in rows})
-            written = write_answer_files(args.benchmark, files, out)
+        if Path(args.model).exists():  # a local folder: resumes compare where, not spelling
+            args.model = str(Path(args.model).resolve())
+        jobs = benchmark_jobs(args, items)
+        args.model_identity = model_identity(args.model)  # retrained in place: another model
+        # args.json is written once the model has loaded: a wrong --model leaves none to refuse its fix
+        same_settings(read_args(args_path(out, folder=True)), vars(args), ANSWER_ARGS, f"{out} holds answers made with")
+        # 1. answer each question at each sigma: yes/no ones, then open ones (their own cap)
+        path = out / "answers.jsonl"
+        parse = amber_response if args.benchmark == "amber" else None
+        generate_all(args, [j for j in jobs if not j["open"]], path, args.max_new_tokens, args.benchmark, parse)
+        generate_all(args, [j for j in jobs if j["open"]], path, args.open_max_new_tokens, f"{args.benchmark} (open)")
+        # 2. each sigma's answers in the benchmark's own answer file (JSON: its official scorer json.loads it)
+        files = {}
+        for sigma in args.noise_sigma:
+            rows = answered(path, [j for j in jobs if j["sigma"] == sigma])
+            files[f"{sigma:g}"] = answer_file(args.benchmark, items, {str(r["question_id"]): r for _, r in rows})
+            file = out / f"sigma{sigma:g}" / ANSWER_FILES[args.benchmark]
+            file.parent.mkdir(exist_ok=True)
+            file.write_text(json.dumps(files[f"{sigma:g}"], indent=1))
         # 3. the in-repo scores, where the official rule is a string rule
-        scores = {f"{s:g}": score_benchmark(args.benchmark, items, rows)
-                  for s, rows in files.items()}
+        scores = {s: score_benchmark(args.benchmark, items, rows) for s, rows in files.items()}
     except (ValueError, FileNotFoundError) as e:  # the readers' "file: item: why"
         fail(str(e))
+    written = {s: str(out / f"sigma{s}" / ANSWER_FILES[args.benchmark]) for s in files}
     metrics = {"model": args.model, "benchmark": args.benchmark, "questions": str(args.questions),
-               "sigmas": sorted(files), "files": written, args.benchmark: scores}
+               "sigmas": args.noise_sigma, "files": written, args.benchmark: scores}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print_benchmark(metrics)
     return metrics
@@ -449,11 +400,11 @@ IMAGE = (lambda v: v is None or TEXT[0](v), "a path or null")
 SIGMA = (lambda v: type(v) in (int, float) and 0 <= v <= 1, "a number in [0, 1]")
 HALLUSION = {"category": (lambda v: v in ("VD", "VS"), "'VD' or 'VS'"), "subcategory": TEXT,
              "set_id": ID, "figure_id": ID, "question_id": ID, "question": TEXT,
-             "gt_answer": (lambda v: ID[0](v) and str(v) in ("0", "1"), "'0' or '1'"),
-             "filename": IMAGE}
+             "gt_answer": (lambda v: ID[0](v) and str(v) in ("0", "1"), "'0' or '1'"), "filename": IMAGE}
+QUESTIONS = {"amber": {"id": COUNT, "image": TEXT, "query": TEXT}, "hallusionbench": HALLUSION,
+             "mmhal": {"question": TEXT, "image_src": TEXT}}
 # an answers.jsonl row as this stage writes it (its prompt and image are compared on resume)
-ANSWER = {"question_id": ID, "split": TEXT, "sigma": SIGMA, "prompt": STR, "image": IMAGE,
-          "text": STR}
+ANSWER = {"question_id": ID, "split": TEXT, "sigma": SIGMA, "prompt": STR, "image": IMAGE, "text": STR}
 ANSWER_FILES = {"amber": "amber_responses.json", "hallusionbench": "HallusionBench_result.json",
                 "mmhal": "mmhal_responses.json"}
 IMAGE_FOLDERS = {"amber": ".", "hallusionbench": "hallusion_bench", "mmhal": "images"}
@@ -486,20 +437,18 @@ def read_json_list(path, fields, limit=None):
 
 def hallusion_key(row):
     """A HallusionBench question's id: the key its get_eval_all asserts unique."""
-    fields = ("category", "subcategory", "set_id", "figure_id", "question_id")
-    return "_".join(str(row[f]) for f in fields)
+    return "_".join(str(row[f]) for f in ("category", "subcategory", "set_id", "figure_id", "question_id"))
 
 
 def read_amber_annotations(path, queries):
-    """{id: annotation} of AMBER's annotations.json (default: beside the query file, or one up as
-    in AMBER's data/query/ and data/annotations.json). inference.py reads id's annotation at
-    position id - 1, so each item must sit there; a yes/no item's truth is "yes" or "no"."""
+    """{id: annotation} of AMBER's annotations.json (default: beside the query file, or one up as in
+    AMBER's data/query/ and data/annotations.json). inference.py reads id's annotation at position
+    id - 1, so each item must sit there; a yes/no item's truth is "yes" or "no"."""
     candidates = [Path(path)] if path else [Path(queries).parent / "annotations.json",
                                             Path(queries).parent.parent / "annotations.json"]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        raise FileNotFoundError(f"no annotations.json in {', '.join(map(str, candidates))}: "
-                                f"pass --annotations")
+        raise FileNotFoundError(f"no annotations.json in {', '.join(map(str, candidates))}: pass --annotations")
     annotations = read_json_list(path, {"id": COUNT, "type": TEXT, "truth": (lambda v: True, "")})
     for i, a in enumerate(annotations):
         if a["id"] != i + 1:
@@ -511,73 +460,30 @@ def read_amber_annotations(path, queries):
 
 
 def read_benchmark(args):
-    """The questions of an AMBER, HallusionBench or MMHal-Bench file as items {id (str), image
-    (relative; None: no image), prompt, open (a long answer), fields (the item as read), index}
-    and, for AMBER, its annotation's type and truth."""
+    """The questions of an AMBER, HallusionBench or MMHal-Bench file as items {id (str), image (relative;
+    None: no image), prompt, open (a long answer), fields (the item as read), index} and, for AMBER, its
+    annotation's type and truth. An id may not repeat."""
     path = Path(args.questions)
+    annotations = read_amber_annotations(args.annotations, path) if args.benchmark == "amber" else {}
     items = []
-    if args.benchmark == "amber":
-        annotations = read_amber_annotations(args.annotations, path)
-        for i, q in enumerate(read_json_list(path, {"id": COUNT, "image": TEXT, "query": TEXT},
-                                             args.limit)):
+    seen = {}  # {id: its first item}
+    for i, q in enumerate(read_json_list(path, QUESTIONS[args.benchmark], args.limit)):
+        item = {"fields": q, "index": i, "open": args.benchmark == "mmhal"}
+        if args.benchmark == "amber":
             if q["id"] not in annotations:
                 raise ValueError(f"{path}: item {i}: id {q['id']!r} has no annotation")
             a = annotations[q["id"]]
-            items.append({"id": str(q["id"]), "image": q["image"], "prompt": q["query"],
-                          "open": a["type"] == "generative", "fields": q, "index": i,
-                          "type": a["type"], "truth": a["truth"]})
-    elif args.benchmark == "hallusionbench":
-        for i, q in enumerate(read_json_list(path, HALLUSION, args.limit)):
-            items.append({"id": hallusion_key(q), "image": q["filename"], "prompt": q["question"],
-                          "open": False, "fields": q, "index": i})
-    else:  # mmhal: the images folder holds each image_src under its file name
-        for i, q in enumerate(read_json_list(path, {"question": TEXT, "image_src": TEXT},
-                                             args.limit)):
-            image = Path(urlparse(q["image_src"]).path).name
-            items.append({"id": str(i), "image": image, "prompt": q["question"], "open": True,
-                          "fields": q, "index": i})
-    seen = {}
-    for it in items:
-        first = seen.setdefault(it["id"], it["index"])
-        if first != it["index"]:
-            raise ValueError(f"{path}: item {it['index']}: id {it['id']!r} repeats item {first}")
+            item.update(id=str(q["id"]), image=q["image"], prompt=q["query"], open=a["type"] == "generative",
+                        type=a["type"], truth=a["truth"])
+        elif args.benchmark == "hallusionbench":
+            item.update(id=hallusion_key(q), image=q["filename"], prompt=q["question"])
+        else:  # mmhal: the images folder holds each image_src under its file name
+            item.update(id=str(i), image=Path(urlparse(q["image_src"]).path).name, prompt=q["question"])
+        first = seen.setdefault(item["id"], i)
+        if first != i:
+            raise ValueError(f"{path}: item {i}: id {item['id']!r} repeats item {first}")
+        items.append(item)
     return items
-
-
-def read_answer_file(args, out, items):
-    """The rows of an AMBER or HallusionBench answer file to re-score, each checked to answer one
-    of the questions, once. An --out holding a run's answers is refused: its metrics.json and
-    args.json belong to that run."""
-    if (out / "answers.jsonl").exists():
-        raise SystemExit(f"{out} holds a run's answers.jsonl: re-score into another --out")
-    args.model = None
-    args.model_identity = None
-    if args.benchmark == "amber":
-        rows = read_json_list(args.answers, {"id": ID, "response": STR})
-        ids = [str(r["id"]) for r in rows]
-    else:
-        rows = read_json_list(args.answers, {**HALLUSION, "model_prediction": STR})
-        ids = [hallusion_key(r) for r in rows]
-    known = {it["id"] for it in items}
-    for i, qid in enumerate(ids):
-        if qid not in known:
-            raise ValueError(f"{args.answers}: item {i}: {qid} is not among the questions")
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{args.answers}: an id is answered twice")
-    check_resume(args, out)
-    return rows
-
-
-def write_answer_files(benchmark, files, out):
-    """Write each sigma's answer file (JSON, as the official scorers json.load it); returns
-    {sigma: path}."""
-    written = {}
-    for sigma, rows in files.items():
-        path = out / f"sigma{sigma:g}" / ANSWER_FILES[benchmark]
-        path.parent.mkdir(exist_ok=True)
-        path.write_text(json.dumps(rows, indent=1))
-        written[f"{sigma:g}"] = str(path)
-    return written
 
 
 def row_key(row):
@@ -586,10 +492,9 @@ def row_key(row):
 
 
 def answered(path, jobs=None):
-    """[(line, row)] already in answers.jsonl (of these jobs, when given: a run writes its own
-    questions' files, even if an earlier run into the --out answered more), after cutting a last
-    line a crash left unfinished; a row that is not one this stage writes ends the run naming
-    its line."""
+    """[(line, row)] already in answers.jsonl (of these jobs, when given: a run writes its own questions'
+    files, even if an earlier run into the --out answered more), after cutting a last line a crash left
+    unfinished; a row that is not one this stage writes ends the run naming its line."""
     if not continue_jsonl(path):
         return []
     rows = read_jsonl(path)
@@ -599,36 +504,20 @@ def answered(path, jobs=None):
     return [(n, r) for n, r in rows if wanted is None or row_key(r) in wanted]
 
 
-# ---- plumbing: the model, resume and printing ----
+# ---- plumbing: the model and printing ----
 @functools.lru_cache(maxsize=1)
 def cached_model(path, device):
-    """Load the model once, and only when something is left to answer (a finished rerun needs no
-    model)."""
+    """Load the model once, and only when something is left to answer (a finished rerun needs none)."""
     return load_model(path, device)
 
 
-def check_resume(args, out):
-    """Refuse to mix answers of other models or settings (ANSWER_ARGS) in one --out. Nothing is
-    written: record_args does that once the model has loaded, so a run with a wrong --model leaves
-    no args.json to refuse the corrected run."""
-    old = read_args(args_path(out, folder=True))
-    if not old.get("answers"):  # a re-score holds no answers of its own
-        same_settings(old, vars(args), ANSWER_ARGS, f"{out} holds answers made with")
-
-
-def record_args(args, out):
-    """<out>/args.json: the writing stage and this run's arguments, which check_resume compares."""
-    write_args(args_path(out, folder=True), vars(args))
-
-
 def print_benchmark(metrics):
-    """AMBER's yes/no scores as AMBER prints them (percent), HallusionBench's approximate
-    accuracies, and where each sigma's answer file is."""
+    """AMBER's yes/no scores as AMBER prints them (percent), HallusionBench's approximate accuracies,
+    and where each sigma's answer file is."""
     benchmark = metrics["benchmark"]
     for s, scores in metrics[benchmark].items():
         if benchmark == "amber":
-            print(f"{'sigma':>5} {'AMBER':<10} {'acc':>6} {'prec':>6} {'rec':>6} {'F1':>6} "
-                  f"{'n':>6}")
+            print(f"{'sigma':>5} {'AMBER':<10} {'acc':>6} {'prec':>6} {'rec':>6} {'F1':>6} {'n':>6}")
             for group, m in scores["discriminative"].items():
                 print(f"{s:>5} {group:<10} {m['accuracy']:6.1f} {m['precision']:6.1f} "
                       f"{m['recall']:6.1f} {m['f1']:6.1f} {m['n']:6d}")
@@ -638,13 +527,11 @@ def print_benchmark(metrics):
             print(f"{'sigma':>5} {'HallusionBench':<14} {'aAcc':>6} {'fAcc':>6} {'qAcc':>6} "
                   f"{'n':>6}   (rule-based: approximates the GPT-4-judged scores)")
             for group, m in scores["approximate"].items():
-                print(f"{s:>5} {group:<14} {m['aAcc']:6.2f} {m['fAcc']:6.2f} {m['qAcc']:6.2f} "
-                      f"{m['n']:6d}")
+                print(f"{s:>5} {group:<14} {m['aAcc']:6.2f} {m['fAcc']:6.2f} {m['qAcc']:6.2f} {m['n']:6d}")
         else:
             print(f"{s:>5} MMHal-Bench: {scores['n']} answers; score them with LLaVA-RLHF's "
                   f"Eval/eval_gpt_mmhal.py (GPT-4)")
-        if s in metrics["files"]:
-            print(f"{s:>5} answer file: {metrics['files'][s]}")
+        print(f"{s:>5} answer file: {metrics['files'][s]}")
 
 # ---- end plumbing ----
 

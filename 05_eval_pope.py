@@ -20,18 +20,16 @@ Sources (repository: path): haotian-liu/LLaVA: playground/data/eval/pope/llava_p
   (decoding), llava/eval/eval_pope.py (parse, metrics; it trusts line order: answers are matched to
   questions by question_id here). AMBER, HallusionBench, MMHal-Bench: 05_eval_benchmarks.py.
 
-Input   question files, one per split (split = file name less "coco_pope_"), images relative to
-          --images, else to the file: {"question_id": text | int, "image", "text",
-          "label": "yes" | "no"}
-        --answers (re-score, no model): {"question_id", "text", ["split"], ["sigma"], ["prompt"],
-          ["image"]} (LLaVA's answer files as they are); an answer whose prompt does not start with
-          its question's text, or whose image is another, is refused (another split's answers)
+Input   question files, one per split (split = file name less "coco_pope_"), images relative to --images,
+          else to the file: {"question_id": text | int, "image", "text", "label": "yes" | "no"}
+        --answers (re-score, no model; LLaVA's answer files as they are): {"question_id", "text",
+          ["split"], ["sigma"], ["prompt"], ["image"]}; one that names another question is refused
         --describe (toy world): {"question_id", "image", "text"}; truth.jsonl {"image", "objects":
           [{"class"}]}; world.json {"classes"} beside it (else the classes truth.jsonl names)
-Output  <out>/answers.jsonl {"question_id", "split", "sigma", "image", "prompt", "text", "answer"},
-          appended as produced; <out>/describe.jsonl {"question_id", "sigma", "image", "prompt",
-          "text"}; <out>/args.json; <out>/metrics.json {"model", "questions", "sigmas",
-          "pope": {sigma: {split: metrics}}, "mean": {sigma: metrics}, "chair": {sigma: scores}}
+Output  <out>/answers.jsonl {"question_id", "split", "sigma", "image", "prompt", "text", "answer"} and
+          <out>/describe.jsonl (no split, no answer), appended as produced; <out>/args.json;
+          <out>/metrics.json {"model", "questions", "sigmas", "pope": {sigma: {split: metrics}},
+          "mean": {sigma: metrics}, "chair": {sigma: scores}}
 Shapes: B = prompts in a batch.
 
   python 05_eval_pope.py --noise-sigma 0 0.1 0.2 0.3 --describe world/describe.jsonl  # toy, CPU
@@ -70,12 +68,10 @@ from transformers.utils import cached_file
 # LLaVA-1.5's POPE prompt: its question file joins question and suffix with a newline
 SUFFIX = "\nAnswer the question using a single word or phrase."
 # resuming into an --out needs these arguments equal to those of the run that wrote its answers
-ANSWER_ARGS = ("model", "no_suffix", "max_new_tokens", "describe_max_new_tokens", "seed",
-               "model_identity")
+ANSWER_ARGS = ("model", "no_suffix", "max_new_tokens", "describe_max_new_tokens", "seed", "model_identity")
 # flags a re-score (--answers) has no use for: given with it, they are refused, not ignored
 MODEL_FLAGS = ("model", "images", "no_suffix", "max_new_tokens", "noise_sigma", "describe",
-               "describe_max_new_tokens", "truth", "seed", "batch_size", "device",
-               "max_image_pixels")
+               "describe_max_new_tokens", "truth", "seed", "batch_size", "device", "max_image_pixels")
 
 
 def parse_args(argv=None):
@@ -86,16 +82,13 @@ def parse_args(argv=None):
                    help="POPE question file, or a folder of them (one per split)")
     p.add_argument("--images", default=None, help="image folder (default: each file's folder)")
     p.add_argument("--out", default="runs/eval_base", help="output folder (a rerun resumes)")
-    p.add_argument("--answers", default=None,
-                   help="re-score this answers JSONL instead of running a model")
-    p.add_argument("--no-suffix", action="store_true",
-                   help="ask the bare question, without LLaVA-1.5's suffix")
+    p.add_argument("--answers", default=None, help="re-score this answers JSONL instead of running a model")
+    p.add_argument("--no-suffix", action="store_true", help="ask the bare question, without LLaVA-1.5's suffix")
     p.add_argument("--max-new-tokens", type=at_least(1), default=128,
                    help="answer length cap (LLaVA-1.5's setting: 128)")
     p.add_argument("--noise-sigma", type=at_least(0.0, float, 1.0), nargs="+", default=[0.0],
                    help="I_noise sigmas in [0, 1] (pixel values are in [0, 1]), e.g. 0 0.1 0.2 0.3")
-    p.add_argument("--describe", default=None,
-                   help="toy world: description prompts JSONL, scored with CHAIR")
+    p.add_argument("--describe", default=None, help="toy world: description prompts JSONL, scored with CHAIR")
     p.add_argument("--describe-max-new-tokens", type=at_least(1), default=64,
                    help="description length cap (ours: the toy world's descriptions are short)")
     p.add_argument("--truth", default=None,
@@ -104,17 +97,13 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=at_least(1), default=32, help="prompts per generate call")
     p.add_argument("--device", type=device_name,
                    default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--limit", type=at_least(1), default=None,
-                   help="use only the first N questions of each split")
+    p.add_argument("--limit", type=at_least(1), default=None, help="use only the first N questions of each split")
     p.add_argument("--max-image-pixels", type=at_least(0), default=89_478_485,
-                   help="an image with more pixels ends the run (PIL's default guard against "
-                        "decompression bombs); 0: no limit")
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback behind an error message (spelled out in full)")
+                   help="an image with more pixels ends the run (PIL's decompression-bomb guard); 0: no limit")
+    p.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
     args = p.parse_args(argv)
     # flags checked together before anything loads: one made pointless by another is refused
-    given = [f"--{k.replace('_', '-')}" for k in MODEL_FLAGS
-             if getattr(args, k) != p.get_default(k)]
+    given = [f"--{k.replace('_', '-')}" for k in MODEL_FLAGS if getattr(args, k) != p.get_default(k)]
     if args.answers and given:
         p.error(f"--answers re-scores a file without a model: {', '.join(given)} would do nothing")
     if not args.describe and (args.truth or "--describe-max-new-tokens" in given):
@@ -124,14 +113,11 @@ def parse_args(argv=None):
 
 # ---- the official POPE rule and metrics ----
 def parse_yes_no(text):
-    """The official POPE rule, exactly: keep the text before the first '.', drop ',', split on
-    single spaces; "no" if any word is `No`, `not` or `no`, else "yes". So "NO", "Nope", "Not" and
-    "" all count as "yes", as in the official scorer: changing that would make our numbers
-    incomparable with published ones."""
+    """The official POPE rule, exactly: keep the text before the first '.', drop ',', split on single
+    spaces; "no" if any word is `No`, `not` or `no`, else "yes". So "NO", "Nope", "Not" and "" count as
+    "yes", as in the official scorer: changing that would make our numbers incomparable with published ones."""
     words = text.split(".")[0].replace(",", "").split(" ")
-    if any(w in ("No", "not", "no") for w in words):
-        return "no"
-    return "yes"
+    return "no" if any(w in ("No", "not", "no") for w in words) else "yes"
 
 
 def ratio(a, b):
@@ -140,9 +126,8 @@ def ratio(a, b):
 
 
 def pope_metrics(preds, labels):
-    """Confusion counts and rates with "yes" as the positive class. preds, labels: equal-length
-    lists of "yes"/"no". A rate whose denominator is 0 is 0.0 (e.g. precision when nothing is
-    predicted "yes")."""
+    """Confusion counts and rates with "yes" as the positive class; a rate whose denominator is 0 is 0.0
+    (e.g. precision when nothing is predicted "yes"). preds, labels: equal-length lists of "yes"/"no"."""
     assert len(preds) == len(labels), f"{len(preds)} predictions for {len(labels)} labels"
     pairs = list(zip(preds, labels))  # [(pred, label)]
     tp = pairs.count(("yes", "yes"))
@@ -152,21 +137,15 @@ def pope_metrics(preds, labels):
     n = len(pairs)
     precision = ratio(tp, tp + fp)
     recall = ratio(tp, tp + fn)
-    return {"TP": tp, "FP": fp, "TN": tn, "FN": fn,
-            "accuracy": ratio(tp + tn, n),
-            "precision": precision,
-            "recall": recall,
-            "f1": ratio(2 * precision * recall, precision + recall),
-            "yes_ratio": ratio(tp + fp, n),
-            "n": n}
+    return {"TP": tp, "FP": fp, "TN": tn, "FN": fn, "accuracy": ratio(tp + tn, n), "precision": precision,
+            "recall": recall, "f1": ratio(2 * precision * recall, precision + recall),
+            "yes_ratio": ratio(tp + fp, n), "n": n}
 
 
 def mean_over_splits(per_split):
-    """Mean of each rate over splits (mean F1 is the number LLaVA-1.5 reports as "POPE"); n is
-    summed."""
-    mean = {}
-    for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
-        mean[k] = sum(m[k] for m in per_split.values()) / len(per_split)
+    """Mean of each rate over splits (mean F1 is the number LLaVA-1.5 reports as "POPE"); n is summed."""
+    rates = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+    mean = {k: sum(m[k] for m in per_split.values()) / len(per_split) for k in rates}
     return {**mean, "n": sum(m["n"] for m in per_split.values())}
 
 
@@ -186,40 +165,34 @@ def chair(descriptions, objects, vocabulary):
         n_bad += bool(hallucinated)
         n_true += len(true)
         n_found += len(said & true)
-    return {"chair_i": ratio(n_hallucinated, n_mentions),
-            "chair_s": ratio(n_bad, len(descriptions)),
-            "recall": ratio(n_found, n_true),
-            "n": len(descriptions),
-            "mentions": n_mentions,
+    return {"chair_i": ratio(n_hallucinated, n_mentions), "chair_s": ratio(n_bad, len(descriptions)),
+            "recall": ratio(n_found, n_true), "n": len(descriptions), "mentions": n_mentions,
             "hallucinated": n_hallucinated}
 
 
 # ---- answering: each question at each sigma ----
 def pope_jobs(args, questions):
-    """The noise sweep: one job per question per sigma, the question asked about I_noise at that
-    sigma (noise keyed by the image path as written, as in stage 02). questions: {split: [row]};
-    split None: description prompts, asked as written and written without a split."""
-    suffix = "" if args.no_suffix else SUFFIX
+    """The noise sweep: one job per question per sigma, the question asked about I_noise at that sigma
+    (noise keyed by the image path as written, as in stage 02). questions: {split: [row]}; split None:
+    description prompts, asked as written and written without a split."""
     for rows in questions.values():
         resolve_images(rows, args.images)
     jobs = []
     for sigma in args.noise_sigma:
         for split, rows in questions.items():
+            suffix = "" if args.no_suffix or split is None else SUFFIX
             for q in rows:
-                row = {"question_id": q["question_id"], "split": split, "sigma": sigma,
-                       "image": q["image"]}
-                if split is None:
-                    del row["split"]
-                jobs.append({"key": (split, sigma, str(q["question_id"])), "row": row,
-                             "prompt": q["text"] + (suffix if split is not None else ""),
-                             "path": q["path"], "noise_key": q["image"], "sigma": sigma,
+                row = {"question_id": q["question_id"], "split": split, "sigma": sigma, "image": q["image"]}
+                jobs.append({"key": (split, sigma, str(q["question_id"])), "sigma": sigma,
+                             "row": {k: v for k, v in row.items() if v is not None},  # (no split: None)
+                             "prompt": q["text"] + suffix, "path": q["path"], "noise_key": q["image"],
                              "where": f"{q['file']}:{q['line']}"})
     return jobs
 
 
 def noisy_image(job, seed):
-    """A job's image as the model sees it: I_noise at the job's sigma. An unreadable file ends the
-    run naming the question (every question needs its answer; those before it are kept)."""
+    """A job's image as the model sees it: I_noise at the job's sigma. An unreadable file ends the run
+    naming the question (every question needs its answer; those before it are kept)."""
     try:
         image = load_image(job["path"])
     except (OSError, ValueError) as e:
@@ -228,29 +201,24 @@ def noisy_image(job, seed):
 
 
 def generate_all(args, jobs, out_path, max_new_tokens, desc, parse=None):
-    """Answer every job whose key is not yet in out_path, greedily, B jobs per generate call, each
-    row appended as it comes (the file is the checkpoint); parse(text), when given, adds the parsed
-    "answer". A row already there with another prompt or image under the same key stops the run:
-    it answers another question (POPE's suffix joined by a space, other question files under the
-    same split names)."""
+    """Answer every job whose key is not yet in out_path, greedily, B jobs per generate call, each row
+    appended as it comes (the file is the checkpoint); parse(text), when given, adds the parsed "answer".
+    A row already there with another prompt or image under the same key answers another question (POPE's
+    suffix joined by a space, other question files under the same split names): the run stops."""
     asked = {j["key"]: (j["prompt"], j["noise_key"]) for j in jobs}  # the image as written
     done = set()
     for _, r in answered(out_path):
-        key = row_key(r)
-        done.add(key)
-        if key not in asked:
-            continue
-        prompt, image = asked[key]
+        done.add(row_key(r))
+        prompt, image = asked.get(row_key(r), (None, None))
         was = (r.get("prompt", prompt), r.get("image", image))  # (older rows lack "image")
-        if was != (prompt, image):
-            fail(f"{out_path}: question_id {r['question_id']!r} was asked {was[0]!r} about "
-                 f"{was[1]!r} there, not {prompt!r} about {image!r} (other question files "
-                 f"under the same names?): use another --out")
+        if prompt is not None and was != (prompt, image):
+            fail(f"{out_path}: question_id {r['question_id']!r} was asked {was[0]!r} about {was[1]!r} there, "
+                 f"not {prompt!r} about {image!r} (other question files under the same names?): use another --out")
     todo = [j for j in jobs if j["key"] not in done]
     if not todo:
         return
     model, processor = cached_model(args.model, args.device)
-    record_args(args, Path(out_path).parent)  # the model loads: this run's answers are valid
+    write_args(args_path(out_path.parent, folder=True), vars(args))  # the model loaded: its answers are valid
     with open(out_path, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=desc) as bar:
         for i in range(0, len(todo), args.batch_size):
             batch = todo[i:i + args.batch_size]
@@ -264,17 +232,14 @@ def generate_all(args, jobs, out_path, max_new_tokens, desc, parse=None):
             outputs = generate_greedy(model, processor, texts, images, max_new_tokens)  # B texts
             for j, text in zip(batch, outputs):
                 row = {**j["row"], "prompt": j["prompt"], "text": text}
-                if parse:
-                    row["answer"] = parse(text)
-                append_jsonl(f, row)
+                append_jsonl(f, {**row, "answer": parse(text)} if parse else row)
             bar.update(len(batch))
 
 
 # ---- scoring: the official parse of answers matched by question_id ----
 def match_by_id(questions, answers, where):
-    """Answer texts in question order, matched by question_id, never by line order.
-    questions: [row] of one split; answers: [(line, row)] for that split and sigma; where: the
-    answers file and group, for error messages."""
+    """Answer texts in question order, matched by question_id, never by line order. questions: [row] of
+    one split; answers: [(line, row)] for that split and sigma; where: the answers file and group."""
     by_id = {}
     for n, row in answers:
         qid = str(row["question_id"])  # 17 and "17" are the same question: files disagree on type
@@ -283,23 +248,21 @@ def match_by_id(questions, answers, where):
                              f"(lines {by_id[qid][0]}, {n})")
         by_id[qid] = (n, row)
     known = {str(q["question_id"]) for q in questions}
-    unknown = [(n, row["question_id"]) for qid, (n, row) in by_id.items() if qid not in known]
-    if unknown:
-        raise ValueError(f"{where}:{unknown[0][0]}: question_id {unknown[0][1]!r} is not among "
-                         f"the questions")
+    for qid, (n, row) in by_id.items():
+        if qid not in known:
+            raise ValueError(f"{where}:{n}: question_id {row['question_id']!r} is not among the questions")
     missing = [q["question_id"] for q in questions if str(q["question_id"]) not in by_id]
     if missing:
-        raise ValueError(f"{where}: no answer for question_id {missing[0]!r} "
-                         f"({len(missing)} missing)")
+        raise ValueError(f"{where}: no answer for question_id {missing[0]!r} ({len(missing)} missing)")
     for q in questions:  # an answer that says what it answered must answer this question
         n, row = by_id[str(q["question_id"])]
         asked = " ".join(row.get("prompt", "").split())  # (the suffix may follow)
         if "prompt" in row and not asked.startswith(" ".join(q.get("text", "").split())):
-            raise ValueError(f"{where}:{n}: question_id {q['question_id']!r} answers "
-                             f"{row['prompt']!r}, not {q['text']!r} (another split's answers?)")
+            raise ValueError(f"{where}:{n}: question_id {q['question_id']!r} answers {row['prompt']!r}, "
+                             f"not {q['text']!r} (another split's answers?)")
         if row.get("image", q.get("image")) != q.get("image"):
-            raise ValueError(f"{where}:{n}: question_id {q['question_id']!r} answers about "
-                             f"{row['image']!r}, not {q['image']!r} (another split's answers?)")
+            raise ValueError(f"{where}:{n}: question_id {q['question_id']!r} answers about {row['image']!r}, "
+                             f"not {q['image']!r} (another split's answers?)")
     return [by_id[str(q["question_id"])][1]["text"] for q in questions]
 
 
@@ -315,22 +278,18 @@ def score_pope(questions, answers, where):
     groups = {}  # {sigma: {split: [(line, row)]}}
     for n, row in answers:
         if "split" not in row and len(questions) != 1:  # POPE's ids repeat across split files
-            raise ValueError(f"{where}:{n}: no 'split' field, so answers cannot be told apart "
-                             f"across the {len(questions)} question files ({splits}): "
-                             f"pass one question file")
+            raise ValueError(f"{where}:{n}: no 'split' field, so answers cannot be told apart across the "
+                             f"{len(questions)} question files ({splits}): pass one question file")
         split = row.get("split", next(iter(questions)))
         if split not in questions:
             raise ValueError(f"{where}:{n}: split {split!r} is not among the questions ({splits})")
-        sigma = float(row.get("sigma", 0.0))
-        groups.setdefault(sigma, {}).setdefault(split, []).append((n, row))
+        groups.setdefault(float(row.get("sigma", 0.0)), {}).setdefault(split, []).append((n, row))
     pope = {}
     for sigma in sorted(groups):
         pope[sigma] = {}
         for split, rows in questions.items():
-            group = groups[sigma].get(split, [])
-            texts = match_by_id(rows, group, f"{where} (split {split}, sigma {sigma:g})")
-            preds = [parse_yes_no(t) for t in texts]
-            pope[sigma][split] = pope_metrics(preds, [q["label"] for q in rows])
+            texts = match_by_id(rows, groups[sigma].get(split, []), f"{where} (split {split}, sigma {sigma:g})")
+            pope[sigma][split] = pope_metrics([parse_yes_no(t) for t in texts], [q["label"] for q in rows])
     return pope
 
 
@@ -341,15 +300,13 @@ def main(argv=None):
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels or None
     args.noise_sigma = sorted(set(args.noise_sigma))  # a repeated sigma would ask everything twice
     out = Path(args.out)
-    inputs = {"--questions": args.questions, "--answers": args.answers, "--model": args.model}
-    claim_out(out, inputs, folder=True)
+    claim_out(out, {"--questions": args.questions, "--answers": args.answers, "--model": args.model}, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     try:
         questions = read_questions(args.questions, args.limit)
         if args.answers:  # re-score an answers file, like POPE's own scorer: no model
-            answers = read_answers(args, out, questions)
-            pope = score_pope(questions, answers, args.answers)
-            record_args(args, out)
+            pope = score_pope(questions, read_answers(args, out, questions), args.answers)
+            write_args(args_path(out, folder=True), vars(args))
         else:
             if Path(args.model).exists():  # a local folder: resumes compare where, not spelling
                 args.model = str(Path(args.model).resolve())
@@ -360,17 +317,14 @@ def main(argv=None):
             args.model_identity = model_identity(args.model)  # retrained in place: another model
             check_resume(args, out)
             # 1. answer each question at each sigma (I_noise), appended as the answers come
-            generate_all(args, jobs, out / "answers.jsonl", args.max_new_tokens, "POPE",
-                         parse=parse_yes_no)
+            generate_all(args, jobs, out / "answers.jsonl", args.max_new_tokens, "POPE", parse=parse_yes_no)
             # 2. score with the official parser, answers matched to questions by question_id
-            pope = score_pope(questions, answered(out / "answers.jsonl", jobs),
-                              out / "answers.jsonl")
+            pope = score_pope(questions, answered(out / "answers.jsonl", jobs), out / "answers.jsonl")
         metrics = {"model": args.model, "questions": str(args.questions), "sigmas": sorted(pope),
                    "pope": {f"{s:g}": per_split for s, per_split in pope.items()},
                    "mean": {f"{s:g}": mean_over_splits(per_split) for s, per_split in pope.items()}}
         if args.describe:  # 3. CHAIR on descriptions (the toy world knows every object)
-            generate_all(args, describe, out / "describe.jsonl", args.describe_max_new_tokens,
-                         "describe")
+            generate_all(args, describe, out / "describe.jsonl", args.describe_max_new_tokens, "describe")
             texts = {row_key(r): r["text"] for _, r in answered(out / "describe.jsonl", describe)}
             metrics["chair"] = {}
             for sigma in args.noise_sigma:
@@ -396,18 +350,17 @@ TEXT = (lambda v: isinstance(v, str) and v.strip() != "", "non-empty text")
 STR = (lambda v: isinstance(v, str), "text")
 YES_NO = (lambda v: isinstance(v, str) and v.strip().lower() in ("yes", "no"), "'yes' or 'no'")
 SIGMA = (lambda v: type(v) in (int, float) and 0 <= v <= 1, "a number in [0, 1]")
-OBJECTS = (lambda v: isinstance(v, list) and all(isinstance(o, dict) and isinstance(o.get("class"),
-           str) for o in v), 'a list of {"class": text}')
+OBJECTS = (lambda v: isinstance(v, list) and all(isinstance(o, dict) and isinstance(o.get("class"), str)
+                                                 for o in v), 'a list of {"class": text}')
 QUESTION = {"question_id": ID, "image": TEXT, "text": TEXT, "label": YES_NO}
 DESCRIBE = {"question_id": ID, "image": TEXT, "text": TEXT}
 # an answer as this stage writes it; the last four are optional (LLaVA's answer files lack some)
-ANSWER = {"question_id": ID, "text": STR, "split": TEXT, "sigma": SIGMA, "prompt": STR,
-          "image": TEXT}
+ANSWER = {"question_id": ID, "text": STR, "split": TEXT, "sigma": SIGMA, "prompt": STR, "image": TEXT}
 
 
 def check_fields(row, fields, where, optional=()):
-    """Raise ValueError naming `where` (file:line) for the first field of `fields` ({name: (test,
-    what)}) that is missing (and not optional) or fails its test."""
+    """Raise ValueError naming `where` (file:line) for the first field of `fields` ({name: (test, what)})
+    that is missing (and not optional) or fails its test."""
     for name, (ok, what) in fields.items():
         if name not in row and name not in optional:
             raise ValueError(f"{where}: missing field '{name}'")
@@ -416,8 +369,8 @@ def check_fields(row, fields, where, optional=()):
 
 
 def read_rows(path, fields, limit=None):
-    """The first `limit` lines of a JSONL file, with their file and line, each checked field by
-    field; a question_id may not repeat (POPE's ids repeat across split files, not within one)."""
+    """The first `limit` lines of a JSONL file with their file and line, each checked field by field; a
+    question_id may not repeat (POPE's ids repeat across split files, not within one)."""
     rows = []
     seen = {}  # {question_id: its first line}
     for n, row in read_jsonl(path)[:limit]:
@@ -430,9 +383,8 @@ def read_rows(path, fields, limit=None):
 
 
 def read_questions(path, limit=None):
-    """{split: [row]} from a POPE question file or a folder of them; split = file name without
-    "coco_pope_". A folder's describe*.jsonl is skipped: the toy world keeps its description
-    prompts beside val/'s splits."""
+    """{split: [row]} from a POPE question file or a folder of them; split = file name without "coco_pope_".
+    A folder's describe*.jsonl is skipped: the toy world keeps its description prompts beside val/'s splits."""
     path = Path(path)
     files = [path]
     if path.is_dir():
@@ -445,15 +397,12 @@ def read_questions(path, limit=None):
         split = file.stem.removeprefix("coco_pope_")
         if split in questions:
             raise ValueError(f"{path}: two files give split {split!r}")
-        questions[split] = read_rows(file, QUESTION, limit)
-        for q in questions[split]:
-            q["label"] = q["label"].strip().lower()
+        questions[split] = [{**q, "label": q["label"].strip().lower()} for q in read_rows(file, QUESTION, limit)]
     return questions
 
 
 def resolve_images(rows, images):
-    """Absolute image path per row (relative to --images, else to the row's file); a missing file
-    is an error."""
+    """Absolute image path per row (relative to --images, else to the row's file); a missing file is an error."""
     for r in rows:
         r["path"] = (Path(images or r["file"].parent) / r["image"]).resolve()
         if not r["path"].is_file():
@@ -461,18 +410,16 @@ def resolve_images(rows, images):
 
 
 def read_truth(describe, truth=None):
-    """({absolute image path: set of classes}, vocabulary) from truth.jsonl (--truth, else beside
-    the describe file or one folder up); vocabulary = world.json's "classes" beside it, else every
-    class truth.jsonl names."""
+    """({absolute image path: set of classes}, vocabulary) from truth.jsonl (--truth, else beside the
+    describe file or one folder up); vocabulary = world.json's "classes" beside it, else every class
+    truth.jsonl names."""
     near = Path(describe).parent
     candidates = [Path(truth)] if truth else [near / "truth.jsonl", near.parent / "truth.jsonl"]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        raise FileNotFoundError(f"no truth.jsonl in {', '.join(map(str, candidates))}: "
-                                f"pass --truth")
-    objects = {}
-    for r in read_rows(path, {"image": TEXT, "objects": OBJECTS}):
-        objects[(path.parent / r["image"]).resolve()] = {o["class"].lower() for o in r["objects"]}
+        raise FileNotFoundError(f"no truth.jsonl in {', '.join(map(str, candidates))}: pass --truth")
+    objects = {(path.parent / r["image"]).resolve(): {o["class"].lower() for o in r["objects"]}
+               for r in read_rows(path, {"image": TEXT, "objects": OBJECTS})}
     classes = set().union(*objects.values())
     world = path.parent / "world.json"
     if world.is_file():
@@ -486,21 +433,19 @@ def read_truth(describe, truth=None):
 
 
 def describe_jobs(args, objects):
-    """CHAIR's jobs: the noise sweep of the description prompts, each image checked to have its
-    line in the truth file. objects: read_truth's {absolute image path: set of classes}."""
+    """CHAIR's jobs: the noise sweep of the description prompts, each image checked to have its line in
+    the truth file. objects: read_truth's {absolute image path: set of classes}."""
     rows = read_rows(args.describe, DESCRIBE, args.limit)
     jobs = pope_jobs(args, {None: rows})
     for r in rows:
         if r["path"] not in objects:
-            raise ValueError(f"{r['file']}:{r['line']}: image {r['image']} has no line in the "
-                             f"truth file")
+            raise ValueError(f"{r['file']}:{r['line']}: image {r['image']} has no line in the truth file")
     return jobs
 
 
 def read_answers(args, out, questions):
-    """[(line, row)] of the --answers file to re-score (with a --limit, only the answers to the
-    questions kept). Its metrics.json and args.json belong to the run that made it: an --out
-    holding a run's answers is refused."""
+    """[(line, row)] of the --answers file to re-score (with a --limit, only the answers to the questions
+    kept). An --out holding a run's answers is refused: its metrics.json and args.json belong to that run."""
     if (out / "answers.jsonl").exists():
         raise SystemExit(f"{out} holds a run's answers.jsonl: re-score into another --out")
     args.model = None
@@ -511,8 +456,7 @@ def read_answers(args, out, questions):
     if args.limit is not None:
         only_split = next(iter(questions))  # an answer without "split" answers the only file
         keep = {(s, str(q["question_id"])) for s, rows in questions.items() for q in rows}
-        answers = [(n, r) for n, r in answers
-                   if (r.get("split", only_split), str(r["question_id"])) in keep]
+        answers = [(n, r) for n, r in answers if (r.get("split", only_split), str(r["question_id"])) in keep]
     if not answers:
         raise SystemExit(f"{args.answers}: no answers")
     check_resume(args, out)
@@ -525,9 +469,9 @@ def row_key(row):
 
 
 def answered(path, jobs=None):
-    """[(line, row)] already in an output file (of these jobs, when given: a run scores its own
-    questions, even if an earlier run into the --out answered more), after cutting a last line a
-    crash left unfinished; a row that is not one this stage writes ends the run naming its line."""
+    """[(line, row)] already in an output file (of these jobs, when given: a run scores its own questions,
+    even if an earlier run into the --out answered more), after cutting a last line a crash left
+    unfinished; a row that is not one this stage writes ends the run naming its line."""
     if not continue_jsonl(path):
         return []
     rows = read_jsonl(path)
@@ -540,36 +484,27 @@ def answered(path, jobs=None):
 # ---- plumbing: the model, resume and printing ----
 @functools.lru_cache(maxsize=1)
 def cached_model(path, device):
-    """Load the model once, and only when something is left to answer (a finished rerun needs no
-    model)."""
+    """Load the model once, and only when something is left to answer (a finished rerun needs none)."""
     return load_model(path, device)
 
 
 def check_resume(args, out):
-    """Refuse to mix answers of other models or settings (ANSWER_ARGS) in one --out. Nothing is
-    written: record_args does that once the model has loaded, so a run with a wrong --model leaves
-    no args.json to refuse the corrected run."""
+    """Refuse to mix answers of other models or settings (ANSWER_ARGS) in one --out. Nothing is written:
+    args.json is written once the model has loaded, so a wrong --model leaves none to refuse its fix."""
     old = read_args(args_path(out, folder=True))
     if not old.get("answers"):  # a re-score holds no answers of its own
         same_settings(old, vars(args), ANSWER_ARGS, f"{out} holds answers made with")
 
 
-def record_args(args, out):
-    """<out>/args.json: the writing stage and this run's arguments, which check_resume compares."""
-    write_args(args_path(out, folder=True), vars(args))
-
-
 def print_table(metrics):
     """POPE rates per sigma and split, each sigma's mean over splits, then CHAIR per sigma."""
-    print(f"{'sigma':>5} {'split':<12} {'acc':>6} {'prec':>6} {'rec':>6} {'F1':>6} "
-          f"{'yes':>6} {'n':>6}")
+    print(f"{'sigma':>5} {'split':<12} {'acc':>6} {'prec':>6} {'rec':>6} {'F1':>6} {'yes':>6} {'n':>6}")
     for s, per_split in metrics["pope"].items():
         for split, m in [*per_split.items(), ("mean", metrics["mean"][s])]:
-            print(f"{s:>5} {split:<12} {m['accuracy']:6.3f} {m['precision']:6.3f} "
-                  f"{m['recall']:6.3f} {m['f1']:6.3f} {m['yes_ratio']:6.3f} {m['n']:6d}")
+            print(f"{s:>5} {split:<12} {m['accuracy']:6.3f} {m['precision']:6.3f} {m['recall']:6.3f} "
+                  f"{m['f1']:6.3f} {m['yes_ratio']:6.3f} {m['n']:6d}")
     for s, c in metrics.get("chair", {}).items():
-        print(f"{s:>5} CHAIR_i {c['chair_i']:.3f}  CHAIR_s {c['chair_s']:.3f}  "
-              f"recall {c['recall']:.3f}  n {c['n']}")
+        print(f"{s:>5} CHAIR_i {c['chair_i']:.3f}  CHAIR_s {c['chair_s']:.3f}  recall {c['recall']:.3f}  n {c['n']}")
 
 # ---- end plumbing ----
 

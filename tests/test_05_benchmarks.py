@@ -131,11 +131,6 @@ def test_amber_end_to_end_json_printed_every_relation_item_and_resume(amber, tin
     assert len(answers) == 16 and all(a["split"] == "amber" for a in answers)
     assert {a["prompt"] for a in answers} == {"Describe this image.", "Is there a red circle in this image?"}
 
-    # re-scoring the written file (exact match, no model) gives the same scores
-    rescored = ev.main(["--benchmark", "amber", "--questions", str(amber / "data" / "query" / "query_all.json"),
-                        "--answers", str(out / "sigma0" / "amber_responses.json"), "--out", str(tmp_path / "re")])
-    assert rescored["amber"]["0"] == metrics["amber"]["0"] and rescored["model"] is None
-
     # a crash mid-line: the rerun answers the rest and writes the same files and scores
     lines = (out / "answers.jsonl").read_text().splitlines(keepends=True)
     (out / "answers.jsonl").write_text("".join(lines[:5]) + lines[5][:15])
@@ -224,10 +219,6 @@ def test_hallusion_end_to_end_keeps_every_field(model, hallusion, tmp_path, requ
         assert "not the official GPT-4 judge" in metrics["hallusionbench"][s]["note"]
     answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 10 and sum(a["question_id"] == "VS_chart_0_0_0" for a in answers) == 2  # no image
-    # re-scoring the result file gives the same approximate scores
-    rescored = ev.main(["--benchmark", "hallusionbench", "--questions", str(hallusion / "HallusionBench.json"),
-                        "--answers", str(out / "sigma0" / "HallusionBench_result.json"), "--out", str(tmp_path / "re")])
-    assert rescored["hallusionbench"]["0"] == metrics["hallusionbench"]["0"]
 
 
 # ---- MMHal-Bench ----
@@ -289,16 +280,13 @@ def test_benchmark_needs_its_question_file_and_images(amber, tmp_path, capsys):
 
 # ---- flags checked together, every input field on its own item (each test failed before its fix) ----
 @pytest.mark.parametrize("argv, why", [
-    (["--benchmark", "mmhal", "--answers", "r.json"], "MMHal-Bench is scored by a GPT-4 judge"),
-    (["--benchmark", "amber", "--answers", "r.json", "--model", "m"], "without a model: --model would do nothing"),
     (["--benchmark", "hallusionbench", "--annotations", "a.json", "--open-max-new-tokens", "9"],
      "--annotations, --open-max-new-tokens would do nothing for --benchmark hallusionbench"),
     (["--benchmark", "mmhal", "--max-new-tokens", "9"], "--max-new-tokens would do nothing for --benchmark mmhal"),
     (["--benchmark", "amber", "--noise-sigma", "2"], "argument --noise-sigma: 2 is not a finite number in"),
     (["--benchmark", "pope"], "argument --benchmark: invalid choice: 'pope'")])
 def test_flags_that_contradict_are_refused_naming_them(argv, why, capsys):
-    """Before, --answers ignored the model flags, --annotations and the length caps their benchmark did not use, all
-    in silence, and the MMHal-Bench refusal came after --out was claimed."""
+    """Before, --annotations and the length caps their benchmark did not use were ignored in silence."""
     with pytest.raises(SystemExit):
         ev.parse_args(argv + ["--questions", "q.json"])
     assert why in capsys.readouterr().err
@@ -308,7 +296,7 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         ev.parse_args(["--help"])
     options = capsys.readouterr().out.split("options:")[1].split("\n  -")[2:]
-    assert len(options) == 16 and all("(default:" in " ".join(o.split()) for o in options)
+    assert len(options) == 15 and all("(default:" in " ".join(o.split()) for o in options)
 
 
 @pytest.mark.parametrize("file, item, field, value, why", [
@@ -345,25 +333,14 @@ def test_each_hallusionbench_field_is_checked_on_its_item(hallusion, tmp_path, f
                  "--images", str(hallusion / "hallusion_bench"), "--out", str(tmp_path / "o")])
 
 
-def test_answer_files_and_mmhal_items_are_checked(amber, hallusion, tmp_path):
-    """Before: a HallusionBench prediction that is not text ended in an AttributeError, an AMBER response number
-    was scored as a wrong answer, an MMHal-Bench image_src null ended in a TypeError."""
-    result = [{**q, "model_prediction": "Yes"} for q in json.loads((hallusion / "HallusionBench.json").read_text())]
-    result[1]["model_prediction"] = None
-    (tmp_path / "result.json").write_text(json.dumps(result))
-    with pytest.raises(SystemExit, match="result.json: item 1: model_prediction must be text"):
-        ev.main(["--benchmark", "hallusionbench", "--questions", str(hallusion / "HallusionBench.json"),
-                 "--answers", str(tmp_path / "result.json"), "--out", str(tmp_path / "o1")])
-    (tmp_path / "responses.json").write_text(json.dumps([{"id": 3, "response": "No"}, {"id": 4, "response": 1}]))
-    with pytest.raises(SystemExit, match="responses.json: item 1: response must be text"):
-        ev.main(["--benchmark", "amber", "--questions", str(amber / "data" / "query" / "query_all.json"),
-                 "--answers", str(tmp_path / "responses.json"), "--out", str(tmp_path / "o2")])
+def test_mmhal_items_are_checked(tmp_path):
+    """Before: an MMHal-Bench image_src null ended in a TypeError."""
     template = mmhal_template()
     template[5]["image_src"] = None
     (tmp_path / "response_template.json").write_text(json.dumps(template))
     with pytest.raises(SystemExit, match="response_template.json: item 5: image_src must be non-empty text"):
         ev.main(["--benchmark", "mmhal", "--questions", str(tmp_path / "response_template.json"),
-                 "--out", str(tmp_path / "o3")])
+                 "--out", str(tmp_path / "o")])
 
 
 def test_a_pope_out_or_a_damaged_answer_is_one_sentence(amber, tiny_llava, tmp_path):
