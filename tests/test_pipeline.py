@@ -114,6 +114,14 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path):
         assert (f"| {name} | {m['accuracy']:.1f} | {m['afr']:.2f} | {m['attention_ratio']:.2f} | {m['p_acc']:.1f} | "
                 f"{m['p_acc_top']:.1f} |") in section, (name, section)
 
+    # the world's four numbers: analysis/world_phenomena.py's metrics.json, in ablations.md
+    world_numbers = json.loads((runs / "world_phenomena" / "metrics.json").read_text())
+    section = ablations.split("**The world**")[1]
+    o = world_numbers["open"]
+    assert f"| stage 01's crop holds the object % | {o['hold_pct']} |" in section, section
+    assert f"| zoom gain: (I, 01's crop) + P_enh minus I alone, points | {o['zoom_gain']:+.1f} |" in section
+    assert f"% (all {world_numbers['degenerate']['all']['n']} prompts) | " in section
+
     # the analysis scripts read what the pipeline wrote (ips: relative paths, from tmp_path)
     run_script("analysis/figure_pairs.py", "--pairs", runs / "seed0" / "pairs.jsonl", "--out", tmp_path / "f.png",
                "--n", 2)
