@@ -15,7 +15,9 @@ Output: <runs>/results.md (main command) or <runs>/ablations.md (--ablations): t
 yes-ratio per split and mean at each sigma, and CHAIR on descriptions, mean +- std over seeds. --ablations also runs
 the perception diagnostic (analysis/perception_diagnostic.py: stage 01 on one open question per test image, for the
 base model and every trained model) into <runs>/perception_<split>/ and adds its table: open-question accuracy, AFR,
-attention ratio, P-Acc. Not in the main command: base and P2-DPO cost 75 s on 2 busy CPU cores.
+attention ratio, P-Acc, the error split; and the world's four phenomenon numbers (analysis/world_phenomena.py: the
+base model on world/val, before any training) into <runs>/world_phenomena/. Not in the main command: base and
+P2-DPO cost 75 s on 2 busy CPU cores, the world's numbers about 100 s.
 
   python pipeline.py                   # 00 -> 05, seed 0: base vs P2-DPO; 3.5 min on 2 CPU cores (00: 1.6 of them)
   python pipeline.py --ablations       # + the four ablations, filter_dpo, offpolicy, seeds 0 1 2, perception
@@ -172,23 +174,44 @@ def data_table(runs, seeds, variants):
 
 def perception_table(metrics, seeds, variants):
     """Markdown: the perception diagnostic (analysis/perception_diagnostic.py's metrics.json, names base and
-    <variant>_seed<S>): open-question accuracy, AFR, attention ratio and P-Acc, mean ± std over seeds."""
+    <variant>_seed<S>): open-question accuracy, AFR, attention ratio, P-Acc and the error split, mean ± std over
+    seeds."""
     base = metrics["base"]
     lines = [f"\n**Perception** (analysis/perception_diagnostic.py: {base['n']} open questions about one object, "
              f"one per image of the split; AFR = 100 x stage 01's attention mass inside the object's true box; "
              f"attention ratio = that mass / the box's share of the image (uniform = 1); P-Acc = accuracy on the "
-             f"{base['n_focus']} questions whose ratio under the base model is >= {base['focus_ratio']:g}, the "
-             f"same questions for every model; P-Acc top half: on the {base['n_top']} whose ratio under the base "
-             f"model is >= its median, {base['median_ratio']:.2f})\n",
-             "| model | open-question accuracy % | AFR | attention ratio | P-Acc % | P-Acc top half % |",
-             "|---|---|---|---|---|---|"]
+             f"{base['n_focus']} questions whose ratio is >= {base['focus_ratio']:g} in the fixed map (the base "
+             f"model's, under the true answer, forced), the same questions for every model; P-Acc top half: on the "
+             f"{base['n_top']} whose fixed-map ratio is >= its median, {base['median_ratio']:.2f}; processing "
+             f"failures: the share of wrong answers whose own stage 01 crop holds the object)\n",
+             "| model | open-question accuracy % | AFR | attention ratio | P-Acc % | P-Acc top half % | "
+             "processing failures % |", "|---|---|---|---|---|---|---|"]
     rows = {"base": [base]}
     rows.update({("P2-DPO" if v == "full" else v): [metrics[f"{v}_seed{s}"] for s in seeds] for v in variants})
     for name, runs in rows.items():
         cells = [fmt([m[k] for m in runs], d) for k, d in
-                 (("accuracy", 1), ("afr", 2), ("attention_ratio", 2), ("p_acc", 1), ("p_acc_top", 1))]
+                 (("accuracy", 1), ("afr", 2), ("attention_ratio", 2), ("p_acc", 1), ("p_acc_top", 1),
+                  ("processing_pct", 1))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def phenomena_table(m):
+    """Markdown: the world's four phenomenon numbers (analysis/world_phenomena.py's metrics.json: the base model on
+    world/val, before any training), with the targets they were built to meet."""
+    o, c, s, d = m["open"], m["colour"], m["shape"], m["degenerate"]["all"]
+    return ("\n**The world** (analysis/world_phenomena.py: the base model on world/val's open questions, before any "
+            "training; does it hold the failure P2-DPO repairs?)\n\n"
+            "| number | open | colour questions | shape questions | target |\n|---|---|---|---|---|\n"
+            f"| stage 01's crop holds the object % | {o['hold_pct']} | {c['hold_pct']} | {s['hold_pct']} | >= 80 |\n"
+            f"| zoom gain: (I, 01's crop) + P_enh minus I alone, points | {o['zoom_gain']:+.1f} | "
+            f"{c['zoom_gain']:+.1f} | {s['zoom_gain']:+.1f} | >= +15 |\n"
+            f"| the same with a crop around the true box, points | {o['oracle_gain']:+.1f} | "
+            f"{c['oracle_gain']:+.1f} | {s['oracle_gain']:+.1f} | |\n"
+            f"| processing failures (01's crop holds the object) among wrong answers % | {o['processing_pct']} | "
+            f"{c['processing_pct']} | {s['processing_pct']} | > 50 |\n"
+            f"| answers under P_enh degenerate for their prompt kind % (all {d['n']} prompts) | "
+            f"{d['degenerate_pct']} | | | <= 5 |\n")
 
 
 def main(argv=None):
@@ -259,6 +282,10 @@ def main(argv=None):
             runs / f"perception_{args.split}.log", "perception")
         metrics = json.loads((runs / f"perception_{args.split}" / "metrics.json").read_text())
         perception = perception_table(metrics, seeds, variants)
+        print("the world's four phenomena (analysis/world_phenomena.py)", flush=True)
+        run(command("analysis/world_phenomena.py", "--world", world, "--out", runs / "world_phenomena"),
+            runs / "world_phenomena.log", "world phenomena")
+        perception += phenomena_table(json.loads((runs / "world_phenomena" / "metrics.json").read_text()))
     title = (f"P2-DPO on the toy world: {args.split} split, seeds {', '.join(map(str, seeds))} "
              f"(mean ± std over seeds; the base model is one model), {time.time() - t_start:.0f}s")
     table = (f"# {title}\n" + results_table(results, args.sigmas, splits) + "\n"

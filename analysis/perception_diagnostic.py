@@ -17,7 +17,11 @@ ours, on questions about ONE named object whose true box the toy world knows:
   P-Acc own half = each model on ITS OWN better-focused half: its own-map ratio >= its own median. Shown beside,
             not instead: the own map follows the model's own answer, so this half favours its right answers
   accuracy = 100 x answer accuracy on every question
-  correct = the answer's first word, lower-cased and stripped of punctuation, equals the true colour / shape word
+  error split = each model's wrong answers: a processing failure when its own stage 01 crop holds the object (the
+            centre of the true box inside 01's bbox: attention on it, answer wrong; the failure the paper targets),
+            a perception failure when the crop misses it
+  correct = the answer names the true colour / shape word and no other word of that kind ("red square" is right
+            for "what shape is the red object ?" when it is a square)
 Why the fixed map (ours): stage 01's map is computed on the model's own answer, and the answer drives it (toy
 world, 499 test questions, base model: correctness correlates 0.37 with the own-answer ratio, 0.06 with the
 forced true-answer ratio). A half chosen by one model's own map holds that model's right answers, and any other
@@ -35,7 +39,7 @@ box [x1, y1, x2, y2] px, x2/y2 exclusive, answer), <name>/crops.jsonl (stage 01,
 subprocess; skipped when complete for this model and these questions), fixed_map.json (the base model's mass
 and ratio per question under the true answer, with what made it; reused when those are unchanged),
 metrics.json {name: {n, accuracy, afr, attention_ratio, focus_ratio, n_focus, p_acc, median_ratio, n_top,
-p_acc_top, own_median_ratio, n_own_top, p_acc_own_top, model}}, a printed table.
+p_acc_top, own_median_ratio, n_own_top, p_acc_own_top, n_wrong, processing, processing_pct, model}}, a printed table.
 
   python analysis/perception_diagnostic.py --model base=world/model --model p2dpo=runs/seed0/full \\
       --out runs/perception
@@ -143,10 +147,13 @@ def fixed_map(model, processor, questions, root, layers, method, stage01, batch_
     return out
 
 
-def answer_correct(answer, truth):
-    """The answer's first word, lower-cased and stripped of punctuation, equals the true word."""
-    words = answer.lower().split()
-    return bool(words) and words[0].strip(string.punctuation) == truth.lower()
+def answer_correct(answer, truth, vocabulary):
+    """The answer names the true word and no other word of the asked kind (`vocabulary`: the colour words for a
+    colour question, the shape words for a shape question), lower-cased and stripped of punctuation: the toy
+    model answers an open question with the object's name, so "red square" is right for "what shape is the red
+    object ?" when it is a square, and so is "square"; "red circle square" is not."""
+    named = [w.strip(string.punctuation) for w in answer.lower().split()]
+    return [w for w in named if w in vocabulary] == [truth.lower()]
 
 
 def subsets(ratios, focus_ratio):
@@ -161,9 +168,11 @@ def subsets(ratios, focus_ratio):
 
 def perception_metrics(scores, fixed, focus_ratio=1.0):
     """{name: {"n", "accuracy", "afr", "attention_ratio", "focus_ratio", "n_focus", "p_acc", "median_ratio",
-    "n_top", "p_acc_top", "own_median_ratio", "n_own_top", "p_acc_own_top"}} (accuracy, afr and p_acc*: %).
-    scores: {name: {question id: (mass, ratio, correct)}}, each model under its own answer (AFR, attention
-    ratio, its own half); fixed: {question id: ratio} of the fixed map, which alone chooses P-Acc's subset
+    "n_top", "p_acc_top", "own_median_ratio", "n_own_top", "p_acc_own_top", "n_wrong", "processing",
+    "processing_pct"}} (accuracy, afr, p_acc* and processing_pct: %).
+    scores: {name: {question id: (mass, ratio, correct, hold)}}, each model under its own answer (AFR, attention
+    ratio, its own half, and the error split: a wrong answer is a processing failure when the model's own crop
+    holds the object, a perception failure when it misses it); fixed: {question id: ratio} of the fixed map, which alone chooses P-Acc's subset
     (ratio >= focus_ratio) and the top half (ratio >= its median), so both are the same for every model."""
     focus, top, median = subsets(fixed, focus_ratio)
     ids = sorted(fixed)
@@ -187,6 +196,10 @@ def perception_metrics(scores, fixed, focus_ratio=1.0):
                      "own_median_ratio": own_median,
                      "n_own_top": len(own_top),
                      "p_acc_own_top": accuracy(s, own_top)}
+        wrong = [q for q in ids if not s[q][2]]
+        out[name]["n_wrong"] = len(wrong)
+        out[name]["processing"] = sum(bool(s[q][3]) for q in wrong)
+        out[name]["processing_pct"] = 100.0 * out[name]["processing"] / len(wrong) if wrong else float("nan")
     return out
 
 
@@ -206,8 +219,8 @@ def main(argv=None):
     pope = {(f.parent / json.loads(line)["image"]).resolve() for f in sorted(pope_dir.glob("*.jsonl"))
             for line in open(f) if line.strip()}
     truth = [r for r in map(json.loads, open(world / "truth.jsonl")) if (world / r["image"]).resolve() in pope]
-    prompts = json.loads((world / "world.json").read_text())["prompts"]
-    questions = build_questions(truth, prompts, args.seed)
+    settings = json.loads((world / "world.json").read_text())
+    questions = build_questions(truth, settings["prompts"], args.seed)
     if not questions:
         raise SystemExit(f"{world}: no test image has an object whose colour or shape is unique in it")
     for q in questions:
@@ -228,7 +241,8 @@ def main(argv=None):
     run_stage01(todo, data, crops, args.jobs)
     scores = {}
     for name, path in args.models.items():
-        scores[name] = score_crops(crops[name], questions, out, path, stage01)
+        scores[name] = score_crops(crops[name], questions, out, path, stage01,
+                                   {"colour": settings["colours"], "shape": settings["shapes"]})
     # the fixed map: the base model under the true answer, in 01's forward with 01's layers and method
     base, base_path = next(iter(args.models.items()))
     fixed = cached_fixed_map(out, base_path, crops[base], data, questions, stage01)
@@ -276,8 +290,10 @@ def run_stage01(todo, data, crops, jobs):
     pipeline.run_many(runs, max(1, jobs))
 
 
-def score_crops(crops, questions, out, model, stage01):
-    """{question id: (mass, ratio, correct)} from one model's crops.jsonl; every question must be there."""
+def score_crops(crops, questions, out, model, stage01, vocabulary):
+    """{question id: (mass, ratio, correct, hold)} from one model's crops.jsonl (hold: the centre of the object's
+    true box lies inside the model's own 01 bbox); every question must be there.
+    vocabulary: {"colour": the world's colour words, "shape": its shape words}."""
     from transformers import AutoProcessor
     rows = {r["id"]: r for r in map(json.loads, open(crops))}
     missing = [q["id"] for q in questions if q["id"] not in rows]
@@ -294,7 +310,10 @@ def score_crops(crops, questions, out, model, stage01):
             stretch = "image_grid_thw" in image_processor(images=[image], return_tensors="np")
         assert list(np.shape(row["attn"])) == row["grid"], f"{crops}: {q['id']}: attn is not its grid {row['grid']}"
         mass, ratio = box_attention(row["attn"], image.size, q["box"], image_processor, stretch, stage01)
-        scores[q["id"]] = (mass, ratio, answer_correct(row["answer"], q["answer"]))
+        cx, cy = (q["box"][0] + q["box"][2]) / 2, (q["box"][1] + q["box"][3]) / 2
+        x1, y1, x2, y2 = row["bbox"]
+        hold = x1 <= cx < x2 and y1 <= cy < y2  # 01's crop holds the object: attention on it
+        scores[q["id"]] = (mass, ratio, answer_correct(row["answer"], q["answer"], vocabulary[q["kind"]]), hold)
     return scores
 
 
@@ -324,11 +343,13 @@ def table(metrics, base):
              f"every model); own half: each model's own-map half (favours its own right answers); AFR, ratio: "
              f"each model's own map",
              "| model | questions | accuracy % | AFR | attention ratio | P-Acc subset | P-Acc % | top half | "
-             "P-Acc top half % | own half | P-Acc own half % |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "P-Acc top half % | own half | P-Acc own half % | wrong | processing failures |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in metrics.items():
         lines.append(f"| {name} | {m['n']} | {m['accuracy']:.1f} | {m['afr']:.2f} | {m['attention_ratio']:.2f} | "
                      f"{m['n_focus']} | {m['p_acc']:.1f} | {m['n_top']} | {m['p_acc_top']:.1f} | "
-                     f"{m['n_own_top']} | {m['p_acc_own_top']:.1f} |")
+                     f"{m['n_own_top']} | {m['p_acc_own_top']:.1f} | {m['n_wrong']} | {m['processing']} "
+                     f"({m['processing_pct']:.1f}%) |")
     return "\n".join(lines)
 
 

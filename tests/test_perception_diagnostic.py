@@ -37,9 +37,12 @@ def test_subsets_are_the_same_whichever_model_is_evaluated():
     """P-Acc's subsets come from the fixed map alone: each model evaluated alone, or both in either order, gets
     the same questions and the same numbers; a model's own-map half is reported beside, apart."""
     fixed = {"q1": 2.0, "q2": 0.5, "q3": 1.0, "q4": 3.0}  # the base model under the true answers
-    # question: (mass, ratio, correct) under each model's OWN answer; the own-map halves differ from the fixed one
-    base = {"q1": (0.03, 0.3, False), "q2": (0.5, 5.0, True), "q3": (0.02, 0.2, False), "q4": (0.4, 4.0, True)}
-    other = {"q1": (0.01, 0.1, False), "q2": (0.6, 6.0, True), "q3": (0.4, 4.0, True), "q4": (0.02, 0.2, True)}
+    # question: (mass, ratio, correct, hold) under each model's OWN answer; the own-map halves differ from the fixed
+    # one; hold: the model's own 01 crop holds the object
+    base = {"q1": (0.03, 0.3, False, True), "q2": (0.5, 5.0, True, True), "q3": (0.02, 0.2, False, False),
+            "q4": (0.4, 4.0, True, False)}
+    other = {"q1": (0.01, 0.1, False, False), "q2": (0.6, 6.0, True, True), "q3": (0.4, 4.0, True, True),
+             "q4": (0.02, 0.2, True, False)}
     # expectations from the fixed ratios alone: the top half is the 2 largest of 4, the focus subset ratio >= 1
     top = sorted(fixed, key=fixed.get)[2:]
     focus = [q for q in fixed if fixed[q] >= 1.0]
@@ -58,6 +61,10 @@ def test_subsets_are_the_same_whichever_model_is_evaluated():
         assert m["accuracy"] == pytest.approx(100 * np.mean([v[2] for v in s.values()]))
         assert m["afr"] == pytest.approx(100 * np.mean([v[0] for v in s.values()]))  # from the model's own map
         assert m["attention_ratio"] == pytest.approx(np.mean([v[1] for v in s.values()]))
+    # the error split, counted by hand: base is wrong on q1 (its crop holds the object: processing) and q3 (misses
+    # it: perception); other is wrong on q1 only, a perception failure
+    assert [runs[0]["base"][k] for k in ("n_wrong", "processing", "processing_pct")] == [2, 1, 50.0]
+    assert [runs[1]["other"][k] for k in ("n_wrong", "processing", "processing_pct")] == [1, 0, 0.0]
     # what makes the test bite: on its own half each model looks better than on the fixed one
     assert runs[0]["base"]["p_acc_own_top"] == 100.0 and runs[0]["base"]["p_acc_top"] == 50.0
     assert runs[1]["other"]["p_acc_own_top"] == 100.0 and runs[1]["other"]["p_acc_top"] == 50.0
@@ -89,11 +96,16 @@ def test_fixed_map_is_the_base_models_map_under_the_true_answer(tmp_path, tiny_l
         assert abs(w[0:2, 1:3].sum() - mass) > 1e-4  # the answer moves the map: the forced one is the true one
 
 
-def test_answer_rule_takes_the_first_word():
-    assert pdiag.answer_correct("Red.", "red") and pdiag.answer_correct("red circle", "red")
-    assert pdiag.answer_correct(" RED! ", "red")
-    assert not pdiag.answer_correct("circle red", "red") and not pdiag.answer_correct("", "red")
-    assert not pdiag.answer_correct("reddish", "red")
+def test_answer_rule_names_the_true_word_of_the_asked_kind():
+    colours, shapes = ["red", "blue"], ["circle", "square"]
+    assert pdiag.answer_correct("Red.", "red", colours) and pdiag.answer_correct("red circle", "red", colours)
+    assert pdiag.answer_correct(" RED! ", "red", colours)
+    assert pdiag.answer_correct("red square", "square", shapes)  # the object's name: the shape is its 2nd word
+    assert not pdiag.answer_correct("red circle", "square", shapes)  # the wrong shape
+    assert not pdiag.answer_correct("red circle square", "square", shapes)  # two shapes named: not an answer
+    assert not pdiag.answer_correct("blue red", "red", colours) and not pdiag.answer_correct("", "red", colours)
+    assert not pdiag.answer_correct("reddish", "red", colours)
+    assert not pdiag.answer_correct("circle", "red", colours)  # no colour named for a colour question
 
 
 def test_questions_ask_only_about_unique_keys():
