@@ -467,6 +467,9 @@ def main(argv=None):
     lines, errors = read_lines(args, rank, say)
     accum = args.grad_accum or max(1, round(args.effective_batch / (args.batch_size * world)))
     per_step = args.batch_size * accum * world  # lines per optimizer step: the global batch
+    if per_step != args.effective_batch and not args.grad_accum:
+        say(f"note: --effective-batch {args.effective_batch} is not --batch-size {args.batch_size} x {world} "
+            f"processes x a whole number of micro-steps: each step takes {per_step} lines")
     steps_per_epoch = math.ceil(len(lines) / per_step)
     total = args.epochs * steps_per_epoch
     resolved = dict(data_identity=file_identity(args.data),

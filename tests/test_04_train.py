@@ -441,6 +441,18 @@ def test_bad_lines_and_repeated_ids_go_to_errors_jsonl_and_the_run_goes_on(tiny_
     assert recorded["lines"] == 3 and recorded["skipped"] == 6 and (out / "model.safetensors").exists()
 
 
+def test_an_effective_batch_the_batch_size_cannot_make_is_said(tiny_llava, tmp_path, capsys):
+    """--effective-batch 3 with --batch-size 2 on one process trains with 2 x 2 = 4 lines a step: the run says so
+    (it used to train with 4 silently), and args.json records the batch it used."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(good_row(tmp_path, i)) + "\n" for i in range(3)))
+    out = tmp_path / "p2dpo"
+    stage.main(list(map(str, ["--model", tiny_llava, "--data", data, "--out", out, "--effective-batch", 3,
+                              "--batch-size", 2, "--lora-rank", 2, "--epochs", 1])))
+    assert "--effective-batch 3 is not --batch-size 2 x 1 processes" in capsys.readouterr().out
+    assert json.loads((out / "args.json").read_text())["global_batch"] == 4
+
+
 def test_every_line_bad_ends_the_run_with_the_errors_kept_and_the_fix_runs(tiny_llava, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps(with_field(good_row(tmp_path), "image", "moved.png")) + "\n")
