@@ -848,9 +848,10 @@ def device_name(text):
         device = torch.device(text)
     except RuntimeError:
         device = None
-    if not device or (device.type != "cpu" and (device.index or 0) >= torch.cuda.device_count()):
-        raise argparse.ArgumentTypeError(f"{text!r} is no device of this machine (cpu, or cuda:N "
-                                         f"for N < {torch.cuda.device_count()})")
+    n = torch.cuda.device_count()
+    if not device or (device.type != "cpu" and (device.index or 0) >= n):
+        has = f"cpu, or cuda:N for N < {n}" if n else "it has no GPU: cpu"
+        raise argparse.ArgumentTypeError(f"{text!r} is no device of this machine ({has})")
     return text
 # ---- end shared ----
 

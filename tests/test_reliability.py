@@ -523,3 +523,13 @@ def test_ctrl_c_in_a_real_run_is_one_sentence(sig, tiny_llava, tmp_path):
     err = run.communicate(timeout=120)[1]
     assert run.returncode != 0 and "Traceback" not in err, err[-2000:]
     assert "interrupted: what was written so far is kept; rerun the same command" in err
+
+
+def test_a_device_this_machine_lacks_is_refused_saying_what_it_has(monkeypatch):
+    """--device names what the machine has: on one without a GPU no "cuda:N for N < 0"; with two GPUs, N < 2."""
+    import argparse
+    for gpus, says in ((0, "it has no GPU: cpu"), (2, "cpu, or cuda:N for N < 2")):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        with pytest.raises(argparse.ArgumentTypeError, match=f"'cuda:2' is no device of this machine \\({says}\\)"):
+            s01.device_name("cuda:2")
+        assert s01.device_name("cpu") == "cpu"
