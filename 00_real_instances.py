@@ -111,7 +111,11 @@ def parse_args(argv=None):
     p.add_argument("--max-image-pixels", type=int, default=Image.MAX_IMAGE_PIXELS,
                    help="an image with more pixels is a bad row (PIL's guard against "
                    "decompression bombs); 0: no limit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit)):
+        if value is not None and value < 1:  # (--limit -1 would drop the last row, 0 every row)
+            p.error(f"{flag} must be at least 1, not {value}")
+    return args
 
 
 def kind(value):
@@ -415,7 +419,7 @@ def json_rows(path, limit=None):
     """(rows to read, row parser, iterator of (row number, row)) over a JSON list of LLaVA-format
     rows."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # (a BOM: as Windows editors save)
     except ValueError as e:
         raise SystemExit(f"{path}: not JSON ({e})")
     if not isinstance(data, list):
