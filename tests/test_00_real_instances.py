@@ -199,8 +199,7 @@ def test_llava_json_images_folder_and_limit(tmp_path):
 def test_a_json_saved_with_a_bom_reads_and_a_limit_below_one_is_refused(tmp_path):
     """A JSON list saved with a byte-order mark (Windows editors do) reads as without one; --limit -1 used to drop
     the last row in silence and --limit 0 every row: both are refused, as is --batch-size 0."""
-    write_llava(tmp_path)
-    data = tmp_path / "rlhf_v.json"
+    data = write_llava(tmp_path / "j")  # (a subfolder: write_llava puts images beside tmp_path too)
     data.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())
     stage.main(["--data", str(data), "--out", str(tmp_path / "a"), "--limit", "2"])
     assert lines(tmp_path / "a" / "instances.jsonl") == LLAVA_INSTANCES[:2]
