@@ -172,8 +172,9 @@ def perception_metrics(scores, fixed, focus_ratio=1.0):
     "processing_pct"}} (accuracy, afr, p_acc* and processing_pct: %).
     scores: {name: {question id: (mass, ratio, correct, hold)}}, each model under its own answer (AFR, attention
     ratio, its own half, and the error split: a wrong answer is a processing failure when the model's own crop
-    holds the object, a perception failure when it misses it); fixed: {question id: ratio} of the fixed map, which alone chooses P-Acc's subset
-    (ratio >= focus_ratio) and the top half (ratio >= its median), so both are the same for every model."""
+    holds the object, a perception failure when it misses it); fixed: {question id: ratio} of the fixed map,
+    which alone chooses P-Acc's subset (ratio >= focus_ratio) and the top half (ratio >= its median), so both
+    are the same for every model."""
     focus, top, median = subsets(fixed, focus_ratio)
     ids = sorted(fixed)
 

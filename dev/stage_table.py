@@ -2,7 +2,6 @@
 
   python dev/stage_table.py            # rewrite README.md in place
 """
-import re
 import sys
 from pathlib import Path
 
@@ -18,7 +17,8 @@ def main():
         total, above, shared = counts(ROOT / m.group(1))
         row = m.group(0)
         cells = row.rsplit("|", 4)  # [..., lines, above, copied, ""]
-        new = [f" {total} ", f" {above} " if above is not None else "  ", f" {shared} " if m.group(1)[0].isdigit() else "  "]  # a stage: 0 copied is a count
+        stage = m.group(1)[0].isdigit()  # a stage: 0 copied lines is a count; pipeline.py has none to state
+        new = [f" {total} ", f" {above} " if above is not None else "  ", f" {shared} " if stage else "  "]
         return "|".join([cells[0], *new, cells[-1]])
     readme.write_text(ROW.sub(fill, readme.read_text()))
 
