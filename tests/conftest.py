@@ -76,6 +76,27 @@ def run_torchrun(script, nproc, *args, timeout=300):
 
 
 @torch.no_grad()
+def naive_sample(logits, u, temperature, top_p):
+    """The stages' sampler written naively, for the tests that check it: one token from 1-D fp32 logits u, a
+    uniform: softmax(logits / T), the smallest top set of mass >= top_p, its inverse CDF at u (T 0: argmax)."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, -1).tolist()
+    order = sorted(range(len(probs)), key=lambda v: -probs[v])
+    kept, mass = [], 0.0
+    for v in order:
+        if mass >= top_p:
+            break
+        kept.append(v)
+        mass += probs[v]
+    target, acc = u * sum(probs[v] for v in kept), 0.0
+    for v in kept:
+        acc += probs[v]
+        if target < acc:
+            return v
+    return kept[-1]
+
+
 def token_by_token_logprob(model, processor, chat_text, response, images):
     """(log pi(y | c), n): one row alone, no padding, one plain forward per prefix of the response + EOS; the
     reference that batched, masked scoring is tested against. chat_text: the chat prompt with its image tokens."""

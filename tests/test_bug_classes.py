@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_script
+from conftest import load_script, naive_sample
 
 s02 = load_script("02_make_pairs.py")
 s04 = load_script("04_train_calibrated_dpo.py")
@@ -223,26 +223,6 @@ def test_add_lora_wraps_only_the_language_model_linears(tiny_llava):
 
 
 # ---- stage 02: a naive decoder, written here, that every response must equal token for token ----
-def naive_sample(logits, u, temperature, top_p):
-    """One token from 1-D fp32 logits: softmax(logits / T), the smallest top set of mass >= top_p, inverse CDF."""
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, -1).tolist()
-    order = sorted(range(len(probs)), key=lambda v: -probs[v])
-    kept, mass = [], 0.0
-    for v in order:
-        if mass >= top_p:
-            break
-        kept.append(v)
-        mass += probs[v]
-    target, acc = u * sum(probs[v] for v in kept), 0.0
-    for v in kept:
-        acc += probs[v]
-        if target < acc:
-            return v
-    return kept[-1]
-
-
 @torch.no_grad()
 def naive_decode(model, processor, prompt, images, amateur, gen, n_new, temperature, top_p, lambda_ca,
                  beta_head=0.1, suppress=(4,), eos=(3,)):

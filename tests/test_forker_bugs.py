@@ -26,7 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, load_script, token_by_token_logprob
+from conftest import ROOT, load_script, naive_sample, token_by_token_logprob
 
 torch.set_num_threads(1)
 s01 = load_script("01_attention_crop.py")
@@ -139,23 +139,7 @@ def naive_decode(model, processor, prompt, images, amateur, gen, n_new, temperat
             ca = (1 + lambda_ca) * ep - lambda_ca * logits[1]
             ep = torch.where(p >= beta_head * p.max(), ca, torch.tensor(float("-inf")))
         u = torch.rand(1, generator=gen).item()
-        if temperature == 0:
-            tok = int(ep.argmax())
-        else:
-            probs = torch.softmax(ep / temperature, -1).tolist()
-            order = sorted(range(len(probs)), key=lambda v: -probs[v])
-            kept, mass = [], 0.0
-            for v in order:
-                if mass >= top_p:
-                    break
-                kept.append(v)
-                mass += probs[v]
-            target, acc, tok = u * sum(probs[v] for v in kept), 0.0, kept[-1]
-            for v in kept:
-                acc += probs[v]
-                if target < acc:
-                    tok = v
-                    break
+        tok = naive_sample(ep, u, temperature, top_p)
         if tok in eos:
             break
         new.append(tok)
