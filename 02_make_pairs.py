@@ -1,39 +1,49 @@
-"""Stage 02: on-policy preference pairs, focus (zoomed vs degraded view) and robustness (contrastive amplification).
+"""Stage 02: on-policy preference pairs, focus (zoomed vs degraded view) and robustness
+(contrastive amplification).
 
-Paper: P2-DPO (ICLR 2026), method: the focus-enhanced and the visual-robustness preference pairs. M is the
-reference (base) model, P the instance's prompt, bbox stage 01's crop.
+Paper: P2-DPO (ICLR 2026), method: the focus-enhanced and the visual-robustness preference pairs.
+M is the reference (base) model, P the instance's prompt, bbox stage 01's crop.
   I_crop  = I.crop(bbox);   I_deg = I with the bbox rectangle filled by I's mean RGB colour
-  I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) seeded by (seed, id); sigma 0.2
+  I_noise = clip(I + sigma * eps, 0, 1) in [0, 1] pixel space, eps ~ N(0, 1) seeded by (seed, id);
+            sigma 0.2
   I_aug   = (I, I_crop) as two images, with P_enh = ENH_TEMPLATE around P (authors' code)
   focus   : y_w = M(I_aug, P_enh),  y_l = M(I_deg, P)
-  robust  : y_l = M(I_noise, P_rob),  y_init = M(I, P_rob),  y_w by contrastive amplification of the
-            expert EP = (I, P_rob) over the amateur AT = (I_noise, P_rob), both fed the tokens chosen so far:
+  robust  : y_l = M(I_noise, P_rob),  y_init = M(I, P_rob),  y_w by contrastive amplification of
+            the expert EP = (I, P_rob) over the amateur AT = (I_noise, P_rob), both fed the tokens
+            chosen so far:
               logits_CA = (1 + lambda_ca) * logits_EP - lambda_ca * logits_AT  on V_head, -inf elsewhere,
               V_head = {v : p_EP(v) >= beta_head * max_u p_EP(u)};  lambda_ca 0.1, beta_head 0.1
             (authors'; VCD's 1.0, 0.1 is the documented alternative)
-  null    : a pair whose two responses are equal is dropped (the line stays); a "full" crop has no focus pair
-Decoding per branch as the authors' scripts (the flags' defaults): focus greedy, robustness sampled after their
-instruction, P_rob = ROBUST_INSTRUCTION + " " + P (P alone with --robust-instruction '', as the toy world's
-world.json sets: its words are outside the toy vocabulary).
-y_init: the paper has amplification "refine" y_init into y_w, with no rule for how. Ours: y_w samples on its own
-generator, as VCD samples, and y_init is only stored; --refine-init: y_w draws y_init's per-step uniforms, so
-y_w = y_init at lambda_ca = beta_head = 0. Toy world (01's crops of its first 100 instances, seed 0): y_w differs
-from y_init in 31 of 89 robustness pairs by default, 19 of 91 with --refine-init; off so the README's results stay.
+  null    : a pair whose two responses are equal is dropped (the line stays); a "full" crop has no
+            focus pair
+Decoding per branch as the authors' scripts (the flags' defaults): focus greedy, robustness sampled
+after their instruction, P_rob = ROBUST_INSTRUCTION + " " + P (P alone with --robust-instruction '',
+as the toy world's world.json sets: its words are outside the toy vocabulary).
+y_init: the paper has amplification "refine" y_init into y_w, with no rule for how. Ours: y_w samples
+on its own generator, as VCD samples, and y_init is only stored; --refine-init: y_w draws y_init's
+per-step uniforms, so y_w = y_init at lambda_ca = beta_head = 0. Toy world (01's crops of its first
+100 instances, seed 0): y_w differs from y_init in 31 of 89 robustness pairs by default, 19 of 91
+with --refine-init; off so the README's results stay.
 
-Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt", "bbox" [x1, y1, x2, y2] (int pixels
-        inside the image, x2, y2 exclusive), optional "crop": "full" | "window". A bad line: <out>.errors.jsonl.
-Output  pairs.jsonl: input fields ("image" relative to it) + "images": {"crop", "deg", "noise"} (PNGs in
-        <out stem>_images/), "prompt_enh", "prompt_robust" (P_rob), "focus": {"chosen", "rejected"} | null,
-        "robust": {"chosen", "rejected", "init"} | null, "gen"; <out>.args.json. A rerun into --out resumes.
-Shapes: B instances, R rows of a forward (2B in contrastive amplification: experts, then amateurs), T tokens, V vocab.
+Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt", "bbox" [x1, y1, x2,
+        y2] (int pixels inside the image, x2, y2 exclusive), optional "crop": "full" | "window".
+        A bad line: <out>.errors.jsonl.
+Output  pairs.jsonl: input fields ("image" relative to it) + "images": {"crop", "deg", "noise"}
+        (PNGs in <out stem>_images/), "prompt_enh", "prompt_robust" (P_rob), "focus": {"chosen",
+        "rejected"} | null, "robust": {"chosen", "rejected", "init"} | null, "gen"; <out>.args.json.
+        A rerun into --out resumes.
+Shapes: B instances, R rows of a forward (2B in contrastive amplification: experts, then amateurs),
+        T tokens, V vocab.
 
   python 02_make_pairs.py                      # toy world on CPU (world/model, runs/crops.jsonl)
   python 02_make_pairs.py --model llava-hf/llava-1.5-7b-hf --data runs/crops.jsonl       # one GPU
-  torchrun --nproc_per_node=8 02_make_pairs.py --model Qwen/Qwen2.5-VL-7B-Instruct --data runs/crops.jsonl
+  torchrun --nproc_per_node=8 02_make_pairs.py --model Qwen/Qwen2.5-VL-7B-Instruct \
+      --data runs/crops.jsonl
 Ours, where the paper is silent: temperature and top-p act on logits_CA; the amateur reads the tokens
-amplification chose (as VCD); responses are equal when their stripped texts are; I_deg's colour is the
-rounded mean of the whole image; image placeholder tokens are never generated (such a response could not be
-scored with its image); a response's sampler is seeded by (seed, id, role): no dependence on batch or order.
+amplification chose (as VCD); responses are equal when their stripped texts are; I_deg's colour is
+the rounded mean of the whole image; image placeholder tokens are never generated (such a response
+could not be scored with its image); a response's sampler is seeded by (seed, id, role): no
+dependence on batch or order.
 """
 import argparse
 import errno
@@ -76,7 +86,8 @@ RESULT_ARGS = GEN_ARGS + ("model", "enh_template", "data_identity", "model_ident
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="world/model", help="reference (base) model: folder or HF cache name")
+    p.add_argument("--model", default="world/model",
+                   help="reference (base) model: folder or HF cache name")
     p.add_argument("--data", default="runs/crops.jsonl", help="crops.jsonl from stage 01")
     p.add_argument("--out", default="runs/pairs.jsonl", help="output JSONL; images: <out stem>_images/")
     p.add_argument("--sigma", type=at_least(1e-6, float, most=1.0), default=0.2,
@@ -89,18 +100,22 @@ def parse_args(argv=None):
                    help="robustness responses: sampling temperature (authors: 0.2); 0 = greedy")
     p.add_argument("--top-p", type=at_least(1e-6, float, most=1.0), default=0.9,
                    help="robustness responses: nucleus sampling mass (authors: 0.9)")
-    p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="robustness length cap (authors: 256)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256,
+                   help="robustness length cap (authors: 256)")
     p.add_argument("--robust-instruction", help="robustness responses: text put before P ('' = none; default: "
                    "the authors', or '' from the toy world's world.json beside --model)")
-    p.add_argument("--refine-init", action="store_true", help="y_w draws y_init's random numbers (ours; header)")
+    p.add_argument("--refine-init", action="store_true",
+                   help="y_w draws y_init's random numbers (ours; header)")
     p.add_argument("--focus-temperature", type=at_least(0.0, float), default=0.0,
                    help="focus responses: sampling temperature (authors: greedy, 0); top-p as above")
-    p.add_argument("--focus-max-new-tokens", type=at_least(1), default=150, help="focus length cap (authors: 150)")
+    p.add_argument("--focus-max-new-tokens", type=at_least(1), default=150,
+                   help="focus length cap (authors: 150)")
     p.add_argument("--seed", type=at_least(0), default=0, help="seed of the noise and of every sampler")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="instances per step")
     p.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda or cpu")
-    p.add_argument("--limit", type=at_least(1), default=None, help="use only the first N lines of --data")
+    p.add_argument("--limit", type=at_least(1), default=None,
+                   help="use only the first N lines of --data")
     p.add_argument("--max-image-pixels", type=at_least(0), default=Image.MAX_IMAGE_PIXELS,
                    help="an image with more pixels is a bad line (a decompression bomb); 0: no limit")
     p.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
