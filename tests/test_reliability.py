@@ -515,7 +515,10 @@ def test_ctrl_c_in_a_real_run_is_one_sentence(sig, tiny_llava, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     run = subprocess.Popen([sys.executable, str(ROOT / "01_attention_crop.py"), "--model", str(tiny_llava),
                             "--data", str(data), "--out", str(out), "--batch-size", "1", "--max-new-tokens", "2"],
-                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           # as from a terminal: a pytest started in the background (SIGINT ignored) would pass
+                           # that on, and Python then installs no KeyboardInterrupt for Ctrl-C
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t = time.time()
     while not (out.exists() and out.stat().st_size) and time.time() - t < 300:
         time.sleep(0.01)
