@@ -5,7 +5,7 @@ pairs (RLHF-V): off-policy chosen responses are text the model would not write, 
 negative, and DPO on them spends its updates on style rather than on the image. The toy world knows the truth, so
 the off-policy pairs here keep each focus pair's rejected response and replace the chosen one with the truth,
 written either in the world's own words (00's description template, the very text the model was fine-tuned on;
-the shape or colour word for a question) or rephrased as an annotator might ("the image shows ..." with the objects
+the object's name for a question) or rephrased as an annotator might ("the image shows ..." with the objects
 right to left after "in the image :"; "the shape of the object is a ..." or "the colour is ..." for a question,
 all in the toy vocabulary).
 Both files are scored by `03_filter.py --score-only` under the same reference model and context (I, P).
@@ -32,24 +32,25 @@ def parse_args(argv=None):
 
 
 def truth_answer(prompt, objects, describe):
-    """The right answer in the world's words, or None when the question has no unique answer."""
+    """The right answer in the world's own words (its fine-tuning replies: 00's description, the object's name
+    "red square" for an open question), or None when the question has no unique answer."""
     words = prompt.split()
     if words[0] == "describe":
         return describe(objects)
     if words[:2] == ["what", "shape"]:  # what shape is the <colour> object ?
-        found = [o["class"].split()[1] for o in objects if o["class"].split()[0] == words[4]]
+        found = [o["class"] for o in objects if o["class"].split()[0] == words[4]]
     else:  # what colour is the <shape> ?
-        found = [o["class"].split()[0] for o in objects if o["class"].split()[1] == words[4]]
+        found = [o["class"] for o in objects if o["class"].split()[1] == words[4]]
     return found[0] if len(found) == 1 else None
 
 
-def rephrase(answer, objects):
+def rephrase(prompt, answer, objects):
     """The same truth in words the toy model knows but was never trained to say in this order."""
     if answer.startswith("there is "):
         names = [f"a {o['class']}" for o in sorted(objects, key=lambda o: -o["box"][0])]
         return "in the image : " + " and ".join(names) + " ."
-    shape = answer in ("circle", "square", "triangle", "cross")
-    return f"the shape of the object is a {answer} ." if shape else f"the colour is {answer} ."
+    colour, shape = answer.split()
+    return f"the shape of the object is a {shape} ." if prompt.startswith("what shape") else f"the colour is {colour} ."
 
 
 def main():
@@ -71,7 +72,7 @@ def main():
             line = {"id": row["id"], "image": str(image), "prompt": row["prompt"], "rejected": row["focus"]["rejected"]}
             on.write(json.dumps({**line, "chosen": row["focus"]["chosen"]}) + "\n")
             off.write(json.dumps({**line, "chosen": answer}) + "\n")
-            re_off.write(json.dumps({**line, "chosen": rephrase(answer, truth[image])}) + "\n")
+            re_off.write(json.dumps({**line, "chosen": rephrase(row["prompt"], answer, truth[image])}) + "\n")
             n += 1
     reports = {}
     for name, path in files.items():

@@ -57,7 +57,7 @@ def main(argv=None):
         if answer is None or row["answer"].strip() == answer:  # nothing for an annotator to correct
             continue
         rows.append({**{k: row[k] for k in ("id", "image", "prompt", "prompt_enh", "images")},
-                     "focus": {"chosen": ips.rephrase(answer, objects), "rejected": row["answer"]},
+                     "focus": {"chosen": ips.rephrase(row["prompt"], answer, objects), "rejected": row["answer"]},
                      "robust": None, "gen": {"off_policy": "truth rephrased > the model's greedy answer"}})
     n_candidates = len(rows)
     if args.lines:
