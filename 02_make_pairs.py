@@ -19,11 +19,11 @@ M is the reference (base) model, P the instance's prompt, bbox stage 01's crop.
 Decoding per branch as the authors' scripts (the flags' defaults): focus greedy, robustness sampled
 after their instruction, P_rob = ROBUST_INSTRUCTION + " " + P (P alone with --robust-instruction '',
 as the toy world's world.json sets: its words are outside the toy vocabulary).
-y_init: the paper has amplification "refine" y_init into y_w, with no rule for how. Ours: y_w samples
-on its own generator, as VCD samples, and y_init is only stored; --refine-init: y_w draws y_init's
-per-step uniforms, so y_w = y_init at lambda_ca = beta_head = 0. Toy world (01's crops of its first
-100 instances, seed 0): y_w differs from y_init in 31 of 89 robustness pairs by default, 19 of 91
-with --refine-init; off so the README's results stay.
+y_init: the paper has amplification "refine" y_init into y_w, with no rule for how. Ours: y_w
+samples on its own generator, as VCD samples, and y_init is only stored; --refine-init: y_w draws
+y_init's per-step uniforms, so y_w = y_init at lambda_ca = beta_head = 0. Toy world (01's crops of
+its first 100 instances, seed 0): y_w differs from y_init in 25 of 81 robustness pairs by default,
+13 of 75 with --refine-init; off so the README's results stay.
 
 Input   crops.jsonl (stage 01): "id", "image" (relative to the file), "prompt", "bbox" [x1, y1, x2,
         y2] (int pixels inside the image, x2, y2 exclusive), optional "crop": "full" | "window".

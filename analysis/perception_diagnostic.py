@@ -22,11 +22,11 @@ ours, on questions about ONE named object whose true box the toy world knows:
             a perception failure when the crop misses it
   correct = the answer names the true colour / shape word and no other word of that kind ("red square" is right
             for "what shape is the red object ?" when it is a square)
-Why the fixed map (ours): stage 01's map is computed on the model's own answer, and the answer drives it (toy
-world, 499 test questions, base model: correctness correlates 0.37 with the own-answer ratio, 0.06 with the
-forced true-answer ratio). A half chosen by one model's own map holds that model's right answers, and any other
-model scores lower there by regression to the mean (base 71.6 / P2-DPO 60.8 on the base model's own half, base
-62.0 / P2-DPO 71.2 on P2-DPO's own half, 58.4 / 57.2 on the half chosen by the forced true answer).
+Why the fixed map (ours): stage 01's map is computed on the model's own answer, and the answer drives it (the toy
+world before its redesign, 499 test questions, base model: correctness correlates 0.37 with the own-answer ratio,
+0.06 with the forced true-answer ratio). A half chosen by one model's own map holds that model's right answers, and
+any other model scores lower there by regression to the mean (base 71.6 / P2-DPO 60.8 on the base model's own half,
+base 62.0 / P2-DPO 71.2 on P2-DPO's own half, 58.4 / 57.2 on the half chosen by the forced true answer).
 Questions: one per held-out test image (the images of world/pope; --split val: world/val/pope's) that has an
 object whose key is unique in the image (00's open questions: "what colour is the {shape} ?" / "what shape is the
 {colour} object ?", from world.json's "prompts"), drawn with --seed among that image's candidates.

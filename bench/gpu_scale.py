@@ -49,8 +49,9 @@ gradient checkpointing recomputes one more forward that the hardware does but MF
 hardware's utilisation is about 4/3 of it), and with frozen base weights the backward skips their gradients.
 Projection: the paper's run on one such card, in GPU-hours: --paper-instances (RLHF-V: 5,733) through 01, 02 and
 03 at the measured s/instance; --paper-epochs (4) of 04 over --paper-keep (0.65: the share of lines the toy
-world's 03 keeps, 260 of 400; the real share is unknown) of them at the best micro-batch's lines/s; POPE's
---paper-pope (9,000) questions x --paper-noise-levels (4: sigma 0, 0.1, 0.2, 0.3) at 05's questions/s.
+world's 03 kept before its redesign, 260 of 400, 316 now; the real share is unknown) of them at the best
+micro-batch's lines/s; POPE's --paper-pope (9,000) questions x --paper-noise-levels (4: sigma 0, 0.1, 0.2, 0.3) at
+05's questions/s.
 Targets, judged on --size 7b only: the whole run under 600 s (issue: "one run, under 10 minutes"), contrastive /
 plain decoding time <= 2.1 at every batch size and <= 1.2 at batch 1, where both read the weights once per token
 (issues 6, 15), the training step's precomputed / live-reference peak memory <= 0.6 and time <= 0.75 (issue 6),
@@ -162,7 +163,7 @@ def parse_args(argv=None):
     for k, v in PAPER.items():
         p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v, help={
             "paper_instances": "projection: RLHF-V instances through 01-03 (5,733 rows)",
-            "paper_keep": "projection: share of lines 03 keeps (assumed: the toy world's 260 of 400)",
+            "paper_keep": "projection: share of lines 03 keeps (assumed: the first toy world's 260 of 400)",
             "paper_epochs": "projection: epochs of 04 (paper: 4)",
             "paper_pope": "projection: POPE questions (3 splits x 3,000)",
             "paper_noise_levels": "projection: noise levels POPE is asked at (0, 0.1, 0.2, 0.3)"}[k])
