@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # stage_loader.py sits in the repository root
 from stage_loader import load_stage  # noqa: E402
 
-COLOURS = ("red", "green", "blue", "yellow", "purple")
-SHAPES = ("circle", "square", "triangle", "cross")
+TOY = load_stage("00_toy_world.py")
+COLOURS = tuple(TOY.COLOURS)  # the world's words
+SHAPES = tuple(TOY.SHAPES)
 
 
 def parse_args(argv=None):

@@ -34,16 +34,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def object_patches(box, frame, view, patch):
-    """(N,) 0/1: the patches of the view of image.crop(frame) that the object's box overlaps."""
-    scale = (frame[2] - frame[0]) / view  # canvas px per view px
-    x1, y1, x2, y2 = ((v - frame[i % 2]) / scale for i, v in enumerate(box))
-    edges = np.arange(0, view, patch)  # each patch's left (top) edge in view px
-    cols = (edges < x2) & (edges + patch > x1)
-    rows = (edges < y2) & (edges + patch > y1)
-    return torch.from_numpy((rows[:, None] & cols[None, :]).reshape(-1).astype(np.float32))
-
-
 def probe_accuracy(features, labels, n_classes, n_fit, steps=500):
     """Held-out accuracy of a linear softmax probe fitted on the first n_fit rows. features (n, d)."""
     mean, std = features[:n_fit].mean(0), features[:n_fit].std(0) + 1e-6
@@ -86,7 +76,7 @@ def main(argv=None):
         for kind, frame in (("crop", crop), ("view", [0, 0, defaults.canvas, defaults.canvas])):
             pixels = tw.pixel_values(processor, [image.crop(frame)])
             hidden = tower(pixel_values=pixels).last_hidden_state[0, 1:]  # (N, d), CLS dropped
-            mask = object_patches(box, frame, view, patch)  # (N,)
+            mask = tw.object_patches(box, frame, view, patch)  # (N,) (00's, as its stage 1 uses it)
             feats[kind].append((hidden * mask[:, None]).sum(0) / mask.sum())
         shapes.append(tw.SHAPES.index(scene["objects"][0]["class"].split()[1]))
     labels = torch.tensor(shapes)
