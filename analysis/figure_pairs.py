@@ -18,7 +18,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pairs", default="runs/seed0/pairs.jsonl", help="pairs.jsonl from stage 02 (has 01's fields)")
     p.add_argument("--out", default="docs/pairs.png", help="the PNG to write")
-    p.add_argument("--n", type=int, default=4, help="instances shown: the first ones with both pairs")
+    p.add_argument("--n", type=int, default=4,
+                   help="instances shown: the first ones with both pairs, then ones with one")
     return p.parse_args(argv)
 
 
@@ -40,9 +41,12 @@ def panel(image):
 def main():
     args = parse_args()
     pairs = Path(args.pairs)
-    rows = [r for r in map(json.loads, open(pairs)) if r.get("focus") and r.get("robust")][:args.n]
+    lines = [r for r in map(json.loads, open(pairs)) if r.get("focus") or r.get("robust")]
+    # lines with both pairs first; lines with one fill up (a tiny or other world may have few with both)
+    rows = ([r for r in lines if r.get("focus") and r.get("robust")] + [r for r in lines if not (
+        r.get("focus") and r.get("robust"))])[:args.n]
     if not rows:
-        raise SystemExit(f"{pairs}: no line with both a focus and a robustness pair")
+        raise SystemExit(f"{pairs}: no line with a focus or a robustness pair")
     titles = ["I, dimmed by attention; crop", "I_crop", "I_deg", "I_noise"]
     width = 4 * (SIDE + PAD) + TEXT_W + PAD
     canvas = Image.new("RGB", (width, len(rows) * (SIDE + 2 * PAD) + 24), "white")
@@ -56,9 +60,11 @@ def main():
                                                                 for k in ("crop", "deg", "noise")]
         for k, v in enumerate(views):
             canvas.paste(panel(v), (PAD + k * (SIDE + PAD), y))
+        none = {"chosen": "(no pair: equal responses)", "rejected": "-"}
+        focus, robust = r.get("focus") or none, r.get("robust") or none
         text = [f"P: {r['prompt']}",
-                f"focus   y_w (I_aug, P_enh): {r['focus']['chosen']}", f"        y_l (I_deg, P): {r['focus']['rejected']}",
-                f"robust  y_w (contrastive): {r['robust']['chosen']}", f"        y_l (I_noise, P): {r['robust']['rejected']}"]
+                f"focus   y_w (I_aug, P_enh): {focus['chosen']}", f"        y_l (I_deg, P): {focus['rejected']}",
+                f"robust  y_w (contrastive): {robust['chosen']}", f"        y_l (I_noise, P): {robust['rejected']}"]
         lines = [w for t in text for w in textwrap.wrap(t, 68, subsequent_indent="          ")][:13]
         draw.multiline_text((4 * (SIDE + PAD) + PAD, y), "\n".join(lines), fill="black", spacing=2)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
