@@ -74,6 +74,8 @@ def main():
             off.write(json.dumps({**line, "chosen": answer}) + "\n")
             re_off.write(json.dumps({**line, "chosen": rephrase(row["prompt"], answer, truth[image])}) + "\n")
             n += 1
+    if n == 0:
+        raise SystemExit(f"{pairs}: no focus pair whose rejected response differs from the truth: nothing to score")
     reports = {}
     for name, path in files.items():
         cmd = [sys.executable, str(ROOT / "03_filter.py"), "--score-only", "--model", str(world / "model"),

@@ -215,3 +215,15 @@ def test_offpolicy_pairs_correct_only_the_wrong_answers(tmp_path):
     assert written[0]["robust"] is None
     assert {k: written[0][k] for k in ("image", "prompt", "prompt_enh", "images")} == \
         {k: rows[1][k] for k in ("image", "prompt", "prompt_enh", "images")}
+
+
+def test_ips_without_a_focus_pair_to_score_says_so(tmp_path, monkeypatch):
+    """Guards the IPS script's empty case: no focus pair, or only ones whose rejected response is the truth, ends
+    in one sentence naming the pairs file (03 would fail on an empty file, with a traceback from the subprocess)."""
+    world = write_world(tmp_path)
+    rows = [{"id": "none", "image": "../world/images/a.png", "prompt": SHAPE_Q, "focus": None},
+            {"id": "truth", "image": "../world/images/a.png", "prompt": SHAPE_Q, "focus": pair("blue", "red square")}]
+    pairs = write_jsonl(tmp_path / "runs" / "pairs.jsonl", rows)
+    monkeypatch.setattr("sys.argv", ["ips", "--pairs", str(pairs), "--world", str(world), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"pairs\.jsonl: no focus pair whose rejected response differs"):
+        ips.main()

@@ -126,7 +126,12 @@ def test_pipeline_runs_every_stage_then_resumes(tmp_path):
     run_script("analysis/figure_pairs.py", "--pairs", runs / "seed0" / "pairs.jsonl", "--out", tmp_path / "f.png",
                "--n", 2)
     assert (tmp_path / "f.png").stat().st_size > 1000
-    out = run_script("analysis/ips_on_vs_off_policy.py", "--pairs", "runs/seed0/pairs.jsonl", "--world", "world",
+    seed_pairs = [json.loads(line) for line in open(runs / "seed0" / "pairs.jsonl")]
+    if not any(r["focus"] for r in seed_pairs):  # the tiny model may answer alike with and without the object
+        with open(runs / "seed0" / "pairs_ips.jsonl", "w") as f:  # then: 01's answer over a bare "no"
+            f.writelines(json.dumps({**r, "focus": {"chosen": r["answer"], "rejected": "no"}}) + "\n" for r in seed_pairs)
+    name = "pairs.jsonl" if any(r["focus"] for r in seed_pairs) else "pairs_ips.jsonl"
+    out = run_script("analysis/ips_on_vs_off_policy.py", "--pairs", f"runs/seed0/{name}", "--world", "world",
                      "--out", "ips", cwd=tmp_path).stdout
     assert sorted(p.name for p in ROOT.iterdir()) == in_repository
     ips = json.loads((tmp_path / "ips" / "ips.json").read_text())
