@@ -97,11 +97,12 @@ def branch_report(rows, branch, truth, judge, vocabulary):
         if q:
             kind, obj = q
             # int, not bool: a Counter's first update keeps the values as given, and JSON would write true
-            w = int(right(pair["chosen"], kind, obj, judge))
-            l = int(right(pair["rejected"], kind, obj, judge))
+            w_right = int(right(pair["chosen"], kind, obj, judge))
+            l_right = int(right(pair["rejected"], kind, obj, judge))
             for key in (kind, "open"):
-                open_q.update({f"{key}_n": 1, f"{key}_w": w, f"{key}_l": l, f"{key}_w_only": int(w and not l),
-                               f"{key}_l_only": int(l and not w)})
+                open_q.update({f"{key}_n": 1, f"{key}_w": w_right, f"{key}_l": l_right,
+                               f"{key}_w_only": int(w_right and not l_right),
+                               f"{key}_l_only": int(l_right and not w_right)})
         elif row["prompt"].startswith("describe"):
             hw, tw = mentions(pair["chosen"], objects, vocabulary)
             hl, tl = mentions(pair["rejected"], objects, vocabulary)
