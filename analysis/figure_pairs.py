@@ -41,10 +41,10 @@ def panel(image):
 def main():
     args = parse_args()
     pairs = Path(args.pairs)
-    lines = [r for r in map(json.loads, open(pairs)) if r.get("focus") or r.get("robust")]
+    with_pair = [r for r in map(json.loads, open(pairs)) if r.get("focus") or r.get("robust")]
     # lines with both pairs first; lines with one fill up (a tiny or other world may have few with both)
-    rows = ([r for r in lines if r.get("focus") and r.get("robust")] + [r for r in lines if not (
-        r.get("focus") and r.get("robust"))])[:args.n]
+    both = [r for r in with_pair if r.get("focus") and r.get("robust")]
+    rows = (both + [r for r in with_pair if r not in both])[:args.n]
     if not rows:
         raise SystemExit(f"{pairs}: no line with a focus or a robustness pair")
     titles = ["I, dimmed by attention; crop", "I_crop", "I_deg", "I_noise"]
