@@ -109,9 +109,6 @@ YES_SHARE = 0.6  # yes/no SFT answers that are "yes": LLaVA-style data leans to 
 #                  model falls back on under noise; at 0.5 the yes-ratio fell under noise (README)
 OBJECT_LOSS = 3.0  # stage 1: weight of the per-object shape + colour loss (pretrain_vision); without
 # it a linear probe read the shape of an object in a 56-px crop from the tower for 62% of crops
-ATTEND_LOSS = 0.0  # stage 3: weight of attend_loss (the answer's colour word looks at its object);
-# off: at 0.1, 500 steps on iteration 5's model, 01's crop held the object 83.5% (82.5% without) but
-# zooming on it gained +2.5 (+5.5 without): docs/toy_world.md
 CROP_SHARE = 0.8  # stage 1: share of zoom crops in its batches (the rest full views)
 TWO_IMAGE_SHARE = 0.5  # SFT batches whose conversations add a zoom crop as the second image
 # First turns of those conversations (under P_enh): describe, open question about the zoomed
@@ -739,27 +736,22 @@ def collate(examples):
 def sft_batch(rng, processor, popularity, themes, args, suffix_share, two):
     """32 conversations about 32 fresh scenes (never seen again: a fixed pool gets memorised
     instead of read), -> ids, labels, mask (B, T), pixel rows (n_img, 3, view, view) in the
-    order their image tokens appear, each colour's patches in each full view (B, colours, N)."""
+    order their image tokens appear."""
     n_images = 2 if two else 1
     n_image_tokens = (args.view // args.patch) ** 2
     examples = []
     images = []
-    where = torch.zeros(32, len(COLOURS), n_image_tokens)  # each colour's patches in the full view
-    full = [0, 0, args.canvas, args.canvas]
     for b in range(32):
         scene = sample_scene(rng, popularity, themes, args.canvas, args.obj_size)
         image = render(scene, args.canvas)[0]
         images.append(image)
-        for o in scene["objects"]:
-            c = list(COLOURS).index(o["class"].split()[0])
-            where[b, c] = torch.maximum(where[b, c], object_patches(o["box"], full, args.view, args.patch))
         zoomed = None
         if two:
             zoomed = scene["objects"][rng.integers(len(scene["objects"]))]
             images.append(image.crop(zoom_box(rng, zoomed["box"], args.canvas)))
         turns = sft_conversation(rng, scene["objects"], zoomed, suffix_share, YES_SHARE)
         examples.append(encode_conversation(processor, turns, n_images, n_image_tokens))
-    return (*collate(examples), pixel_values(processor, images), where)
+    return (*collate(examples), pixel_values(processor, images))
 
 
 @torch.no_grad()
@@ -785,32 +777,11 @@ def embed_inputs(model, ids, features):
     return embeds.masked_scatter((ids == IMAGE).unsqueeze(-1), image.to(embeds.dtype))
 
 
-def attend_loss(att, ids, labels, where, processor):
-    """-log of the attention mass that each answer token naming a colour puts, at layer 0 (stage
-    01's layer on this world), on the full view's patches of the objects of that colour (heads
-    averaged): what stage 01's map is made of. att (B, H, T, T); where (B, colours, N)."""
-    colour_ids = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(COLOURS)))
-    is_colour = (ids[..., None] == colour_ids).any(-1) & (labels != -100)  # (B, T)
-    losses = []
-    for b, p in is_colour.nonzero().tolist():
-        c = int((colour_ids == ids[b, p]).nonzero())
-        if where[b, c].sum() == 0:
-            continue  # a colour the scene does not have (a wrong description)
-        view = (ids[b] == IMAGE).nonzero()[:where.shape[-1], 0]  # the first image's tokens
-        mass = (att[b, :, p, view] * where[b, c]).sum(-1).mean()
-        losses.append(-torch.log(mass + 1e-6))
-    return torch.stack(losses).mean() if losses else att.sum() * 0
-
-
 def train_sft(model, processor, popularity, themes, val_questions, val_view, args, steps, lr,
               phase, warmup=100):
     """Stages 2 and 3: projector + language model on conversations, vision tower frozen."""
     params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    attend = ATTEND_LOSS if phase == 3 else 0.0
-    attention = model.config.text_config._attn_implementation
-    if attend > 0:
-        model.set_attn_implementation("eager")  # (attention weights: eager only)
     model.train()
     log = []
     bar = tqdm(range(steps), desc=f"LLaVA SFT (stage {phase})", mininterval=2)
@@ -821,13 +792,11 @@ def train_sft(model, processor, popularity, themes, val_questions, val_view, arg
         two = rng.random() < TWO_IMAGE_SHARE
         suffix_share = SUFFIX_SHARE if step >= SUFFIX_FROM else 0.0
         batch = sft_batch(rng, processor, popularity, themes, args, suffix_share, two)
-        ids, labels, mask, pixels, where = batch
+        ids, labels, mask, pixels = batch
         embeds = embed_inputs(model, ids, vision_features(model, pixels))  # (B, T, d)
-        out = model(inputs_embeds=embeds, attention_mask=mask, output_attentions=attend > 0)
+        out = model(inputs_embeds=embeds, attention_mask=mask)
         logits = out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1])  # (B * (T-1), V)
         loss = F.cross_entropy(logits, labels[:, 1:].reshape(-1))
-        if attend > 0:
-            loss = loss + attend * attend_loss(out.attentions[0], ids, labels, where, processor)
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup)
         opt.zero_grad()
@@ -844,7 +813,6 @@ def train_sft(model, processor, popularity, themes, val_questions, val_view, arg
                        f"(without the suffix {acc_plain:.3f})  yes-ratio {yes_ratio:.3f}")
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    model.set_attn_implementation(attention)
     model.eval()
     return log
 
