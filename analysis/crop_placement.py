@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # stage_loader.py sits in the repository root
 from stage_loader import load_stage  # noqa: E402
 
+WP = load_stage("analysis/world_phenomena.py")  # its questions' answers, scoring and centre_inside
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -41,9 +43,9 @@ def parse_args(argv=None):
 def position(box, bbox):
     """"central" | "outer" | "outside": where the centre of box lies in the window bbox ([x1, y1, x2, y2] px,
     x2/y2 exclusive)."""
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    if not (bbox[0] <= cx < bbox[2] and bbox[1] <= cy < bbox[3]):
+    if not WP.centre_inside(box, bbox):
         return "outside"
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     half_w, half_h = (bbox[2] - bbox[0]) / 4, (bbox[3] - bbox[1]) / 4
     mx, my = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
     return "central" if abs(cx - mx) < half_w and abs(cy - my) < half_h else "outer"
@@ -78,7 +80,6 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)
     phen, world = Path(args.phenomena), Path(args.world)
-    wp = load_stage("analysis/world_phenomena.py")
     stage01 = load_stage("01_attention_crop.py")
     enh = load_stage("02_make_pairs.py").ENH_TEMPLATE
     settings = json.loads((world / "world.json").read_text())
@@ -98,10 +99,10 @@ def main(argv=None):
         image = Image.open(phen / questions[r["id"]]["image"]).convert("RGB")
         r["peak_bbox"] = peak_window(crops[r["id"]]["attn"], r["bbox"], image.size)
         inputs.append((enh.format(question=r["prompt"]), [image, image.crop(r["peak_bbox"])]))
-    answers = wp.answer_all(stage01, model, processor, inputs, rows, args.batch_size)
+    answers = WP.answer_all(stage01, model, processor, inputs, rows, args.batch_size)
     for r, a in zip(rows, answers):
-        r["enh"] = wp.correct(a, r["truth"], vocab[r["kind"]])  # the moved window's answer, scored as before
-        r["hold_peak"] = wp.centre_inside(r["box"], r["peak_bbox"])
+        r["enh"] = WP.correct(a, r["truth"], vocab[r["kind"]])  # the moved window's answer, scored as before
+        r["hold_peak"] = WP.centre_inside(r["box"], r["peak_bbox"])
     result["peak_window"] = {}
     for kind in ("open",) + tuple(vocab):
         sel = [r for r in rows if kind == "open" or r["kind"] == kind]

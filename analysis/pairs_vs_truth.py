@@ -19,7 +19,6 @@ A pair teaches the truth when y_w is right and y_l is not; "net" = (y_w only rig
 """
 import argparse
 import json
-import re
 import statistics
 import string
 import sys
@@ -33,6 +32,8 @@ from stage_loader import load_stage  # noqa: E402
 TOY = load_stage("00_toy_world.py")
 COLOURS = tuple(TOY.COLOURS)  # the world's words
 SHAPES = tuple(TOY.SHAPES)
+CHAIR = load_stage("05_eval_pope.py").chair  # 05's mention rule
+CENTRE_INSIDE = load_stage("analysis/world_phenomena.py").centre_inside  # "01's crop holds the object"
 
 
 def parse_args(argv=None):
@@ -65,20 +66,13 @@ def right(answer, kind, obj, judge):
 
 def mentions(text, objects, vocabulary):
     """(hallucinated, true) class mentions of a description, by 05's CHAIR rule (whole words, once each)."""
-    text = " ".join(text.lower().split())
-    said = {c for c in vocabulary if re.search(r"\b" + re.escape(c) + r"\b", text)}
-    true = {o["class"] for o in objects}
-    return len(said - true), len(said & true)
+    c = CHAIR([("", text)], {"": {o["class"] for o in objects}}, vocabulary)
+    return c["hallucinated"], c["mentions"] - c["hallucinated"]
 
 
 def word_counts(text):
     words = Counter(w.strip(string.punctuation) for w in text.lower().split())
     return Counter({w: words[w] for w in COLOURS + SHAPES if words[w]})
-
-
-def holds(bbox, box):
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    return bbox[0] <= cx < bbox[2] and bbox[1] <= cy < bbox[3]
 
 
 def branch_report(rows, branch, truth, judge, vocabulary):
@@ -120,7 +114,7 @@ def ddw_ratio(rows, truth):
         q = queried(row["prompt"], truth[row["_image"]])
         # r is None where CLIPScore(P, I) = 0 (03's gain_ratio)
         if q and row.get("clip") and row["clip"]["ratio"] is not None and row.get("bbox"):
-            split[holds(row["bbox"], q[1]["box"])].append(row["clip"]["ratio"])
+            split[CENTRE_INSIDE(q[1]["box"], row["bbox"])].append(row["clip"]["ratio"])
     return {name: {"n": len(v), "median": statistics.median(v) if v else None}
             for name, v in (("holds", split[True]), ("misses", split[False]))}
 
